@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs every test: prepares the Python venv and the default model if needed, then the Rust
+# unit and integration tests (which call the numpy reference in scripts/reference.py).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+./scripts/prepare-model.sh >/dev/null
+cargo test --release --workspace "$@"
