@@ -1,0 +1,502 @@
+//! The CPU backend: f32 activations, weights read in place from the safetensors mapping
+//! (bf16, f16 or f32), an f32 paged KV cache, and a fork-join pool that keeps every core busy.
+//!
+//! This is the embedded default and the reference the CUDA kernels are compared against.
+
+pub mod kernels;
+pub mod pool;
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use self::kernels::{Isa, KvLayout, OutPtr};
+use self::pool::ThreadPool;
+use super::{Backend, BackendError, RopeTable, StepBatch};
+use crate::config::ModelConfig;
+use crate::loader::{Elems, Tensor};
+
+/// A weight on the CPU: the loader's view (no copy).
+pub struct CpuWeight {
+    tensor: Tensor,
+}
+
+impl CpuWeight {
+    fn elems(&self) -> Elems<'_> {
+        self.tensor.elems()
+    }
+    fn rows(&self) -> usize {
+        self.tensor.shape()[0]
+    }
+    fn cols(&self) -> usize {
+        self.tensor.shape().get(1).copied().unwrap_or(1)
+    }
+}
+
+/// K and V of every layer: `[page][kv_head][slot][head_dim]` f32 (see [`KvLayout`]).
+pub struct CpuKv {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    layout: KvLayout,
+}
+
+/// Per-step tables: cos/sin of every new token's position (`[token][head_dim / 2]`) and the
+/// sequence each token belongs to.
+pub struct CpuStep {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    seq_of_token: Vec<u32>,
+}
+
+pub struct CpuBackend {
+    pool: ThreadPool,
+    isa: Isa,
+    /// One f32 panel per thread for the many-token matmul path.
+    panels: Vec<Mutex<Vec<f32>>>,
+}
+
+/// Below this many rows the elementwise ops run on the calling thread alone.
+const PARALLEL_ROWS: usize = 32;
+
+impl CpuBackend {
+    /// `num_threads`: None for every available core.
+    pub fn new(num_threads: Option<usize>) -> Self {
+        let n = num_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        Self {
+            pool: ThreadPool::new(n),
+            isa: Isa::detect(),
+            panels: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    pub fn num_threads(&self) -> usize {
+        self.pool.num_threads()
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// `out = x · wᵀ` (and the SwiGLU of a second matrix) over several weight matrices that
+    /// share the input, split by weight rows across the pool in one parallel region.
+    fn matmul_many(
+        &self,
+        x: &[f32],
+        m: usize,
+        parts: &mut [(&CpuWeight, Option<&CpuWeight>, &mut Vec<f32>)],
+    ) {
+        let k = parts[0].0.cols();
+        let total: usize = parts.iter().map(|p| p.0.rows()).sum();
+        let outs: Vec<(OutPtr, usize)> = parts
+            .iter_mut()
+            .map(|p| (OutPtr(p.2.as_mut_ptr()), p.0.rows()))
+            .collect();
+        let isa = self.isa;
+        let job = |range: std::ops::Range<usize>, tid: usize| {
+            let mut panel = self.panels[tid].lock();
+            let mut base = 0;
+            for (i, part) in parts.iter().enumerate() {
+                let n = part.0.rows();
+                let lo = range.start.max(base);
+                let hi = range.end.min(base + n);
+                if lo < hi {
+                    let (out, ldo) = outs[i];
+                    // SAFETY: each thread gets disjoint row ranges of each output, whose
+                    // buffers hold m * n values (checked by the callers via ensure_len).
+                    unsafe {
+                        kernels::matmul_rows(
+                            isa,
+                            x,
+                            m,
+                            k,
+                            part.0.elems(),
+                            part.1.map(|u| u.elems()),
+                            lo - base..hi - base,
+                            out,
+                            ldo,
+                            &mut panel,
+                        );
+                    }
+                }
+                base += n;
+            }
+        };
+        let threads = self.pool.num_threads();
+        if threads == 1 || total * m * k < 65536 {
+            job(0..total, 0);
+        } else {
+            self.pool
+                .run(|tid| job(pool::split_range(total, 4, threads, tid), tid));
+        }
+    }
+
+    /// Runs `f(row)` for `rows` rows, in parallel when there are many.
+    fn for_rows<F: Fn(usize) + Sync>(&self, rows: usize, f: F) {
+        if rows < PARALLEL_ROWS {
+            (0..rows).for_each(f);
+        } else {
+            self.pool.for_ranges(rows, 1, |r| r.for_each(&f));
+        }
+    }
+}
+
+/// A zeroed f32 vector from `alloc_zeroed` (calloc): the OS commits its pages only when they
+/// are first written, so a large KV pool costs address space until it is used. Allocation
+/// failure is an error, not an abort.
+fn zeroed(n: usize) -> Result<Vec<f32>, BackendError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n)
+        .map_err(|e| BackendError::OutOfMemory(format!("KV cache of {n} values: {e}")))?;
+    // SAFETY: layout has non-zero size; on success the block holds n zeroed f32 values (all-zero
+    // bits is 0.0), allocated by the global allocator with f32's alignment, which is what
+    // Vec::from_raw_parts requires for capacity n.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if ptr.is_null() {
+            return Err(BackendError::OutOfMemory(format!(
+                "KV cache: cannot allocate {} bytes",
+                layout.size()
+            )));
+        }
+        Ok(Vec::from_raw_parts(ptr, n, n))
+    }
+}
+
+fn check_len(buf: &[f32], need: usize, what: &str) {
+    assert!(
+        buf.len() >= need,
+        "{what}: buffer of {} values, {need} needed",
+        buf.len()
+    );
+}
+
+impl Backend for CpuBackend {
+    type Weight = CpuWeight;
+    type Buf = Vec<f32>;
+    type Kv = CpuKv;
+    type Step = CpuStep;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn weight(&self, name: &str, t: &Tensor) -> Result<CpuWeight, BackendError> {
+        if t.shape().is_empty() || t.shape().len() > 2 {
+            return Err(BackendError::Weight {
+                name: name.into(),
+                message: format!("expected a 1-D or 2-D tensor, got shape {:?}", t.shape()),
+            });
+        }
+        Ok(CpuWeight { tensor: t.clone() })
+    }
+
+    fn buffer(&self, len: usize) -> Result<Vec<f32>, BackendError> {
+        Ok(vec![0.0; len])
+    }
+
+    fn ensure_len(&self, buf: &mut Vec<f32>, len: usize) -> Result<(), BackendError> {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Ok(())
+    }
+
+    fn kv_cache(
+        &self,
+        cfg: &ModelConfig,
+        num_pages: usize,
+        page_size: usize,
+    ) -> Result<CpuKv, BackendError> {
+        let per_layer = num_pages * page_size * cfg.num_kv_heads * cfg.head_dim;
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(zeroed(per_layer)?);
+            v.push(zeroed(per_layer)?);
+        }
+        Ok(CpuKv {
+            k,
+            v,
+            layout: KvLayout {
+                page_size,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+            },
+        })
+    }
+
+    fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize {
+        cfg.kv_bytes_per_token(4)
+    }
+
+    fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CpuStep, BackendError> {
+        let half = rope.inv_freq.len();
+        let t = batch.num_tokens();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for &p in &batch.positions {
+            for &f in &rope.inv_freq {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        let mut seq_of_token = Vec::with_capacity(t);
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            seq_of_token.extend(std::iter::repeat_n(s as u32, seq.num_tokens));
+        }
+        Ok(CpuStep {
+            cos,
+            sin,
+            half,
+            seq_of_token,
+        })
+    }
+
+    fn embedding(
+        &self,
+        table: &CpuWeight,
+        batch: &StepBatch,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        let h = table.cols();
+        let rows = table.rows();
+        check_len(out, batch.num_tokens() * h, "embedding");
+        let e = table.elems();
+        for (t, &id) in batch.tokens.iter().enumerate() {
+            let id = id as usize;
+            assert!(
+                id < rows,
+                "token id {id} outside the embedding table ({rows})"
+            );
+            e.slice(id * h, h).to_f32(&mut out[t * h..(t + 1) * h]);
+        }
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        let h = w.rows();
+        check_len(out, rows * h, "rms_norm");
+        let op = OutPtr(out.as_mut_ptr());
+        self.for_rows(rows, |r| {
+            // SAFETY: each row index is visited once; rows are disjoint slices of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * h), h) };
+            kernels::rms_norm_row(&x[r * h..(r + 1) * h], w.elems(), eps, o);
+        });
+        Ok(())
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        w: &CpuWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        let h = w.rows();
+        check_len(out, rows * h, "add_rms_norm");
+        check_len(residual, rows * h, "add_rms_norm");
+        let op = OutPtr(out.as_mut_ptr());
+        let rp = OutPtr(residual.as_mut_ptr());
+        self.for_rows(rows, |r| {
+            // SAFETY: disjoint rows of `residual` and `out`, one visit per row.
+            let (res, o) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(rp.get().add(r * h), h),
+                    std::slice::from_raw_parts_mut(op.get().add(r * h), h),
+                )
+            };
+            res.iter_mut()
+                .zip(&delta[r * h..(r + 1) * h])
+                .for_each(|(a, b)| *a += b);
+            kernels::rms_norm_row(res, w.elems(), eps, o);
+        });
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        w: &CpuWeight,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        check_len(x, rows * w.cols(), "matmul input");
+        check_len(out, rows * w.rows(), "matmul output");
+        self.matmul_many(x, rows, &mut [(w, None, out)]);
+        Ok(())
+    }
+
+    fn qkv(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        wq: &CpuWeight,
+        wk: &CpuWeight,
+        wv: &CpuWeight,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        check_len(x, rows * wq.cols(), "qkv input");
+        check_len(q, rows * wq.rows(), "q");
+        check_len(k, rows * wk.rows(), "k");
+        check_len(v, rows * wv.rows(), "v");
+        self.matmul_many(x, rows, &mut [(wq, None, q), (wk, None, k), (wv, None, v)]);
+        Ok(())
+    }
+
+    fn gate_up_silu(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        gate: &CpuWeight,
+        up: &CpuWeight,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        check_len(x, rows * gate.cols(), "gate_up input");
+        check_len(out, rows * gate.rows(), "gate_up output");
+        self.matmul_many(x, rows, &mut [(gate, Some(up), out)]);
+        Ok(())
+    }
+
+    fn rope_and_store_kv(
+        &self,
+        step: &CpuStep,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        v: &Vec<f32>,
+        kv: &mut CpuKv,
+        layer: usize,
+    ) -> Result<(), BackendError> {
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let half = step.half;
+        let layout = kv.layout;
+        let qp = OutPtr(q.as_mut_ptr());
+        let kp = OutPtr(k.as_mut_ptr());
+        let kc = OutPtr(kv.k[layer].as_mut_ptr());
+        let vc = OutPtr(kv.v[layer].as_mut_ptr());
+        self.for_rows(batch.num_tokens(), |t| {
+            let cos = &step.cos[t * half..(t + 1) * half];
+            let sin = &step.sin[t * half..(t + 1) * half];
+            let slot = batch.slots[t] as usize;
+            let (page, in_page) = (slot / layout.page_size, slot % layout.page_size);
+            // SAFETY: token t owns row t of q and k, and its own (unique) KV slot; the batch
+            // never gives two new tokens the same slot.
+            unsafe {
+                let qrow = std::slice::from_raw_parts_mut(qp.get().add(t * nh * hd), nh * hd);
+                for h in qrow.chunks_exact_mut(hd) {
+                    kernels::rope_head(h, cos, sin);
+                }
+                let krow = std::slice::from_raw_parts_mut(kp.get().add(t * nkv * hd), nkv * hd);
+                for (g, h) in krow.chunks_exact_mut(hd).enumerate() {
+                    kernels::rope_head(h, cos, sin);
+                    let off = layout.offset(page, g, in_page);
+                    std::ptr::copy_nonoverlapping(h.as_ptr(), kc.get().add(off), hd);
+                    std::ptr::copy_nonoverlapping(
+                        v.as_ptr().add((t * nkv + g) * hd),
+                        vc.get().add(off),
+                        hd,
+                    );
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        step: &CpuStep,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &Vec<f32>,
+        kv: &CpuKv,
+        layer: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let layout = kv.layout;
+        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
+        check_len(out, batch.num_tokens() * nh * hd, "attention output");
+        let op = OutPtr(out.as_mut_ptr());
+        let isa = self.isa;
+        // Work items: (token, kv head), handed out dynamically (their cost grows with context).
+        let total = batch.num_tokens() * nkv;
+        let next = AtomicUsize::new(0);
+        let work = |_tid: usize| loop {
+            let item = next.fetch_add(1, Ordering::Relaxed);
+            if item >= total {
+                break;
+            }
+            let (t, g) = (item / nkv, item % nkv);
+            let seq = &batch.seqs[step.seq_of_token[t] as usize];
+            // causal: this token sees positions 0..=its own
+            let ctx = seq.context_len - seq.num_tokens + (t - seq.token_start) + 1;
+            let qh = &q[(t * nh + g * group) * hd..(t * nh + (g + 1) * group) * hd];
+            // SAFETY: (t, g) items are disjoint head ranges of `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(op.get().add((t * nh + g * group) * hd), group * hd)
+            };
+            kernels::attend_group(
+                isa,
+                qh,
+                kc,
+                vc,
+                layout,
+                batch.block_table(seq),
+                g,
+                ctx,
+                scale,
+                o,
+            );
+        };
+        if total < 2 || self.pool.num_threads() == 1 {
+            work(0);
+        } else {
+            self.pool.run(work);
+        }
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        x: &Vec<f32>,
+        rows: &[u32],
+        width: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), BackendError> {
+        check_len(out, rows.len() * width, "gather_rows");
+        for (i, &r) in rows.iter().enumerate() {
+            let r = r as usize;
+            out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn to_host<'a>(&self, buf: &'a Vec<f32>, len: usize) -> Result<Cow<'a, [f32]>, BackendError> {
+        Ok(Cow::Borrowed(&buf[..len]))
+    }
+}

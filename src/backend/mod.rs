@@ -1,0 +1,283 @@
+//! The `Backend` trait: the operations the Llama model needs, on the backend's own buffers.
+//!
+//! The model (`model::llama`) is written only against this trait, so one model definition
+//! runs on every backend. Each operation is stated at the granularity where a backend can fuse
+//! (QKV projections in one pass, SiLU-and-mul inside the gate/up product, residual add inside
+//! RMSNorm, RoPE together with the KV-cache write). The CPU backend (`cpu`) is both the
+//! embedded default and the reference that other backends are tested against.
+//!
+//! A forward step is described by a [`StepBatch`]: a flat list of new tokens from several
+//! sequences (prefill chunks and single decode tokens mixed), where each sequence brings its
+//! block table into the paged KV cache.
+
+pub mod cpu;
+
+use std::borrow::Cow;
+
+use crate::config::ModelConfig;
+use crate::loader::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("weight `{name}`: {message}")]
+    Weight { name: String, message: String },
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// One sequence's part of a [`StepBatch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// Index of this sequence's first new token in `StepBatch::tokens`.
+    pub token_start: usize,
+    /// New tokens of this sequence in this step (a prefill chunk, or 1 for decode).
+    pub num_tokens: usize,
+    /// Tokens in the KV cache after this step (cached prefix + new tokens).
+    pub context_len: usize,
+    /// Range of this sequence's pages in `StepBatch::block_tables`.
+    pub block_table_start: usize,
+    pub block_table_len: usize,
+}
+
+/// Everything a forward step needs to know about its tokens. Reused across steps (cleared,
+/// not reallocated) so the decode loop does not allocate.
+#[derive(Debug, Clone, Default)]
+pub struct StepBatch {
+    /// New token ids, sequence after sequence.
+    pub tokens: Vec<u32>,
+    /// Position of each new token in its sequence.
+    pub positions: Vec<u32>,
+    /// KV slot (page * page_size + offset) each new token's K and V are written to.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+    /// Pages of all sequences, concatenated (see `SeqSlice::block_table_start`).
+    pub block_tables: Vec<u32>,
+    /// Indices into `tokens` whose logits are wanted, in output order.
+    pub logit_rows: Vec<u32>,
+    pub page_size: usize,
+}
+
+impl StepBatch {
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.positions.clear();
+        self.slots.clear();
+        self.seqs.clear();
+        self.block_tables.clear();
+        self.logit_rows.clear();
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn block_table(&self, seq: &SeqSlice) -> &[u32] {
+        &self.block_tables[seq.block_table_start..seq.block_table_start + seq.block_table_len]
+    }
+
+    /// Appends one sequence's new tokens. `cached` tokens are already in the KV cache; the new
+    /// tokens take positions `cached..cached + tokens.len()` and the slots that the block table
+    /// gives those positions. `want_logits`: `None`, `Some(false)` the last token only,
+    /// `Some(true)` every new token.
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        cached: usize,
+        block_table: &[u32],
+        logits: LogitsWanted,
+    ) {
+        let page_size = self.page_size;
+        debug_assert!(page_size > 0);
+        debug_assert!(block_table.len() * page_size >= cached + tokens.len());
+        let token_start = self.tokens.len();
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = cached + i;
+            self.tokens.push(t);
+            self.positions.push(pos as u32);
+            let page = block_table[pos / page_size];
+            self.slots
+                .push(page * page_size as u32 + (pos % page_size) as u32);
+        }
+        match logits {
+            LogitsWanted::None => {}
+            LogitsWanted::Last => {
+                if !tokens.is_empty() {
+                    self.logit_rows
+                        .push((token_start + tokens.len() - 1) as u32)
+                }
+            }
+            LogitsWanted::All => {
+                self.logit_rows
+                    .extend((token_start..token_start + tokens.len()).map(|i| i as u32));
+            }
+        }
+        let block_table_start = self.block_tables.len();
+        self.block_tables.extend_from_slice(block_table);
+        self.seqs.push(SeqSlice {
+            token_start,
+            num_tokens: tokens.len(),
+            context_len: cached + tokens.len(),
+            block_table_start,
+            block_table_len: block_table.len(),
+        });
+    }
+}
+
+/// Which of a sequence's new tokens need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// A middle prefill chunk: nothing is sampled.
+    None,
+    /// The next token is sampled from the last position.
+    Last,
+    /// Every position (prompt logprobs).
+    All,
+}
+
+/// RoPE frequencies of the model, shared by all backends.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    /// `head_dim / 2` inverse frequencies (after `rope_scaling`), in f64 for exact angles.
+    pub inv_freq: Vec<f64>,
+}
+
+/// The operations of a Llama forward pass on one device.
+///
+/// Shapes are row-major; `rows` is the number of tokens in the step. Matrices follow the HF
+/// layout `[out_features, in_features]`, and `matmul` computes `out = x · wᵀ`.
+pub trait Backend: Send + Sync {
+    /// A weight tensor in device form.
+    type Weight: Send + Sync;
+    /// An activation buffer (f32 values).
+    type Buf: Send;
+    /// The paged KV cache of all layers.
+    type Kv: Send;
+    /// Per-step state prepared once (e.g. RoPE cos/sin for the step's positions).
+    type Step;
+
+    fn name(&self) -> &'static str;
+
+    /// Makes a weight usable by the backend (a view on the CPU, an upload on a GPU).
+    fn weight(&self, name: &str, t: &Tensor) -> Result<Self::Weight, BackendError>;
+
+    /// A buffer of at least `len` f32 values (contents unspecified).
+    fn buffer(&self, len: usize) -> Result<Self::Buf, BackendError>;
+    /// Grows `buf` to at least `len` values if needed (no work when it is large enough).
+    fn ensure_len(&self, buf: &mut Self::Buf, len: usize) -> Result<(), BackendError>;
+
+    /// A KV cache of `num_pages` pages of `page_size` tokens for every layer.
+    fn kv_cache(
+        &self,
+        cfg: &ModelConfig,
+        num_pages: usize,
+        page_size: usize,
+    ) -> Result<Self::Kv, BackendError>;
+    /// Bytes one cached token takes in this backend's KV cache.
+    fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize;
+
+    fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<Self::Step, BackendError>;
+
+    /// `out[t] = table[tokens[t]]`.
+    fn embedding(
+        &self,
+        table: &Self::Weight,
+        batch: &StepBatch,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// `out = rmsnorm(x) * w`, row by row.
+    fn rms_norm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// `residual += delta; out = rmsnorm(residual) * w`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Buf,
+        delta: &Self::Buf,
+        w: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// `out = x · wᵀ` for `rows` rows of `x`.
+    fn matmul(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        w: &Self::Weight,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// The three attention projections of `x` in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        wq: &Self::Weight,
+        wk: &Self::Weight,
+        wv: &Self::Weight,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// `out = silu(x · gateᵀ) * (x · upᵀ)`.
+    fn gate_up_silu(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        gate: &Self::Weight,
+        up: &Self::Weight,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// Applies RoPE to `q` and `k` in place at the batch's positions, then writes `k` and `v`
+    /// into the KV cache of `layer` at the batch's slots.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_store_kv(
+        &self,
+        step: &Self::Step,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        v: &Self::Buf,
+        kv: &mut Self::Kv,
+        layer: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Causal grouped-query attention of each new token over its sequence's cached context.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        step: &Self::Step,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &Self::Buf,
+        kv: &Self::Kv,
+        layer: usize,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// `out[i] = x[rows[i]]` for rows of `width` values.
+    fn gather_rows(
+        &self,
+        x: &Self::Buf,
+        rows: &[u32],
+        width: usize,
+        out: &mut Self::Buf,
+    ) -> Result<(), BackendError>;
+
+    /// The first `len` values of `buf` on the host (borrowed where the buffer is host memory).
+    fn to_host<'a>(&self, buf: &'a Self::Buf, len: usize) -> Result<Cow<'a, [f32]>, BackendError>;
+}

@@ -1,0 +1,20 @@
+//! sglang: an LLM inference engine for Llama-family models.
+//!
+//! Layers, from the bottom: [`config`] (model and engine options), [`loader`] (zero-copy
+//! safetensors), [`tokenizer`], [`backend`] (the ops a model needs: CPU today), [`model`]
+//! (Llama written against the backend trait), [`kv`] (paged KV pool), [`sampling`],
+//! [`scheduler`] (pure policy) and [`engine`] (the thread that owns the model and the KV cache,
+//! reached through an [`engine::EngineHandle`]).
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod kv;
+pub mod loader;
+pub mod model;
+pub mod sampling;
+pub mod scheduler;
+pub mod tokenizer;
+
+/// The engine's version (also reported by the server).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

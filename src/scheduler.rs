@@ -1,0 +1,443 @@
+//! Scheduling policy: which tokens of which sequences go into the next forward step.
+//!
+//! Continuous batching in the manner of SGLang and vLLM: every step carries one decode token of
+//! each running sequence plus prefill chunks (at most `chunked_prefill_size` prompt tokens per
+//! step), and waiting sequences join as soon as a slot, the token budget and KV pages allow.
+//! A sequence is just its token list (prompt, then sampled tokens) and how many of those are
+//! already in the KV cache, so a sequence whose pages are taken back ("retracted" when the pool
+//! runs dry) simply recomputes its KV later: nothing is lost and the output is unchanged.
+//!
+//! Pure policy over the page pool: no model, no tokenizer, no threads; the engine thread owns
+//! the one instance. Cost per step is O(running + admitted sequences).
+
+use std::collections::VecDeque;
+
+use crate::backend::{LogitsWanted, StepBatch};
+use crate::kv::PagePool;
+
+/// A sequence as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Seq {
+    pub id: u64,
+    /// Prompt tokens followed by generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Leading tokens whose K/V are in the cache.
+    pub kv_len: usize,
+    pub block_table: Vec<u32>,
+    /// Logits for every prompt position (prompt logprobs) on the first pass.
+    pub prompt_logits: bool,
+}
+
+impl Seq {
+    pub fn new(id: u64, prompt: Vec<u32>) -> Self {
+        Self {
+            id,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            kv_len: 0,
+            block_table: Vec::new(),
+            prompt_logits: false,
+        }
+    }
+
+    /// Tokens still to be run through the model (1 when decoding).
+    pub fn pending(&self) -> usize {
+        self.tokens.len() - self.kv_len
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_running: usize,
+    pub chunked_prefill_size: usize,
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanItem {
+    pub id: u64,
+    /// First token (index into `Seq::tokens`) computed this step.
+    pub start: usize,
+    pub len: usize,
+    /// This step reaches the end of the known tokens: a new token is sampled from its logits.
+    pub sample: bool,
+    /// Logits of every token of the chunk are returned (prompt logprobs).
+    pub all_logits: bool,
+}
+
+/// What the next step computes, and what scheduling it cost.
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    pub items: Vec<PlanItem>,
+    /// Sequences whose pages were taken back this step (they recompute later).
+    pub retracted: Vec<u64>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+    pub fn num_tokens(&self) -> usize {
+        self.items.iter().map(|i| i.len).sum()
+    }
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: PagePool,
+    waiting: VecDeque<Seq>,
+    /// In admission order (the newest last: the first to be retracted).
+    running: Vec<Seq>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, pool: PagePool) -> Self {
+        Self {
+            cfg,
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    pub fn pool(&self) -> &PagePool {
+        &self.pool
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Tokens the KV pool holds in all.
+    pub fn capacity_tokens(&self) -> usize {
+        self.pool.total_pages() * self.pool.page_size()
+    }
+
+    pub fn add(&mut self, seq: Seq) {
+        self.waiting.push_back(seq);
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Seq> {
+        self.running
+            .iter()
+            .find(|s| s.id == id)
+            .or_else(|| self.waiting.iter().find(|s| s.id == id))
+    }
+
+    /// Appends a sampled token to a running sequence.
+    pub fn push_token(&mut self, id: u64, token: u32) {
+        if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Removes a sequence wherever it is and frees its pages. Returns it if it existed.
+    pub fn remove(&mut self, id: u64) -> Option<Seq> {
+        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i)
+        } else {
+            let i = self.waiting.iter().position(|s| s.id == id)?;
+            self.waiting.remove(i)?
+        };
+        self.pool.release_all(&mut seq.block_table);
+        Some(seq)
+    }
+
+    /// Ensures `seq` has pages for `upto` tokens; false when the pool is short.
+    fn reserve(pool: &mut PagePool, seq: &mut Seq, upto: usize) -> bool {
+        let need = pool.pages_for(upto).saturating_sub(seq.block_table.len());
+        need == 0 || pool.alloc_into(&mut seq.block_table, need)
+    }
+
+    /// Takes back the pages of the newest running sequence; it waits again at the front.
+    fn retract_newest(&mut self, plan: &mut Plan) -> bool {
+        let Some(mut seq) = self.running.pop() else {
+            return false;
+        };
+        self.pool.release_all(&mut seq.block_table);
+        seq.kv_len = 0;
+        plan.retracted.push(seq.id);
+        self.waiting.push_front(seq);
+        true
+    }
+
+    /// Chooses the next step and allocates its pages.
+    pub fn schedule(&mut self) -> Plan {
+        let mut plan = Plan::default();
+        // 1. Every running sequence's next token(s). Decodes first: they are cheap and their
+        //    latency is what users feel. If the pool is dry, the newest sequences give back
+        //    their pages until the older ones fit.
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &mut self.running[i];
+            if seq.pending() == 1 {
+                let upto = seq.kv_len + 1;
+                if !Self::reserve(&mut self.pool, seq, upto) {
+                    if i + 1 == self.running.len() {
+                        // this one is the newest itself: retract it
+                        self.retract_newest(&mut plan);
+                        break;
+                    }
+                    self.retract_newest(&mut plan);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        let mut budget = self.cfg.chunked_prefill_size;
+        for seq in &mut self.running {
+            let pending = seq.pending();
+            if pending == 1 {
+                plan.items.push(PlanItem {
+                    id: seq.id,
+                    start: seq.kv_len,
+                    len: 1,
+                    sample: true,
+                    all_logits: false,
+                });
+            }
+        }
+        // 2. Unfinished prefills of running sequences continue.
+        for seq in &mut self.running {
+            let pending = seq.pending();
+            if pending <= 1 || budget == 0 {
+                continue;
+            }
+            let len = pending.min(budget);
+            let upto = seq.kv_len + len;
+            if !Self::reserve(&mut self.pool, seq, upto) {
+                continue;
+            }
+            budget -= len;
+            plan.items.push(PlanItem {
+                id: seq.id,
+                start: seq.kv_len,
+                len,
+                sample: len == pending,
+                all_logits: seq.prompt_logits,
+            });
+        }
+        // 3. Admit waiting sequences while there is room: a running slot, prefill budget, and
+        //    pages for the first chunk with one page per running sequence to spare for decode.
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let pending = seq.pending();
+            let len = pending.min(budget);
+            let need = self
+                .pool
+                .pages_for(seq.kv_len + len)
+                .saturating_sub(seq.block_table.len());
+            let spare = if self.running.is_empty() {
+                0
+            } else {
+                self.running.len()
+            };
+            if need + spare > self.pool.free_pages() {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            let upto = seq.kv_len + len;
+            let ok = Self::reserve(&mut self.pool, &mut seq, upto);
+            debug_assert!(ok);
+            budget -= len;
+            plan.items.push(PlanItem {
+                id: seq.id,
+                start: seq.kv_len,
+                len,
+                sample: len == pending,
+                all_logits: seq.prompt_logits,
+            });
+            self.running.push(seq);
+        }
+        plan
+    }
+
+    /// Writes the plan's tokens into `batch` (cleared first).
+    pub fn fill_batch(&self, plan: &Plan, batch: &mut StepBatch) {
+        batch.clear();
+        batch.page_size = self.pool.page_size();
+        for item in &plan.items {
+            let seq = self
+                .running
+                .iter()
+                .find(|s| s.id == item.id)
+                .expect("planned sequence is running");
+            let logits = if item.all_logits {
+                LogitsWanted::All
+            } else if item.sample {
+                LogitsWanted::Last
+            } else {
+                LogitsWanted::None
+            };
+            batch.push_seq(
+                &seq.tokens[item.start..item.start + item.len],
+                item.start,
+                &seq.block_table,
+                logits,
+            );
+        }
+    }
+
+    /// Records that the plan's tokens are now in the KV cache.
+    pub fn step_done(&mut self, plan: &Plan) {
+        for item in &plan.items {
+            if let Some(seq) = self.running.iter_mut().find(|s| s.id == item.id) {
+                seq.kv_len = item.start + item.len;
+                if seq.kv_len >= seq.prompt_len {
+                    seq.prompt_logits = false;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(pages: usize, page_size: usize, max_running: usize, chunk: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_running,
+                chunked_prefill_size: chunk,
+            },
+            PagePool::new(pages, page_size),
+        )
+    }
+
+    /// Runs steps, sampling token 7 whenever asked, until every sequence has `target` tokens.
+    fn run(s: &mut Scheduler, target: usize, max_steps: usize) -> usize {
+        let mut steps = 0;
+        while !s.is_idle() {
+            steps += 1;
+            assert!(steps <= max_steps, "no progress");
+            let plan = s.schedule();
+            assert!(!plan.is_empty(), "stalled with work left");
+            s.step_done(&plan);
+            for item in plan.items.iter().filter(|i| i.sample) {
+                s.push_token(item.id, 7);
+                if s.get(item.id).unwrap().tokens.len() >= target {
+                    s.remove(item.id);
+                }
+            }
+        }
+        steps
+    }
+
+    #[test]
+    fn long_prompts_are_chunked() {
+        let mut s = sched(64, 4, 8, 10);
+        s.add(Seq::new(1, vec![1; 25]));
+        let p = s.schedule();
+        assert_eq!(
+            p.items,
+            vec![PlanItem {
+                id: 1,
+                start: 0,
+                len: 10,
+                sample: false,
+                all_logits: false
+            }]
+        );
+        s.step_done(&p);
+        let p = s.schedule();
+        assert_eq!(p.items[0].start, 10);
+        s.step_done(&p);
+        let p = s.schedule();
+        assert_eq!(
+            (p.items[0].start, p.items[0].len, p.items[0].sample),
+            (20, 5, true)
+        );
+    }
+
+    #[test]
+    fn decodes_and_new_prefills_share_a_step() {
+        let mut s = sched(64, 4, 8, 16);
+        s.add(Seq::new(1, vec![1; 5]));
+        let p = s.schedule();
+        s.step_done(&p);
+        s.push_token(1, 9);
+        s.add(Seq::new(2, vec![2; 6]));
+        let p = s.schedule();
+        assert_eq!(p.items.len(), 2);
+        assert_eq!((p.items[0].id, p.items[0].len), (1, 1));
+        assert_eq!((p.items[1].id, p.items[1].len), (2, 6));
+        let mut b = StepBatch::default();
+        s.fill_batch(&p, &mut b);
+        assert_eq!(b.tokens, vec![9, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(b.positions[0], 5);
+        assert_eq!(b.logit_rows, vec![0, 6]);
+    }
+
+    #[test]
+    fn max_running_is_respected() {
+        let mut s = sched(64, 4, 2, 100);
+        for id in 0..5 {
+            s.add(Seq::new(id, vec![1; 3]));
+        }
+        let p = s.schedule();
+        assert_eq!(p.items.len(), 2);
+        assert_eq!(s.num_waiting(), 3);
+    }
+
+    #[test]
+    fn every_sequence_completes_when_the_pool_is_tight() {
+        // 12 pages of 4 tokens = 48 slots; 6 sequences of 20 tokens each need 120.
+        let mut s = sched(12, 4, 6, 32);
+        for id in 0..6 {
+            s.add(Seq::new(id, vec![id as u32; 6]));
+        }
+        run(&mut s, 20, 10_000);
+        assert_eq!(s.pool().free_pages(), 12, "all pages returned");
+    }
+
+    #[test]
+    fn retraction_recomputes_from_scratch() {
+        let mut s = sched(3, 2, 4, 32);
+        s.add(Seq::new(1, vec![1; 2]));
+        s.add(Seq::new(2, vec![2; 2]));
+        let p = s.schedule();
+        assert_eq!(p.items.len(), 2, "both admitted");
+        s.step_done(&p);
+        s.push_token(1, 7);
+        s.push_token(2, 7);
+        // each needs a second page now; only one is free: the newest (2) is retracted
+        let p = s.schedule();
+        assert_eq!(p.retracted, vec![2]);
+        assert_eq!(p.items.len(), 1);
+        assert_eq!(p.items[0].id, 1);
+        let back = s.get(2).unwrap();
+        assert_eq!(
+            (back.kv_len, back.tokens.len()),
+            (0, 3),
+            "keeps its sampled token"
+        );
+        assert!(back.block_table.is_empty());
+    }
+
+    #[test]
+    fn remove_frees_pages_of_waiting_and_running() {
+        let mut s = sched(8, 4, 1, 32);
+        s.add(Seq::new(1, vec![1; 9]));
+        s.add(Seq::new(2, vec![1; 9]));
+        let p = s.schedule();
+        s.step_done(&p);
+        assert_eq!(s.pool().free_pages(), 5);
+        assert!(s.remove(1).is_some());
+        assert!(s.remove(2).is_some());
+        assert!(s.remove(3).is_none());
+        assert_eq!(s.pool().free_pages(), 8);
+        assert!(s.is_idle());
+    }
+}

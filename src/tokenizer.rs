@@ -1,0 +1,323 @@
+//! Tokenizer, chat template and incremental detokenizer.
+//!
+//! Tokenization is the `tokenizers` crate on the model's `tokenizer.json`. Chat templates are
+//! the Jinja templates of `tokenizer_config.json`, rendered with minijinja configured like
+//! Hugging Face's renderer (`trim_blocks`, `lstrip_blocks`, Python string methods,
+//! `raise_exception`). [`IncrementalDecoder`] turns a growing list of token ids into text
+//! deltas without ever emitting half of a multi-byte UTF-8 character (the algorithm of TGI and
+//! vLLM: decode a short window twice and emit only the stable, complete suffix).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{file}: {message}")]
+    Load { file: String, message: String },
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    #[error("detokenization failed: {0}")]
+    Decode(String),
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    BadId { id: u32, vocab: usize },
+    #[error("this model has no chat template (tokenizer_config.json has no `chat_template`; pass --chat-template)")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// One chat message as the template sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+    special_ids: HashSet<u32>,
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+/// `bos_token` / `eos_token` in tokenizer_config.json: a string or `{"content": ...}`.
+fn token_string(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json` and, if present, `dir/tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Load {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| TokenizerError::Load {
+                file: cfg_path.display().to_string(),
+                message: format!("invalid JSON: {e}"),
+            })?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let chat_template = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(Self::new(
+            inner,
+            chat_template,
+            token_string(cfg.get("bos_token")),
+            token_string(cfg.get("eos_token")),
+        ))
+    }
+
+    fn new(
+        inner: tokenizers::Tokenizer,
+        chat_template: Option<String>,
+        bos_token: String,
+        eos_token: String,
+    ) -> Self {
+        let special_ids = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let vocab_size = inner.get_vocab_size(true);
+        Self {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            special_ids,
+            vocab_size,
+        }
+    }
+
+    /// Replaces the chat template (`--chat-template`).
+    pub fn set_chat_template(&mut self, template: String) {
+        self.chat_template = Some(template);
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.contains(&id)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor (a BOS
+    /// for models whose tokenizer.json adds one); chat-templated text already carries its
+    /// special tokens and is encoded without.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Checks that every id is inside the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
+        match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            Some(&id) => Err(TokenizerError::BadId {
+                id,
+                vocab: self.vocab_size,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.check_ids(ids)?;
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// Renders `messages` through the chat template, as Hugging Face's `apply_chat_template`
+    /// does (`add_generation_prompt` appends the assistant turn header).
+    pub fn apply_chat_template<M: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or(TokenizerError::NoChatTemplate)?;
+        render_template(
+            template,
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            },
+        )
+    }
+}
+
+/// Renders a Hugging Face chat template with HF's Jinja settings.
+fn render_template(template: &str, ctx: minijinja::Value) -> Result<String, TokenizerError> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
+    let tpl = env
+        .get_template("chat")
+        .map_err(|e| TokenizerError::Template(e.to_string()))?;
+    tpl.render(ctx)
+        .map_err(|e| TokenizerError::Template(e.to_string()))
+}
+
+/// Streams text for a growing list of ids, never splitting a UTF-8 character.
+///
+/// Keeps two offsets into `ids`: text up to `read_offset` has been emitted; decoding starts at
+/// `prefix_offset` (a few tokens earlier) so byte-level merges across the boundary decode the
+/// same way both times.
+#[derive(Debug, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    skip_special_tokens: bool,
+}
+
+impl IncrementalDecoder {
+    pub fn new(skip_special_tokens: bool) -> Self {
+        Self {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+            skip_special_tokens,
+        }
+    }
+
+    /// Adds one token; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let prefix = tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
+            if let Some(delta) = full.get(prefix.len()..) {
+                if full.starts_with(&prefix) {
+                    let delta = delta.to_string();
+                    self.prefix_offset = self.read_offset;
+                    self.read_offset = self.ids.len();
+                    return Ok(delta);
+                }
+            }
+        }
+        Ok(String::new())
+    }
+
+    /// Text held back at the end (an incomplete character at the end of generation decodes to
+    /// U+FFFD, as a full decode would).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
+        let prefix = tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
+        let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_with_hf_settings() {
+        // expected outputs are what Python's jinja2 renders with the same settings
+        let tpl = "{% for m in messages %}\n  {% if true %}{{ m.role | upper }}{% endif %}:{{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}";
+        let out = render_template(
+            tpl,
+            minijinja::context! {
+                messages => vec![ChatMessage::new("user", " hi ")],
+                add_generation_prompt => true,
+            },
+        )
+        .unwrap();
+        assert_eq!(out, "USER:hi\nA:");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error() {
+        let err = render_template(
+            "{{ raise_exception('roles must alternate') }}",
+            minijinja::context! {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+}
