@@ -1,0 +1,101 @@
+//! The paged KV cache: the same prompt gives the same logits with different page sizes, and
+//! when it is prefilled and decoded in one batch together with other sequences.
+
+mod common;
+
+use sglang::backend::{LogitsWanted, StepBatch};
+use sglang::config::EngineConfig;
+use sglang::kv::PagePool;
+use sglang::model::{self, ModelRunner};
+use sglang::tokenizer::Tokenizer;
+
+fn runner(page_size: usize) -> Box<dyn ModelRunner> {
+    let mut cfg = EngineConfig::new(common::model_dir());
+    cfg.page_size = page_size;
+    cfg.max_total_tokens = Some(4096);
+    model::load(&cfg).expect("load the default model")
+}
+
+/// Prefill `prompt` alone in one step, then greedy-decode `steps` tokens; returns the logits
+/// of every step.
+fn run_alone(r: &mut dyn ModelRunner, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let (pages, page_size) = r.kv_pages();
+    let mut pool = PagePool::new(pages, page_size);
+    let mut table = Vec::new();
+    assert!(pool.alloc_into(&mut table, pool.pages_for(prompt.len() + steps)));
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    let mut cached = 0;
+    let mut next: Vec<u32> = prompt.to_vec();
+    for _ in 0..=steps {
+        batch.clear();
+        batch.push_seq(&next, cached, &table, LogitsWanted::Last);
+        let logits = r.forward(&batch).unwrap().to_vec();
+        cached += next.len();
+        next = vec![common::argmax(&logits) as u32];
+        out.push(logits);
+    }
+    out
+}
+
+#[test]
+fn page_sizes_and_mixed_batches_agree() {
+    let dir = common::model_dir();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let prompt = tok
+        .encode("The quick brown fox jumps over the lazy dog because", true)
+        .unwrap();
+    let other = tok
+        .encode("Once upon a time, in a small village by the sea,", true)
+        .unwrap();
+    let steps = 6;
+
+    let base = run_alone(runner(16).as_mut(), &prompt, steps);
+    for page_size in [1, 64] {
+        let got = run_alone(runner(page_size).as_mut(), &prompt, steps);
+        for (s, (a, b)) in got.iter().zip(&base).enumerate() {
+            let e = common::rel_err(a, b);
+            assert!(e < 1e-5, "page size {page_size}, step {s}: rel err {e}");
+        }
+    }
+
+    // Mixed batch: `other` is prefilled first; then in one step `prompt` is prefilled while
+    // `other` decodes; afterwards both decode together. Pages are interleaved between them.
+    let mut r = runner(16);
+    let (pages, page_size) = r.kv_pages();
+    let mut pool = PagePool::new(pages, page_size);
+    let mut scratch = Vec::new();
+    assert!(pool.alloc_into(&mut scratch, 1)); // so the tables do not start at page 0
+    let mut t_other = Vec::new();
+    let mut t_prompt = Vec::new();
+    for _ in 0..4 {
+        assert!(pool.alloc_into(&mut t_other, 1));
+        assert!(pool.alloc_into(&mut t_prompt, 1));
+    }
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    batch.push_seq(&other, 0, &t_other, LogitsWanted::Last);
+    let l = r.forward(&batch).unwrap().to_vec();
+    let mut other_next = common::argmax(&l) as u32;
+    let mut prompt_next: Vec<u32> = prompt.clone();
+    let mut prompt_cached = 0;
+    for (s, want) in base.iter().enumerate() {
+        let other_cached = other.len() + s;
+        batch.clear();
+        batch.push_seq(&[other_next], other_cached, &t_other, LogitsWanted::Last);
+        batch.push_seq(&prompt_next, prompt_cached, &t_prompt, LogitsWanted::Last);
+        let logits = r.forward(&batch).unwrap().to_vec();
+        let vocab = logits.len() / 2;
+        let (lo, lp) = logits.split_at(vocab);
+        let e = common::rel_err(lp, want);
+        assert!(e < 1e-5, "mixed batch, step {s}: rel err {e}");
+        other_next = common::argmax(lo) as u32;
+        prompt_cached += prompt_next.len();
+        prompt_next = vec![common::argmax(lp) as u32];
+    }
+}
