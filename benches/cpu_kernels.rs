@@ -57,7 +57,7 @@ fn main() {
             .collect();
         let t = Tensor::from_bf16(w, vec![n, k]);
         let wt = backend.weight(name, &t).unwrap();
-        for m in [1usize, 8, 512] {
+        for m in [1usize, 8, 16, 32, 512] {
             let x = vec![0.01f32; m * k];
             let mut out = vec![0.0f32; m * n];
             // enough repetitions to read ~2 GB of weights (or 0.5 s of work)

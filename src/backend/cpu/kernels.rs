@@ -1,5 +1,5 @@
-//! CPU kernels: matrix products over bf16/f16/f32 weights read in place, RMSNorm, RoPE,
-//! paged attention.
+//! CPU kernels: matrix products over bf16/f16/f32 weights read in place, RMSNorm, RoPE.
+//! (Paged attention is in `attention.rs`.)
 //!
 //! Matrix products compute `out[m, n] = Σ_k x[m, k] · w[n, k]` (HF weight layout). Each
 //! thread takes a contiguous range of weight rows. A register tile of MR tokens × NR weight
@@ -49,11 +49,18 @@ impl Isa {
     }
 }
 
-/// Up to this many tokens, weights are streamed row by row (decode); beyond, packed panels.
+/// Tokens per register tile of the streaming (decode) kernel.
 const STREAM_MAX_TOKENS: usize = 4;
+/// Up to this many tokens, weights are streamed row by row (decode, small batches); beyond,
+/// rows are converted once into f32 panels (prefill, large batches).
+const STREAM_BATCH_TOKENS: usize = 16;
 /// How far ahead of the streaming kernel the weights are prefetched.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 2048;
+
+/// Weight rows per f32 panel in the many-token path.
+#[cfg(target_arch = "x86_64")]
+const PANEL_ROWS: usize = 2;
 
 /// Tokens per block in the packed (many-token) path: 48 rows of x at k <= 2048 stay in L2.
 const TOKEN_BLOCK: usize = 48;
@@ -147,6 +154,9 @@ unsafe fn scalar_rows(
 }
 
 #[cfg(target_arch = "x86_64")]
+// Register tiles index several accumulator arrays in lockstep; plain index loops read best
+// and unroll fully (the bounds are constants).
+#[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
@@ -208,50 +218,67 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Dot products of one weight row with MR rows of x, reading the row front to back with a
-    /// software prefetch ahead of it (the hardware prefetcher alone leaves bandwidth unused).
-    /// Independent accumulators along k hide the FMA latency.
+    // Every dot product of x and a weight row, in every path below, is summed in one canonical
+    // order: two 8-lane accumulators over 16-element blocks (lanes 0-7 into the first, 8-15
+    // into the second), a trailing 8-element block into the first, then hsum(first + second),
+    // then the scalar tail. The result for a token therefore does not depend on how many
+    // tokens share the step, which path ran, or how rows were split between threads: batching,
+    // chunking and the prefix cache leave the logits bit-for-bit unchanged.
+
+    /// Finishes a canonical dot product: `x` and `w` are the row starts, `kk` where the
+    /// vector part stopped.
     #[inline(always)]
-    unsafe fn stream_row<T: Load8, const MR: usize, const U: usize>(
+    unsafe fn finish<T: Load8>(
+        a0: __m256,
+        a1: __m256,
+        x: *const f32,
+        w: *const T,
+        kk: usize,
+        k: usize,
+    ) -> f32 {
+        let mut s = hsum(_mm256_add_ps(a0, a1));
+        for t in kk..k {
+            s += *x.add(t) * (*w.add(t)).scalar();
+        }
+        s
+    }
+
+    /// Dot products of one weight row with MR rows of x (row stride k), reading the row front
+    /// to back with a software prefetch ahead of it (the hardware prefetcher alone leaves
+    /// bandwidth unused). Used for decode: each weight byte is read once per step.
+    #[inline(always)]
+    unsafe fn stream_row<T: Load8, const MR: usize>(
         x: *const f32,
         k: usize,
         w: *const T,
         res: &mut [f32; STREAM_MAX_TOKENS],
     ) {
-        let mut acc = [[_mm256_setzero_ps(); U]; MR];
-        let step = 8 * U;
-        let lines = (step * std::mem::size_of::<T>()).div_ceil(64);
+        let mut a0 = [_mm256_setzero_ps(); MR];
+        let mut a1 = [_mm256_setzero_ps(); MR];
+        let lines = (16 * std::mem::size_of::<T>()).div_ceil(64);
         let mut kk = 0;
-        while kk + step <= k {
+        while kk + 16 <= k {
             let pf = (w.add(kk) as *const i8).add(PREFETCH_BYTES);
             for l in 0..lines {
                 _mm_prefetch::<_MM_HINT_T0>(pf.add(64 * l));
             }
-            for u in 0..U {
-                let wv = T::load8(w.add(kk + 8 * u));
-                for (i, a) in acc.iter_mut().enumerate() {
-                    a[u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * k + kk + 8 * u)), a[u]);
-                }
+            let w0 = T::load8(w.add(kk));
+            let w1 = T::load8(w.add(kk + 8));
+            for i in 0..MR {
+                a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(i * k + kk)), a0[i]);
+                a1[i] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(i * k + kk + 8)), a1[i]);
             }
-            kk += step;
+            kk += 16;
         }
-        while kk + 8 <= k {
-            let wv = T::load8(w.add(kk));
-            for (i, a) in acc.iter_mut().enumerate() {
-                a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i * k + kk)), a[0]);
+        if kk + 8 <= k {
+            let w0 = T::load8(w.add(kk));
+            for i in 0..MR {
+                a0[i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(i * k + kk)), a0[i]);
             }
             kk += 8;
         }
-        for (i, a) in acc.iter().enumerate() {
-            let mut v = a[0];
-            for extra in a.iter().skip(1) {
-                v = _mm256_add_ps(v, *extra);
-            }
-            let mut s = hsum(v);
-            for t in kk..k {
-                s += *x.add(i * k + t) * (*w.add(t)).scalar();
-            }
-            res[i] = s;
+        for i in 0..MR {
+            res[i] = finish(a0[i], a1[i], x.add(i * k), w, kk, k);
         }
     }
 
@@ -264,75 +291,78 @@ mod avx2 {
         res: &mut [f32; STREAM_MAX_TOKENS],
     ) {
         match m {
-            1 => stream_row::<T, 1, 4>(x, k, w, res),
-            2 => stream_row::<T, 2, 2>(x, k, w, res),
-            3 => stream_row::<T, 3, 2>(x, k, w, res),
-            _ => stream_row::<T, 4, 2>(x, k, w, res),
+            1 => stream_row::<T, 1>(x, k, w, res),
+            2 => stream_row::<T, 2>(x, k, w, res),
+            3 => stream_row::<T, 3>(x, k, w, res),
+            _ => stream_row::<T, 4>(x, k, w, res),
         }
     }
 
-    /// Dot products of MR rows of x with NR rows of w, written to `out[i][r]` (row stride 4).
+    /// Dot products of MR rows of x with NR consecutive rows of an f32 panel (row stride k),
+    /// into `res[i][r]`. Register tile: MR x NR x 2 accumulators.
     #[inline(always)]
-    unsafe fn tile<T: Load8, const MR: usize, const NR: usize>(
+    unsafe fn panel_tile<const MR: usize, const NR: usize>(
         x: *const f32,
-        ldx: usize,
-        w: *const T,
-        ldw: usize,
         k: usize,
-        res: &mut [[f32; 4]; 3],
+        w: *const f32,
+        res: &mut [[f32; 2]; 3],
     ) {
-        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let k8 = k & !7;
+        let mut a0 = [[_mm256_setzero_ps(); NR]; MR];
+        let mut a1 = [[_mm256_setzero_ps(); NR]; MR];
         let mut kk = 0;
-        while kk < k8 {
-            let mut wv = [_mm256_setzero_ps(); NR];
-            for (r, v) in wv.iter_mut().enumerate() {
-                *v = T::load8(w.add(r * ldw + kk));
+        while kk + 16 <= k {
+            for r in 0..NR {
+                let w0 = _mm256_loadu_ps(w.add(r * k + kk));
+                let w1 = _mm256_loadu_ps(w.add(r * k + kk + 8));
+                for i in 0..MR {
+                    a0[i][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(i * k + kk)), a0[i][r]);
+                    a1[i][r] =
+                        _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(i * k + kk + 8)), a1[i][r]);
+                }
             }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(x.add(i * ldx + kk));
-                for (a, wr) in row.iter_mut().zip(wv.iter()) {
-                    *a = _mm256_fmadd_ps(*wr, xv, *a);
+            kk += 16;
+        }
+        if kk + 8 <= k {
+            for r in 0..NR {
+                let w0 = _mm256_loadu_ps(w.add(r * k + kk));
+                for i in 0..MR {
+                    a0[i][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(i * k + kk)), a0[i][r]);
                 }
             }
             kk += 8;
         }
         for i in 0..MR {
             for r in 0..NR {
-                let mut s = hsum(acc[i][r]);
-                for t in k8..k {
-                    s += *x.add(i * ldx + t) * (*w.add(r * ldw + t)).scalar();
-                }
-                res[i][r] = s;
+                res[i][r] = finish(a0[i][r], a1[i][r], x.add(i * k), w.add(r * k), kk, k);
             }
         }
     }
 
-    /// One MR x NR tile (runtime MR in 1..=3) of one or two (SwiGLU) matrices.
+    /// One tile (runtime MR in 1..=3) of one or two (SwiGLU) panels, written to `out`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_dispatch<T: Load8, const NR: usize>(
+    unsafe fn panel_tile_dispatch<const NR: usize>(
         mr: usize,
         x: *const f32,
         k: usize,
-        w: *const T,
-        ldw: usize,
-        up: Option<*const T>,
+        gate: *const f32,
+        up: Option<*const f32>,
         out: *mut f32,
         ldo: usize,
     ) {
-        let mut g = [[0.0f32; 4]; 3];
-        let mut u = [[0.0f32; 4]; 3];
+        let mut g = [[0.0f32; 2]; 3];
+        let mut u = [[0.0f32; 2]; 3];
+        // (a plain match, not a closure: closures do not inherit #[target_feature])
         match mr {
-            1 => tile::<T, 1, NR>(x, k, w, ldw, k, &mut g),
-            2 => tile::<T, 2, NR>(x, k, w, ldw, k, &mut g),
-            _ => tile::<T, 3, NR>(x, k, w, ldw, k, &mut g),
+            1 => panel_tile::<1, NR>(x, k, gate, &mut g),
+            2 => panel_tile::<2, NR>(x, k, gate, &mut g),
+            _ => panel_tile::<3, NR>(x, k, gate, &mut g),
         }
         if let Some(up) = up {
             match mr {
-                1 => tile::<T, 1, NR>(x, k, up, ldw, k, &mut u),
-                2 => tile::<T, 2, NR>(x, k, up, ldw, k, &mut u),
-                _ => tile::<T, 3, NR>(x, k, up, ldw, k, &mut u),
+                1 => panel_tile::<1, NR>(x, k, up, &mut u),
+                2 => panel_tile::<2, NR>(x, k, up, &mut u),
+                _ => panel_tile::<3, NR>(x, k, up, &mut u),
             }
         }
         for i in 0..mr {
@@ -361,38 +391,50 @@ mod avx2 {
         panel: &mut Vec<f32>,
     ) {
         let xp = x.as_ptr();
-        if m <= STREAM_MAX_TOKENS {
-            // Decode: stream the weights once, row after row, converting inside the kernel.
+        if m <= STREAM_BATCH_TOKENS {
+            // Decode: stream the weights once, row after row, converting inside the kernel;
+            // groups of up to STREAM_MAX_TOKENS tokens re-read the row from L1.
             for r in rows {
-                let mut g = [0.0f32; STREAM_MAX_TOKENS];
-                let mut u = [0.0f32; STREAM_MAX_TOKENS];
-                stream_row_dispatch(m, xp, k, w.add(r * k), &mut g);
-                if let Some(up) = up {
-                    stream_row_dispatch(m, xp, k, up.add(r * k), &mut u);
-                }
-                for i in 0..m {
-                    let v = if up.is_some() {
-                        silu(g[i]) * u[i]
-                    } else {
-                        g[i]
-                    };
-                    *out.0.add(i * ldo + r) = v;
+                let mut i0 = 0;
+                while i0 < m {
+                    let mr = STREAM_MAX_TOKENS.min(m - i0);
+                    let xi = xp.add(i0 * k);
+                    let mut g = [0.0f32; STREAM_MAX_TOKENS];
+                    let mut u = [0.0f32; STREAM_MAX_TOKENS];
+                    stream_row_dispatch(mr, xi, k, w.add(r * k), &mut g);
+                    if let Some(up) = up {
+                        stream_row_dispatch(mr, xi, k, up.add(r * k), &mut u);
+                    }
+                    for i in 0..mr {
+                        let v = if up.is_some() {
+                            silu(g[i]) * u[i]
+                        } else {
+                            g[i]
+                        };
+                        *out.0.add((i0 + i) * ldo + r) = v;
+                    }
+                    i0 += mr;
                 }
             }
             return;
         }
-        // Many tokens: convert 4 rows (of each matrix) to an f32 panel once per token block.
-        let panel_len = if up.is_some() { 8 * k } else { 4 * k };
+        // Many tokens: convert PANEL_ROWS rows (of each matrix) to an f32 panel once per token
+        // block, and sweep the block's tokens with register tiles.
+        let panel_len = 2 * PANEL_ROWS * k;
         if panel.len() < panel_len {
             panel.resize(panel_len, 0.0);
         }
-        let (pg, pu) = panel.split_at_mut(4 * k);
+        let (pg, pu) = panel.split_at_mut(PANEL_ROWS * k);
         let mut m0 = 0;
         while m0 < m {
             let mb = TOKEN_BLOCK.min(m - m0);
             let mut r = rows.start;
             while r < rows.end {
-                let nr = if r + 4 <= rows.end { 4 } else { 1 };
+                let nr = if r + PANEL_ROWS <= rows.end {
+                    PANEL_ROWS
+                } else {
+                    1
+                };
                 convert(w.add(r * k), nr * k, pg.as_mut_ptr());
                 if let Some(u) = up {
                     convert(u.add(r * k), nr * k, pu.as_mut_ptr());
@@ -403,10 +445,10 @@ mod avx2 {
                     let mr = 3.min(m0 + mb - i);
                     let xi = xp.add(i * k);
                     let o = out.0.add(i * ldo + r);
-                    if nr == 4 {
-                        tile_dispatch::<f32, 4>(mr, xi, k, pg.as_ptr(), k, upp, o, ldo);
+                    if nr == PANEL_ROWS {
+                        panel_tile_dispatch::<PANEL_ROWS>(mr, xi, k, pg.as_ptr(), upp, o, ldo);
                     } else {
-                        tile_dispatch::<f32, 1>(mr, xi, k, pg.as_ptr(), k, upp, o, ldo);
+                        panel_tile_dispatch::<1>(mr, xi, k, pg.as_ptr(), upp, o, ldo);
                     }
                     i += mr;
                 }
@@ -602,99 +644,6 @@ pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Geometry of the CPU paged KV cache of one layer: `[page][kv_head][slot in page][head_dim]`,
-/// so one head's part of a page is contiguous.
-#[derive(Debug, Clone, Copy)]
-pub struct KvLayout {
-    pub page_size: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl KvLayout {
-    /// Offset of (page, head, slot-in-page) in a layer's K or V array.
-    #[inline]
-    pub fn offset(&self, page: usize, head: usize, in_page: usize) -> usize {
-        ((page * self.num_kv_heads + head) * self.page_size + in_page) * self.head_dim
-    }
-}
-
-/// Heads of one GQA group handled together (scores kept on the stack).
-const MAX_HEADS_PER_PASS: usize = 8;
-/// Key positions scored per online-softmax update.
-const KEY_CHUNK: usize = 16;
-
-/// Attention of one query token for the `heads` query heads of KV head `kv_head`, over
-/// positions `0..ctx` of a sequence whose pages are `block_table`. Online softmax (one pass
-/// over K and V, each page read once for all heads of the group).
-///
-/// `q` holds the query heads (`heads * head_dim`), `out` receives them.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_group(
-    isa: Isa,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    layout: KvLayout,
-    block_table: &[u32],
-    kv_head: usize,
-    ctx: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let hd = layout.head_dim;
-    let heads = q.len() / hd;
-    let mut h0 = 0;
-    while h0 < heads {
-        let nh = MAX_HEADS_PER_PASS.min(heads - h0);
-        let qs = &q[h0 * hd..(h0 + nh) * hd];
-        let os = &mut out[h0 * hd..(h0 + nh) * hd];
-        os.fill(0.0);
-        let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
-        let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
-        let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
-        let mut pos = 0;
-        while pos < ctx {
-            let page = block_table[pos / layout.page_size] as usize;
-            let in_page = pos % layout.page_size;
-            let n = KEY_CHUNK.min(layout.page_size - in_page).min(ctx - pos);
-            let base = layout.offset(page, kv_head, in_page);
-            for j in 0..n {
-                let kr = &k_cache[base + j * hd..base + (j + 1) * hd];
-                for h in 0..nh {
-                    scores[h][j] = dot(isa, &qs[h * hd..(h + 1) * hd], kr) * scale;
-                }
-            }
-            for h in 0..nh {
-                let chunk_max = scores[h][..n]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let new_max = max[h].max(chunk_max);
-                let correction = (max[h] - new_max).exp();
-                max[h] = new_max;
-                sum[h] *= correction;
-                let acc = &mut os[h * hd..(h + 1) * hd];
-                let mut first = true;
-                for j in 0..n {
-                    let p = (scores[h][j] - new_max).exp();
-                    sum[h] += p;
-                    let vr = &v_cache[base + j * hd..base + (j + 1) * hd];
-                    // rescale the accumulator once per chunk, fused with the first update
-                    let c = if first { correction } else { 1.0 };
-                    first = false;
-                    scale_axpy(isa, acc, c, p, vr);
-                }
-            }
-            pos += n;
-        }
-        for h in 0..nh {
-            let inv = 1.0 / sum[h];
-            os[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= inv);
-        }
-        h0 += nh;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -795,60 +744,79 @@ mod tests {
         }
     }
 
+    /// A token's result is bit-for-bit the same whatever else shares the step (decode path,
+    /// panel path, tails): batching and prefix caching cannot change the output.
     #[test]
-    fn attention_matches_dense_softmax() {
+    fn matmul_is_batch_invariant() {
         let isa = Isa::detect();
-        let layout = KvLayout {
-            page_size: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-        };
-        let pages = 5;
-        let k_cache = rand_vec(pages * 2 * 4 * 8, 4);
-        let v_cache = rand_vec(pages * 2 * 4 * 8, 5);
-        let block_table = [3u32, 0, 4];
-        let ctx = 11;
-        let heads = 3;
-        let q = rand_vec(heads * 8, 6);
-        let kv_head = 1;
-        let scale = 0.35;
-        let mut out = vec![0.0; heads * 8];
-        attend_group(
-            isa,
-            &q,
-            &k_cache,
-            &v_cache,
-            layout,
-            &block_table,
-            kv_head,
-            ctx,
-            scale,
-            &mut out,
-        );
-        for h in 0..heads {
-            let qh = &q[h * 8..(h + 1) * 8];
-            let mut s: Vec<f32> = (0..ctx)
-                .map(|p| {
-                    let off = layout.offset(block_table[p / 4] as usize, kv_head, p % 4);
-                    qh.iter()
-                        .zip(&k_cache[off..off + 8])
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>()
-                        * scale
-                })
+        for &(n, k) in &[(9usize, 40usize), (13, 72), (6, 576)] {
+            let m = 53;
+            let x = rand_vec(m * k, 11);
+            let w: Vec<u16> = rand_vec(n * k, 12)
+                .iter()
+                .map(|&v| crate::loader::f32_to_bf16(v))
                 .collect();
-            let mx = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            s.iter_mut().for_each(|v| *v = (*v - mx).exp());
-            let tot: f32 = s.iter().sum();
-            let mut want = [0.0f32; 8];
-            for p in 0..ctx {
-                let off = layout.offset(block_table[p / 4] as usize, kv_head, p % 4);
-                for d in 0..8 {
-                    want[d] += s[p] / tot * v_cache[off + d];
+            let u: Vec<u16> = rand_vec(n * k, 13)
+                .iter()
+                .map(|&v| crate::loader::f32_to_bf16(v))
+                .collect();
+            for up in [None, Some(Elems::BF16(&u))] {
+                let mut panel = Vec::new();
+                let mut all = vec![0.0; m * n];
+                unsafe {
+                    matmul_rows(
+                        isa,
+                        &x,
+                        m,
+                        k,
+                        Elems::BF16(&w),
+                        up,
+                        0..n,
+                        OutPtr(all.as_mut_ptr()),
+                        n,
+                        &mut panel,
+                    )
+                };
+                for group in [1usize, 2, 3, 4, 5, 9, 16, 17] {
+                    for start in (0..m - group).step_by(7) {
+                        let mut part = vec![0.0; group * n];
+                        let xs = &x[start * k..(start + group) * k];
+                        unsafe {
+                            matmul_rows(
+                                isa,
+                                xs,
+                                group,
+                                k,
+                                Elems::BF16(&w),
+                                up,
+                                0..n / 2,
+                                OutPtr(part.as_mut_ptr()),
+                                n,
+                                &mut panel,
+                            );
+                            matmul_rows(
+                                isa,
+                                xs,
+                                group,
+                                k,
+                                Elems::BF16(&w),
+                                up,
+                                n / 2..n,
+                                OutPtr(part.as_mut_ptr()),
+                                n,
+                                &mut panel,
+                            );
+                        }
+                        let want = &all[start * n..(start + group) * n];
+                        assert!(
+                            part.iter()
+                                .zip(want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "n={n} k={k} group={group} start={start}"
+                        );
+                    }
                 }
             }
-            let e = rel_err(&out[h * 8..(h + 1) * 8], &want);
-            assert!(e < 1e-5, "head {h}: {e}");
         }
     }
 

@@ -3,6 +3,7 @@
 //!
 //! This is the embedded default and the reference the CUDA kernels are compared against.
 
+pub mod attention;
 pub mod kernels;
 pub mod pool;
 
@@ -11,7 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use self::kernels::{Isa, KvLayout, OutPtr};
+use self::attention::{AttnInput, KvLayout};
+use self::kernels::{Isa, OutPtr};
 use self::pool::ThreadPool;
 use super::{Backend, BackendError, RopeTable, StepBatch};
 use crate::config::ModelConfig;
@@ -91,12 +93,15 @@ impl CpuBackend {
         m: usize,
         parts: &mut [(&CpuWeight, Option<&CpuWeight>, &mut Vec<f32>)],
     ) {
+        const MAX_PARTS: usize = 3;
+        assert!(parts.len() <= MAX_PARTS);
         let k = parts[0].0.cols();
         let total: usize = parts.iter().map(|p| p.0.rows()).sum();
-        let outs: Vec<(OutPtr, usize)> = parts
-            .iter_mut()
-            .map(|p| (OutPtr(p.2.as_mut_ptr()), p.0.rows()))
-            .collect();
+        // raw output pointers, so the shared closure can hand disjoint rows to each thread
+        let mut outs = [(OutPtr(std::ptr::null_mut()), 0usize); MAX_PARTS];
+        for (o, p) in outs.iter_mut().zip(parts.iter_mut()) {
+            *o = (OutPtr(p.2.as_mut_ptr()), p.0.rows());
+        }
         let isa = self.isa;
         let job = |range: std::ops::Range<usize>, tid: usize| {
             let mut panel = self.panels[tid].lock();
@@ -443,8 +448,12 @@ impl Backend for CpuBackend {
         check_len(out, batch.num_tokens() * nh * hd, "attention output");
         let op = OutPtr(out.as_mut_ptr());
         let isa = self.isa;
-        // Work items: (token, kv head), handed out dynamically (their cost grows with context).
+        // Work items: (token, kv head), handed out dynamically (their cost grows with the
+        // context). A whole group per item reads each KV page once for all its query heads;
+        // splitting groups across threads balances better at batch 1 but reads the cache once
+        // per head, and measured slower (KV reads are what attention waits on).
         let total = batch.num_tokens() * nkv;
+        let threads = self.pool.num_threads();
         let next = AtomicUsize::new(0);
         let work = |_tid: usize| loop {
             let item = next.fetch_add(1, Ordering::Relaxed);
@@ -455,25 +464,24 @@ impl Backend for CpuBackend {
             let seq = &batch.seqs[step.seq_of_token[t] as usize];
             // causal: this token sees positions 0..=its own
             let ctx = seq.context_len - seq.num_tokens + (t - seq.token_start) + 1;
-            let qh = &q[(t * nh + g * group) * hd..(t * nh + (g + 1) * group) * hd];
-            // SAFETY: (t, g) items are disjoint head ranges of `out`.
+            let (h0, h1) = (g * group, (g + 1) * group);
+            let qh = &q[(t * nh + h0) * hd..(t * nh + h1) * hd];
+            // SAFETY: items own disjoint head ranges of `out`.
             let o = unsafe {
-                std::slice::from_raw_parts_mut(op.get().add((t * nh + g * group) * hd), group * hd)
+                std::slice::from_raw_parts_mut(op.get().add((t * nh + h0) * hd), (h1 - h0) * hd)
             };
-            kernels::attend_group(
-                isa,
-                qh,
-                kc,
-                vc,
+            let input = AttnInput {
+                k_cache: kc,
+                v_cache: vc,
                 layout,
-                batch.block_table(seq),
-                g,
+                block_table: batch.block_table(seq),
+                kv_head: g,
                 ctx,
                 scale,
-                o,
-            );
+            };
+            attention::attend(isa, &input, qh, o);
         };
-        if total < 2 || self.pool.num_threads() == 1 {
+        if total < 2 || threads == 1 {
             work(0);
         } else {
             self.pool.run(work);

@@ -1,0 +1,377 @@
+//! Paged attention on the CPU: one query token against its sequence's cached keys and values,
+//! for some query heads of one KV-head group.
+//!
+//! One pass over the context with an online softmax (Milakov & Gimelshein; FlashAttention):
+//! keys are scored in chunks of up to 16 positions inside a page, the running maximum and sum
+//! are corrected once per chunk, and the value rows are accumulated with the chunk's weights.
+//! Every head of the group is handled inside the same chunk loop, so a page's keys and values
+//! are read from memory once for the whole group and then from L1.
+//!
+//! Each head's arithmetic is independent of the other heads in the call, so splitting a group
+//! across threads (when there are few tokens, as in decode) gives bit-identical results: the
+//! output never depends on how the work was divided.
+
+use super::kernels::{dot, scale_axpy, Isa};
+
+/// Geometry of the CPU paged KV cache of one layer: `[page][kv_head][slot in page][head_dim]`,
+/// so one head's part of a page is contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout {
+    pub page_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Offset of (page, head, slot-in-page) in a layer's K or V array.
+    #[inline]
+    pub fn offset(&self, page: usize, head: usize, in_page: usize) -> usize {
+        ((page * self.num_kv_heads + head) * self.page_size + in_page) * self.head_dim
+    }
+}
+
+/// Heads handled per chunk loop (running max and sum live on the stack).
+pub const MAX_HEADS_PER_PASS: usize = 8;
+/// Key positions scored per online-softmax update.
+const KEY_CHUNK: usize = 16;
+
+/// What one call attends: the KV cache of one layer and one sequence.
+#[derive(Clone, Copy)]
+pub struct AttnInput<'a> {
+    pub k_cache: &'a [f32],
+    pub v_cache: &'a [f32],
+    pub layout: KvLayout,
+    pub block_table: &'a [u32],
+    pub kv_head: usize,
+    /// Positions `0..ctx` are visible (causal).
+    pub ctx: usize,
+    pub scale: f32,
+}
+
+/// Attention of the query heads in `q` (`heads * head_dim`) over positions `0..ctx`, into
+/// `out` (same shape).
+pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
+    let hd = a.layout.head_dim;
+    let heads = q.len() / hd;
+    let mut h0 = 0;
+    while h0 < heads {
+        let nh = MAX_HEADS_PER_PASS.min(heads - h0);
+        let qs = &q[h0 * hd..(h0 + nh) * hd];
+        let os = &mut out[h0 * hd..(h0 + nh) * hd];
+        match isa {
+            // SAFETY: Avx2 is chosen only when the CPU has AVX2 and FMA; head_dim % 8 == 0.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if hd % 8 == 0 => unsafe { avx2::attend_heads(a, qs, os) },
+            _ => attend_heads_portable(isa, a, qs, os),
+        }
+        h0 += nh;
+    }
+}
+
+/// The portable twin (also the reference in tests).
+#[allow(clippy::needless_range_loop)] // per-head arrays indexed in lockstep
+fn attend_heads_portable(isa: Isa, a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]) {
+    let hd = a.layout.head_dim;
+    let nh = qs.len() / hd;
+    os.fill(0.0);
+    let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
+    let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
+    let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
+    let mut pos = 0;
+    while pos < a.ctx {
+        let page = a.block_table[pos / a.layout.page_size] as usize;
+        let in_page = pos % a.layout.page_size;
+        let n = KEY_CHUNK.min(a.layout.page_size - in_page).min(a.ctx - pos);
+        let base = a.layout.offset(page, a.kv_head, in_page);
+        for j in 0..n {
+            let kr = &a.k_cache[base + j * hd..base + (j + 1) * hd];
+            for h in 0..nh {
+                scores[h][j] = dot(isa, &qs[h * hd..(h + 1) * hd], kr) * a.scale;
+            }
+        }
+        for h in 0..nh {
+            let chunk_max = scores[h][..n]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let new_max = max[h].max(chunk_max);
+            let correction = (max[h] - new_max).exp();
+            max[h] = new_max;
+            let acc = &mut os[h * hd..(h + 1) * hd];
+            let mut chunk_sum = 0.0f32;
+            for j in 0..n {
+                let p = (scores[h][j] - new_max).exp();
+                chunk_sum += p;
+                let vr = &a.v_cache[base + j * hd..base + (j + 1) * hd];
+                scale_axpy(isa, acc, if j == 0 { correction } else { 1.0 }, p, vr);
+            }
+            sum[h] = sum[h] * correction + chunk_sum;
+        }
+        pos += n;
+    }
+    for h in 0..nh {
+        let inv = 1.0 / sum[h];
+        os[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// e^x for x <= 0 (attention weights), Cephes-style: range reduction by ln 2 and a
+    /// degree-5 polynomial; relative error about 2e-7. Very negative inputs give 0.
+    #[inline(always)]
+    unsafe fn exp_neg(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+            _mm256_set1_ps(0.5),
+        ));
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.398_199_9e-3));
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.333_452e-3));
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.166_579_6e-2));
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.666_666_5e-1));
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.5));
+        y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(x, x),
+            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
+        );
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvttps_epi32(fx),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+    }
+
+    /// `attend_heads_portable` with the dot products, exponentials and value updates in
+    /// registers. `head_dim` must be a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_heads(a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]) {
+        let hd = a.layout.head_dim;
+        let nh = qs.len() / hd;
+        let vecs = hd / 8;
+        os.fill(0.0);
+        let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
+        let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
+        let mut scores = [0.0f32; KEY_CHUNK];
+        let mut weights = [0.0f32; KEY_CHUNK];
+        let kc = a.k_cache.as_ptr();
+        let vc = a.v_cache.as_ptr();
+        let mut pos = 0;
+        while pos < a.ctx {
+            let page = a.block_table[pos / a.layout.page_size] as usize;
+            let in_page = pos % a.layout.page_size;
+            let n = KEY_CHUNK.min(a.layout.page_size - in_page).min(a.ctx - pos);
+            let base = a.layout.offset(page, a.kv_head, in_page);
+            debug_assert!(base + n * hd <= a.k_cache.len());
+            // Pages are scattered: fetch the next chunk's keys and values while this one is
+            // computed (the hardware prefetcher does not follow a block table).
+            let next = pos + n;
+            if next < a.ctx {
+                let np = a.block_table[next / a.layout.page_size] as usize;
+                let nin = next % a.layout.page_size;
+                let nn = KEY_CHUNK.min(a.layout.page_size - nin).min(a.ctx - next);
+                let nbase = a.layout.offset(np, a.kv_head, nin);
+                let bytes = nn * hd * 4;
+                let (kp, vp) = (kc.add(nbase) as *const i8, vc.add(nbase) as *const i8);
+                let mut off = 0;
+                while off < bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(kp.add(off));
+                    _mm_prefetch::<_MM_HINT_T0>(vp.add(off));
+                    off += 64;
+                }
+            }
+            for h in 0..nh {
+                let q = qs.as_ptr().add(h * hd);
+                // scores of this chunk
+                for j in 0..n {
+                    let k = kc.add(base + j * hd);
+                    let mut s0 = _mm256_setzero_ps();
+                    let mut s1 = _mm256_setzero_ps();
+                    let mut d = 0;
+                    while d + 16 <= hd {
+                        s0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(q.add(d)),
+                            _mm256_loadu_ps(k.add(d)),
+                            s0,
+                        );
+                        s1 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(q.add(d + 8)),
+                            _mm256_loadu_ps(k.add(d + 8)),
+                            s1,
+                        );
+                        d += 16;
+                    }
+                    if d < hd {
+                        s0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(q.add(d)),
+                            _mm256_loadu_ps(k.add(d)),
+                            s0,
+                        );
+                    }
+                    scores[j] = hsum(_mm256_add_ps(s0, s1)) * a.scale;
+                }
+                let chunk_max = scores[..n].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let new_max = max[h].max(chunk_max);
+                let correction = (max[h] - new_max).exp();
+                max[h] = new_max;
+                // weights of this chunk (exp of the shifted scores, two vectors of 8)
+                let shift = _mm256_set1_ps(new_max);
+                for half in 0..2 {
+                    let s = _mm256_loadu_ps(scores.as_ptr().add(8 * half));
+                    _mm256_storeu_ps(
+                        weights.as_mut_ptr().add(8 * half),
+                        exp_neg(_mm256_sub_ps(s, shift)),
+                    );
+                }
+                let mut chunk_sum = 0.0f32;
+                for p in &weights[..n] {
+                    chunk_sum += p;
+                }
+                sum[h] = sum[h] * correction + chunk_sum;
+                // acc = acc * correction + sum_j w_j v_j, 8 lanes at a time
+                let acc = os.as_mut_ptr().add(h * hd);
+                let corr = _mm256_set1_ps(correction);
+                for c in 0..vecs {
+                    let mut r = _mm256_mul_ps(_mm256_loadu_ps(acc.add(8 * c)), corr);
+                    for j in 0..n {
+                        r = _mm256_fmadd_ps(
+                            _mm256_set1_ps(weights[j]),
+                            _mm256_loadu_ps(vc.add(base + j * hd + 8 * c)),
+                            r,
+                        );
+                    }
+                    _mm256_storeu_ps(acc.add(8 * c), r);
+                }
+            }
+            pos += n;
+        }
+        for h in 0..nh {
+            let inv = _mm256_set1_ps(1.0 / sum[h]);
+            let acc = os.as_mut_ptr().add(h * hd);
+            for c in 0..vecs {
+                _mm256_storeu_ps(
+                    acc.add(8 * c),
+                    _mm256_mul_ps(_mm256_loadu_ps(acc.add(8 * c)), inv),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn dense(a: &AttnInput<'_>, q: &[f32]) -> Vec<f32> {
+        let hd = a.layout.head_dim;
+        let mut out = vec![0.0; q.len()];
+        for h in 0..q.len() / hd {
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut s: Vec<f64> = (0..a.ctx)
+                .map(|p| {
+                    let off = a.layout.offset(
+                        a.block_table[p / a.layout.page_size] as usize,
+                        a.kv_head,
+                        p % a.layout.page_size,
+                    );
+                    qh.iter()
+                        .zip(&a.k_cache[off..off + hd])
+                        .map(|(x, y)| (x * y) as f64)
+                        .sum::<f64>()
+                        * a.scale as f64
+                })
+                .collect();
+            let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            s.iter_mut().for_each(|v| *v = (*v - mx).exp());
+            let tot: f64 = s.iter().sum();
+            for (p, w) in s.iter().enumerate() {
+                let off = a.layout.offset(
+                    a.block_table[p / a.layout.page_size] as usize,
+                    a.kv_head,
+                    p % a.layout.page_size,
+                );
+                for d in 0..hd {
+                    out[h * hd + d] += (w / tot) as f32 * a.v_cache[off + d];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_dense_softmax_and_splits_are_exact() {
+        for &(page_size, hd, heads, ctx) in &[
+            (4usize, 8usize, 3usize, 11usize),
+            (16, 64, 3, 70),
+            (1, 16, 9, 5),
+            (64, 128, 4, 130),
+        ] {
+            let layout = KvLayout {
+                page_size,
+                num_kv_heads: 2,
+                head_dim: hd,
+            };
+            let pages = ctx.div_ceil(page_size) + 2;
+            let k = rand_vec(pages * 2 * page_size * hd, 4);
+            let v = rand_vec(pages * 2 * page_size * hd, 5);
+            let table: Vec<u32> = (0..ctx.div_ceil(page_size) as u32).rev().collect();
+            let a = AttnInput {
+                k_cache: &k,
+                v_cache: &v,
+                layout,
+                block_table: &table,
+                kv_head: 1,
+                ctx,
+                scale: 0.3,
+            };
+            let q = rand_vec(heads * hd, 6);
+            let want = dense(&a, &q);
+            for isa in [Isa::Scalar, Isa::detect()] {
+                let mut out = vec![0.0; heads * hd];
+                attend(isa, &a, &q, &mut out);
+                let err: f32 = out
+                    .iter()
+                    .zip(&want)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 2e-5, "{isa:?} ps={page_size} hd={hd}: {err}");
+                // one head at a time gives the same bits as the whole group
+                for h in 0..heads {
+                    let mut one = vec![0.0; hd];
+                    attend(isa, &a, &q[h * hd..(h + 1) * hd], &mut one);
+                    assert!(one
+                        .iter()
+                        .zip(&out[h * hd..(h + 1) * hd])
+                        .all(|(x, y)| x.to_bits() == y.to_bits()));
+                }
+            }
+        }
+    }
+}
