@@ -421,6 +421,8 @@ pub struct EngineConfig {
     pub context_length: Option<usize>,
     /// Requests allowed to wait for admission before new ones get "queue full" (None: no limit).
     pub max_queued_requests: Option<usize>,
+    /// A chat template that replaces the model's (`--chat-template`, the template text).
+    pub chat_template: Option<String>,
 }
 
 impl EngineConfig {
@@ -439,6 +441,7 @@ impl EngineConfig {
             dummy_seed: 0,
             context_length: None,
             max_queued_requests: None,
+            chat_template: None,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;

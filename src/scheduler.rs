@@ -7,13 +7,23 @@
 //! already in the KV cache, so a sequence whose pages are taken back ("retracted" when the pool
 //! runs dry) simply recomputes its KV later: nothing is lost and the output is unchanged.
 //!
+//! With the radix prefix cache on, a sequence starts from the pages of its longest cached
+//! prefix, waiting sequences are admitted longest-cached-prefix first (SGLang's LPM policy, for
+//! queues up to 128; FIFO beyond), the computed pages of every prefill chunk, retraction and
+//! finish go into the tree, and the pool makes room by evicting least recently used runs.
+//!
 //! Pure policy over the page pool: no model, no tokenizer, no threads; the engine thread owns
-//! the one instance. Cost per step is O(running + admitted sequences).
+//! the one instance. Cost per step is O(running + admitted sequences), plus O(waiting x prompt
+//! pages) for the LPM ordering.
 
 use std::collections::VecDeque;
 
 use crate::backend::{LogitsWanted, StepBatch};
+use crate::kv::radix::RadixCache;
 use crate::kv::PagePool;
+
+/// Longest waiting queue that is reordered by cached prefix length (beyond: FIFO).
+const LPM_MAX_QUEUE: usize = 128;
 
 /// A sequence as the scheduler sees it.
 #[derive(Debug, Clone)]
@@ -27,6 +37,8 @@ pub struct Seq {
     pub block_table: Vec<u32>,
     /// Logits for every prompt position (prompt logprobs) on the first pass.
     pub prompt_logits: bool,
+    /// Prompt tokens found in the prefix cache at first admission (None until admitted).
+    pub cached_tokens: Option<usize>,
 }
 
 impl Seq {
@@ -38,6 +50,7 @@ impl Seq {
             kv_len: 0,
             block_table: Vec::new(),
             prompt_logits: false,
+            cached_tokens: None,
         }
     }
 
@@ -51,6 +64,7 @@ impl Seq {
 pub struct SchedulerConfig {
     pub max_running: usize,
     pub chunked_prefill_size: usize,
+    pub enable_radix_cache: bool,
 }
 
 /// One sequence's part of a step.
@@ -72,6 +86,8 @@ pub struct Plan {
     pub items: Vec<PlanItem>,
     /// Sequences whose pages were taken back this step (they recompute later).
     pub retracted: Vec<u64>,
+    /// Sequences admitted for the first time: (id, prompt tokens served from the cache).
+    pub admitted: Vec<(u64, usize)>,
 }
 
 impl Plan {
@@ -86,18 +102,69 @@ impl Plan {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     pool: PagePool,
+    radix: Option<RadixCache>,
     waiting: VecDeque<Seq>,
     /// In admission order (the newest last: the first to be retracted).
     running: Vec<Seq>,
 }
 
+/// Ensures `seq` has pages for `upto` tokens, evicting cached runs if the pool is short; false
+/// (nothing taken) when even that is not enough.
+fn reserve(
+    pool: &mut PagePool,
+    radix: &mut Option<RadixCache>,
+    seq: &mut Seq,
+    upto: usize,
+) -> bool {
+    let need = pool.pages_for(upto).saturating_sub(seq.block_table.len());
+    if need == 0 {
+        return true;
+    }
+    if need > pool.free_pages() {
+        if let Some(r) = radix.as_mut() {
+            r.evict(pool, need);
+        }
+    }
+    pool.alloc_into(&mut seq.block_table, need)
+}
+
+/// Gives up a sequence's pages; with the radix cache its computed whole pages stay cached.
+fn release(pool: &mut PagePool, radix: &mut Option<RadixCache>, seq: &mut Seq) {
+    if let Some(r) = radix.as_mut() {
+        r.insert(pool, &seq.tokens[..seq.kv_len], &seq.block_table);
+    }
+    pool.release_all(&mut seq.block_table);
+}
+
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, pool: PagePool) -> Self {
+        let radix = cfg
+            .enable_radix_cache
+            .then(|| RadixCache::new(pool.page_size()));
         Self {
             cfg,
             pool,
+            radix,
             waiting: VecDeque::new(),
             running: Vec::new(),
+        }
+    }
+
+    pub fn radix(&self) -> Option<&RadixCache> {
+        self.radix.as_ref()
+    }
+
+    /// Tokens held only by the prefix cache (freed on demand).
+    pub fn evictable_tokens(&self) -> usize {
+        self.radix
+            .as_ref()
+            .map_or(0, |r| r.evictable_pages(&self.pool) * self.pool.page_size())
+    }
+
+    /// Drops the whole prefix cache. Pages of running sequences stay with them.
+    pub fn flush_cache(&mut self) {
+        if let Some(r) = self.radix.as_mut() {
+            r.clear(&mut self.pool);
         }
     }
 
@@ -148,14 +215,8 @@ impl Scheduler {
             let i = self.waiting.iter().position(|s| s.id == id)?;
             self.waiting.remove(i)?
         };
-        self.pool.release_all(&mut seq.block_table);
+        release(&mut self.pool, &mut self.radix, &mut seq);
         Some(seq)
-    }
-
-    /// Ensures `seq` has pages for `upto` tokens; false when the pool is short.
-    fn reserve(pool: &mut PagePool, seq: &mut Seq, upto: usize) -> bool {
-        let need = pool.pages_for(upto).saturating_sub(seq.block_table.len());
-        need == 0 || pool.alloc_into(&mut seq.block_table, need)
     }
 
     /// Takes back the pages of the newest running sequence; it waits again at the front.
@@ -163,7 +224,7 @@ impl Scheduler {
         let Some(mut seq) = self.running.pop() else {
             return false;
         };
-        self.pool.release_all(&mut seq.block_table);
+        release(&mut self.pool, &mut self.radix, &mut seq);
         seq.kv_len = 0;
         plan.retracted.push(seq.id);
         self.waiting.push_front(seq);
@@ -181,7 +242,7 @@ impl Scheduler {
             let seq = &mut self.running[i];
             if seq.pending() == 1 {
                 let upto = seq.kv_len + 1;
-                if !Self::reserve(&mut self.pool, seq, upto) {
+                if !reserve(&mut self.pool, &mut self.radix, seq, upto) {
                     if i + 1 == self.running.len() {
                         // this one is the newest itself: retract it
                         self.retract_newest(&mut plan);
@@ -214,7 +275,7 @@ impl Scheduler {
             }
             let len = pending.min(budget);
             let upto = seq.kv_len + len;
-            if !Self::reserve(&mut self.pool, seq, upto) {
+            if !reserve(&mut self.pool, &mut self.radix, seq, upto) {
                 continue;
             }
             budget -= len;
@@ -228,28 +289,59 @@ impl Scheduler {
         }
         // 3. Admit waiting sequences while there is room: a running slot, prefill budget, and
         //    pages for the first chunk with one page per running sequence to spare for decode.
+        let reorder = self.waiting.len() > 1 && self.waiting.len() <= LPM_MAX_QUEUE;
+        if let Some(radix) = self.radix.as_ref().filter(|_| reorder) {
+            let mut keyed: Vec<(usize, Seq)> = self
+                .waiting
+                .drain(..)
+                .map(|s| (radix.match_len(&s.tokens[..s.tokens.len() - 1]), s))
+                .collect();
+            // stable: equal prefixes keep their arrival order
+            keyed.sort_by_key(|(m, _)| std::cmp::Reverse(*m));
+            self.waiting.extend(keyed.into_iter().map(|(_, s)| s));
+        }
         while budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(seq) = self.waiting.front() else {
+            let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
+            if seq.block_table.is_empty() {
+                if let Some(r) = self.radix.as_mut() {
+                    // leave at least one token to compute: its logits give the next token
+                    let pages = r.match_prefix(&seq.tokens[..seq.tokens.len() - 1]);
+                    for &p in &pages {
+                        self.pool.retain(p);
+                    }
+                    seq.kv_len = pages.len() * self.pool.page_size();
+                    seq.block_table = pages;
+                }
+            }
             let pending = seq.pending();
             let len = pending.min(budget);
             let need = self
                 .pool
                 .pages_for(seq.kv_len + len)
                 .saturating_sub(seq.block_table.len());
-            let spare = if self.running.is_empty() {
-                0
-            } else {
-                self.running.len()
-            };
+            let spare = self.running.len();
             if need + spare > self.pool.free_pages() {
+                if let Some(r) = self.radix.as_mut() {
+                    r.evict(&mut self.pool, need + spare);
+                }
+            }
+            if need + spare > self.pool.free_pages() {
+                // undo the prefix match and wait
+                self.pool.release_all(&mut seq.block_table);
+                seq.kv_len = 0;
+                self.waiting.push_front(seq);
                 break;
             }
-            let mut seq = self.waiting.pop_front().expect("front exists");
             let upto = seq.kv_len + len;
-            let ok = Self::reserve(&mut self.pool, &mut seq, upto);
+            let ok = reserve(&mut self.pool, &mut self.radix, &mut seq, upto);
             debug_assert!(ok);
+            if seq.cached_tokens.is_none() {
+                let cached = seq.kv_len.min(seq.prompt_len);
+                seq.cached_tokens = Some(cached);
+                plan.admitted.push((seq.id, cached));
+            }
             budget -= len;
             plan.items.push(PlanItem {
                 id: seq.id,
@@ -289,13 +381,19 @@ impl Scheduler {
         }
     }
 
-    /// Records that the plan's tokens are now in the KV cache.
+    /// Records that the plan's tokens are now in the KV cache. Prefill chunks enter the
+    /// prefix cache at once, so requests arriving meanwhile can share them.
     pub fn step_done(&mut self, plan: &Plan) {
         for item in &plan.items {
             if let Some(seq) = self.running.iter_mut().find(|s| s.id == item.id) {
                 seq.kv_len = item.start + item.len;
                 if seq.kv_len >= seq.prompt_len {
                     seq.prompt_logits = false;
+                }
+                if item.len > 1 {
+                    if let Some(r) = self.radix.as_mut() {
+                        r.insert(&mut self.pool, &seq.tokens[..seq.kv_len], &seq.block_table);
+                    }
                 }
             }
         }
@@ -311,6 +409,7 @@ mod tests {
             SchedulerConfig {
                 max_running,
                 chunked_prefill_size: chunk,
+                enable_radix_cache: false,
             },
             PagePool::new(pages, page_size),
         )
@@ -424,6 +523,143 @@ mod tests {
             "keeps its sampled token"
         );
         assert!(back.block_table.is_empty());
+    }
+
+    fn radix_sched(pages: usize, page_size: usize, max_running: usize, chunk: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_running,
+                chunked_prefill_size: chunk,
+                enable_radix_cache: true,
+            },
+            PagePool::new(pages, page_size),
+        )
+    }
+
+    #[test]
+    fn a_shared_prefix_is_not_recomputed() {
+        let mut s = radix_sched(64, 4, 8, 64);
+        let mut a: Vec<u32> = (0..20).collect();
+        s.add(Seq::new(1, a.clone()));
+        let p = s.schedule();
+        assert_eq!(p.admitted, vec![(1, 0)]);
+        s.step_done(&p);
+        // b shares a's first 18 tokens: 4 whole pages (16 tokens) come from the cache
+        a.truncate(18);
+        a.extend([900, 901, 902]);
+        s.add(Seq::new(2, a));
+        let p = s.schedule();
+        assert_eq!(p.admitted, vec![(2, 16)]);
+        let item = p.items.iter().find(|i| i.id == 2).unwrap();
+        assert_eq!((item.start, item.len), (16, 5));
+        // both finish: every page is either free or cached, and a flush frees them all
+        s.step_done(&p);
+        s.remove(1);
+        s.remove(2);
+        assert_eq!(
+            s.pool().free_pages() + s.radix().unwrap().cached_pages(),
+            64
+        );
+        s.flush_cache();
+        assert_eq!(s.pool().free_pages(), 64);
+    }
+
+    #[test]
+    fn the_longest_cached_prefix_is_admitted_first() {
+        let mut s = radix_sched(64, 2, 1, 64);
+        s.add(Seq::new(1, (0..10).collect()));
+        let p = s.schedule();
+        s.step_done(&p);
+        s.remove(1);
+        s.add(Seq::new(2, (50..60).collect())); // arrived first, nothing cached
+        s.add(Seq::new(3, (0..10).collect())); // fully cached prefix
+        let p = s.schedule();
+        assert_eq!(p.items.len(), 1, "one running slot");
+        assert_eq!(p.items[0].id, 3);
+        assert_eq!(p.admitted, vec![(3, 8)]);
+    }
+
+    #[test]
+    fn cached_pages_are_evicted_when_the_pool_needs_them() {
+        // 8 pages; a finished sequence leaves 5 cached pages behind
+        let mut s = radix_sched(8, 2, 4, 64);
+        s.add(Seq::new(1, (0..10).collect()));
+        let p = s.schedule();
+        s.step_done(&p);
+        s.remove(1);
+        assert_eq!(s.pool().free_pages(), 3);
+        assert_eq!(s.evictable_tokens(), 10);
+        // an unrelated sequence needing 6 pages gets them by eviction
+        s.add(Seq::new(2, (100..112).collect()));
+        let p = s.schedule();
+        assert_eq!(p.items.len(), 1);
+        assert!(s.radix().unwrap().cached_pages() < 5);
+        run(&mut s, 14, 100);
+    }
+
+    #[test]
+    fn retracted_work_stays_cached_and_every_sequence_completes() {
+        let mut s = radix_sched(12, 4, 6, 32);
+        for id in 0..6 {
+            s.add(Seq::new(id, vec![id as u32; 6]));
+        }
+        run(&mut s, 20, 10_000);
+        let r = s.radix().unwrap();
+        assert_eq!(
+            s.pool().used_pages(),
+            r.evictable_pages(s.pool()),
+            "idle: every used page is cached only"
+        );
+        assert_eq!(s.pool().used_pages(), r.cached_pages());
+        s.flush_cache();
+        assert_eq!(s.pool().free_pages(), 12);
+    }
+
+    /// Random workloads with shared prefixes on a tight pool: every sequence completes, and
+    /// when idle every page is either free or held by the prefix cache alone.
+    #[test]
+    fn randomized_shared_prefixes_leak_nothing() {
+        let mut rng = crate::sampling::Rng::new(5);
+        for round in 0..40 {
+            let page_size = [1, 2, 4][round % 3];
+            let pages = 24 + (rng.next_u64() % 24) as usize;
+            let mut s = radix_sched(
+                pages,
+                page_size,
+                1 + (rng.next_u64() % 6) as usize,
+                8 + (rng.next_u64() % 24) as usize,
+            );
+            let n = 3 + (rng.next_u64() % 8) as usize;
+            for id in 0..n as u64 {
+                let shared = (rng.next_u64() % 12) as usize;
+                let own = 1 + (rng.next_u64() % 8) as usize;
+                let mut toks: Vec<u32> = (0..shared as u32).collect();
+                toks.extend((0..own).map(|_| 100 + (rng.next_u64() % 50) as u32));
+                s.add(Seq::new(id, toks));
+            }
+            let target = 22.min(pages * page_size / 2);
+            let mut steps = 0;
+            while !s.is_idle() {
+                steps += 1;
+                assert!(steps < 10_000, "round {round}: no progress");
+                let plan = s.schedule();
+                s.step_done(&plan);
+                for item in plan.items.iter().filter(|i| i.sample) {
+                    s.push_token(item.id, (rng.next_u64() % 7) as u32);
+                    if s.get(item.id).unwrap().tokens.len() >= target {
+                        s.remove(item.id);
+                    }
+                }
+            }
+            let r = s.radix().unwrap();
+            assert_eq!(
+                s.pool().used_pages(),
+                r.evictable_pages(s.pool()),
+                "round {round}"
+            );
+            s.flush_cache();
+            assert_eq!(s.pool().free_pages(), pages, "round {round}");
+        }
     }
 
     #[test]

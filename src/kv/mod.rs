@@ -5,6 +5,8 @@
 //! pages of a common prefix; a page returns to the free list when its last reference goes.
 //! Owned by the engine thread alone. All operations are O(pages touched).
 
+pub mod radix;
+
 /// Page ids and their reference counts.
 #[derive(Debug)]
 pub struct PagePool {

@@ -1,0 +1,537 @@
+//! The engine thread and [`EngineHandle`], the only way in.
+//!
+//! One thread owns the model, the KV cache, the scheduler and every request's sampling and
+//! detokenization state; nothing else touches them (TGI's actor pattern). Callers (the HTTP
+//! server, the C ABI, the CLI) hold a cloneable `EngineHandle`: `submit` validates a request
+//! and returns a [`RequestStream`] of [`Event`]s; dropping the stream (a client that went away)
+//! or calling `abort` cancels the request, and its pages are freed on the next step.
+//!
+//! Each loop iteration: take new messages, ask the scheduler for a step, run the model once on
+//! the mixed batch, sample a token for every sequence that reached the end of its known
+//! tokens, detokenize incrementally, apply stop conditions, and send the events.
+
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::mpsc as tmpsc;
+
+use crate::config::{EngineConfig, ModelConfig};
+use crate::kv::PagePool;
+use crate::metrics::Metrics;
+use crate::model::{self, LoadModelError, ModelRunner};
+use crate::sampling::{ParamError, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// A generation request in token ids (the caller tokenizes).
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    pub input_ids: Vec<u32>,
+    pub params: SamplingParams,
+    /// Return the logprob of each generated token.
+    pub return_logprob: bool,
+    /// Also return this many most likely tokens at each position.
+    pub top_logprobs_num: usize,
+}
+
+/// Logprob information of one generated token.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenInfo {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+/// What made generation stop on a "stop" finish.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Matched {
+    Token(u32),
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum FinishReason {
+    /// An EOS / stop token or a stop string.
+    Stop(Matched),
+    /// `max_new_tokens` or the context length.
+    Length,
+    /// Cancelled (client gone, `abort`, shutdown).
+    Abort(String),
+}
+
+impl FinishReason {
+    /// OpenAI's spelling: "stop", "length", "abort".
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop(_) => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort(_) => "abort",
+        }
+    }
+    pub fn matched(&self) -> Option<&Matched> {
+        match self {
+            FinishReason::Stop(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+/// One step's output for a request: the new token, and the text that became final.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// Present when the request asked for logprobs (one per token).
+    pub logprobs: Vec<TokenInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub usage: Usage,
+    /// Seconds from submission to the first generated token.
+    pub time_to_first_token: Option<f64>,
+}
+
+/// What a [`RequestStream`] yields: chunks, then exactly one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Chunk(Chunk),
+    Finished(Finish),
+    Failed(String),
+}
+
+/// A request that cannot be accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Invalid(#[from] ParamError),
+    #[error("the request queue is full ({0} waiting)")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("the engine is not accepting requests (draining)")]
+    Draining,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] LoadModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why a request was cancelled (the `reason` label of `sglang_aborted_requests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The receiver went away (HTTP client disconnected, stream dropped).
+    ClientDisconnected,
+    /// `EngineHandle::abort`.
+    Requested,
+    /// The per-request time limit passed.
+    Timeout,
+    /// The engine stopped.
+    Shutdown,
+}
+
+impl AbortReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            AbortReason::ClientDisconnected => "client_disconnected",
+            AbortReason::Requested => "aborted",
+            AbortReason::Timeout => "timeout",
+            AbortReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+pub(super) enum Msg {
+    Submit {
+        id: u64,
+        req: Box<GenerateRequest>,
+        tx: tmpsc::UnboundedSender<Event>,
+        submitted: Instant,
+    },
+    Abort {
+        id: u64,
+        reason: AbortReason,
+    },
+    FlushCache {
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+    Shutdown,
+}
+
+/// Live numbers of the engine, updated by the engine thread every step.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    /// KV slots held by running requests.
+    pub kv_used_tokens: AtomicUsize,
+    /// KV slots held only by the prefix cache.
+    pub kv_evictable_tokens: AtomicUsize,
+    /// KV slots free or reclaimable.
+    pub kv_available_tokens: AtomicUsize,
+    pub steps: AtomicU64,
+    /// Time spent in model forward passes, nanoseconds (server overhead = the rest).
+    pub forward_nanos: AtomicU64,
+    /// Steps that only decoded (one token per sequence), and their forward time.
+    pub decode_steps: AtomicU64,
+    pub decode_forward_nanos: AtomicU64,
+    /// Milliseconds since the Unix epoch at the end of the last engine loop iteration.
+    pub heartbeat_unix_ms: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub retractions: AtomicU64,
+    pub finished: AtomicU64,
+    pub aborted: AtomicU64,
+}
+
+/// Facts about the loaded engine (fixed after start).
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub model_config: ModelConfig,
+    pub engine_config: EngineConfig,
+    pub backend: &'static str,
+    pub context_length: usize,
+    pub kv_capacity_tokens: usize,
+    pub kv_bytes_per_token: usize,
+    pub page_size: usize,
+    pub weight_bytes: usize,
+}
+
+pub(super) struct Shared {
+    tokenizer: Arc<Tokenizer>,
+    info: EngineInfo,
+    stats: EngineStats,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    stopped: AtomicBool,
+    draining: AtomicBool,
+    max_queued: Option<usize>,
+}
+
+/// The way to the engine thread. Cheap to clone; the engine stops when the last handle is
+/// dropped (or on [`EngineHandle::shutdown`]).
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+/// Events of one request. Dropping it aborts the request if it has not finished.
+pub struct RequestStream {
+    id: u64,
+    rx: tmpsc::UnboundedReceiver<Event>,
+    tx: mpsc::Sender<Msg>,
+    done: bool,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The next event (async).
+    pub async fn next(&mut self) -> Option<Event> {
+        let ev = self.rx.recv().await;
+        self.note(&ev);
+        ev
+    }
+
+    /// The next event, blocking the calling thread (not for async contexts).
+    pub fn next_blocking(&mut self) -> Option<Event> {
+        let ev = self.rx.blocking_recv();
+        self.note(&ev);
+        ev
+    }
+
+    fn note(&mut self, ev: &Option<Event>) {
+        if matches!(ev, None | Some(Event::Finished(_)) | Some(Event::Failed(_))) {
+            self.done = true;
+        }
+    }
+
+    /// Collects everything until the end (blocking).
+    pub fn collect_blocking(mut self) -> Result<Output, String> {
+        let mut out = Output::default();
+        while let Some(ev) = self.next_blocking() {
+            match ev {
+                Event::Chunk(c) => out.push(c),
+                Event::Finished(f) => {
+                    out.finish = Some(f);
+                    return Ok(out);
+                }
+                Event::Failed(e) => return Err(e),
+            }
+        }
+        Err("the engine stopped before the request finished".into())
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tx.send(Msg::Abort {
+                id: self.id,
+                reason: AbortReason::ClientDisconnected,
+            });
+        }
+    }
+}
+
+/// A whole generation, gathered from its events.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Output {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub logprobs: Vec<TokenInfo>,
+    pub finish: Option<Finish>,
+}
+
+impl Output {
+    pub fn push(&mut self, c: Chunk) {
+        self.token_ids.extend(c.token_ids);
+        self.text.push_str(&c.text);
+        self.logprobs.extend(c.logprobs);
+    }
+}
+
+impl EngineHandle {
+    /// Loads the model of `cfg` and starts the engine thread.
+    pub fn start(cfg: EngineConfig) -> Result<Self, EngineError> {
+        Self::start_with_metrics(cfg, Arc::new(Metrics::new()))
+    }
+
+    /// Like `start`, recording into `metrics` (the server's registry).
+    pub fn start_with_metrics(
+        cfg: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
+        let tokenizer = Tokenizer::from_dir(&cfg.model_path)?;
+        let runner = model::load(&cfg)?;
+        Self::start_with(cfg, tokenizer, runner, metrics)
+    }
+
+    /// Starts the engine thread on an already loaded model.
+    pub fn start_with(
+        cfg: EngineConfig,
+        mut tokenizer: Tokenizer,
+        runner: Box<dyn ModelRunner>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
+        if let Some(t) = &cfg.chat_template {
+            tokenizer.set_chat_template(t.clone());
+        }
+        let model_config = runner.config().clone();
+        let (pages, page_size) = runner.kv_pages();
+        let context_length = cfg
+            .context_length
+            .unwrap_or(model_config.max_position_embeddings)
+            .min(pages * page_size);
+        let info = EngineInfo {
+            backend: runner.backend_name(),
+            context_length,
+            kv_capacity_tokens: pages * page_size,
+            kv_bytes_per_token: runner.kv_bytes_per_token(),
+            page_size,
+            weight_bytes: runner.weight_bytes(),
+            model_config,
+            engine_config: cfg.clone(),
+        };
+        metrics
+            .kv_cache_size_bytes
+            .set((info.kv_capacity_tokens * info.kv_bytes_per_token) as i64);
+        metrics
+            .memory_usage_bytes
+            .with_label_values(&["weights"])
+            .set(info.weight_bytes as i64);
+        metrics
+            .memory_usage_bytes
+            .with_label_values(&["kv_cache"])
+            .set((info.kv_capacity_tokens * info.kv_bytes_per_token) as i64);
+        let shared = Arc::new(Shared {
+            tokenizer: Arc::new(tokenizer),
+            info,
+            stats: EngineStats::default(),
+            metrics,
+            next_id: AtomicU64::new(1),
+            stopped: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            max_queued: cfg.max_queued_requests,
+        });
+        let (tx, rx) = mpsc::channel();
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_running: cfg.max_running_requests,
+                chunked_prefill_size: cfg.chunked_prefill_size,
+                enable_radix_cache: cfg.enable_radix_cache,
+            },
+            PagePool::new(pages, page_size),
+        );
+        let mut engine = worker::EngineLoop::new(rx, runner, shared.clone(), scheduler);
+        std::thread::Builder::new()
+            .name("sglang-engine".into())
+            .spawn(move || engine.run())
+            .map_err(EngineError::Thread)?;
+        Ok(Self { tx, shared })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.shared.tokenizer
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.shared.info
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// Drops the radix prefix cache; resolves to the number of pages it held.
+    pub fn flush_cache(&self) -> tokio::sync::oneshot::Receiver<usize> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Msg::FlushCache { reply });
+        rx
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Stop admitting new requests (SIGTERM); running ones go on.
+    pub fn set_draining(&self, on: bool) {
+        self.shared.draining.store(on, Ordering::Release);
+    }
+
+    /// Requests waiting or running.
+    pub fn in_flight(&self) -> usize {
+        self.shared.stats.running.load(Ordering::Relaxed)
+            + self.shared.stats.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request against the model and the engine's limits, without submitting it.
+    pub fn validate(&self, req: &GenerateRequest) -> Result<(), ParamError> {
+        let info = &self.shared.info;
+        let vocab = info.model_config.vocab_size;
+        if req.input_ids.is_empty() {
+            return Err(ParamError::new("input_ids", "the prompt is empty"));
+        }
+        if let Some(&id) = req.input_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ParamError::new(
+                "input_ids",
+                format!("token id {id} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        if req.input_ids.len() >= info.context_length {
+            return Err(ParamError::new(
+                "input_ids",
+                format!(
+                    "the prompt has {} tokens; the context length is {} (prompt + at least one new token)",
+                    req.input_ids.len(),
+                    info.context_length
+                ),
+            ));
+        }
+        req.params.validate(vocab)?;
+        if req.top_logprobs_num > MAX_TOP_LOGPROBS {
+            return Err(ParamError::new(
+                "top_logprobs_num",
+                format!(
+                    "must be <= {MAX_TOP_LOGPROBS}, got {}",
+                    req.top_logprobs_num
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates and queues a request.
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
+        if self.is_stopped() {
+            return Err(SubmitError::Stopped);
+        }
+        if self.shared.draining.load(Ordering::Acquire) {
+            return Err(SubmitError::Draining);
+        }
+        self.validate(&req)?;
+        if let Some(max) = self.shared.max_queued {
+            let waiting = self.shared.stats.waiting.load(Ordering::Relaxed);
+            if waiting >= max {
+                return Err(SubmitError::QueueFull(waiting));
+            }
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (etx, erx) = tmpsc::unbounded_channel();
+        // counted as waiting at once, so a burst cannot overrun the queue limit
+        self.shared.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Msg::Submit {
+                id,
+                req: Box::new(req),
+                tx: etx,
+                submitted: Instant::now(),
+            })
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(RequestStream {
+            id,
+            rx: erx,
+            tx: self.tx.clone(),
+            done: false,
+        })
+    }
+
+    /// Cancels a request (from any thread); its stream ends with an `Abort` finish.
+    pub fn abort(&self, id: u64) {
+        self.abort_with(id, AbortReason::Requested);
+    }
+
+    pub fn abort_with(&self, id: u64, reason: AbortReason) {
+        let _ = self.tx.send(Msg::Abort { id, reason });
+    }
+
+    /// Stops the engine thread: in-flight requests end with an `Abort` finish.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Shutdown);
+    }
+
+    /// Convenience: tokenize `text`, generate, and gather the result (blocking).
+    pub fn generate_text(&self, text: &str, params: SamplingParams) -> Result<Output, String> {
+        let ids = self
+            .shared
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| e.to_string())?;
+        let stream = self
+            .submit(GenerateRequest {
+                input_ids: ids,
+                params,
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        stream.collect_blocking()
+    }
+}

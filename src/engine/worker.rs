@@ -1,0 +1,450 @@
+//! The engine thread: owns the model, the scheduler (KV pool, radix cache) and each request's
+//! sampling and detokenization state. See the module above for the message protocol.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc as tmpsc;
+
+use super::{
+    AbortReason, Chunk, Event, Finish, FinishReason, GenerateRequest, Matched, Msg, Shared,
+    TokenInfo, Usage,
+};
+use crate::backend::StepBatch;
+use crate::model::ModelRunner;
+use crate::sampling::{Sampled, Sampler, SamplerState, SamplingParams, StopCheck, StopMatcher};
+use crate::scheduler::{Scheduler, Seq};
+use crate::tokenizer::IncrementalDecoder;
+
+/// Per-request state the engine thread keeps besides the scheduler's token list.
+struct ReqState {
+    params: SamplingParams,
+    sampler: SamplerState,
+    detok: IncrementalDecoder,
+    /// All text so far (before stop trimming) and how much of it was sent.
+    text: String,
+    sent: usize,
+    stop: StopMatcher,
+    stop_ids: Vec<u32>,
+    max_new_tokens: usize,
+    generated: usize,
+    prompt_len: usize,
+    cached_tokens: usize,
+    return_logprob: bool,
+    top_logprobs_num: usize,
+    tx: tmpsc::UnboundedSender<Event>,
+    submitted: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+pub(super) struct EngineLoop {
+    rx: mpsc::Receiver<Msg>,
+    runner: Box<dyn ModelRunner>,
+    shared: Arc<Shared>,
+    sched: Scheduler,
+    reqs: HashMap<u64, ReqState>,
+    batch: StepBatch,
+    sampler: Sampler,
+    /// Set by a shutdown message (or when every handle is gone and nothing is left to do).
+    stop: bool,
+}
+
+impl EngineLoop {
+    pub(super) fn new(
+        rx: mpsc::Receiver<Msg>,
+        runner: Box<dyn ModelRunner>,
+        shared: Arc<Shared>,
+        sched: Scheduler,
+    ) -> Self {
+        Self {
+            rx,
+            runner,
+            shared,
+            sched,
+            reqs: HashMap::new(),
+            batch: StepBatch::default(),
+            sampler: Sampler::new(),
+            stop: false,
+        }
+    }
+
+    pub(super) fn run(&mut self) {
+        tracing::info!("engine thread started");
+        loop {
+            // Block only when there is nothing to do.
+            if self.sched.is_idle() && !self.stop {
+                match self.rx.recv() {
+                    Ok(msg) => self.handle(msg),
+                    Err(_) => self.stop = true,
+                }
+            }
+            self.drain_messages();
+            if self.stop {
+                break;
+            }
+            if !self.sched.is_idle() {
+                self.step();
+            }
+        }
+        let ids: Vec<u64> = self.reqs.keys().copied().collect();
+        for id in ids {
+            self.abort(id, AbortReason::Shutdown);
+        }
+        self.shared.stopped.store(true, Ordering::Release);
+        tracing::info!("engine thread stopped");
+    }
+
+    /// Handles every message already waiting; sets `stop` on shutdown, or when every handle
+    /// is gone and nothing is left to do.
+    fn drain_messages(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(msg) => self.handle(msg),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if self.sched.is_idle() {
+                        self.stop = true;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Submit {
+                id,
+                req,
+                tx,
+                submitted,
+            } => self.admit(id, *req, tx, submitted),
+            Msg::Abort { id, reason } => self.abort(id, reason),
+            Msg::FlushCache { reply } => {
+                let pages = self.sched.radix().map_or(0, |r| r.cached_pages());
+                self.sched.flush_cache();
+                self.publish_stats();
+                let _ = reply.send(pages);
+            }
+            Msg::Shutdown => self.stop = true,
+        }
+    }
+
+    fn admit(
+        &mut self,
+        id: u64,
+        req: GenerateRequest,
+        tx: tmpsc::UnboundedSender<Event>,
+        submitted: Instant,
+    ) {
+        let info = &self.shared.info;
+        let prompt_len = req.input_ids.len();
+        // The context length and the pool bound the output (finish reason "length").
+        let room = info.context_length.saturating_sub(prompt_len);
+        let max_new_tokens = req.params.max_new_tokens.min(room);
+        let mut stop_ids = req.params.stop_token_ids.clone();
+        if !req.params.ignore_eos {
+            stop_ids.extend(&info.model_config.eos_token_ids);
+        }
+        let state = ReqState {
+            sampler: SamplerState::new(&req.params, &req.input_ids),
+            detok: IncrementalDecoder::new(req.params.skip_special_tokens),
+            text: String::new(),
+            sent: 0,
+            stop: StopMatcher::new(&req.params.stop),
+            stop_ids,
+            max_new_tokens,
+            generated: 0,
+            prompt_len,
+            cached_tokens: 0,
+            return_logprob: req.return_logprob,
+            top_logprobs_num: req.top_logprobs_num,
+            tx,
+            submitted,
+            first_token: None,
+            last_token: None,
+            params: req.params,
+        };
+        self.shared
+            .stats
+            .prompt_tokens
+            .fetch_add(prompt_len as u64, Ordering::Relaxed);
+        self.shared
+            .metrics
+            .prompt_tokens_total
+            .inc_by(prompt_len as u64);
+        let zero_budget = state.max_new_tokens == 0;
+        self.reqs.insert(id, state);
+        self.sched.add(Seq::new(id, req.input_ids));
+        if zero_budget {
+            self.finish(id, FinishReason::Length);
+        }
+        self.publish_stats();
+    }
+
+    fn abort(&mut self, id: u64, reason: AbortReason) {
+        if self.reqs.contains_key(&id) {
+            self.shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .metrics
+                .aborted_requests_total
+                .with_label_values(&[reason.label()])
+                .inc();
+            self.finish(id, FinishReason::Abort(reason.label().into()));
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.shared.stats;
+        let m = &self.shared.metrics;
+        let pool = self.sched.pool();
+        let ps = pool.page_size();
+        let evictable = self.sched.evictable_tokens();
+        let free = pool.free_pages() * ps;
+        let used = pool.used_pages() * ps - evictable;
+        s.running.store(self.sched.num_running(), Ordering::Relaxed);
+        s.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
+        s.kv_used_tokens.store(used, Ordering::Relaxed);
+        s.kv_evictable_tokens.store(evictable, Ordering::Relaxed);
+        s.kv_available_tokens
+            .store(free + evictable, Ordering::Relaxed);
+        m.num_running_requests.set(self.sched.num_running() as i64);
+        m.request_queue_length.set(self.sched.num_waiting() as i64);
+        m.kv_cache_used_tokens.set(used as i64);
+        m.kv_cache_evictable_tokens.set(evictable as i64);
+        m.kv_cache_available_tokens.set((free + evictable) as i64);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        s.heartbeat_unix_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        if !plan.retracted.is_empty() {
+            tracing::debug!(
+                "KV pool full: retracted {} request(s)",
+                plan.retracted.len()
+            );
+            self.shared
+                .stats
+                .retractions
+                .fetch_add(plan.retracted.len() as u64, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        for &(id, cached) in &plan.admitted {
+            if let Some(r) = self.reqs.get_mut(&id) {
+                r.cached_tokens = cached;
+                let m = &self.shared.metrics;
+                m.queue_time_seconds
+                    .observe(now.duration_since(r.submitted).as_secs_f64());
+                m.cache_hits_total.inc_by(cached as u64);
+                m.cache_misses_total.inc_by((r.prompt_len - cached) as u64);
+            }
+        }
+        if plan.is_empty() {
+            // Nothing fits (cannot happen while one request alone fits the pool); avoid a spin.
+            std::thread::yield_now();
+            return;
+        }
+        self.sched.fill_batch(&plan, &mut self.batch);
+        let runner = &mut self.runner;
+        let batch = &self.batch;
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            runner.forward(batch).map(|l| l.into_owned())
+        }));
+        let nanos = started.elapsed().as_nanos() as u64;
+        let stats = &self.shared.stats;
+        stats.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if plan.items.iter().all(|i| i.len == 1) {
+            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            stats
+                .decode_forward_nanos
+                .fetch_add(nanos, Ordering::Relaxed);
+        }
+        let logits = match result {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                tracing::error!("forward step failed: {e}");
+                self.fail_items(&plan, &format!("model error: {e}"));
+                return;
+            }
+            Err(_) => {
+                tracing::error!("forward step panicked");
+                self.fail_items(&plan, "internal error in the model step");
+                return;
+            }
+        };
+        self.sched.step_done(&plan);
+        self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let vocab = self.runner.config().vocab_size;
+        let mut row = 0;
+        for item in &plan.items {
+            let rows = if item.all_logits {
+                item.len
+            } else {
+                usize::from(item.sample)
+            };
+            let this = row + rows.saturating_sub(1);
+            row += rows;
+            if !item.sample {
+                continue;
+            }
+            let l = &logits[this * vocab..(this + 1) * vocab];
+            self.on_logits(item.id, l);
+        }
+        self.publish_stats();
+    }
+
+    fn fail_items(&mut self, plan: &crate::scheduler::Plan, msg: &str) {
+        for item in &plan.items {
+            if let Some(r) = self.reqs.remove(&item.id) {
+                let _ = r.tx.send(Event::Failed(msg.to_string()));
+            }
+            self.sched.remove(item.id);
+        }
+        self.publish_stats();
+    }
+
+    fn on_logits(&mut self, id: u64, logits: &[f32]) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let banned: &[u32] = if r.generated < r.params.min_new_tokens {
+            &r.stop_ids
+        } else {
+            &[]
+        };
+        let Sampled {
+            token_id,
+            logprob,
+            top_logprobs,
+        } = self.sampler.sample(
+            logits,
+            &r.params,
+            &mut r.sampler,
+            r.top_logprobs_num,
+            r.return_logprob,
+            banned,
+        );
+        r.sampler.observe(&r.params, token_id);
+        r.generated += 1;
+        let now = Instant::now();
+        let m = &self.shared.metrics;
+        match r.last_token {
+            None => {
+                r.first_token = Some(now);
+                m.time_to_first_token_seconds
+                    .observe(now.duration_since(r.submitted).as_secs_f64());
+            }
+            Some(prev) => m
+                .inter_token_latency_seconds
+                .observe(now.duration_since(prev).as_secs_f64()),
+        }
+        r.last_token = Some(now);
+        m.generation_tokens_total.inc();
+        self.shared
+            .stats
+            .generated_tokens
+            .fetch_add(1, Ordering::Relaxed);
+        self.sched.push_token(id, token_id);
+
+        let tok = &self.shared.tokenizer;
+        let mut finish = None;
+        let mut text_end;
+        let stop_token = r.stop_ids.contains(&token_id);
+        if stop_token {
+            // The stop token's own text is not part of the output.
+            if let Ok(rest) = r.detok.finish(tok) {
+                r.text.push_str(&rest);
+            }
+            text_end = r.text.len();
+            finish = Some(FinishReason::Stop(Matched::Token(token_id)));
+        } else {
+            let before = r.text.len();
+            match r.detok.push(tok, token_id) {
+                Ok(delta) => r.text.push_str(&delta),
+                Err(e) => tracing::warn!("detokenization failed: {e}"),
+            }
+            let at_limit = r.generated >= r.max_new_tokens;
+            if at_limit {
+                if let Ok(rest) = r.detok.finish(tok) {
+                    r.text.push_str(&rest);
+                }
+            }
+            match r.stop.check(&r.text, before) {
+                StopCheck::Stop { at, matched } => {
+                    text_end = if r.params.no_stop_trim {
+                        at + matched.len()
+                    } else {
+                        at
+                    };
+                    finish = Some(FinishReason::Stop(Matched::Text(matched)));
+                }
+                StopCheck::Continue { safe_len } => {
+                    text_end = safe_len;
+                    if at_limit {
+                        text_end = r.text.len();
+                        finish = Some(FinishReason::Length);
+                    }
+                }
+            }
+        }
+        text_end = text_end.max(r.sent);
+        let text = r.text[r.sent..text_end].to_string();
+        r.sent = text_end;
+        let logprobs = if r.return_logprob || r.top_logprobs_num > 0 {
+            vec![TokenInfo {
+                token_id,
+                logprob,
+                top_logprobs,
+            }]
+        } else {
+            Vec::new()
+        };
+        let sent = r.tx.send(Event::Chunk(Chunk {
+            token_ids: vec![token_id],
+            text,
+            logprobs,
+        }));
+        if sent.is_err() {
+            // The receiver is gone. Whoever dropped it may have said why just before (a
+            // timeout, an explicit abort): apply waiting messages first so the reason counts.
+            self.drain_messages();
+            self.abort(id, AbortReason::ClientDisconnected);
+            return;
+        }
+        if let Some(reason) = finish {
+            self.finish(id, reason);
+        }
+    }
+
+    /// Ends a request: frees its pages and sends the final event.
+    fn finish(&mut self, id: u64, reason: FinishReason) {
+        self.sched.remove(id);
+        let Some(r) = self.reqs.remove(&id) else {
+            return;
+        };
+        self.shared.stats.finished.fetch_add(1, Ordering::Relaxed);
+        let finish = Finish {
+            reason,
+            usage: Usage {
+                prompt_tokens: r.prompt_len,
+                completion_tokens: r.generated,
+                cached_tokens: r.cached_tokens,
+            },
+            time_to_first_token: r
+                .first_token
+                .map(|t| t.duration_since(r.submitted).as_secs_f64()),
+        };
+        // stats first: a caller that sees the finish also sees the pages returned
+        self.publish_stats();
+        let _ = r.tx.send(Event::Finished(finish));
+    }
+}

@@ -1,0 +1,250 @@
+//! Prometheus metrics, with the names of ARCHITECTURE.md (`sglang_` prefix, token-counted so
+//! rates can be computed). One registry per engine; the engine thread updates the engine
+//! metrics, the HTTP server the request metrics, and `/metrics` renders the registry.
+//!
+//! Histogram buckets span LLM latencies: milliseconds (inter-token) to minutes (long requests).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Request, TTFT and queue latencies: 5 ms to 10 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+/// Inter-token latency: 1 ms to 5 s.
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: Histogram,
+    pub time_to_first_token_seconds: Histogram,
+    pub inter_token_latency_seconds: Histogram,
+    pub queue_time_seconds: Histogram,
+    pub prompt_tokens_total: IntCounter,
+    pub generation_tokens_total: IntCounter,
+    pub cache_hits_total: IntCounter,
+    pub cache_misses_total: IntCounter,
+    pub request_queue_length: IntGauge,
+    pub num_running_requests: IntGauge,
+    pub kv_cache_size_bytes: IntGauge,
+    pub kv_cache_used_tokens: IntGauge,
+    pub kv_cache_evictable_tokens: IntGauge,
+    pub kv_cache_available_tokens: IntGauge,
+    pub memory_usage_bytes: IntGaugeVec,
+    pub aborted_requests_total: IntCounterVec,
+    pub cuda_graph_replays_total: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid histogram");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("unique metric");
+    h
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid counter");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("unique metric");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid gauge");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "sglang_requests_total",
+                "HTTP requests by endpoint and status code",
+            ),
+            &["endpoint", "status"],
+        )
+        .expect("valid counter");
+        r.register(Box::new(requests_total.clone()))
+            .expect("unique metric");
+        let memory_usage_bytes = IntGaugeVec::new(
+            Opts::new(
+                "sglang_memory_usage_bytes",
+                "Memory in use by kind: weights, kv_cache, resident (process RSS)",
+            ),
+            &["kind"],
+        )
+        .expect("valid gauge");
+        r.register(Box::new(memory_usage_bytes.clone()))
+            .expect("unique metric");
+        let aborted_requests_total = IntCounterVec::new(
+            Opts::new(
+                "sglang_aborted_requests_total",
+                "Requests ended before completion, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid counter");
+        r.register(Box::new(aborted_requests_total.clone()))
+            .expect("unique metric");
+        Self {
+            request_duration_seconds: histogram(
+                &r,
+                "sglang_request_duration_seconds",
+                "End-to-end request latency",
+                LATENCY_BUCKETS,
+            ),
+            time_to_first_token_seconds: histogram(
+                &r,
+                "sglang_time_to_first_token_seconds",
+                "Time from arrival to the first generated token",
+                LATENCY_BUCKETS,
+            ),
+            inter_token_latency_seconds: histogram(
+                &r,
+                "sglang_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of a request",
+                ITL_BUCKETS,
+            ),
+            queue_time_seconds: histogram(
+                &r,
+                "sglang_queue_time_seconds",
+                "Time from arrival to first admission into the running batch",
+                LATENCY_BUCKETS,
+            ),
+            prompt_tokens_total: counter(
+                &r,
+                "sglang_prompt_tokens_total",
+                "Prompt tokens of admitted requests",
+            ),
+            generation_tokens_total: counter(
+                &r,
+                "sglang_generation_tokens_total",
+                "Generated tokens",
+            ),
+            cache_hits_total: counter(
+                &r,
+                "sglang_cache_hits_total",
+                "Prompt tokens served from the radix prefix cache",
+            ),
+            cache_misses_total: counter(
+                &r,
+                "sglang_cache_misses_total",
+                "Prompt tokens not found in the radix prefix cache",
+            ),
+            request_queue_length: gauge(
+                &r,
+                "sglang_request_queue_length",
+                "Requests waiting for admission",
+            ),
+            num_running_requests: gauge(
+                &r,
+                "sglang_num_running_requests",
+                "Requests in the running batch",
+            ),
+            kv_cache_size_bytes: gauge(
+                &r,
+                "sglang_kv_cache_size_bytes",
+                "Bytes of the KV cache pool",
+            ),
+            kv_cache_used_tokens: gauge(
+                &r,
+                "sglang_kv_cache_used_tokens",
+                "KV slots held by running requests",
+            ),
+            kv_cache_evictable_tokens: gauge(
+                &r,
+                "sglang_kv_cache_evictable_tokens",
+                "KV slots held only by the prefix cache (reclaimable)",
+            ),
+            kv_cache_available_tokens: gauge(
+                &r,
+                "sglang_kv_cache_available_tokens",
+                "KV slots free or reclaimable",
+            ),
+            cuda_graph_replays_total: counter(
+                &r,
+                "sglang_cuda_graph_replays_total",
+                "Decode steps replayed from a captured CUDA graph",
+            ),
+            requests_total,
+            memory_usage_bytes,
+            aborted_requests_total,
+            registry: r,
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_architecture_name_is_exported() {
+        let m = Metrics::new();
+        m.requests_total
+            .with_label_values(&["/generate", "200"])
+            .inc();
+        m.aborted_requests_total
+            .with_label_values(&["client_disconnected"])
+            .inc();
+        m.memory_usage_bytes.with_label_values(&["weights"]).set(1);
+        let text = m.render();
+        for name in [
+            "sglang_requests_total",
+            "sglang_request_duration_seconds",
+            "sglang_time_to_first_token_seconds",
+            "sglang_inter_token_latency_seconds",
+            "sglang_queue_time_seconds",
+            "sglang_prompt_tokens_total",
+            "sglang_generation_tokens_total",
+            "sglang_cache_hits_total",
+            "sglang_cache_misses_total",
+            "sglang_request_queue_length",
+            "sglang_num_running_requests",
+            "sglang_kv_cache_size_bytes",
+            "sglang_kv_cache_used_tokens",
+            "sglang_kv_cache_evictable_tokens",
+            "sglang_kv_cache_available_tokens",
+            "sglang_memory_usage_bytes",
+            "sglang_aborted_requests_total",
+            "sglang_cuda_graph_replays_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+    }
+}
