@@ -55,6 +55,30 @@ pub struct EngineArgs {
     /// Seed of --load-format dummy weights.
     #[arg(long, env = "SGLANG_DUMMY_SEED", default_value_t = 0)]
     pub dummy_seed: u64,
+
+    /// Turn the radix prefix cache off (it is on by default; SGLANG_ENABLE_RADIX_CACHE=false
+    /// does the same).
+    #[arg(long)]
+    pub disable_radix_cache: bool,
+
+    /// A Jinja chat template file that replaces the model's own.
+    #[arg(long, env = "SGLANG_CHAT_TEMPLATE")]
+    pub chat_template: Option<PathBuf>,
+}
+
+/// Reads a boolean environment variable; a value that is not a boolean is an error naming it.
+fn env_bool(name: &str) -> Result<Option<bool>, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" => Ok(Some(false)),
+            "" => Ok(None),
+            _ => Err(format!(
+                "invalid environment variable `{name}`: {v:?} is not a boolean (true or false)"
+            )),
+        },
+    }
 }
 
 impl EngineArgs {
@@ -70,6 +94,18 @@ impl EngineArgs {
         c.context_length = self.context_length;
         c.num_threads = self.threads;
         c.dummy_seed = self.dummy_seed;
+        // the flag wins over the variable
+        c.enable_radix_cache =
+            !self.disable_radix_cache && env_bool("SGLANG_ENABLE_RADIX_CACHE")?.unwrap_or(true);
+        if let Some(path) = &self.chat_template {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "invalid option `chat-template`: cannot read {}: {e}",
+                    path.display()
+                )
+            })?;
+            c.chat_template = Some(text);
+        }
         c.validate().map_err(|e| e.to_string())?;
         if !c.model_path.join("config.json").exists() {
             return Err(format!(
@@ -78,6 +114,102 @@ impl EngineArgs {
             ));
         }
         Ok(c)
+    }
+}
+
+/// Options of the HTTP server (`sglang-server [serve]`).
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "SGLANG_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on.
+    #[arg(long, env = "SGLANG_PORT", default_value_t = 30000)]
+    pub port: u16,
+
+    /// Bearer key required by the inference routes (never printed).
+    #[arg(long, env = "SGLANG_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Bearer key required by /flush_cache, /config, /get_server_info and /admin/* (never
+    /// printed). Without it those routes take --api-key.
+    #[arg(long, env = "SGLANG_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+
+    /// Requests allowed to wait for admission; beyond, 429 with Retry-After (default: no limit).
+    #[arg(long, env = "SGLANG_MAX_QUEUED_REQUESTS")]
+    pub max_queued_requests: Option<usize>,
+
+    /// Model name reported by /v1/models and in responses (default: the directory name).
+    #[arg(long, env = "SGLANG_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Seconds a request may take before it is aborted (default: no limit).
+    #[arg(long, env = "SGLANG_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<f64>,
+
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SGLANG_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+
+    /// Seconds /health_generate waits for its one-token generation.
+    #[arg(long, env = "SGLANG_HEALTH_GENERATE_TIMEOUT", default_value_t = 20.0)]
+    pub health_generate_timeout: f64,
+
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, env = "SGLANG_MAX_REQUEST_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, env = "SGLANG_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl ServerArgs {
+    /// Checks the server's own options; the error names the option.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "invalid option `{name}`: {v} must be a positive number of seconds"
+                ))
+            }
+        };
+        if let Some(t) = self.request_timeout {
+            positive("request-timeout", t)?;
+        }
+        positive("shutdown-timeout", self.shutdown_timeout)?;
+        positive("health-generate-timeout", self.health_generate_timeout)?;
+        if self.max_request_bytes < 1024 {
+            return Err(format!(
+                "invalid option `max-request-bytes`: {} must be at least 1024",
+                self.max_request_bytes
+            ));
+        }
+        if self.max_queued_requests == Some(0) {
+            return Err("invalid option `max-queued-requests`: must be >= 1".into());
+        }
+        for (name, key) in [
+            ("api-key", &self.api_key),
+            ("admin-api-key", &self.admin_api_key),
+        ] {
+            if key.as_deref() == Some("") {
+                return Err(format!("invalid option `{name}`: the key is empty"));
+            }
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
+            return Err(format!(
+                "invalid option `log-level`: {:?} (error, warn, info, debug, trace)",
+                self.log_level
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,240 @@
+//! Health: `/health` answers from probe results cached by a background task (it never runs the
+//! model), `/health_generate` pushes a one-token generation through the scheduler (the
+//! readiness probe), `/metrics` renders the Prometheus registry.
+//!
+//! The seed's JSON shape is kept (`status`, `timestamp`, `uptime`, `version`, `checks`: basic,
+//! memory, gpu, model, performance), with two of its mistakes corrected: its model check ran
+//! an inference on every call, and it reported a missing GPU as a critical failure even for a
+//! server that runs on the CPU by design. Status: `starting`, `draining` and `unhealthy`
+//! answer 503; `healthy` and `degraded` answer 200.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use parking_lot::RwLock;
+use serde_json::{json, Value};
+use sglang::engine::{EngineHandle, GenerateRequest};
+use sglang::sampling::SamplingParams;
+
+use crate::http::{full, json_response, AppState, Body};
+
+/// How often the probes run.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// An engine with work that has not completed a loop iteration for this long is stalled.
+const STALL_AFTER: Duration = Duration::from_secs(60);
+
+/// The last probe results (`checks` and the status they imply).
+pub struct Health {
+    report: RwLock<(String, Value)>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            report: RwLock::new(("starting".into(), json!({}))),
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// (resident bytes of this process, available system memory, total system memory)
+fn memory() -> (Option<u64>, Option<u64>, Option<u64>) {
+    let page = 4096u64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|p| p * page);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    (rss, field("MemAvailable:"), field("MemTotal:"))
+}
+
+/// Runs every probe once and stores the results.
+pub fn probe(state: &AppState) {
+    let Some(engine) = state.engine.get() else {
+        return;
+    };
+    let stats = engine.stats();
+    let info = engine.info();
+    let (rss, avail, total) = memory();
+    if let Some(rss) = rss {
+        state
+            .metrics
+            .memory_usage_bytes
+            .with_label_values(&["resident"])
+            .set(rss as i64);
+    }
+    let used_fraction = match (avail, total) {
+        (Some(a), Some(t)) if t > 0 => 1.0 - a as f64 / t as f64,
+        _ => 0.0,
+    };
+    let pressure = if used_fraction > 0.95 {
+        "high"
+    } else if used_fraction > 0.8 {
+        "medium"
+    } else {
+        "low"
+    };
+    let in_flight = engine.in_flight();
+    let heartbeat_ms = stats.heartbeat_unix_ms.load(Ordering::Relaxed);
+    let heartbeat_age = if heartbeat_ms == 0 {
+        None
+    } else {
+        Some((unix_now() * 1000.0 - heartbeat_ms as f64).max(0.0) / 1000.0)
+    };
+    let stalled = in_flight > 0 && heartbeat_age.is_some_and(|a| a > STALL_AFTER.as_secs_f64());
+    let alive = !engine.is_stopped();
+    let steps = stats.steps.load(Ordering::Relaxed);
+    let forward = stats.forward_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    let hist = &state.metrics.request_duration_seconds;
+    let (count, sum) = (hist.get_sample_count(), hist.get_sample_sum());
+    let checks = json!({
+        "basic": {
+            "server_responsive": true,
+            "engine_running": alive,
+            "engine_stalled": stalled,
+            "engine_heartbeat_age_seconds": heartbeat_age,
+        },
+        "memory": {
+            "process_resident_bytes": rss,
+            "system_available_bytes": avail,
+            "system_total_bytes": total,
+            "weights_bytes": info.weight_bytes,
+            "kv_cache_bytes": info.kv_capacity_tokens * info.kv_bytes_per_token,
+            "kv_cache_used_tokens": stats.kv_used_tokens.load(Ordering::Relaxed),
+            "kv_cache_available_tokens": stats.kv_available_tokens.load(Ordering::Relaxed),
+            "memory_pressure": pressure,
+        },
+        "gpu": {
+            "gpu_available": false,
+            "status": "not available",
+            "reason": format!("the {} backend runs without a GPU", info.backend),
+        },
+        "model": {
+            "model_loaded": true,
+            "model_path": info.engine_config.model_path.display().to_string(),
+            "served_model_name": state.served_model_name,
+            "model_size_parameters": info.model_config.num_parameters(),
+            "backend": info.backend,
+        },
+        "performance": {
+            "requests_in_flight": in_flight,
+            "requests_completed": count,
+            "average_latency_ms": if count > 0 { sum / count as f64 * 1000.0 } else { 0.0 },
+            "forward_steps": steps,
+            "average_step_ms": if steps > 0 { forward / steps as f64 * 1000.0 } else { 0.0 },
+            "generated_tokens": stats.generated_tokens.load(Ordering::Relaxed),
+        },
+    });
+    let status = if !alive || stalled {
+        "unhealthy"
+    } else if pressure == "high" {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    *state.health.report.write() = (status.to_string(), checks);
+}
+
+/// Re-runs the probes every `PROBE_INTERVAL` for the life of the server.
+pub fn spawn_prober(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROBE_INTERVAL);
+        loop {
+            tick.tick().await;
+            probe(&state);
+        }
+    });
+}
+
+/// `GET /health`: cached results, never the model.
+pub fn health(state: &Arc<AppState>) -> Response<Body> {
+    let (mut status, checks) = state.health.report.read().clone();
+    if state.engine.get().is_none() {
+        status = "starting".into();
+    }
+    if state.draining.load(Ordering::Acquire) {
+        status = "draining".into();
+    }
+    let code = match status.as_str() {
+        "healthy" | "degraded" => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    json_response(
+        code,
+        &json!({
+            "status": status,
+            "timestamp": unix_now(),
+            "uptime": state.started.elapsed().as_secs_f64(),
+            "version": sglang::VERSION,
+            "checks": checks,
+        }),
+    )
+}
+
+async fn one_token(engine: &EngineHandle) -> Result<(), String> {
+    let ids = engine
+        .tokenizer()
+        .encode("Hello", true)
+        .map_err(|e| e.to_string())?;
+    let req = GenerateRequest {
+        input_ids: ids,
+        params: SamplingParams::greedy(1),
+        ..Default::default()
+    };
+    let mut stream = engine.submit(req).map_err(|e| e.to_string())?;
+    loop {
+        match stream.next().await {
+            Some(sglang::engine::Event::Finished(_)) => return Ok(()),
+            Some(sglang::engine::Event::Failed(e)) => return Err(e),
+            Some(_) => continue,
+            None => return Err("the engine stopped".into()),
+        }
+    }
+}
+
+/// `GET /health_generate`: one token through the scheduler within the time limit.
+pub async fn health_generate(state: &Arc<AppState>) -> Response<Body> {
+    let started = Instant::now();
+    let engine = match state.engine() {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let limit = Duration::from_secs_f64(state.args.health_generate_timeout);
+    let outcome = match tokio::time::timeout(limit, one_token(engine)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no token within {} s", limit.as_secs_f64())),
+    };
+    match outcome {
+        Ok(()) => json_response(
+            StatusCode::OK,
+            &json!({"status": "healthy", "latency_ms": started.elapsed().as_secs_f64() * 1000.0}),
+        ),
+        Err(e) => crate::http::ApiError::unavailable(format!("generation check failed: {e}"))
+            .into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub fn metrics(state: &Arc<AppState>) -> Response<Body> {
+    let mut resp = Response::new(full(state.metrics.render()));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,367 @@
+//! The HTTP front: hyper 1 over HTTP/1.1. One function (`handle`) routes every request,
+//! checks its key, reads its body under the size limit, calls the route's handler, and turns
+//! the outcome into a response, a `sglang_requests_total` count and, for inference routes, one
+//! log line. Handlers live by API: `native` (SGLang), `openai`, `admin` (tokenizer, info,
+//! cache), and `crate::health`.
+
+mod admin;
+pub mod error;
+mod jobs;
+mod native;
+mod openai;
+mod sse;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use sglang::engine::EngineHandle;
+use sglang::metrics::Metrics;
+
+use crate::args::ServerArgs;
+use crate::health::Health;
+pub use error::ApiError;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    pub args: ServerArgs,
+    /// Set once the model is loaded; until then inference routes answer 503.
+    pub engine: OnceLock<EngineHandle>,
+    pub metrics: Arc<Metrics>,
+    pub health: Health,
+    pub served_model_name: String,
+    pub started: Instant,
+    pub draining: AtomicBool,
+    /// Inference requests whose response is not finished yet (drained on shutdown).
+    pub active: AtomicUsize,
+}
+
+impl AppState {
+    /// The engine, or 503 while starting or draining.
+    pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        self.engine
+            .get()
+            .ok_or_else(|| ApiError::unavailable("the server is starting: the model is loading"))
+    }
+}
+
+/// Keeps `AppState::active` up while an inference response is being produced.
+pub struct ActiveGuard(Arc<AppState>);
+
+impl ActiveGuard {
+    pub fn new(state: &Arc<AppState>) -> Self {
+        state.active.fetch_add(1, Ordering::AcqRel);
+        Self(state.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Probes and scrapers.
+    Open,
+    /// `--api-key`.
+    Inference,
+    /// `--admin-api-key` (or `--api-key` when there is no admin key).
+    Admin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Generate,
+    Completions,
+    ChatCompletions,
+    Models,
+    Tokenize,
+    Detokenize,
+    ModelInfo,
+    ServerInfo,
+    Config,
+    FlushCache,
+    Health,
+    HealthGenerate,
+    Metrics,
+}
+
+impl Route {
+    /// The route for a path and the methods it takes.
+    fn find(path: &str) -> Option<(Route, &'static [Method])> {
+        const GET: &[Method] = &[Method::GET];
+        const POST: &[Method] = &[Method::POST];
+        const BOTH: &[Method] = &[Method::GET, Method::POST];
+        Some(match path {
+            "/generate" => (Route::Generate, POST),
+            "/v1/completions" => (Route::Completions, POST),
+            "/v1/chat/completions" => (Route::ChatCompletions, POST),
+            "/v1/models" => (Route::Models, GET),
+            "/tokenize" => (Route::Tokenize, POST),
+            "/detokenize" => (Route::Detokenize, POST),
+            "/get_model_info" => (Route::ModelInfo, GET),
+            "/get_server_info" => (Route::ServerInfo, GET),
+            "/config" => (Route::Config, GET),
+            "/flush_cache" => (Route::FlushCache, BOTH),
+            "/health" => (Route::Health, GET),
+            "/health_generate" => (Route::HealthGenerate, GET),
+            "/metrics" => (Route::Metrics, GET),
+            _ => return None,
+        })
+    }
+
+    fn access(self) -> Access {
+        match self {
+            Route::Health | Route::HealthGenerate | Route::Metrics => Access::Open,
+            Route::ServerInfo | Route::Config | Route::FlushCache => Access::Admin,
+            _ => Access::Inference,
+        }
+    }
+
+    /// Routes that run the model: counted as in flight and logged per request.
+    fn is_inference(self) -> bool {
+        matches!(
+            self,
+            Route::Generate | Route::Completions | Route::ChatCompletions
+        )
+    }
+}
+
+/// Constant-time comparison, so response timing does not reveal how much of a key matched.
+fn keys_match(given: &[u8], want: &[u8]) -> bool {
+    if given.len() != want.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(want)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+fn authorized(state: &AppState, access: Access, req: &Request<Incoming>) -> bool {
+    let key = match access {
+        Access::Open => return true,
+        Access::Inference => state.args.api_key.as_deref(),
+        Access::Admin => state
+            .args
+            .admin_api_key
+            .as_deref()
+            .or(state.args.api_key.as_deref()),
+    };
+    let Some(key) = key else { return true };
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .unwrap_or("");
+    keys_match(given.trim().as_bytes(), key.as_bytes())
+}
+
+/// Reads the whole body, refusing (413) one over `limit` bytes.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    if let Some(len) = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(ApiError::too_large(limit));
+        }
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(
+            "body",
+            format!("cannot read the body: {e}"),
+        )),
+    }
+}
+
+/// Parses a JSON body into `T`; errors name the field path.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::bad_request(
+            "body",
+            "the request body is empty (JSON expected)",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(error::json_error)
+}
+
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub fn ok_json(value: &serde_json::Value) -> Response<Body> {
+    json_response(StatusCode::OK, value)
+}
+
+/// Serves one HTTP request.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let Some((route, methods)) = Route::find(&path) else {
+        state
+            .metrics
+            .requests_total
+            .with_label_values(&["other", "404"])
+            .inc();
+        return Ok(ApiError::not_found(&path).into_response());
+    };
+    let outcome = dispatch(&state, route, methods, req).await;
+    let resp = outcome.unwrap_or_else(ApiError::into_response);
+    let status = resp.status();
+    state
+        .metrics
+        .requests_total
+        .with_label_values(&[path.as_str(), status.as_str()])
+        .inc();
+    if route.is_inference() {
+        state
+            .metrics
+            .request_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if !status.is_success() {
+            tracing::info!(target: "sglang::request", endpoint = %path, %method, status = status.as_u16(), total_ms = started.elapsed().as_millis() as u64, "request refused");
+        }
+    }
+    Ok(resp)
+}
+
+async fn dispatch(
+    state: &Arc<AppState>,
+    route: Route,
+    methods: &[Method],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if !methods.contains(req.method()) {
+        return Err(ApiError::method_not_allowed(
+            req.method().as_str(),
+            req.uri().path(),
+        ));
+    }
+    if !authorized(state, route.access(), &req) {
+        return Err(ApiError::unauthorized());
+    }
+    match route {
+        Route::Health => return Ok(crate::health::health(state)),
+        Route::HealthGenerate => return Ok(crate::health::health_generate(state).await),
+        Route::Metrics => return Ok(crate::health::metrics(state)),
+        _ => {}
+    }
+    let limit = state.args.max_request_bytes;
+    let _active = route.is_inference().then(|| ActiveGuard::new(state));
+    let body = if req.method() == Method::POST {
+        read_body(req, limit).await?
+    } else {
+        Bytes::new()
+    };
+    match route {
+        Route::Generate => native::generate(state, &body).await,
+        Route::Completions => openai::completions(state, &body).await,
+        Route::ChatCompletions => openai::chat_completions(state, &body).await,
+        Route::Models => openai::models(state),
+        Route::Tokenize => admin::tokenize(state, &body),
+        Route::Detokenize => admin::detokenize(state, &body),
+        Route::ModelInfo => admin::model_info(state),
+        Route::ServerInfo => admin::server_info(state),
+        Route::Config => admin::config(state),
+        Route::FlushCache => admin::flush_cache(state).await,
+        Route::Health | Route::HealthGenerate | Route::Metrics => unreachable!("handled above"),
+    }
+}
+
+/// Accepts connections until `stop` resolves; each connection is served on its own task.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_compare_in_full() {
+        assert!(keys_match(b"secret", b"secret"));
+        assert!(!keys_match(b"secreT", b"secret"));
+        assert!(!keys_match(b"secret-longer", b"secret"));
+        assert!(!keys_match(b"", b"secret"));
+    }
+
+    #[test]
+    fn routes_and_their_access() {
+        assert_eq!(
+            Route::find("/v1/chat/completions").unwrap().0.access(),
+            Access::Inference
+        );
+        assert_eq!(
+            Route::find("/flush_cache").unwrap().0.access(),
+            Access::Admin
+        );
+        assert_eq!(Route::find("/metrics").unwrap().0.access(), Access::Open);
+        assert!(Route::find("/nope").is_none());
+    }
+}

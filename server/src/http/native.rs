@@ -1,0 +1,477 @@
+//! SGLang's native `POST /generate`: `text` or `input_ids` (one prompt or a batch),
+//! `sampling_params` (one for all, or one per prompt; `n` for several samples), `stream`,
+//! `return_logprob`, `top_logprobs_num`, `return_text_in_logprobs`, `rid`.
+//!
+//! Responses follow SGLang: `{"text", "output_ids", "meta_info": {"id", "finish_reason",
+//! "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", ...}}`, a list for a
+//! batch; streaming sends the accumulated text in every event, then `data: [DONE]`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::Response;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sglang::engine::{Event, FinishReason, GenerateRequest, Matched, Output, TokenInfo};
+use sglang::sampling::SamplingParams;
+use sglang::tokenizer::Tokenizer;
+
+use super::jobs::{self, StreamFormatter};
+use super::{ok_json, parse_json, ApiError, AppState, Body};
+
+#[derive(Debug, Deserialize)]
+struct GenerateBody {
+    #[serde(default)]
+    text: Option<Value>,
+    #[serde(default)]
+    input_ids: Option<Value>,
+    #[serde(default)]
+    sampling_params: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    return_logprob: Option<Value>,
+    #[serde(default)]
+    top_logprobs_num: Option<Value>,
+    #[serde(default)]
+    return_text_in_logprobs: bool,
+    #[serde(default)]
+    rid: Option<Value>,
+}
+
+/// One prompt's settings after the batch fields are broadcast.
+struct Prompt {
+    ids: Vec<u32>,
+    params: SamplingParams,
+    n: usize,
+    return_logprob: bool,
+    top_logprobs_num: usize,
+    rid: String,
+}
+
+pub fn new_id() -> String {
+    let mut rng = sglang::sampling::Rng::new(sglang::sampling::Rng::entropy_seed());
+    format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+}
+
+/// Token ids from JSON: a list of non-negative integers.
+pub fn parse_ids(v: &Value, field: &str) -> Result<Vec<u32>, ApiError> {
+    let list = v.as_array().ok_or_else(|| {
+        ApiError::bad_request(field, format!("`{field}` must be a list of token ids"))
+    })?;
+    list.iter()
+        .map(|x| {
+            x.as_u64()
+                .filter(|&i| i <= u32::MAX as u64)
+                .map(|i| i as u32)
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        field,
+                        format!("`{field}` must hold non-negative integer token ids, got {x}"),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// `v` as one value or as a list of `count` values (per prompt).
+fn per_prompt<'a>(
+    v: Option<&'a Value>,
+    count: usize,
+    field: &str,
+) -> Result<Vec<Option<&'a Value>>, ApiError> {
+    match v {
+        Some(Value::Array(list)) => {
+            if list.len() != count {
+                return Err(ApiError::bad_request(
+                    field,
+                    format!("`{field}` has {} entries for {count} prompts", list.len()),
+                ));
+            }
+            Ok(list.iter().map(Some).collect())
+        }
+        other => Ok(vec![other; count]),
+    }
+}
+
+/// SGLang's `sampling_params` object (plus `n`), errors prefixed with the field path.
+pub fn parse_sampling(v: Option<&Value>, field: &str) -> Result<(SamplingParams, usize), ApiError> {
+    let Some(v) = v else {
+        return Ok((SamplingParams::default(), 1));
+    };
+    let mut obj = v
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request(field, format!("`{field}` must be an object")))?
+        .clone();
+    let n = match obj.remove("n") {
+        None | Some(Value::Null) => 1,
+        Some(x) => x
+            .as_u64()
+            .filter(|&n| (1..=128).contains(&n))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    &format!("{field}.n"),
+                    format!("`{field}.n` must be an integer from 1 to 128, got {x}"),
+                )
+            })? as usize,
+    };
+    let params: SamplingParams =
+        serde_path_to_error::deserialize(Value::Object(obj)).map_err(|e| {
+            let path = e.path().to_string();
+            let full = if path == "." {
+                field.to_string()
+            } else {
+                format!("{field}.{path}")
+            };
+            ApiError::bad_request(&full, format!("`{full}`: {}", e.into_inner()))
+        })?;
+    Ok((params, n))
+}
+
+fn parse_prompts(tok: &Tokenizer, body: &GenerateBody) -> Result<(Vec<Prompt>, bool), ApiError> {
+    let (ids, batch): (Vec<Vec<u32>>, bool) = match (&body.text, &body.input_ids) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "text",
+                "give either `text` or `input_ids`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "text",
+                "`text` or `input_ids` is required",
+            ))
+        }
+        (Some(Value::String(t)), None) => (vec![encode(tok, t)?], false),
+        (Some(Value::Array(list)), None) => {
+            let texts = list
+                .iter()
+                .map(|t| {
+                    t.as_str().map(|t| encode(tok, t)).unwrap_or_else(|| {
+                        Err(ApiError::bad_request(
+                            "text",
+                            "`text` must be a string or a list of strings",
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (texts, true)
+        }
+        (Some(_), None) => {
+            return Err(ApiError::bad_request(
+                "text",
+                "`text` must be a string or a list of strings",
+            ))
+        }
+        (None, Some(v)) => match v.as_array() {
+            Some(list) if list.first().is_some_and(|x| x.is_array()) => (
+                list.iter()
+                    .map(|x| parse_ids(x, "input_ids"))
+                    .collect::<Result<Vec<_>, _>>()?,
+                true,
+            ),
+            _ => (vec![parse_ids(v, "input_ids")?], false),
+        },
+    };
+    if ids.is_empty() {
+        return Err(ApiError::bad_request("text", "the batch is empty"));
+    }
+    let count = ids.len();
+    let sps = per_prompt(body.sampling_params.as_ref(), count, "sampling_params")?;
+    let lps = per_prompt(body.return_logprob.as_ref(), count, "return_logprob")?;
+    let tops = per_prompt(body.top_logprobs_num.as_ref(), count, "top_logprobs_num")?;
+    let rids = per_prompt(body.rid.as_ref(), count, "rid")?;
+    let mut prompts = Vec::with_capacity(count);
+    for (i, ids) in ids.into_iter().enumerate() {
+        let (params, n) = parse_sampling(sps[i], "sampling_params")?;
+        let return_logprob = match lps[i] {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "return_logprob",
+                    "`return_logprob` must be a boolean",
+                ))
+            }
+        };
+        let top_logprobs_num = match tops[i] {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_u64().ok_or_else(|| {
+                ApiError::bad_request(
+                    "top_logprobs_num",
+                    "`top_logprobs_num` must be a non-negative integer",
+                )
+            })? as usize,
+        };
+        let rid = match rids[i] {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) => new_id(),
+            Some(_) => return Err(ApiError::bad_request("rid", "`rid` must be a string")),
+        };
+        prompts.push(Prompt {
+            ids,
+            params,
+            n,
+            return_logprob,
+            top_logprobs_num,
+            rid,
+        });
+    }
+    Ok((prompts, batch))
+}
+
+fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+    tok.encode(text, true)
+        .map_err(|e| ApiError::bad_request("text", e.to_string()))
+}
+
+/// SGLang's `finish_reason` object.
+pub fn finish_json(reason: &FinishReason, completion_tokens: usize) -> Value {
+    match reason {
+        FinishReason::Stop(Matched::Token(t)) => json!({"type": "stop", "matched": t}),
+        FinishReason::Stop(Matched::Text(s)) => json!({"type": "stop", "matched": s}),
+        FinishReason::Length => json!({"type": "length", "length": completion_tokens}),
+        FinishReason::Abort(m) => json!({"type": "abort", "message": m}),
+    }
+}
+
+fn logprob_entry(tok: &Tokenizer, with_text: bool, lp: f32, id: u32) -> Value {
+    let text = with_text.then(|| tok.decode(&[id], false).unwrap_or_default());
+    json!([lp, id, text])
+}
+
+fn logprobs_json(
+    tok: &Tokenizer,
+    with_text: bool,
+    infos: &[TokenInfo],
+    top: bool,
+) -> (Value, Value) {
+    let chosen = infos
+        .iter()
+        .map(|i| logprob_entry(tok, with_text, i.logprob, i.token_id))
+        .collect();
+    let tops = if top {
+        infos
+            .iter()
+            .map(|i| {
+                Value::Array(
+                    i.top_logprobs
+                        .iter()
+                        .map(|t| logprob_entry(tok, with_text, t.logprob, t.token_id))
+                        .collect(),
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (Value::Array(chosen), Value::Array(tops))
+}
+
+/// The JSON of one generation (final or, while streaming, so far).
+struct OutputView<'a> {
+    tok: &'a Tokenizer,
+    rid: &'a str,
+    prompt_tokens: usize,
+    return_logprob: bool,
+    top: bool,
+    with_text: bool,
+    started: Instant,
+}
+
+impl OutputView<'_> {
+    fn json(&self, out: &Output) -> Value {
+        let (reason, cached) = match &out.finish {
+            Some(f) => (
+                finish_json(&f.reason, f.usage.completion_tokens),
+                f.usage.cached_tokens,
+            ),
+            None => (Value::Null, 0),
+        };
+        let mut meta = json!({
+            "id": self.rid,
+            "finish_reason": reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": out.token_ids.len(),
+            "cached_tokens": cached,
+            "e2e_latency": self.started.elapsed().as_secs_f64(),
+        });
+        if self.return_logprob || self.top {
+            let (chosen, tops) = logprobs_json(self.tok, self.with_text, &out.logprobs, self.top);
+            meta["output_token_logprobs"] = chosen;
+            if self.top {
+                meta["output_top_logprobs"] = tops;
+            }
+        }
+        json!({"text": out.text, "output_ids": out.token_ids, "meta_info": meta})
+    }
+}
+
+struct Job {
+    rid: String,
+    prompt_tokens: usize,
+    return_logprob: bool,
+    top: bool,
+}
+
+pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let engine = state.engine()?;
+    let body: GenerateBody = parse_json(body)?;
+    let tok = engine.tokenizer().clone();
+    let (prompts, batch) = parse_prompts(&tok, &body)?;
+    let mut reqs = Vec::new();
+    let mut jobs = Vec::new();
+    for p in &prompts {
+        for k in 0..p.n {
+            let mut params = p.params.clone();
+            // several samples of one prompt differ even with a seed
+            params.seed = params.seed.map(|s| s.wrapping_add(k as u64));
+            let rid = if p.n > 1 {
+                format!("{}-{k}", p.rid)
+            } else {
+                p.rid.clone()
+            };
+            reqs.push(GenerateRequest {
+                input_ids: p.ids.clone(),
+                params,
+                return_logprob: p.return_logprob,
+                top_logprobs_num: p.top_logprobs_num,
+            });
+            jobs.push(Job {
+                rid,
+                prompt_tokens: p.ids.len(),
+                return_logprob: p.return_logprob,
+                top: p.top_logprobs_num > 0,
+            });
+        }
+    }
+    let streams = jobs::submit_all(engine, reqs)?;
+    let with_text = body.return_text_in_logprobs;
+    let many = batch || jobs.len() > 1;
+    if body.stream {
+        let fmt = NativeStream {
+            tok,
+            jobs,
+            outputs: Vec::new(),
+            with_text,
+            many,
+            started,
+        };
+        return Ok(jobs::stream(state, engine, streams, fmt));
+    }
+    let outputs = jobs::collect_all(state, engine, streams).await?;
+    let mut results: Vec<Value> = Vec::with_capacity(outputs.len());
+    for (job, out) in jobs.iter().zip(&outputs) {
+        let view = OutputView {
+            tok: &tok,
+            rid: &job.rid,
+            prompt_tokens: job.prompt_tokens,
+            return_logprob: job.return_logprob,
+            top: job.top,
+            with_text,
+            started,
+        };
+        results.push(view.json(out));
+    }
+    log_outputs(
+        "/generate",
+        &jobs
+            .iter()
+            .map(|j| (j.rid.as_str(), j.prompt_tokens))
+            .collect::<Vec<_>>(),
+        &outputs,
+        "ok",
+        started,
+    );
+    Ok(ok_json(&if many {
+        Value::Array(results)
+    } else {
+        results.pop().unwrap_or_default()
+    }))
+}
+
+/// One structured log line per request.
+pub fn log_outputs(
+    endpoint: &str,
+    jobs: &[(&str, usize)],
+    outputs: &[Output],
+    status: &str,
+    started: Instant,
+) {
+    let prompt: usize = jobs.iter().map(|j| j.1).sum();
+    let completion: usize = outputs.iter().map(|o| o.token_ids.len()).sum();
+    let cached: usize = outputs
+        .iter()
+        .filter_map(|o| o.finish.as_ref())
+        .map(|f| f.usage.cached_tokens)
+        .sum();
+    let ttft = outputs
+        .iter()
+        .filter_map(|o| o.finish.as_ref()?.time_to_first_token)
+        .fold(f64::NAN, f64::min);
+    let finish: Vec<&str> = outputs
+        .iter()
+        .map(|o| o.finish.as_ref().map_or("none", |f| f.reason.as_str()))
+        .collect();
+    tracing::info!(
+        target: "sglang::request",
+        id = jobs.first().map_or("", |j| j.0),
+        endpoint,
+        prompt_tokens = prompt,
+        completion_tokens = completion,
+        cached_tokens = cached,
+        ttft_ms = if ttft.is_nan() { -1.0 } else { (ttft * 1000.0).round() },
+        total_ms = started.elapsed().as_millis() as u64,
+        status,
+        finish = finish.join(","),
+        "request done"
+    );
+}
+
+struct NativeStream {
+    tok: Arc<Tokenizer>,
+    jobs: Vec<Job>,
+    outputs: Vec<Output>,
+    with_text: bool,
+    many: bool,
+    started: Instant,
+}
+
+impl StreamFormatter for NativeStream {
+    fn event(&mut self, index: usize, event: &Event) -> Vec<String> {
+        if self.outputs.len() < self.jobs.len() {
+            self.outputs.resize(self.jobs.len(), Output::default());
+        }
+        let out = &mut self.outputs[index];
+        match event {
+            Event::Chunk(c) => out.push(c.clone()),
+            Event::Finished(f) => out.finish = Some(f.clone()),
+            Event::Failed(_) => return Vec::new(),
+        }
+        let job = &self.jobs[index];
+        let view = OutputView {
+            tok: &self.tok,
+            rid: &job.rid,
+            prompt_tokens: job.prompt_tokens,
+            return_logprob: job.return_logprob,
+            top: job.top,
+            with_text: self.with_text,
+            started: self.started,
+        };
+        let mut v = view.json(out);
+        if self.many {
+            v["index"] = json!(index);
+        }
+        vec![v.to_string()]
+    }
+
+    fn log(&self, status: &str, started: Instant) {
+        let jobs: Vec<(&str, usize)> = self
+            .jobs
+            .iter()
+            .map(|j| (j.rid.as_str(), j.prompt_tokens))
+            .collect();
+        log_outputs("/generate", &jobs, &self.outputs, status, started);
+    }
+}

@@ -1,0 +1,178 @@
+"""Bad input, keys, health, metrics, start-up and SIGTERM under load."""
+
+import json
+import signal
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Server
+
+BAD = [
+    # (path, raw body, status, field named in the error)
+    ("/generate", "{not json", 400, "body"),
+    ("/generate", "", 400, "body"),
+    ("/generate", json.dumps({"text": "hi", "sampling_params": {"temperature": "hot"}}), 400, "sampling_params.temperature"),
+    ("/generate", json.dumps({"text": "hi", "sampling_params": {"top_p": 1.5}}), 400, "top_p"),
+    ("/generate", json.dumps({"text": "hi", "sampling_params": {"top_k": -7}}), 400, "top_k"),
+    ("/generate", json.dumps({"text": "hi", "sampling_params": {"tempreature": 0.5}}), 400, "sampling_params"),
+    ("/generate", json.dumps({"input_ids": [1, -5]}), 400, "input_ids"),
+    ("/generate", json.dumps({"input_ids": [1, 999999]}), 400, "input_ids"),
+    ("/generate", json.dumps({"text": 5}), 400, "text"),
+    ("/generate", json.dumps({}), 400, "text"),
+    ("/generate", json.dumps({"text": "word " * 9000}), 400, "input_ids"),
+    ("/v1/completions", json.dumps({"model": "m"}), 400, "prompt"),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": -1}), 400, "max_tokens"),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": "x", "stop": 7}), 400, "stop"),
+    ("/v1/completions", json.dumps({"model": "m", "prompt": "x", "logprobs": 50}), 400, "logprobs"),
+    ("/v1/chat/completions", json.dumps({"model": "m"}), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": []}), 400, "messages"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": -2}), 400, "temperature"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}), 400, "n"),
+    ("/v1/chat/completions", json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}), 400, "tools"),
+    ("/tokenize", json.dumps({}), 400, "prompt"),
+    ("/detokenize", json.dumps({"tokens": "abc"}), 400, "tokens"),
+]
+
+
+def test_bad_input_table(server):
+    for path, raw, status, field in BAD:
+        got, _, body = server.request("POST", path, raw=raw)
+        assert got == status, (path, raw[:80], got, body)
+        err = body["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert field in (err["param"] or "") or field in err["message"], (path, raw[:80], err)
+    # a prompt longer than the context names the limit
+    _, _, body = server.request("POST", "/generate", raw=json.dumps({"text": "word " * 9000}))
+    assert "context length" in body["error"]["message"]
+    # too large: refused from the Content-Length, before the body is read
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 9437184\r\n\r\n{\"text\": \"")
+    reply = sock.recv(65536).decode()
+    sock.close()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert "larger than the limit" in reply
+    # a body over the limit without a Content-Length (chunked) is cut off too
+    chunk = b"x" * (1024 * 1024)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    try:
+        for _ in range(10):
+            sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+    except OSError:
+        pass
+    reply = sock.recv(65536).decode()
+    sock.close()
+    assert reply.startswith("HTTP/1.1 413"), reply[:200]
+    # wrong method, unknown route
+    assert server.request("GET", "/generate")[0] == 405
+    assert server.request("GET", "/nope")[0] == 404
+    # the server keeps serving, and probes are fine
+    status, _, r = server.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
+    assert status == 200 and len(r["output_ids"]) == 2
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_keys():
+    s = Server("--api-key", "user-key", "--admin-api-key", "admin-key")
+    try:
+        body = {"text": "Hi", "sampling_params": {"max_new_tokens": 1}}
+        assert s.post("/generate", body)[0] == 401
+        assert s.post("/generate", body, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert s.post("/generate", body, headers={"Authorization": "Bearer user-key"})[0] == 200
+        assert s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})[0] == 401
+        assert s.request("GET", "/config", headers={"Authorization": "Bearer user-key"})[0] == 401
+        status, _, cfg = s.request("GET", "/config", headers={"Authorization": "Bearer admin-key"})
+        assert status == 200
+        assert s.post("/flush_cache", {}, headers={"Authorization": "Bearer user-key"})[0] == 401
+        for path in ["/health", "/health_generate", "/metrics"]:
+            assert s.request("GET", path)[0] == 200, path
+        assert "user-key" not in json.dumps(cfg) and "admin-key" not in json.dumps(cfg)
+        assert "user-key" not in s.logs() and "admin-key" not in s.logs()
+    finally:
+        s.stop()
+
+
+def test_health_and_metrics(server):
+    status, _, h = server.request("GET", "/health")
+    assert status == 200 and h["status"] in ("healthy", "degraded")
+    assert {"status", "timestamp", "uptime", "version", "checks"} <= set(h)
+    assert set(h["checks"]) == {"basic", "memory", "gpu", "model", "performance"}
+    assert h["checks"]["gpu"]["status"] == "not available"
+    status, _, g = server.request("GET", "/health_generate")
+    assert status == 200 and g["status"] == "healthy"
+    _, headers, text = server.request("GET", "/metrics")
+    assert headers["content-type"].startswith("text/plain")
+    for name in ["sglang_requests_total", "sglang_request_duration_seconds", "sglang_time_to_first_token_seconds",
+                 "sglang_inter_token_latency_seconds", "sglang_queue_time_seconds", "sglang_prompt_tokens_total",
+                 "sglang_generation_tokens_total", "sglang_cache_hits_total", "sglang_cache_misses_total",
+                 "sglang_request_queue_length", "sglang_num_running_requests", "sglang_kv_cache_size_bytes",
+                 "sglang_kv_cache_used_tokens", "sglang_kv_cache_evictable_tokens", "sglang_kv_cache_available_tokens",
+                 "sglang_memory_usage_bytes", "sglang_aborted_requests_total", "sglang_cuda_graph_replays_total"]:
+        assert f"# TYPE {name} " in text, name
+    assert 'sglang_requests_total{endpoint="/health",status="200"}' in text
+
+
+def test_starting_then_healthy():
+    # a dummy-weight model big enough that loading takes a moment
+    d = Path(tempfile.mkdtemp())
+    (d / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 1024, "intermediate_size": 4096,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 49152,
+        "max_position_embeddings": 2048, "tie_word_embeddings": True}))
+    src = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct"
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        (d / f).write_text((src / f).read_text())
+    s = Server("--load-format", "dummy", "--max-total-tokens", "1024", model=d, wait=False)
+    try:
+        seen = set()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                status, _, h = s.request("GET", "/health", timeout=2)
+            except OSError:
+                time.sleep(0.02)
+                continue
+            seen.add((status, h["status"]))
+            if status == 200:
+                break
+            assert s.request("POST", "/generate", raw='{"text": "x"}')[0] == 503
+            time.sleep(0.02)
+        assert (503, "starting") in seen, seen
+        assert any(st == 200 for st, _ in seen), seen
+    finally:
+        s.stop()
+
+
+def test_sigterm_under_load_drains_and_exits_zero():
+    s = Server()
+    results = {}
+
+    def run(i):
+        events = list(s.stream("/generate", {"text": f"Story {i}:", "stream": True,
+                                             "sampling_params": {"max_new_tokens": 80, "ignore_eos": True}}))
+        results[i] = events
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # all in flight
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    status, _, body = s.post("/generate", {"text": "late", "sampling_params": {"max_new_tokens": 2}})
+    assert status == 503 and body["error"]["type"] == "service_unavailable"
+    assert s.request("GET", "/health")[2]["status"] == "draining"
+    for t in threads:
+        t.join()
+    code = s.proc.wait(60)
+    assert code == 0, s.logs()
+    for i, events in results.items():
+        assert events[-1] == "[DONE]", i
+        assert events[-2]["meta_info"]["finish_reason"]["type"] == "length", i
+        assert len(events[-2]["output_ids"]) == 80
