@@ -84,6 +84,50 @@ fn batched_and_retracted_requests_match_running_alone() {
     );
 }
 
+#[test]
+fn the_prefix_cache_changes_no_token() {
+    let shared = "You are a careful assistant who answers in one short paragraph. ".repeat(6);
+    let prompts: Vec<String> = PROMPTS.iter().map(|p| format!("{shared}{p}")).collect();
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(20)
+    };
+    let run = |radix: bool| {
+        let mut cfg = EngineConfig::new(common::model_dir());
+        cfg.max_total_tokens = Some(4096);
+        cfg.enable_radix_cache = radix;
+        let e = EngineHandle::start(cfg).unwrap();
+        // one at a time (the later ones hit the cache), then all together
+        let mut outs: Vec<(Vec<u32>, usize)> = Vec::new();
+        for p in &prompts {
+            let o = e
+                .submit(request(&e, p, params.clone()))
+                .unwrap()
+                .collect_blocking()
+                .unwrap();
+            outs.push((o.token_ids, o.finish.unwrap().usage.cached_tokens));
+        }
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|p| e.submit(request(&e, p, params.clone())).unwrap())
+            .collect();
+        for s in streams {
+            let o = s.collect_blocking().unwrap();
+            outs.push((o.token_ids, o.finish.unwrap().usage.cached_tokens));
+        }
+        outs
+    };
+    let with = run(true);
+    let without = run(false);
+    let tokens = |v: &[(Vec<u32>, usize)]| v.iter().map(|o| o.0.clone()).collect::<Vec<_>>();
+    assert_eq!(tokens(&with), tokens(&without));
+    assert!(
+        with[1..].iter().all(|o| o.1 > 0),
+        "later requests reuse the shared prefix"
+    );
+    assert!(without.iter().all(|o| o.1 == 0));
+}
+
 fn wait_idle(e: &EngineHandle) {
     let t = Instant::now();
     while e.in_flight() > 0

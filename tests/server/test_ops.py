@@ -176,3 +176,36 @@ def test_sigterm_under_load_drains_and_exits_zero():
         assert events[-1] == "[DONE]", i
         assert events[-2]["meta_info"]["finish_reason"]["type"] == "length", i
         assert len(events[-2]["output_ids"]) == 80
+
+
+def test_invalid_options_stop_start_up_naming_them():
+    from conftest import BINARY, MODEL
+    import os
+    import subprocess
+    cases = [
+        (["--port", "99999"], {}, "--port"),
+        (["--page-size", "0"], {}, "page-size"),
+        (["--mem-fraction-static", "2"], {}, "mem-fraction-static"),
+        ([], {"SGLANG_PORT": "abc"}, "--port"),
+        ([], {"SGLANG_ENABLE_RADIX_CACHE": "maybe"}, "SGLANG_ENABLE_RADIX_CACHE"),
+        (["--model-path", "/nonexistent"], {}, "model-path"),
+        (["--log-level", "loud"], {}, "log-level"),
+    ]
+    for args, env, needle in cases:
+        out = subprocess.run([str(BINARY), "--model-path", str(MODEL), *args], capture_output=True, text=True,
+                             env=dict(os.environ, **env), timeout=30)
+        assert out.returncode != 0, args
+        assert needle in out.stderr, (args, env, out.stderr)
+
+
+def test_radix_cache_off_by_variable():
+    s = Server("--admin-api-key", "a", env={"SGLANG_ENABLE_RADIX_CACHE": "false"})
+    try:
+        _, _, cfg = s.request("GET", "/config", headers={"Authorization": "Bearer a"})
+        assert cfg["enable_radix_cache"] is False
+        body = {"text": "shared words " * 40 + "end", "sampling_params": {"max_new_tokens": 2}}
+        s.post("/generate", body)
+        _, _, r = s.post("/generate", body)
+        assert r["meta_info"]["cached_tokens"] == 0
+    finally:
+        s.stop()
