@@ -219,6 +219,8 @@ pub struct EngineInfo {
 }
 
 pub(super) struct Shared {
+    /// The engine thread, joined by `shutdown_and_join`.
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     tokenizer: Arc<Tokenizer>,
     info: EngineInfo,
     stats: EngineStats,
@@ -369,6 +371,7 @@ impl EngineHandle {
             .with_label_values(&["kv_cache"])
             .set((info.kv_capacity_tokens * info.kv_bytes_per_token) as i64);
         let shared = Arc::new(Shared {
+            thread: parking_lot::Mutex::new(None),
             tokenizer: Arc::new(tokenizer),
             info,
             stats: EngineStats::default(),
@@ -388,10 +391,11 @@ impl EngineHandle {
             PagePool::new(pages, page_size),
         );
         let mut engine = worker::EngineLoop::new(rx, runner, shared.clone(), scheduler);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("sglang-engine".into())
             .spawn(move || engine.run())
             .map_err(EngineError::Thread)?;
+        *shared.thread.lock() = Some(thread);
         Ok(Self { tx, shared })
     }
 
@@ -516,6 +520,17 @@ impl EngineHandle {
     /// Stops the engine thread: in-flight requests end with an `Abort` finish.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Msg::Shutdown);
+    }
+
+    /// Stops the engine thread and waits until it has released the model and the KV cache.
+    pub fn shutdown_and_join(&self) {
+        self.shutdown();
+        let thread = self.shared.thread.lock().take();
+        if let Some(t) = thread {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
     }
 
     /// Convenience: tokenize `text`, generate, and gather the result (blocking).

@@ -1,0 +1,3 @@
+module sglang-example
+
+go 1.19
