@@ -179,6 +179,9 @@ pub trait Backend: Send + Sync {
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<Self::Step, BackendError>;
 
+    /// Hands a finished step back (a backend may keep its buffers for the next step).
+    fn end_step(&self, _step: Self::Step) {}
+
     /// `out[t] = table[tokens[t]]`.
     fn embedding(
         &self,

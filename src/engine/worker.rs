@@ -52,6 +52,8 @@ pub(super) struct EngineLoop {
     sampler: Sampler,
     /// Set by a shutdown message (or when every handle is gone and nothing is left to do).
     stop: bool,
+    /// Host copy of the last step's logits (reused).
+    logits: Vec<f32>,
 }
 
 impl EngineLoop {
@@ -70,6 +72,7 @@ impl EngineLoop {
             batch: StepBatch::default(),
             sampler: Sampler::new(),
             stop: false,
+            logits: Vec::new(),
         }
     }
 
@@ -255,9 +258,14 @@ impl EngineLoop {
         self.sched.fill_batch(&plan, &mut self.batch);
         let runner = &mut self.runner;
         let batch = &self.batch;
+        // reused across steps: no allocation for the logits in steady state
+        let mut logits = std::mem::take(&mut self.logits);
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
-            runner.forward(batch).map(|l| l.into_owned())
+            runner.forward(batch).map(|l| {
+                logits.clear();
+                logits.extend_from_slice(&l);
+            })
         }));
         let nanos = started.elapsed().as_nanos() as u64;
         let stats = &self.shared.stats;
@@ -268,8 +276,8 @@ impl EngineLoop {
                 .decode_forward_nanos
                 .fetch_add(nanos, Ordering::Relaxed);
         }
-        let logits = match result {
-            Ok(Ok(l)) => l,
+        match result {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!("forward step failed: {e}");
                 self.fail_items(&plan, &format!("model error: {e}"));
@@ -280,7 +288,7 @@ impl EngineLoop {
                 self.fail_items(&plan, "internal error in the model step");
                 return;
             }
-        };
+        }
         self.sched.step_done(&plan);
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
         let vocab = self.runner.config().vocab_size;
@@ -299,6 +307,7 @@ impl EngineLoop {
             let l = &logits[this * vocab..(this + 1) * vocab];
             self.on_logits(item.id, l);
         }
+        self.logits = logits;
         self.publish_stats();
     }
 

@@ -261,6 +261,7 @@ impl<B: Backend> LlamaModel<B> {
             };
             backend.add_rms_norm(&mut ws.x, &ws.delta, next_norm, eps, t, &mut ws.h)?;
         }
+        backend.end_step(step);
         if n_logits == 0 {
             return Ok(0);
         }

@@ -57,6 +57,8 @@ pub struct CpuBackend {
     isa: Isa,
     /// One f32 panel per thread for the many-token matmul path.
     panels: Vec<Mutex<Vec<f32>>>,
+    /// Buffers of the last step, reused by the next.
+    spare_step: Mutex<Option<CpuStep>>,
 }
 
 /// Below this many rows the elementwise ops run on the calling thread alone.
@@ -74,6 +76,7 @@ impl CpuBackend {
             pool: ThreadPool::new(n),
             isa: Isa::detect(),
             panels: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+            spare_step: Mutex::new(None),
         }
     }
 
@@ -243,27 +246,33 @@ impl Backend for CpuBackend {
     }
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CpuStep, BackendError> {
-        let half = rope.inv_freq.len();
-        let t = batch.num_tokens();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
+        // the previous step's buffers, so steady-state decode does not allocate
+        let mut step = self.spare_step.lock().take().unwrap_or(CpuStep {
+            cos: Vec::new(),
+            sin: Vec::new(),
+            half: 0,
+            seq_of_token: Vec::new(),
+        });
+        step.half = rope.inv_freq.len();
+        step.cos.clear();
+        step.sin.clear();
+        step.seq_of_token.clear();
         for &p in &batch.positions {
             for &f in &rope.inv_freq {
                 let (s, c) = (p as f64 * f).sin_cos();
-                cos.push(c as f32);
-                sin.push(s as f32);
+                step.cos.push(c as f32);
+                step.sin.push(s as f32);
             }
         }
-        let mut seq_of_token = Vec::with_capacity(t);
         for (s, seq) in batch.seqs.iter().enumerate() {
-            seq_of_token.extend(std::iter::repeat_n(s as u32, seq.num_tokens));
+            step.seq_of_token
+                .extend(std::iter::repeat_n(s as u32, seq.num_tokens));
         }
-        Ok(CpuStep {
-            cos,
-            sin,
-            half,
-            seq_of_token,
-        })
+        Ok(step)
+    }
+
+    fn end_step(&self, step: CpuStep) {
+        *self.spare_step.lock() = Some(step);
     }
 
     fn embedding(
