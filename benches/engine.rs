@@ -9,111 +9,11 @@
 
 use std::time::Instant;
 
-use sglang::backend::cpu::pool::{split_range, ThreadPool};
-use sglang::backend::{LogitsWanted, StepBatch};
+use sglang::bench::{decode, median, prefill, prompt, stream_read_bandwidth, time_prefill};
 use sglang::config::{EngineConfig, LoadFormat};
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::kv::PagePool;
-use sglang::model::{self, ModelRunner};
-use sglang::sampling::{argmax, SamplingParams};
-
-/// Best-of-5 streaming read bandwidth over `bytes` with `threads` threads (bytes/s).
-fn read_bandwidth(threads: usize, bytes: usize) -> f64 {
-    let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
-    let pool = ThreadPool::new(threads);
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let sums: Vec<std::sync::atomic::AtomicU64> = (0..threads)
-            .map(|_| std::sync::atomic::AtomicU64::new(0))
-            .collect();
-        let t = Instant::now();
-        pool.run(|tid| {
-            let r = split_range(data.len(), 64, threads, tid);
-            let chunk = &data[r];
-            // four independent lanes so the loop is load-bound, not add-bound
-            let mut acc = [0u64; 4];
-            for c in chunk.chunks_exact(4) {
-                acc[0] = acc[0].wrapping_add(c[0]);
-                acc[1] = acc[1].wrapping_add(c[1]);
-                acc[2] = acc[2].wrapping_add(c[2]);
-                acc[3] = acc[3].wrapping_add(c[3]);
-            }
-            sums[tid].store(
-                acc.iter().fold(0, |a, &b| a.wrapping_add(b)),
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        });
-        let dt = t.elapsed().as_secs_f64();
-        std::hint::black_box(&sums);
-        best = best.max(bytes as f64 / dt);
-    }
-    best
-}
-
-struct Seqs {
-    pool: PagePool,
-    tables: Vec<Vec<u32>>,
-    cached: Vec<usize>,
-    next: Vec<u32>,
-}
-
-fn prefill(r: &mut dyn ModelRunner, prompts: &[Vec<u32>], room: usize) -> Seqs {
-    let (pages, page_size) = r.kv_pages();
-    let mut pool = PagePool::new(pages, page_size);
-    let mut s = Seqs {
-        pool: PagePool::new(1, 1),
-        tables: vec![],
-        cached: vec![],
-        next: vec![],
-    };
-    let mut batch = StepBatch {
-        page_size,
-        ..Default::default()
-    };
-    for p in prompts {
-        let mut t = Vec::new();
-        assert!(
-            pool.alloc_into(&mut t, pool.pages_for(p.len() + room)),
-            "KV pool too small"
-        );
-        batch.clear();
-        batch.push_seq(p, 0, &t, LogitsWanted::Last);
-        let l = r.forward(&batch).unwrap();
-        s.next.push(argmax(&l) as u32);
-        s.cached.push(p.len());
-        s.tables.push(t);
-    }
-    s.pool = pool;
-    s
-}
-
-/// Decodes `steps` tokens for every sequence together; returns output tokens/s.
-fn decode(r: &mut dyn ModelRunner, s: &mut Seqs, steps: usize) -> f64 {
-    let (_, page_size) = r.kv_pages();
-    let vocab = r.config().vocab_size;
-    let mut batch = StepBatch {
-        page_size,
-        ..Default::default()
-    };
-    let t = Instant::now();
-    for _ in 0..steps {
-        batch.clear();
-        for i in 0..s.next.len() {
-            batch.push_seq(&[s.next[i]], s.cached[i], &s.tables[i], LogitsWanted::Last);
-        }
-        let l = r.forward(&batch).unwrap();
-        for i in 0..s.next.len() {
-            s.next[i] = argmax(&l[i * vocab..(i + 1) * vocab]) as u32;
-            s.cached[i] += 1;
-        }
-    }
-    (steps * s.next.len()) as f64 / t.elapsed().as_secs_f64()
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
+use sglang::model;
+use sglang::sampling::SamplingParams;
 
 fn main() {
     let model_dir = std::env::var("SGLANG_BENCH_MODEL").unwrap_or_else(|_| {
@@ -133,31 +33,24 @@ fn main() {
     let mut r =
         model::load(&cfg).expect("load the model (prepare it with scripts/prepare-model.sh)");
     let weight_bytes = r.weight_bytes() as f64;
-    let vocab = r.config().vocab_size as u32;
-
-    let prompt = |n: usize, salt: u32| -> Vec<u32> {
-        (0..n as u32)
-            .map(|i| 100 + (i * 7919 + salt * 31) % (vocab - 200))
-            .collect()
-    };
+    let vocab = r.config().vocab_size;
     // The machine's bandwidth drifts (shared hosts): each round measures the bandwidth right
     // before the decode it is compared with, and the table reports medians over the rounds.
     let rounds = 5;
     let (mut bws, mut d1s, mut ratios, mut d8s, mut pfs) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds as u32 {
-        let bw = read_bandwidth(threads, 1 << 30);
-        let mut s = prefill(r.as_mut(), &[prompt(32, round)], 80);
+        let bw = stream_read_bandwidth(threads, 1 << 30);
+        let mut s = prefill(r.as_mut(), &[prompt(32, round, vocab)], 80);
         let d1 = decode(r.as_mut(), &mut s, 64);
         ratios.push(d1 / (bw / weight_bytes));
         bws.push(bw);
         d1s.push(d1);
-        let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(32, 10 + i + round * 8)).collect();
+        let prompts: Vec<Vec<u32>> = (0..8)
+            .map(|i| prompt(32, 10 + i + round * 8, vocab))
+            .collect();
         let mut s = prefill(r.as_mut(), &prompts, 40);
         d8s.push(decode(r.as_mut(), &mut s, 24));
-        let p = prompt(512, 100 + round);
-        let t = Instant::now();
-        let _ = prefill(r.as_mut(), &[p], 1);
-        pfs.push(512.0 / t.elapsed().as_secs_f64());
+        pfs.push(512.0 / time_prefill(r.as_mut(), &prompt(512, 100 + round, vocab)));
     }
     drop(r);
     // the same batch-1 decode through the engine thread (scheduling, sampling, detokenizing)
@@ -165,7 +58,7 @@ fn main() {
     let mut e1s = vec![];
     for rep in 0..3 {
         let req = GenerateRequest {
-            input_ids: prompt(32, 50 + rep),
+            input_ids: prompt(32, 50 + rep, vocab),
             params: SamplingParams {
                 ignore_eos: true,
                 ..SamplingParams::greedy(128)
@@ -193,11 +86,7 @@ fn main() {
     );
 
     println!("model: {model_dir}");
-    println!(
-        "threads: {threads}; weights read per step: {:.1} MB; streaming read bandwidth (median of {rounds}): {:.1} GB/s",
-        weight_bytes / 1e6,
-        bw / 1e9
-    );
+    println!("threads: {threads}; weights read per step: {:.1} MB; streaming read bandwidth (median of {rounds}): {:.1} GB/s", weight_bytes / 1e6, bw / 1e9);
     println!();
     println!("| metric | ours | floor / peer | ratio |");
     println!("|---|---:|---:|---:|");

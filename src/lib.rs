@@ -7,6 +7,7 @@
 //! reached through an [`engine::EngineHandle`]).
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod kv;

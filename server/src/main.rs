@@ -2,9 +2,11 @@
 //! command-line front end of the engine.
 //!
 //! `sglang-server [OPTIONS]` (or `sglang-server serve [OPTIONS]`) serves;
-//! `sglang-server generate --prompt TEXT` generates once and prints.
+//! `sglang-server generate --prompt TEXT` generates once and prints;
+//! `sglang-server bench` times the model step.
 
 mod args;
+mod bench;
 mod generate;
 mod health;
 mod http;
@@ -32,6 +34,8 @@ enum Command {
     Serve(args::ServerArgs),
     /// Generate from one prompt and print the result.
     Generate(generate::GenerateArgs),
+    /// Time the model step alone: prompt processing, decode, bandwidth, peak memory.
+    Bench(bench::BenchArgs),
 }
 
 fn init_logging(level: &str) {
@@ -50,6 +54,10 @@ fn main() {
         Some(Command::Generate(a)) => {
             init_logging("info");
             generate::run(a)
+        }
+        Some(Command::Bench(a)) => {
+            init_logging("warn");
+            bench::run(a)
         }
         Some(Command::Serve(a)) => {
             init_logging(&a.log_level);

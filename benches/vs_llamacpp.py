@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""This engine beside llama.cpp on the same machine, model and precision (CPU, 2 threads).
+
+llama.cpp comes from PyPI's llama-cpp-python (which builds llama.cpp from source, natively
+tuned) in ./.venv-bench; the model is a BF16 GGUF written from the prepared model's weights
+(benches/make_bf16_gguf.py), so both programs read the very same bf16 values. Each round runs
+both programs, in alternating order, each in a fresh process; the table shows medians of
+decode tokens/s at batch 1, prompt processing at 128 and 512 tokens, peak resident memory,
+the ratios ours / llama.cpp, and the memory-bandwidth floor measured in the same run.
+
+  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2]
+
+The first run builds llama-cpp-python (about 15 minutes on 2 cores).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_VENV = ROOT / ".venv-bench"
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+PINS = ["numpy==2.4.6", "typing_extensions==4.16.0", "diskcache==5.6.3", "Jinja2==3.1.6", "MarkupSafe==3.0.4"]
+GGUF = ROOT / "models" / ".cache" / "SmolLM2-135M-Instruct.BF16.gguf"
+
+LLAMA_WORKER = r"""
+import json, resource, sys, time
+from llama_cpp import Llama
+path, threads, ctx, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+            n_ubatch=512, verbose=False)
+vocab = llm.n_vocab()
+def prompt(n, salt):
+    return [100 + (i * 7919 + salt * 31) % (vocab - 200) for i in range(n)]
+pp = {}
+for n in (128, 512):
+    best = 0.0
+    for k in range(3):
+        llm.reset()
+        t = time.perf_counter(); llm.eval(prompt(n, 7 + k)); best = max(best, n / (time.perf_counter() - t))
+    pp[str(n)] = best
+best = 0.0
+for k in range(3):
+    llm.reset(); llm.eval(prompt(ctx, 100 * k))
+    toks = prompt(steps, 999 + k)
+    t = time.perf_counter()
+    for tok in toks:
+        llm.eval([tok])
+    best = max(best, steps / (time.perf_counter() - t))
+print(json.dumps({"prompt_tokens_per_s": pp, "decode_tokens_per_s": {"1": best},
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def log(msg):
+    print(f"[vs_llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_llama_cpp():
+    py = BENCH_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    ok = subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if not ok:
+        log(f"building {LLAMA_CPP_PYTHON} into {BENCH_VENV} (llama.cpp from source; ~15 min on 2 cores)")
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", LLAMA_CPP_PYTHON, *PINS], check=True)
+    return py
+
+
+def ensure_gguf():
+    if not GGUF.exists():
+        log("writing the BF16 GGUF of the prepared model")
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "benches" / "make_bf16_gguf.py")], check=True)
+
+
+def run_child(cmd):
+    """Runs a benchmark process; returns its JSON and its peak resident memory (rusage)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{out.stderr}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # RUSAGE_CHILDREN is the maximum over children so far; the child's own figure is exact
+    data.setdefault("peak_rss_bytes", max(before, after) * 1024)
+    return data
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-steps", type=int, default=128)
+    ap.add_argument("--decode-context", type=int, default=32)
+    args = ap.parse_args()
+    py = ensure_llama_cpp()
+    ensure_gguf()
+    ours_bin = ROOT / "target" / "release" / "sglang-server"
+    if not ours_bin.exists():
+        subprocess.run(["cargo", "build", "--release", "-p", "sglang-server"], cwd=ROOT, check=True)
+    ours_cmd = [str(ours_bin), "bench", "--json", "--threads", str(args.threads), "--prompt-lens", "128,512",
+                "--batch", "1", "--decode-steps", str(args.decode_steps), "--decode-context", str(args.decode_context),
+                "--bandwidth", "--model-path", str(ROOT / "models" / "SmolLM2-135M-Instruct")]
+    llama_cmd = [str(py), "-c", LLAMA_WORKER, str(GGUF), str(args.threads), str(args.decode_context), str(args.decode_steps)]
+    runs = {"ours": [], "llama.cpp": []}
+    for r in range(args.rounds):
+        order = [("ours", ours_cmd), ("llama.cpp", llama_cmd)]
+        if r % 2:
+            order.reverse()
+        for name, cmd in order:
+            log(f"round {r + 1}/{args.rounds}: {name}")
+            runs[name].append(run_child(cmd))
+
+    def med(name, key, sub):
+        return statistics.median(run[key][sub] for run in runs[name])
+
+    bw = statistics.median(run["bandwidth_bytes_per_s"] for run in runs["ours"])
+    weights = runs["ours"][0]["weight_bytes"]
+    floor = bw / weights
+    rows = [
+        ("decode, batch 1 (tokens/s)", med("ours", "decode_tokens_per_s", "1"), med("llama.cpp", "decode_tokens_per_s", "1")),
+        ("prompt processing, 128 tokens (tokens/s)", med("ours", "prompt_tokens_per_s", "128"), med("llama.cpp", "prompt_tokens_per_s", "128")),
+        ("prompt processing, 512 tokens (tokens/s)", med("ours", "prompt_tokens_per_s", "512"), med("llama.cpp", "prompt_tokens_per_s", "512")),
+    ]
+    mem_ours = statistics.median(r["peak_rss_bytes"] for r in runs["ours"]) / 1e6
+    mem_llama = statistics.median(r["peak_rss_bytes"] for r in runs["llama.cpp"]) / 1e6
+    print(f"\n{args.threads} threads, {args.rounds} rounds (medians), BF16 weights {weights / 1e6:.1f} MB per decode step,")
+    print(f"streaming read bandwidth {bw / 1e9:.1f} GB/s -> decode floor {floor:.1f} tokens/s\n")
+    print("| metric | ours | llama.cpp | ours / llama.cpp |")
+    print("|---|---:|---:|---:|")
+    for name, a, b in rows:
+        print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
+    print(f"| peak resident memory (MB) | {mem_ours:.0f} | {mem_llama:.0f} | {mem_ours / mem_llama:.2f} |")
+    print(f"| decode batch 1 / bandwidth floor | {rows[0][1] / floor:.2f} | {rows[0][2] / floor:.2f} | |")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

@@ -1,0 +1,137 @@
+//! Measurement helpers shared by `cargo bench --bench engine` and `sglang-server bench`:
+//! a streaming-read bandwidth probe (the floor decode is compared with), and prefill / decode
+//! timings on a model runner directly (no scheduler, no sampling beyond argmax).
+
+use std::time::Instant;
+
+use crate::backend::cpu::pool::{split_range, ThreadPool};
+use crate::backend::{LogitsWanted, StepBatch};
+use crate::kv::PagePool;
+use crate::model::ModelRunner;
+use crate::sampling::argmax;
+
+/// Best-of-5 streaming read bandwidth over `bytes` with `threads` threads, in bytes/s: what a
+/// decode step that reads every weight once can at best achieve.
+pub fn stream_read_bandwidth(threads: usize, bytes: usize) -> f64 {
+    let data: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
+    let pool = ThreadPool::new(threads);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let sums: Vec<std::sync::atomic::AtomicU64> = (0..threads)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        let t = Instant::now();
+        pool.run(|tid| {
+            let r = split_range(data.len(), 64, threads, tid);
+            // four independent lanes so the loop waits on loads, not on additions
+            let mut acc = [0u64; 4];
+            for c in data[r].chunks_exact(4) {
+                acc[0] = acc[0].wrapping_add(c[0]);
+                acc[1] = acc[1].wrapping_add(c[1]);
+                acc[2] = acc[2].wrapping_add(c[2]);
+                acc[3] = acc[3].wrapping_add(c[3]);
+            }
+            sums[tid].store(
+                acc.iter().fold(0, |a, &b| a.wrapping_add(b)),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        });
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(&sums);
+        best = best.max(bytes as f64 / dt);
+    }
+    best
+}
+
+/// A deterministic prompt of `n` ordinary token ids.
+pub fn prompt(n: usize, salt: u32, vocab: usize) -> Vec<u32> {
+    let span = (vocab as u32).saturating_sub(200).max(1);
+    (0..n as u32)
+        .map(|i| 100 + (i.wrapping_mul(7919).wrapping_add(salt.wrapping_mul(31))) % span)
+        .collect()
+}
+
+/// Sequences in a runner's KV cache, ready to decode.
+pub struct Sequences {
+    _pool: PagePool,
+    tables: Vec<Vec<u32>>,
+    cached: Vec<usize>,
+    next: Vec<u32>,
+}
+
+/// Prefills each prompt (one step per prompt) with room for `room` more tokens each.
+pub fn prefill(r: &mut dyn ModelRunner, prompts: &[Vec<u32>], room: usize) -> Sequences {
+    let (pages, page_size) = r.kv_pages();
+    let mut pool = PagePool::new(pages, page_size);
+    let mut s = Sequences {
+        _pool: PagePool::new(1, 1),
+        tables: vec![],
+        cached: vec![],
+        next: vec![],
+    };
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    for p in prompts {
+        let mut t = Vec::new();
+        assert!(
+            pool.alloc_into(&mut t, pool.pages_for(p.len() + room)),
+            "KV pool too small for the benchmark"
+        );
+        batch.clear();
+        batch.push_seq(p, 0, &t, LogitsWanted::Last);
+        let l = r.forward(&batch).expect("forward");
+        s.next.push(argmax(&l) as u32);
+        s.cached.push(p.len());
+        s.tables.push(t);
+    }
+    s._pool = pool;
+    s
+}
+
+/// Seconds to prefill `prompt` in one step.
+pub fn time_prefill(r: &mut dyn ModelRunner, prompt: &[u32]) -> f64 {
+    let t = Instant::now();
+    let _ = prefill(r, &[prompt.to_vec()], 1);
+    t.elapsed().as_secs_f64()
+}
+
+/// Decodes `steps` tokens for every sequence together; returns output tokens/s.
+pub fn decode(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize) -> f64 {
+    let (_, page_size) = r.kv_pages();
+    let vocab = r.config().vocab_size;
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    for _ in 0..steps {
+        batch.clear();
+        for i in 0..s.next.len() {
+            batch.push_seq(&[s.next[i]], s.cached[i], &s.tables[i], LogitsWanted::Last);
+        }
+        let l = r.forward(&batch).expect("forward");
+        for i in 0..s.next.len() {
+            s.next[i] = argmax(&l[i * vocab..(i + 1) * vocab]) as u32;
+            s.cached[i] += 1;
+        }
+    }
+    (steps * s.next.len()) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
