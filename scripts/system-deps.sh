@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system packages the tests need beyond Rust and Python, when they are missing:
 # Go (cgo example of the C ABI), libclang (bindgen checks include/sglang.h), valgrind (leak
-# check of the C example). gcc/g++ are on every machine of this project. Uses apt-get; as a
-# non-root user it prints what to install instead.
+# check of the C example), Prometheus with promtool and nginx (deployment tests). gcc/g++ are
+# on every machine of this project. Uses apt-get; as a non-root user it prints what to
+# install instead.
 set -euo pipefail
 need=()
 command -v go >/dev/null 2>&1 || need+=(golang-go)
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
   need+=(libclang-dev)
 fi
@@ -24,5 +27,5 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
   fi
 else
-  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >&2
+  apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >&2
 fi

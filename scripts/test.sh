@@ -3,7 +3,8 @@
 # missing, prepares the Python venv and the default model if needed, builds the server and
 # libsglang, then runs the Rust unit and integration tests (which call the numpy reference in
 # scripts/reference.py and build the C, C++ and Go examples of the C ABI), then the HTTP
-# tests against the real server binary (pytest, the official OpenAI client).
+# tests against the real server binary (pytest, the official OpenAI client) and the
+# deployment tests (linters, schemas, live Prometheus and nginx, backup and restore).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,4 +12,4 @@ cd "$root"
 ./scripts/prepare-model.sh >/dev/null
 cargo build --release -p sglang-server -p sglang-ffi
 cargo test --release --workspace "$@"
-.venv/bin/python -m pytest -q tests/server
+PATH="$PATH:/usr/sbin" .venv/bin/python -m pytest -q tests/server tests/deploy

@@ -423,6 +423,17 @@ pub struct EngineConfig {
     pub max_queued_requests: Option<usize>,
     /// A chat template that replaces the model's (`--chat-template`, the template text).
     pub chat_template: Option<String>,
+    /// Tensor-parallel ranks (`--tp-size`). With `world_size` 1 they run as threads of this
+    /// process; otherwise each rank is a process and `tp_size` equals `world_size`.
+    pub tp_size: usize,
+    /// Processes of a multi-process group (`--world-size`), this one's rank (`--rank`; 0
+    /// serves HTTP) and where rank 0 listens for the others (`--master-addr`/`--master-port`).
+    pub world_size: usize,
+    pub rank: usize,
+    pub master_addr: Option<String>,
+    pub master_port: u16,
+    /// How long ranks wait for each other (joining, and inside a collective), in seconds.
+    pub dist_timeout_secs: u64,
 }
 
 impl EngineConfig {
@@ -442,7 +453,18 @@ impl EngineConfig {
             context_length: None,
             max_queued_requests: None,
             chat_template: None,
+            tp_size: 1,
+            world_size: 1,
+            rank: 0,
+            master_addr: None,
+            master_port: 23456,
+            dist_timeout_secs: 300,
         }
+    }
+
+    /// The rank count of the tensor-parallel group: `tp_size`, or `world_size` processes.
+    pub fn group_size(&self) -> usize {
+        self.tp_size.max(self.world_size)
     }
 
     /// Checks every option against its bound; the error names the option.
@@ -479,6 +501,40 @@ impl EngineConfig {
         }
         if self.context_length == Some(0) {
             return Err(opt("context-length", "must be >= 1".into()));
+        }
+        if self.tp_size == 0 {
+            return Err(opt("tp-size", "must be >= 1".into()));
+        }
+        if self.world_size == 0 {
+            return Err(opt("world-size", "must be >= 1".into()));
+        }
+        if self.rank >= self.world_size {
+            return Err(opt(
+                "rank",
+                format!(
+                    "{} must be below the world size {}",
+                    self.rank, self.world_size
+                ),
+            ));
+        }
+        if self.world_size > 1 && self.tp_size != 1 && self.tp_size != self.world_size {
+            return Err(opt(
+                "tp-size",
+                format!(
+                    "{} differs from --world-size {}: each process of a multi-process group is \
+                     one rank",
+                    self.tp_size, self.world_size
+                ),
+            ));
+        }
+        if self.world_size > 1 && self.master_addr.as_deref().unwrap_or("").is_empty() {
+            return Err(opt(
+                "master-addr",
+                "is required with --world-size > 1 (where rank 0 listens)".into(),
+            ));
+        }
+        if self.dist_timeout_secs == 0 {
+            return Err(opt("dist-timeout", "must be >= 1 second".into()));
         }
         Ok(())
     }

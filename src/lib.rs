@@ -2,7 +2,8 @@
 //!
 //! Layers, from the bottom: [`config`] (model and engine options), [`loader`] (zero-copy
 //! safetensors), [`tokenizer`], [`backend`] (the ops a model needs: CPU today), [`model`]
-//! (Llama written against the backend trait), [`kv`] (paged KV pool), [`sampling`],
+//! (Llama written against the backend trait), [`parallel`] (tensor parallelism), [`kv`]
+//! (paged KV pool), [`sampling`],
 //! [`scheduler`] (pure policy) and [`engine`] (the thread that owns the model and the KV cache,
 //! reached through an [`engine::EngineHandle`]).
 
@@ -14,6 +15,7 @@ pub mod kv;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
 pub mod sampling;
 pub mod scheduler;
 pub mod tokenizer;

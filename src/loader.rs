@@ -219,6 +219,59 @@ impl Tensor {
         }
     }
 
+    /// Rows `start..start + n` of a 2-D tensor (or elements of a 1-D one): a view into the
+    /// same storage, nothing is copied. Tensor-parallel shards of q/k/v, gate/up, embedding
+    /// and lm_head are taken this way straight from the mapping.
+    pub fn narrow_rows(&self, start: usize, n: usize) -> Tensor {
+        let rows = self.shape[0];
+        assert!(start + n <= rows, "rows {start}..{} of {rows}", start + n);
+        let row_bytes = self.len_bytes / rows.max(1);
+        let mut shape = self.shape.clone();
+        shape[0] = n;
+        Tensor {
+            storage: self.storage.clone(),
+            offset: self.offset + start * row_bytes,
+            len_bytes: n * row_bytes,
+            dtype: self.dtype,
+            shape,
+        }
+    }
+
+    /// Columns `start..start + n` of a 2-D tensor, copied into an owned tensor of the same
+    /// dtype (a column shard is not contiguous in the file). Only the shard's bytes are read.
+    pub fn narrow_cols(&self, start: usize, n: usize) -> Tensor {
+        assert_eq!(self.shape.len(), 2, "narrow_cols needs a 2-D tensor");
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        assert!(
+            start + n <= cols,
+            "columns {start}..{} of {cols}",
+            start + n
+        );
+        let (storage, len_bytes) = match self.elems() {
+            Elems::BF16(s) | Elems::F16(s) => {
+                let mut v = Vec::with_capacity(rows * n);
+                for r in 0..rows {
+                    v.extend_from_slice(&s[r * cols + start..r * cols + start + n]);
+                }
+                (Storage::OwnedU16(v), rows * n * 2)
+            }
+            Elems::F32(s) => {
+                let mut v = Vec::with_capacity(rows * n);
+                for r in 0..rows {
+                    v.extend_from_slice(&s[r * cols + start..r * cols + start + n]);
+                }
+                (Storage::OwnedF32(v), rows * n * 4)
+            }
+        };
+        Tensor {
+            storage: Arc::new(storage),
+            offset: 0,
+            len_bytes,
+            dtype: self.dtype,
+            shape: vec![rows, n],
+        }
+    }
+
     /// An owned bf16 tensor (dummy weights, tests).
     pub fn from_bf16(data: Vec<u16>, shape: Vec<usize>) -> Self {
         assert_eq!(data.len(), shape.iter().product::<usize>());

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub memory_usage_bytes: IntGaugeVec,
     pub aborted_requests_total: IntCounterVec,
     pub cuda_graph_replays_total: IntCounter,
+    pub tp_ranks: IntGauge,
+    pub tp_ranks_ready: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -104,6 +106,10 @@ impl Metrics {
         .expect("valid counter");
         r.register(Box::new(aborted_requests_total.clone()))
             .expect("unique metric");
+        // every reason from the start, so rates and alerts see a 0 rather than no series
+        for reason in ["client_disconnected", "aborted", "timeout", "shutdown"] {
+            aborted_requests_total.with_label_values(&[reason]);
+        }
         Self {
             request_duration_seconds: histogram(
                 &r,
@@ -159,6 +165,12 @@ impl Metrics {
                 "sglang_num_running_requests",
                 "Requests in the running batch",
             ),
+            tp_ranks: gauge(&r, "sglang_tp_ranks", "Ranks of the tensor-parallel group"),
+            tp_ranks_ready: gauge(
+                &r,
+                "sglang_tp_ranks_ready",
+                "Ranks of the tensor-parallel group that are up and serving steps",
+            ),
             kv_cache_size_bytes: gauge(
                 &r,
                 "sglang_kv_cache_size_bytes",
@@ -193,6 +205,22 @@ impl Metrics {
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The GPU gauges, registered by a backend that has a GPU (a CPU server exports none, so
+    /// a dashboard shows "no data" rather than a made-up 0 %): utilisation per device
+    /// (`sglang_gpu_utilization_percent{gpu}`); GPU memory is reported through
+    /// `sglang_memory_usage_bytes{kind="gpu"|"gpu_total"}`.
+    pub fn register_gpu(&self) -> prometheus::Result<IntGaugeVec> {
+        let g = IntGaugeVec::new(
+            Opts::new(
+                "sglang_gpu_utilization_percent",
+                "GPU utilisation by device (NVML)",
+            ),
+            &["gpu"],
+        )?;
+        self.registry.register(Box::new(g.clone()))?;
+        Ok(g)
     }
 
     /// The Prometheus text exposition of every metric.
@@ -243,8 +271,26 @@ mod tests {
             "sglang_memory_usage_bytes",
             "sglang_aborted_requests_total",
             "sglang_cuda_graph_replays_total",
+            "sglang_tp_ranks",
+            "sglang_tp_ranks_ready",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
+        assert!(
+            !text.contains("sglang_gpu_utilization_percent"),
+            "no GPU: no GPU gauge"
+        );
+        let gpu = m.register_gpu().unwrap();
+        gpu.with_label_values(&["0"]).set(42);
+        m.memory_usage_bytes.with_label_values(&["gpu"]).set(1);
+        m.memory_usage_bytes
+            .with_label_values(&["gpu_total"])
+            .set(2);
+        let text = m.render();
+        assert!(
+            text.contains("sglang_gpu_utilization_percent{gpu=\"0\"} 42"),
+            "{text}"
+        );
+        assert!(text.contains("kind=\"gpu_total\""));
     }
 }

@@ -161,6 +161,11 @@ impl Scheduler {
             .map_or(0, |r| r.evictable_pages(&self.pool) * self.pool.page_size())
     }
 
+    /// The cached token prefixes (see `RadixCache::prefixes`), empty without the cache.
+    pub fn cached_prefixes(&self) -> Vec<Vec<u32>> {
+        self.radix.as_ref().map_or_else(Vec::new, |r| r.prefixes())
+    }
+
     /// Drops the whole prefix cache. Pages of running sequences stay with them.
     pub fn flush_cache(&mut self) {
         if let Some(r) = self.radix.as_mut() {

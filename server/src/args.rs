@@ -64,6 +64,38 @@ pub struct EngineArgs {
     /// A Jinja chat template file that replaces the model's own.
     #[arg(long, env = "SGLANG_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
+
+    /// Tensor-parallel ranks on this machine (on the CPU, threads of this process sharing
+    /// the work of each layer).
+    #[arg(
+        long,
+        visible_alias = "tensor-parallel-size",
+        env = "SGLANG_TP_SIZE",
+        default_value_t = 1
+    )]
+    pub tp_size: usize,
+
+    /// Processes of a multi-process tensor-parallel group, one rank each (1: this process
+    /// alone). Rank 0 serves HTTP; the others run its steps.
+    #[arg(long, env = "SGLANG_WORLD_SIZE", default_value_t = 1)]
+    pub world_size: usize,
+
+    /// This process's rank in a multi-process group (0 serves HTTP).
+    #[arg(long, env = "SGLANG_RANK", default_value_t = 0)]
+    pub rank: usize,
+
+    /// Address of rank 0, where the other ranks join (required with --world-size > 1).
+    #[arg(long, env = "SGLANG_MASTER_ADDR")]
+    pub master_addr: Option<String>,
+
+    /// Port on which rank 0 waits for the other ranks (closed once all have joined).
+    #[arg(long, env = "SGLANG_MASTER_PORT", default_value_t = 23456)]
+    pub master_port: u16,
+
+    /// Seconds ranks wait for each other: to join at start-up, and inside a step. A rank that
+    /// does not arrive in time stops the group with an error naming it.
+    #[arg(long, env = "SGLANG_DIST_TIMEOUT", default_value_t = 300)]
+    pub dist_timeout: u64,
 }
 
 /// Reads a boolean environment variable; a value that is not a boolean is an error naming it.
@@ -94,6 +126,12 @@ impl EngineArgs {
         c.context_length = self.context_length;
         c.num_threads = self.threads;
         c.dummy_seed = self.dummy_seed;
+        c.tp_size = self.tp_size;
+        c.world_size = self.world_size;
+        c.rank = self.rank;
+        c.master_addr = self.master_addr.clone();
+        c.master_port = self.master_port;
+        c.dist_timeout_secs = self.dist_timeout;
         // the flag wins over the variable
         c.enable_radix_cache =
             !self.disable_radix_cache && env_bool("SGLANG_ENABLE_RADIX_CACHE")?.unwrap_or(true);
@@ -167,6 +205,10 @@ pub struct ServerArgs {
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, env = "SGLANG_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Also append the log (one line per request) to this file.
+    #[arg(long, env = "SGLANG_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
 }
 
 impl ServerArgs {

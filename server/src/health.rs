@@ -98,6 +98,7 @@ pub fn probe(state: &AppState) {
     };
     let stalled = in_flight > 0 && heartbeat_age.is_some_and(|a| a > STALL_AFTER.as_secs_f64());
     let alive = !engine.is_stopped();
+    let fatal = engine.fatal_error();
     let steps = stats.steps.load(Ordering::Relaxed);
     let forward = stats.forward_nanos.load(Ordering::Relaxed) as f64 / 1e9;
     let hist = &state.metrics.request_duration_seconds;
@@ -124,6 +125,11 @@ pub fn probe(state: &AppState) {
             "status": "not available",
             "reason": format!("the {} backend runs without a GPU", info.backend),
         },
+        "parallel": {
+            "tp_size": info.tp_size,
+            "ranks_ready": stats.tp_ranks_ready.load(Ordering::Relaxed),
+            "error": fatal,
+        },
         "model": {
             "model_loaded": true,
             "model_path": info.engine_config.model_path.display().to_string(),
@@ -140,7 +146,7 @@ pub fn probe(state: &AppState) {
             "generated_tokens": stats.generated_tokens.load(Ordering::Relaxed),
         },
     });
-    let status = if !alive || stalled {
+    let status = if !alive || stalled || fatal.is_some() {
         "unhealthy"
     } else if pressure == "high" {
         "degraded"
@@ -150,13 +156,28 @@ pub fn probe(state: &AppState) {
     *state.health.report.write() = (status.to_string(), checks);
 }
 
-/// Re-runs the probes every `PROBE_INTERVAL` for the life of the server.
+/// How long a server whose engine failed keeps answering (`/health`: unhealthy) before it
+/// exits, so that probes and clients see why.
+const EXIT_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+/// Re-runs the probes every `PROBE_INTERVAL` for the life of the server. An engine that
+/// stopped by itself (a tensor-parallel rank failed) cannot recover: the server reports
+/// unhealthy, then exits with status 1 and the reason, for the supervisor to restart it.
 pub fn spawn_prober(state: Arc<AppState>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(PROBE_INTERVAL);
         loop {
             tick.tick().await;
             probe(&state);
+            if let Some(reason) = state.engine.get().and_then(EngineHandle::fatal_error) {
+                tracing::error!(
+                    "the engine failed: {reason}; exiting in {}s",
+                    EXIT_AFTER_FAILURE.as_secs()
+                );
+                tokio::time::sleep(EXIT_AFTER_FAILURE).await;
+                eprintln!("error: the engine failed: {reason}");
+                std::process::exit(1);
+            }
         }
     });
 }

@@ -6,6 +6,7 @@
 //! `sglang-server bench` times the model step.
 
 mod args;
+mod backup;
 mod bench;
 mod generate;
 mod health;
@@ -36,16 +37,51 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Time the model step alone: prompt processing, decode, bandwidth, peak memory.
     Bench(bench::BenchArgs),
+    /// Back up a running server (configuration, model identity, prefix cache) or restore one.
+    Backup(backup::BackupArgs),
+    /// Exit 0 if a server's /health answers 200 (container health checks; no curl needed).
+    Probe {
+        /// The server to probe.
+        #[arg(
+            long,
+            env = "SGLANG_PROBE_URL",
+            default_value = "http://127.0.0.1:30000"
+        )]
+        url: String,
+        /// The path to request.
+        #[arg(long, default_value = "/health")]
+        path: String,
+    },
 }
 
 fn init_logging(level: &str) {
+    init_logging_to(level, None);
+}
+
+/// Logs to stderr and, with `file`, to that file as well (`--log-file`, appended).
+fn init_logging_to(level: &str, file: Option<&std::path::Path>) {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SGLANG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(ansi);
+    match file.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+    }) {
+        Some(Ok(f)) => builder
+            .with_writer(std::io::stderr.and(std::sync::Mutex::new(f)))
+            .init(),
+        Some(Err(e)) => {
+            eprintln!("error: invalid option `log-file`: {e}");
+            std::process::exit(1);
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
 }
 
 fn main() {
@@ -59,12 +95,24 @@ fn main() {
             init_logging("warn");
             bench::run(a)
         }
+        Some(Command::Backup(a)) => {
+            init_logging("warn");
+            backup::run(a)
+        }
+        Some(Command::Probe { url, path }) => {
+            let c = backup::Common {
+                server_url: url,
+                backup_dir: Default::default(),
+                admin_api_key: None,
+            };
+            backup::call(&c, hyper::Method::GET, &path, None).map(|_| ())
+        }
         Some(Command::Serve(a)) => {
-            init_logging(&a.log_level);
+            init_logging_to(&a.log_level, a.log_file.as_deref());
             serve::run(a)
         }
         None => {
-            init_logging(&cli.serve.log_level);
+            init_logging_to(&cli.serve.log_level, cli.serve.log_file.as_deref());
             serve::run(cli.serve)
         }
     };

@@ -2,6 +2,9 @@
 //! meanwhile), serve, and on SIGTERM or SIGINT drain: new requests get 503, in-flight ones run
 //! to completion up to `--shutdown-timeout`, then the process exits 0. A second signal stops
 //! at once.
+//!
+//! In a multi-process tensor-parallel group only rank 0 serves; the other ranks run the steps
+//! it sends and exit when it stops (status 0) or when the group fails (status 1).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,6 +22,10 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
     args.validate()?;
     let mut cfg = args.engine.to_config()?;
     cfg.max_queued_requests = args.max_queued_requests;
+    if cfg.world_size > 1 && cfg.rank > 0 {
+        // ranks 1.. of a multi-process group serve no HTTP: they run rank 0's steps
+        return sglang::model::serve_rank(&cfg).map_err(|e| e.to_string());
+    }
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
         cfg.model_path
             .file_name()
@@ -80,7 +87,7 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
         })
         .await;
         if let Some(engine) = state.engine.get() {
-            engine.shutdown();
+            engine.shutdown_and_join();
         }
         tracing::info!("stopped");
         Ok(())

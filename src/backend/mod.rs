@@ -16,6 +16,7 @@ use std::borrow::Cow;
 
 use crate::config::ModelConfig;
 use crate::loader::Tensor;
+use crate::parallel::Communicator;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -182,10 +183,13 @@ pub trait Backend: Send + Sync {
     /// Hands a finished step back (a backend may keep its buffers for the next step).
     fn end_step(&self, _step: Self::Step) {}
 
-    /// `out[t] = table[tokens[t]]`.
+    /// `out[t] = table[tokens[t] - vocab_start]`, where `table` holds the embedding rows of
+    /// ids `vocab_start..vocab_start + rows` (a tensor-parallel shard); ids outside that range
+    /// give zeros (another rank adds their rows).
     fn embedding(
         &self,
         table: &Self::Weight,
+        vocab_start: usize,
         batch: &StepBatch,
         out: &mut Self::Buf,
     ) -> Result<(), BackendError>;
@@ -280,6 +284,28 @@ pub trait Backend: Send + Sync {
         width: usize,
         out: &mut Self::Buf,
     ) -> Result<(), BackendError>;
+
+    /// Sums the first `len` values of `buf` over the ranks of `comm` (tensor parallelism).
+    fn all_reduce(
+        &self,
+        comm: &dyn Communicator,
+        buf: &mut Self::Buf,
+        len: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Every rank's first `len` values of `local`, in rank order, into the first `total`
+    /// values of `out`.
+    fn all_gather(
+        &self,
+        comm: &dyn Communicator,
+        local: &Self::Buf,
+        len: usize,
+        out: &mut Self::Buf,
+        total: usize,
+    ) -> Result<(), BackendError>;
+
+    /// Copies host values into the start of `out` (which holds at least `data.len()`).
+    fn upload(&self, data: &[f32], out: &mut Self::Buf) -> Result<(), BackendError>;
 
     /// The first `len` values of `buf` on the host (borrowed where the buffer is host memory).
     fn to_host<'a>(&self, buf: &'a Self::Buf, len: usize) -> Result<Cow<'a, [f32]>, BackendError>;

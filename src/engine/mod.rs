@@ -176,6 +176,9 @@ pub(super) enum Msg {
     FlushCache {
         reply: tokio::sync::oneshot::Sender<usize>,
     },
+    CachedPrefixes {
+        reply: tokio::sync::oneshot::Sender<Vec<Vec<u32>>>,
+    },
     Shutdown,
 }
 
@@ -203,6 +206,8 @@ pub struct EngineStats {
     pub retractions: AtomicU64,
     pub finished: AtomicU64,
     pub aborted: AtomicU64,
+    /// Tensor-parallel ranks that are up (equal to `EngineInfo::tp_size` while healthy).
+    pub tp_ranks_ready: AtomicUsize,
 }
 
 /// Facts about the loaded engine (fixed after start).
@@ -216,6 +221,8 @@ pub struct EngineInfo {
     pub kv_bytes_per_token: usize,
     pub page_size: usize,
     pub weight_bytes: usize,
+    /// Ranks of the tensor-parallel group (1 without tensor parallelism).
+    pub tp_size: usize,
 }
 
 pub(super) struct Shared {
@@ -227,6 +234,8 @@ pub(super) struct Shared {
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
     stopped: AtomicBool,
+    /// Why the engine stopped on its own (a tensor-parallel rank failed); no step can run.
+    fatal: parking_lot::Mutex<Option<String>>,
     draining: AtomicBool,
     max_queued: Option<usize>,
 }
@@ -344,6 +353,7 @@ impl EngineHandle {
             tokenizer.set_chat_template(t.clone());
         }
         let model_config = runner.config().clone();
+        let parallel = runner.parallel_state();
         let (pages, page_size) = runner.kv_pages();
         let context_length = cfg
             .context_length
@@ -356,6 +366,7 @@ impl EngineHandle {
             kv_bytes_per_token: runner.kv_bytes_per_token(),
             page_size,
             weight_bytes: runner.weight_bytes(),
+            tp_size: parallel.ranks,
             model_config,
             engine_config: cfg.clone(),
         };
@@ -370,14 +381,21 @@ impl EngineHandle {
             .memory_usage_bytes
             .with_label_values(&["kv_cache"])
             .set((info.kv_capacity_tokens * info.kv_bytes_per_token) as i64);
+        metrics.tp_ranks.set(parallel.ranks as i64);
+        metrics.tp_ranks_ready.set(parallel.ready as i64);
+        let stats = EngineStats::default();
+        stats
+            .tp_ranks_ready
+            .store(parallel.ready, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             thread: parking_lot::Mutex::new(None),
             tokenizer: Arc::new(tokenizer),
             info,
-            stats: EngineStats::default(),
+            stats,
             metrics,
             next_id: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
+            fatal: parking_lot::Mutex::new(None),
             draining: AtomicBool::new(false),
             max_queued: cfg.max_queued_requests,
         });
@@ -415,6 +433,13 @@ impl EngineHandle {
         &self.shared.metrics
     }
 
+    /// The token prefixes the radix cache holds (most recently used first).
+    pub fn cached_prefixes(&self) -> tokio::sync::oneshot::Receiver<Vec<Vec<u32>>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Msg::CachedPrefixes { reply });
+        rx
+    }
+
     /// Drops the radix prefix cache; resolves to the number of pages it held.
     pub fn flush_cache(&self) -> tokio::sync::oneshot::Receiver<usize> {
         let (reply, rx) = tokio::sync::oneshot::channel();
@@ -424,6 +449,11 @@ impl EngineHandle {
 
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Why the engine stopped by itself (a tensor-parallel rank failed), if it did.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.shared.fatal.lock().clone()
     }
 
     /// Stop admitting new requests (SIGTERM); running ones go on.

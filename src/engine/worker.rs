@@ -42,6 +42,9 @@ struct ReqState {
     last_token: Option<Instant>,
 }
 
+/// How often an idle engine checks that the ranks of its tensor-parallel group are still up.
+const GROUP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(super) struct EngineLoop {
     rx: mpsc::Receiver<Msg>,
     runner: Box<dyn ModelRunner>,
@@ -81,9 +84,11 @@ impl EngineLoop {
         loop {
             // Block only when there is nothing to do.
             if self.sched.is_idle() && !self.stop {
-                match self.rx.recv() {
+                match self.rx.recv_timeout(GROUP_CHECK_INTERVAL) {
                     Ok(msg) => self.handle(msg),
-                    Err(_) => self.stop = true,
+                    // while idle, notice a tensor-parallel rank that went away
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.check_parallel(),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => self.stop = true,
                 }
             }
             self.drain_messages();
@@ -133,6 +138,9 @@ impl EngineLoop {
                 self.sched.flush_cache();
                 self.publish_stats();
                 let _ = reply.send(pages);
+            }
+            Msg::CachedPrefixes { reply } => {
+                let _ = reply.send(self.sched.cached_prefixes());
             }
             Msg::Shutdown => self.stop = true,
         }
@@ -281,6 +289,7 @@ impl EngineLoop {
             Ok(Err(e)) => {
                 tracing::error!("forward step failed: {e}");
                 self.fail_items(&plan, &format!("model error: {e}"));
+                self.check_parallel();
                 return;
             }
             Err(_) => {
@@ -308,6 +317,30 @@ impl EngineLoop {
             self.on_logits(item.id, l);
         }
         self.logits = logits;
+        self.publish_stats();
+    }
+
+    /// A tensor-parallel group that lost a rank cannot run another step: every request
+    /// fails with the reason and the engine stops (the server then reports unhealthy).
+    fn check_parallel(&mut self) {
+        let state = self.runner.parallel_state();
+        let m = &self.shared.metrics;
+        m.tp_ranks_ready.set(state.ready as i64);
+        self.shared
+            .stats
+            .tp_ranks_ready
+            .store(state.ready, Ordering::Relaxed);
+        let Some(reason) = state.error else {
+            return;
+        };
+        tracing::error!("the engine stops: {reason}");
+        let msg = format!("the engine stopped: {reason}");
+        for (id, r) in self.reqs.drain() {
+            let _ = r.tx.send(Event::Failed(msg.clone()));
+            self.sched.remove(id);
+        }
+        *self.shared.fatal.lock() = Some(reason);
+        self.stop = true;
         self.publish_stats();
     }
 

@@ -194,6 +194,29 @@ impl RadixCache {
         }
     }
 
+    /// Every cached prefix that ends at a leaf (root-to-leaf token paths), most recently used
+    /// first: enough to warm another server's cache by prefilling them.
+    pub fn prefixes(&self) -> Vec<Vec<u32>> {
+        let mut out: Vec<(u64, Vec<u32>)> = Vec::new();
+        let mut stack: Vec<(usize, Vec<u32>)> = vec![(ROOT, Vec::new())];
+        while let Some((node, path)) = stack.pop() {
+            let n = &self.nodes[node];
+            if n.children.is_empty() {
+                if node != ROOT {
+                    out.push((n.last_access, path));
+                }
+                continue;
+            }
+            for &child in n.children.values() {
+                let mut p = path.clone();
+                p.extend_from_slice(&self.nodes[child].key);
+                stack.push((child, p));
+            }
+        }
+        out.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        out.into_iter().map(|(_, p)| p).collect()
+    }
+
     fn is_evictable_leaf(&self, node: usize, pool: &PagePool) -> bool {
         let n = &self.nodes[node];
         node != ROOT
@@ -311,6 +334,22 @@ mod tests {
         pool.release_all(&mut t2);
         tree.clear(&mut pool);
         assert_eq!(pool.free_pages(), 8);
+    }
+
+    #[test]
+    fn prefixes_are_the_root_to_leaf_paths() {
+        let mut pool = PagePool::new(16, 2);
+        let mut tree = RadixCache::new(2);
+        for toks in [vec![1u32, 2, 3, 4], vec![1, 2, 7, 8, 9, 10], vec![5, 6]] {
+            let t = seq_pages(&mut pool, toks.len());
+            tree.insert(&mut pool, &toks, &t);
+        }
+        let mut p = tree.prefixes();
+        p.sort();
+        assert_eq!(
+            p,
+            vec![vec![1, 2, 3, 4], vec![1, 2, 7, 8, 9, 10], vec![5, 6]]
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 
 use crate::backend::{Backend, BackendError, RopeTable, StepBatch};
 use crate::config::{ModelConfig, RopeScaling};
-use crate::loader::{LoadError, TensorSpec, WeightMap};
+use crate::loader::{LoadError, Tensor, TensorSpec, WeightMap};
+use crate::parallel::{Communicator, Shard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -103,6 +104,10 @@ struct Layer<B: Backend> {
 
 pub struct LlamaModel<B: Backend> {
     cfg: ModelConfig,
+    /// This rank's part of the model (the whole model without tensor parallelism).
+    shard: Shard,
+    /// `cfg` as this rank sees it (its heads, intermediate columns and vocabulary slice).
+    local: ModelConfig,
     embed: B::Weight,
     /// None when tied to the embedding.
     lm_head: Option<B::Weight>,
@@ -123,6 +128,12 @@ pub struct Workspace<B: Backend> {
     mlp: B::Buf,
     selected: B::Buf,
     logits: B::Buf,
+    /// This rank's slice of the logits, `[rank][rows][local vocab]` after the gather
+    /// (tensor parallelism only).
+    local_logits: B::Buf,
+    gathered: B::Buf,
+    /// Host staging for putting the gathered slices back in row order.
+    reorder: Vec<f32>,
     tokens: usize,
     logit_rows: usize,
 }
@@ -140,15 +151,20 @@ impl<B: Backend> Workspace<B> {
             mlp: backend.buffer(0)?,
             selected: backend.buffer(0)?,
             logits: backend.buffer(0)?,
+            local_logits: backend.buffer(0)?,
+            gathered: backend.buffer(0)?,
+            reorder: Vec::new(),
             tokens: 0,
             logit_rows: 0,
         })
     }
 
+    /// `cfg` is the rank's local config; `vocab` the full vocabulary size.
     fn reserve(
         &mut self,
         backend: &B,
         cfg: &ModelConfig,
+        vocab: usize,
         tokens: usize,
         logit_rows: usize,
     ) -> Result<(), BackendError> {
@@ -168,7 +184,11 @@ impl<B: Backend> Workspace<B> {
         }
         if logit_rows > self.logit_rows {
             backend.ensure_len(&mut self.selected, logit_rows * cfg.hidden_size)?;
-            backend.ensure_len(&mut self.logits, logit_rows * cfg.vocab_size)?;
+            backend.ensure_len(&mut self.logits, logit_rows * vocab)?;
+            if cfg.vocab_size != vocab {
+                backend.ensure_len(&mut self.local_logits, logit_rows * cfg.vocab_size)?;
+                backend.ensure_len(&mut self.gathered, logit_rows * vocab)?;
+            }
             self.logit_rows = logit_rows;
         }
         Ok(())
@@ -183,67 +203,125 @@ impl<B: Backend> Workspace<B> {
 impl<B: Backend> LlamaModel<B> {
     /// Takes every tensor of `tensor_specs(cfg)` from `weights` (already checked by the loader).
     pub fn new(backend: &B, cfg: ModelConfig, weights: &WeightMap) -> Result<Self, ModelError> {
-        let take = |name: String| -> Result<B::Weight, ModelError> {
+        let shard = Shard::full(&cfg);
+        Self::new_shard(backend, cfg, weights, shard)
+    }
+
+    /// Rank `shard.rank`'s part of the model: row shards are views into `weights` (the file
+    /// mapping), column shards (o, down) copies of just this rank's columns.
+    pub fn new_shard(
+        backend: &B,
+        cfg: ModelConfig,
+        weights: &WeightMap,
+        shard: Shard,
+    ) -> Result<Self, ModelError> {
+        /// Which part of a tensor this rank keeps.
+        enum Part {
+            All,
+            Rows(std::ops::Range<usize>),
+            Cols(std::ops::Range<usize>),
+        }
+        let take = |name: String, part: Part| -> Result<B::Weight, ModelError> {
             let t = weights.get(&name).ok_or_else(|| LoadError::Tensor {
                 file: weights.files().first().cloned().unwrap_or_default(),
                 tensor: name.clone(),
                 message: "missing from the checkpoint".into(),
             })?;
-            Ok(backend.weight(&name, t)?)
+            let full = |r: &std::ops::Range<usize>, n: usize| r.start == 0 && r.end == n;
+            let t: Tensor = match part {
+                Part::Rows(r) if !full(&r, t.shape()[0]) => t.narrow_rows(r.start, r.len()),
+                Part::Cols(c) if !full(&c, t.shape()[1]) => t.narrow_cols(c.start, c.len()),
+                _ => t.clone(),
+            };
+            Ok(backend.weight(&name, &t)?)
         };
+        let d = cfg.head_dim;
+        let q = shard.q_heads.start * d..shard.q_heads.end * d;
+        let kv = shard.kv_heads.start * d..shard.kv_heads.end * d;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = |n: &str| format!("model.layers.{l}.{n}.weight");
             layers.push(Layer {
-                attn_norm: take(p("input_layernorm"))?,
-                q: take(p("self_attn.q_proj"))?,
-                k: take(p("self_attn.k_proj"))?,
-                v: take(p("self_attn.v_proj"))?,
-                o: take(p("self_attn.o_proj"))?,
-                mlp_norm: take(p("post_attention_layernorm"))?,
-                gate: take(p("mlp.gate_proj"))?,
-                up: take(p("mlp.up_proj"))?,
-                down: take(p("mlp.down_proj"))?,
+                attn_norm: take(p("input_layernorm"), Part::All)?,
+                q: take(p("self_attn.q_proj"), Part::Rows(q.clone()))?,
+                k: take(p("self_attn.k_proj"), Part::Rows(kv.clone()))?,
+                v: take(p("self_attn.v_proj"), Part::Rows(kv.clone()))?,
+                o: take(p("self_attn.o_proj"), Part::Cols(q.clone()))?,
+                mlp_norm: take(p("post_attention_layernorm"), Part::All)?,
+                gate: take(p("mlp.gate_proj"), Part::Rows(shard.intermediate.clone()))?,
+                up: take(p("mlp.up_proj"), Part::Rows(shard.intermediate.clone()))?,
+                down: take(p("mlp.down_proj"), Part::Cols(shard.intermediate.clone()))?,
             });
         }
+        let vocab = || Part::Rows(shard.vocab.clone());
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(take("lm_head.weight".into())?)
+            Some(take("lm_head.weight".into(), vocab())?)
         };
         Ok(Self {
-            embed: take("model.embed_tokens.weight".into())?,
-            norm: take("model.norm.weight".into())?,
+            embed: take("model.embed_tokens.weight".into(), vocab())?,
+            norm: take("model.norm.weight".into(), Part::All)?,
             lm_head,
             layers,
             rope: rope_table(&cfg),
+            local: shard.local_config(&cfg),
+            shard,
             cfg,
         })
     }
 
+    /// The whole model's config.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
+    /// The config of this rank's part (equal to `config()` without tensor parallelism).
+    pub fn local_config(&self) -> &ModelConfig {
+        &self.local
+    }
+
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
     /// Runs one step: writes the new tokens' K/V into `kv` and leaves the logits of
     /// `batch.logit_rows` in `ws.logits()` (`[rows][vocab]`). Returns the number of rows.
+    ///
+    /// With tensor parallelism every rank calls this with the same batch and its own `comm`;
+    /// all ranks end with the full logits.
     pub fn forward(
         &self,
         backend: &B,
         batch: &StepBatch,
         kv: &mut B::Kv,
         ws: &mut Workspace<B>,
+        comm: Option<&dyn Communicator>,
     ) -> Result<usize, BackendError> {
-        let cfg = &self.cfg;
+        let cfg = &self.local;
+        let comm = comm.filter(|c| c.world_size() > 1);
+        if comm.is_none() != self.shard.is_full() {
+            return Err(BackendError::Device(format!(
+                "rank {} of {} needs a communicator for its group",
+                self.shard.rank, self.shard.world
+            )));
+        }
         let t = batch.num_tokens();
         if t == 0 {
             return Ok(0);
         }
+        let h = cfg.hidden_size;
+        // the partial sums of o and down (and of the embedding lookup) meet here
+        let reduce = |buf: &mut B::Buf| match comm {
+            Some(c) => backend.all_reduce(c, buf, t * h),
+            None => Ok(()),
+        };
         let n_logits = batch.logit_rows.len();
-        ws.reserve(backend, cfg, t, n_logits)?;
+        ws.reserve(backend, cfg, self.cfg.vocab_size, t, n_logits)?;
         let eps = cfg.rms_norm_eps;
         let step = backend.begin_step(batch, &self.rope)?;
-        backend.embedding(&self.embed, batch, &mut ws.x)?;
+        backend.embedding(&self.embed, self.shard.vocab.start, batch, &mut ws.x)?;
+        reduce(&mut ws.x)?;
         backend.rms_norm(&ws.x, &self.layers[0].attn_norm, eps, t, &mut ws.h)?;
         for (l, layer) in self.layers.iter().enumerate() {
             backend.qkv(
@@ -252,9 +330,11 @@ impl<B: Backend> LlamaModel<B> {
             backend.rope_and_store_kv(&step, batch, cfg, &mut ws.q, &mut ws.k, &ws.v, kv, l)?;
             backend.attention(&step, batch, cfg, &ws.q, kv, l, &mut ws.attn)?;
             backend.matmul(&ws.attn, t, &layer.o, &mut ws.delta)?;
+            reduce(&mut ws.delta)?;
             backend.add_rms_norm(&mut ws.x, &ws.delta, &layer.mlp_norm, eps, t, &mut ws.h)?;
             backend.gate_up_silu(&ws.h, t, &layer.gate, &layer.up, &mut ws.mlp)?;
             backend.matmul(&ws.mlp, t, &layer.down, &mut ws.delta)?;
+            reduce(&mut ws.delta)?;
             let next_norm = match self.layers.get(l + 1) {
                 Some(next) => &next.attn_norm,
                 None => &self.norm,
@@ -267,7 +347,34 @@ impl<B: Backend> LlamaModel<B> {
         }
         backend.gather_rows(&ws.h, &batch.logit_rows, cfg.hidden_size, &mut ws.selected)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        backend.matmul(&ws.selected, n_logits, head, &mut ws.logits)?;
+        let Some(comm) = comm else {
+            backend.matmul(&ws.selected, n_logits, head, &mut ws.logits)?;
+            return Ok(n_logits);
+        };
+        // each rank's vocabulary slice, gathered rank after rank, then put back row by row
+        let local = n_logits * cfg.vocab_size;
+        let vocab = self.cfg.vocab_size;
+        backend.matmul(&ws.selected, n_logits, head, &mut ws.local_logits)?;
+        backend.all_gather(
+            comm,
+            &ws.local_logits,
+            local,
+            &mut ws.gathered,
+            n_logits * vocab,
+        )?;
+        let world = self.shard.world;
+        let host = backend.to_host(&ws.gathered, n_logits * vocab)?;
+        let out = &mut ws.reorder;
+        out.clear();
+        for row in 0..n_logits {
+            for r in 0..world {
+                let part = Shard::new(&self.cfg, r, world).vocab;
+                let base = n_logits * part.start + row * part.len();
+                out.extend_from_slice(&host[base..base + part.len()]);
+            }
+        }
+        drop(host);
+        backend.upload(out, &mut ws.logits)?;
         Ok(n_logits)
     }
 }

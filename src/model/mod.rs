@@ -7,13 +7,25 @@
 pub mod llama;
 
 use std::borrow::Cow;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendError, StepBatch};
 use crate::config::{ConfigError, Device, EngineConfig, LoadFormat, ModelConfig};
-use crate::loader::{self, LoadError};
+use crate::loader::{self, LoadError, WeightMap};
+use crate::parallel::tcp::{GroupParams, TcpComm};
+use crate::parallel::{self, Communicator, Shard};
 use llama::{LlamaModel, ModelError, Workspace};
+
+/// The state of a tensor-parallel group (one rank, always ready, without parallelism).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParallelState {
+    pub ranks: usize,
+    pub ready: usize,
+    /// Why the group stopped; once set, no step can run again.
+    pub error: Option<String>,
+}
 
 /// A model on a backend with its KV cache: what the engine thread owns.
 pub trait ModelRunner: Send {
@@ -27,6 +39,14 @@ pub trait ModelRunner: Send {
     fn kv_bytes_per_token(&self) -> usize;
     /// Bytes of weights the model reads per forward step (all matrices once).
     fn weight_bytes(&self) -> usize;
+    /// Ranks of the tensor-parallel group and how many are ready.
+    fn parallel_state(&self) -> ParallelState {
+        ParallelState {
+            ranks: 1,
+            ready: 1,
+            error: None,
+        }
+    }
 }
 
 struct Runner<B: Backend> {
@@ -37,6 +57,8 @@ struct Runner<B: Backend> {
     num_pages: usize,
     page_size: usize,
     weight_bytes: usize,
+    /// This rank's group (tensor parallelism only).
+    comm: Option<Arc<dyn Communicator>>,
 }
 
 impl<B: Backend> ModelRunner for Runner<B> {
@@ -44,9 +66,13 @@ impl<B: Backend> ModelRunner for Runner<B> {
         self.model.config()
     }
     fn forward(&mut self, batch: &StepBatch) -> Result<Cow<'_, [f32]>, BackendError> {
-        let rows = self
-            .model
-            .forward(&self.backend, batch, &mut self.kv, &mut self.ws)?;
+        let rows = self.model.forward(
+            &self.backend,
+            batch,
+            &mut self.kv,
+            &mut self.ws,
+            self.comm.as_deref(),
+        )?;
         let vocab = self.model.config().vocab_size;
         self.backend.to_host(self.ws.logits(), rows * vocab)
     }
@@ -57,7 +83,7 @@ impl<B: Backend> ModelRunner for Runner<B> {
         (self.num_pages, self.page_size)
     }
     fn kv_bytes_per_token(&self) -> usize {
-        self.backend.kv_bytes_per_token(self.model.config())
+        self.backend.kv_bytes_per_token(self.model.local_config())
     }
     fn weight_bytes(&self) -> usize {
         self.weight_bytes
@@ -76,10 +102,21 @@ pub enum LoadModelError {
     Backend(#[from] BackendError),
     #[error("--device cuda: {0}")]
     NoCuda(String),
+    #[error("tensor parallelism: {0}")]
+    Parallel(String),
 }
 
-/// Reads the model of `cfg` and builds it on the configured device.
-pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+/// A model read and checked, before it is built on a device.
+struct Prepared {
+    model_cfg: ModelConfig,
+    weights: WeightMap,
+    /// KV pages of every rank (the pool is sized for the whole model).
+    num_pages: usize,
+    /// Ranks of the tensor-parallel group.
+    group: usize,
+}
+
+fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     cfg.validate()?;
     let model_cfg = ModelConfig::from_dir(&cfg.model_path)?;
     match cfg.device {
@@ -90,26 +127,236 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
             ))
         }
     }
-    let backend = CpuBackend::new(cfg.num_threads);
-    tracing::info!(
-        "CPU backend: {} threads, {} kernels",
-        backend.num_threads(),
-        backend.isa().name()
-    );
-    build(backend, model_cfg, cfg)
-}
-
-fn build<B: Backend + 'static>(
-    backend: B,
-    model_cfg: ModelConfig,
-    cfg: &EngineConfig,
-) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+    let group = cfg.group_size();
+    Shard::check(&model_cfg, group).map_err(|message| ConfigError::Option {
+        option: "tp-size",
+        message,
+    })?;
     let started = Instant::now();
     let specs = llama::tensor_specs(&model_cfg);
     let weights = match cfg.load_format {
         LoadFormat::Safetensors => loader::load_safetensors(&cfg.model_path, &specs)?,
         LoadFormat::Dummy => loader::dummy_weights(&specs, cfg.dummy_seed),
     };
+    tracing::info!(
+        "loaded {} ({} parameters, {:.1} MB of weights, {} tensors) in {:.2}s",
+        cfg.model_path.display(),
+        model_cfg.num_parameters(),
+        weights.total_bytes() as f64 / 1e6,
+        weights.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let per_token = CpuBackend::new(Some(1)).kv_bytes_per_token(&model_cfg);
+    let total_tokens = cfg
+        .max_total_tokens
+        .unwrap_or_else(|| default_kv_tokens(per_token, cfg.page_size));
+    Ok(Prepared {
+        num_pages: (total_tokens / cfg.page_size).max(1),
+        model_cfg,
+        weights,
+        group,
+    })
+}
+
+/// CPU threads of each rank of this process: the cores shared by its ranks.
+fn threads_per_rank(cfg: &EngineConfig, ranks_here: usize) -> usize {
+    let cores = cfg.num_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    (cores / ranks_here).max(1)
+}
+
+/// Identifies a model across processes: its shape and the size of every tensor.
+fn model_fingerprint(p: &Prepared) -> u64 {
+    let c = &p.model_cfg;
+    let text = format!(
+        "{} {} {} {} {} {} {} {} {}",
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.vocab_size,
+        c.tie_word_embeddings,
+        p.weights.total_bytes()
+    );
+    // FNV-1a: stable across builds and machines (unlike the std hasher)
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn dist_timeout(cfg: &EngineConfig) -> Duration {
+    Duration::from_secs(cfg.dist_timeout_secs)
+}
+
+fn master(cfg: &EngineConfig) -> String {
+    format!(
+        "{}:{}",
+        cfg.master_addr.as_deref().unwrap_or("127.0.0.1"),
+        cfg.master_port
+    )
+}
+
+/// Reads the model of `cfg` and builds it on the configured device. With `--tp-size` the
+/// ranks are threads of this process; with `--world-size` this is rank 0 of a group of
+/// processes, and returns once every other rank has joined (see [`serve_rank`]).
+pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+    let p = prepare(cfg)?;
+    let (num_pages, page_size) = (p.num_pages, cfg.page_size);
+    let runner: Box<dyn ModelRunner> = if p.group == 1 {
+        build_rank(
+            &p.model_cfg,
+            &p.weights,
+            Shard::full(&p.model_cfg),
+            None,
+            num_pages,
+            page_size,
+            cfg.num_threads,
+        )?
+    } else if cfg.world_size == 1 {
+        let tp = p.group;
+        let threads = threads_per_rank(cfg, tp);
+        tracing::info!("tensor parallelism: {tp} ranks on CPU threads, {threads} threads each");
+        let model_cfg = p.model_cfg.clone();
+        let weights = Arc::new(p.weights);
+        let runner =
+            parallel::runner::start(&p.model_cfg, tp, dist_timeout(cfg), move |shard, comm| {
+                build_rank(
+                    &model_cfg,
+                    &weights,
+                    shard,
+                    Some(comm),
+                    num_pages,
+                    page_size,
+                    Some(threads),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .map_err(LoadModelError::Parallel)?;
+        Box::new(runner)
+    } else {
+        if cfg.rank != 0 {
+            return Err(LoadModelError::Parallel(format!(
+                "rank {} does not serve; it runs the steps rank 0 sends (serve_rank)",
+                cfg.rank
+            )));
+        }
+        let bind = format!("0.0.0.0:{}", cfg.master_port);
+        tracing::info!(
+            "tensor parallelism: rank 0 of {} processes, waiting for the others on {bind}",
+            p.group
+        );
+        let params = GroupParams {
+            model_fingerprint: model_fingerprint(&p),
+            num_pages: num_pages as u64,
+            page_size: page_size as u64,
+        };
+        let comm = TcpComm::listen(&bind, p.group, params, dist_timeout(cfg))
+            .map_err(|e| LoadModelError::Parallel(e.to_string()))?;
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let shard = Shard::new(&p.model_cfg, 0, p.group);
+        let threads = Some(threads_per_rank(cfg, 1));
+        let built = build_rank(
+            &p.model_cfg,
+            &p.weights,
+            shard,
+            Some(comm.clone()),
+            num_pages,
+            page_size,
+            threads,
+        );
+        let rank0 = match built {
+            Ok(r) => r,
+            Err(e) => {
+                comm.abort(&format!("rank 0 failed at start-up: {e}"));
+                return Err(e);
+            }
+        };
+        comm.barrier()
+            .map_err(|e| LoadModelError::Parallel(e.to_string()))?;
+        tracing::info!("tensor parallelism: all {} ranks ready", p.group);
+        Box::new(parallel::runner::process_group(rank0, comm))
+    };
+    tracing::info!(
+        "KV cache: {} pages x {} tokens = {} tokens, {:.1} MB ({} bytes per token)",
+        num_pages,
+        page_size,
+        num_pages * page_size,
+        (num_pages * page_size * runner.kv_bytes_per_token()) as f64 / 1e6,
+        runner.kv_bytes_per_token()
+    );
+    Ok(runner)
+}
+
+/// A rank other than 0 of a group of processes: loads its shard, joins rank 0 at
+/// `--master-addr:--master-port`, and runs the steps rank 0 broadcasts until rank 0 stops
+/// the group (`Ok`) or the group fails (`Err` naming the rank and the reason).
+pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
+    let p = prepare(cfg)?;
+    if cfg.world_size < 2 || cfg.rank == 0 {
+        return Err(LoadModelError::Parallel(
+            "serve_rank is for ranks 1.. of a multi-process group".into(),
+        ));
+    }
+    let at = master(cfg);
+    tracing::info!("rank {} of {}: joining rank 0 at {at}", cfg.rank, p.group);
+    let (comm, params) = TcpComm::connect(
+        &at,
+        cfg.rank,
+        cfg.world_size,
+        model_fingerprint(&p),
+        dist_timeout(cfg),
+    )
+    .map_err(|e| LoadModelError::Parallel(e.to_string()))?;
+    let comm: Arc<dyn Communicator> = Arc::new(comm);
+    let shard = Shard::new(&p.model_cfg, cfg.rank, p.group);
+    let built = build_rank(
+        &p.model_cfg,
+        &p.weights,
+        shard,
+        Some(comm.clone()),
+        params.num_pages as usize,
+        params.page_size as usize,
+        Some(threads_per_rank(cfg, 1)),
+    );
+    let mut runner = match built {
+        Ok(r) => r,
+        Err(e) => {
+            comm.abort(&format!("rank {} failed at start-up: {e}", cfg.rank));
+            return Err(e);
+        }
+    };
+    comm.barrier()
+        .map_err(|e| LoadModelError::Parallel(e.to_string()))?;
+    tracing::info!("rank {}: ready", cfg.rank);
+    parallel::runner::serve_steps(cfg.rank, runner.as_mut(), comm.as_ref())
+        .map_err(LoadModelError::Parallel)?;
+    tracing::info!("rank {}: rank 0 stopped the group", cfg.rank);
+    Ok(())
+}
+
+/// One rank's runner on the CPU backend (the whole model when `shard` is full): its shard of
+/// `weights`, a KV cache of `num_pages` pages for its KV heads, and `threads` CPU threads.
+pub fn build_rank(
+    model_cfg: &ModelConfig,
+    weights: &WeightMap,
+    shard: Shard,
+    comm: Option<Arc<dyn Communicator>>,
+    num_pages: usize,
+    page_size: usize,
+    threads: Option<usize>,
+) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+    let backend = CpuBackend::new(threads);
+    if shard.rank == 0 {
+        tracing::info!(
+            "CPU backend: {} threads, {} kernels",
+            backend.num_threads(),
+            backend.isa().name()
+        );
+    }
+    let specs = llama::tensor_specs(model_cfg);
     // Bytes a decode step reads: every matrix once; the embedding table only as the lm_head
     // (a lookup reads a few rows).
     let size = |name: &str| weights.get(name).map_or(0, |t| t.size_bytes());
@@ -123,38 +370,18 @@ fn build<B: Backend + 'static>(
         } else {
             0
         };
-    let model = LlamaModel::new(&backend, model_cfg.clone(), &weights)?;
-    let per_token = backend.kv_bytes_per_token(&model_cfg);
-    let total_tokens = cfg
-        .max_total_tokens
-        .unwrap_or_else(|| default_kv_tokens(per_token, cfg.page_size));
-    let num_pages = (total_tokens / cfg.page_size).max(1);
-    let kv = backend.kv_cache(&model_cfg, num_pages, cfg.page_size)?;
+    let model = LlamaModel::new_shard(&backend, model_cfg.clone(), weights, shard)?;
+    let kv = backend.kv_cache(model.local_config(), num_pages, page_size)?;
     let ws = Workspace::new(&backend)?;
-    tracing::info!(
-        "loaded {} ({} parameters, {:.1} MB of weights, {} tensors) in {:.2}s",
-        cfg.model_path.display(),
-        model_cfg.num_parameters(),
-        weights.total_bytes() as f64 / 1e6,
-        weights.len(),
-        started.elapsed().as_secs_f64()
-    );
-    tracing::info!(
-        "KV cache: {} pages x {} tokens = {} tokens, {:.1} MB ({} bytes per token)",
-        num_pages,
-        cfg.page_size,
-        num_pages * cfg.page_size,
-        (num_pages * cfg.page_size * per_token) as f64 / 1e6,
-        per_token
-    );
     Ok(Box::new(Runner {
         backend,
         model,
         kv,
         ws,
         num_pages,
-        page_size: cfg.page_size,
+        page_size,
         weight_bytes,
+        comm,
     }))
 }
 

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from conftest import Server
+from sglang_testing import Server
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

@@ -1,6 +1,6 @@
 """SGLang's native API and the info routes."""
 
-from conftest import cli_generate
+from sglang_testing import cli_generate
 
 
 def test_generate_single_and_batch(server):

@@ -4,7 +4,7 @@ streaming; greedy answers equal the CLI's greedy output."""
 import openai
 import pytest
 
-from conftest import cli_generate
+from sglang_testing import cli_generate
 
 
 @pytest.fixture(scope="module")

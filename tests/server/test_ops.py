@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server
+from sglang_testing import Server
 
 BAD = [
     # (path, raw body, status, field named in the error)
@@ -103,7 +103,7 @@ def test_health_and_metrics(server):
     status, _, h = server.request("GET", "/health")
     assert status == 200 and h["status"] in ("healthy", "degraded")
     assert {"status", "timestamp", "uptime", "version", "checks"} <= set(h)
-    assert set(h["checks"]) == {"basic", "memory", "gpu", "model", "performance"}
+    assert set(h["checks"]) == {"basic", "memory", "gpu", "model", "performance", "parallel"}
     assert h["checks"]["gpu"]["status"] == "not available"
     status, _, g = server.request("GET", "/health_generate")
     assert status == 200 and g["status"] == "healthy"
@@ -142,7 +142,9 @@ def test_starting_then_healthy():
             seen.add((status, h["status"]))
             if status == 200:
                 break
-            assert s.request("POST", "/generate", raw='{"text": "x"}')[0] == 503
+            code = s.request("POST", "/generate", raw='{"text": "x"}')[0]
+            # 200 only when loading finished between the two requests
+            assert code == 503 or s.request("GET", "/health", timeout=2)[0] == 200, code
             time.sleep(0.02)
         assert (503, "starting") in seen, seen
         assert any(st == 200 for st, _ in seen), seen
@@ -179,7 +181,7 @@ def test_sigterm_under_load_drains_and_exits_zero():
 
 
 def test_invalid_options_stop_start_up_naming_them():
-    from conftest import BINARY, MODEL
+    from sglang_testing import BINARY, MODEL
     import os
     import subprocess
     cases = [
@@ -190,6 +192,13 @@ def test_invalid_options_stop_start_up_naming_them():
         ([], {"SGLANG_ENABLE_RADIX_CACHE": "maybe"}, "SGLANG_ENABLE_RADIX_CACHE"),
         (["--model-path", "/nonexistent"], {}, "model-path"),
         (["--log-level", "loud"], {}, "log-level"),
+        # 9 query heads and 3 KV heads: 4 ranks can neither split nor replicate them evenly
+        (["--tp-size", "4"], {}, "tp-size"),
+        ([], {"SGLANG_TP_SIZE": "0"}, "tp-size"),
+        ([], {"SGLANG_WORLD_SIZE": "2", "SGLANG_RANK": "1"}, "master-addr"),
+        (["--rank", "3"], {}, "rank"),
+        (["--world-size", "2", "--tp-size", "3", "--master-addr", "h"], {}, "tp-size"),
+        (["--dist-timeout", "0"], {}, "dist-timeout"),
     ]
     for args, env, needle in cases:
         out = subprocess.run([str(BINARY), "--model-path", str(MODEL), *args], capture_output=True, text=True,
@@ -209,3 +218,4 @@ def test_radix_cache_off_by_variable():
         assert r["meta_info"]["cached_tokens"] == 0
     finally:
         s.stop()
+

@@ -12,6 +12,8 @@ use sglang::tokenizer::ChatMessage;
 
 use super::native::parse_ids;
 use super::{ok_json, parse_json, ApiError, AppState, Body};
+use sglang::engine::{GenerateRequest, SubmitError};
+use sglang::sampling::SamplingParams;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +135,9 @@ fn config_json(state: &AppState) -> Value {
         "chunked_prefill_size": e.chunked_prefill_size,
         "context_length": e.context_length,
         "threads": e.threads,
+        "tp_size": e.tp_size,
+        "world_size": e.world_size,
+        "rank": e.rank,
         "enable_radix_cache": state.engine.get().map(|h| h.info().engine_config.enable_radix_cache),
         "chat_template": e.chat_template.as_ref().map(|p| p.display().to_string()),
         "host": a.host,
@@ -145,6 +150,7 @@ fn config_json(state: &AppState) -> Value {
         "health_generate_timeout": a.health_generate_timeout,
         "max_request_bytes": a.max_request_bytes,
         "log_level": a.log_level,
+        "log_file": a.log_file.as_ref().map(|p| p.display().to_string()),
     })
 }
 
@@ -172,6 +178,11 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
             "available_tokens": s.kv_available_tokens.load(Ordering::Relaxed),
         });
         v["weight_bytes"] = json!(info.weight_bytes);
+        v["tensor_parallel"] = json!({
+            "ranks": info.tp_size,
+            "ranks_ready": s.tp_ranks_ready.load(Ordering::Relaxed),
+            "error": engine.fatal_error(),
+        });
         v["stats"] = json!({
             "running": s.running.load(Ordering::Relaxed),
             "waiting": s.waiting.load(Ordering::Relaxed),
@@ -198,4 +209,165 @@ pub async fn flush_cache(state: &Arc<AppState>) -> Result<Response<Body>, ApiErr
     Ok(ok_json(
         &json!({"message": "Cache flushed.", "freed_pages": pages}),
     ))
+}
+
+/// Hex sha256 of a file, read in 1 MiB blocks.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `POST /admin/checkpoint`: the identity of the served model: its directory, config and the
+/// sha256 of every file in it (the weights themselves are not sent).
+pub async fn checkpoint(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
+    let engine = state.engine()?;
+    let info = engine.info();
+    let dir = std::fs::canonicalize(&info.engine_config.model_path)
+        .unwrap_or_else(|_| info.engine_config.model_path.clone());
+    let dummy = info.engine_config.load_format == sglang::config::LoadFormat::Dummy;
+    let served = state.served_model_name.clone();
+    let files = tokio::task::spawn_blocking(move || -> Result<(Value, Value), String> {
+        let mut files = Vec::new();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_type().map(|t| t.is_file()).unwrap_or(false)
+                    && !e.file_name().to_string_lossy().starts_with('.')
+            })
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
+            let sha = sha256_file(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+            files.push(
+                json!({"name": e.file_name().to_string_lossy(), "bytes": bytes, "sha256": sha}),
+            );
+        }
+        let config: Value = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null);
+        Ok((
+            json!({"model_path": dir.display().to_string(), "files": files}),
+            config,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(ApiError::internal)?;
+    let (mut body, config) = files;
+    body["checkpoint_path"] = body["model_path"].clone();
+    body["config"] = config;
+    body["served_model_name"] = json!(served);
+    body["load_format"] = json!(if dummy { "dummy" } else { "safetensors" });
+    body["version"] = json!(sglang::VERSION);
+    body["created"] = json!(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()));
+    Ok(ok_json(&body))
+}
+
+/// `GET /admin/cache/state`: the token prefixes the radix cache holds.
+pub async fn cache_state(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
+    let engine = state.engine()?;
+    let prefixes = engine
+        .cached_prefixes()
+        .await
+        .map_err(|_| ApiError::unavailable("the engine stopped"))?;
+    let tokens: usize = prefixes.iter().map(|p| p.len()).sum();
+    Ok(ok_json(&json!({
+        "enable_radix_cache": engine.info().engine_config.enable_radix_cache,
+        "page_size": engine.info().page_size,
+        "num_prefixes": prefixes.len(),
+        "cached_tokens": tokens,
+        "prefixes": prefixes,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WarmBody {
+    prefixes: Vec<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    page_size: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    enable_radix_cache: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    num_prefixes: Option<usize>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    cached_tokens: Option<usize>,
+}
+
+/// `POST /admin/cache/state`: re-warms the radix cache by prefilling each prefix (one token is
+/// generated and discarded). Accepts what `GET` returned.
+pub async fn warm_cache(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+    let engine = state.engine()?;
+    if !engine.info().engine_config.enable_radix_cache {
+        return Err(ApiError::bad_request(
+            "prefixes",
+            "the radix cache is disabled on this server",
+        ));
+    }
+    let b: WarmBody = parse_json(body)?;
+    let mut prefixes = Vec::with_capacity(b.prefixes.len());
+    for (i, p) in b.prefixes.iter().enumerate() {
+        let ids = parse_ids(p, &format!("prefixes[{i}]"))?;
+        let req = GenerateRequest {
+            input_ids: ids,
+            params: SamplingParams::greedy(1),
+            ..Default::default()
+        };
+        engine
+            .validate(&req)
+            .map_err(|e| ApiError::bad_request(&format!("prefixes[{i}]"), e.to_string()))?;
+        prefixes.push(req);
+    }
+    let mut warmed = 0usize;
+    let mut tokens = 0usize;
+    // in waves, so a large cache does not overrun the request queue
+    for wave in prefixes.chunks(32) {
+        let mut streams = Vec::new();
+        for req in wave {
+            tokens += req.input_ids.len();
+            loop {
+                match engine.submit(req.clone()) {
+                    Ok(s) => break streams.push(s),
+                    Err(SubmitError::QueueFull(_)) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        for mut s in streams {
+            while let Some(ev) = s.next().await {
+                match ev {
+                    sglang::engine::Event::Finished(_) => {
+                        warmed += 1;
+                        break;
+                    }
+                    sglang::engine::Event::Failed(e) => return Err(ApiError::internal(e)),
+                    sglang::engine::Event::Chunk(_) => {}
+                }
+            }
+        }
+    }
+    Ok(ok_json(&json!({"warmed": warmed, "prefix_tokens": tokens})))
 }

@@ -27,6 +27,7 @@ use sglang::metrics::Metrics;
 
 use crate::args::ServerArgs;
 use crate::health::Health;
+pub use admin::sha256_file as admin_sha256_file;
 pub use error::ApiError;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -99,6 +100,8 @@ enum Route {
     ServerInfo,
     Config,
     FlushCache,
+    Checkpoint,
+    CacheState,
     Health,
     HealthGenerate,
     Metrics,
@@ -121,6 +124,8 @@ impl Route {
             "/get_server_info" => (Route::ServerInfo, GET),
             "/config" => (Route::Config, GET),
             "/flush_cache" => (Route::FlushCache, BOTH),
+            "/admin/checkpoint" => (Route::Checkpoint, POST),
+            "/admin/cache/state" => (Route::CacheState, BOTH),
             "/health" => (Route::Health, GET),
             "/health_generate" => (Route::HealthGenerate, GET),
             "/metrics" => (Route::Metrics, GET),
@@ -131,7 +136,11 @@ impl Route {
     fn access(self) -> Access {
         match self {
             Route::Health | Route::HealthGenerate | Route::Metrics => Access::Open,
-            Route::ServerInfo | Route::Config | Route::FlushCache => Access::Admin,
+            Route::ServerInfo
+            | Route::Config
+            | Route::FlushCache
+            | Route::Checkpoint
+            | Route::CacheState => Access::Admin,
             _ => Access::Inference,
         }
     }
@@ -285,7 +294,8 @@ async fn dispatch(
     }
     let limit = state.args.max_request_bytes;
     let _active = route.is_inference().then(|| ActiveGuard::new(state));
-    let body = if req.method() == Method::POST {
+    let is_post = req.method() == Method::POST;
+    let body = if is_post {
         read_body(req, limit).await?
     } else {
         Bytes::new()
@@ -301,6 +311,9 @@ async fn dispatch(
         Route::ServerInfo => admin::server_info(state),
         Route::Config => admin::config(state),
         Route::FlushCache => admin::flush_cache(state).await,
+        Route::Checkpoint => admin::checkpoint(state).await,
+        Route::CacheState if is_post => admin::warm_cache(state, &body).await,
+        Route::CacheState => admin::cache_state(state).await,
         Route::Health | Route::HealthGenerate | Route::Metrics => unreachable!("handled above"),
     }
 }

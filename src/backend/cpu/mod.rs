@@ -18,6 +18,7 @@ use self::pool::ThreadPool;
 use super::{Backend, BackendError, RopeTable, StepBatch};
 use crate::config::ModelConfig;
 use crate::loader::{Elems, Tensor};
+use crate::parallel::Communicator;
 
 /// A weight on the CPU: the loader's view (no copy).
 pub struct CpuWeight {
@@ -278,6 +279,7 @@ impl Backend for CpuBackend {
     fn embedding(
         &self,
         table: &CpuWeight,
+        vocab_start: usize,
         batch: &StepBatch,
         out: &mut Vec<f32>,
     ) -> Result<(), BackendError> {
@@ -286,12 +288,11 @@ impl Backend for CpuBackend {
         check_len(out, batch.num_tokens() * h, "embedding");
         let e = table.elems();
         for (t, &id) in batch.tokens.iter().enumerate() {
-            let id = id as usize;
-            assert!(
-                id < rows,
-                "token id {id} outside the embedding table ({rows})"
-            );
-            e.slice(id * h, h).to_f32(&mut out[t * h..(t + 1) * h]);
+            let dst = &mut out[t * h..(t + 1) * h];
+            match (id as usize).checked_sub(vocab_start) {
+                Some(row) if row < rows => e.slice(row * h, h).to_f32(dst),
+                _ => dst.fill(0.0),
+            }
         }
         Ok(())
     }
@@ -510,6 +511,33 @@ impl Backend for CpuBackend {
             let r = r as usize;
             out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
         }
+        Ok(())
+    }
+
+    fn all_reduce(
+        &self,
+        comm: &dyn Communicator,
+        buf: &mut Vec<f32>,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        comm.all_reduce_sum(&mut buf[..len])
+            .map_err(|e| BackendError::Device(e.to_string()))
+    }
+
+    fn all_gather(
+        &self,
+        comm: &dyn Communicator,
+        local: &Vec<f32>,
+        len: usize,
+        out: &mut Vec<f32>,
+        total: usize,
+    ) -> Result<(), BackendError> {
+        comm.all_gather(&local[..len], &mut out[..total])
+            .map_err(|e| BackendError::Device(e.to_string()))
+    }
+
+    fn upload(&self, data: &[f32], out: &mut Vec<f32>) -> Result<(), BackendError> {
+        out[..data.len()].copy_from_slice(data);
         Ok(())
     }
 
