@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Creates ./.venv with the pinned packages of scripts/requirements.txt (idempotent).
-# Prints the interpreter path on the last line so callers can use it.
+# Creates ./.venv with the pinned packages of scripts/requirements.txt (idempotent), or
+# `venv.sh DIR REQUIREMENTS` for another venv. Prints the interpreter path on the last line so
+# callers can use it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/.venv"
-req="$root/scripts/requirements.txt"
+venv="${1:-$root/.venv}"
+req="${2:-$root/scripts/requirements.txt}"
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$req" | cut -d' ' -f1)"
 if [[ ! -x "$venv/bin/python" ]]; then

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod gpu;
 pub mod kv;
 pub mod loader;
 pub mod metrics;
@@ -22,3 +23,7 @@ pub mod tokenizer;
 
 /// The engine's version (also reported by the server).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Whether this build has the CUDA backend (feature `cuda`); it still runs on the CPU where
+/// no driver exists.
+pub const CUDA_BUILD: bool = cfg!(feature = "cuda");

@@ -4,9 +4,10 @@
 //!
 //! Histogram buckets span LLM latencies: milliseconds (inter-token) to minutes (long requests).
 
+pub use prometheus::IntGaugeVec;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Request, TTFT and queue latencies: 5 ms to 10 minutes.

@@ -29,12 +29,15 @@ const STALL_AFTER: Duration = Duration::from_secs(60);
 /// The last probe results (`checks` and the status they imply).
 pub struct Health {
     report: RwLock<(String, Value)>,
+    /// `sglang_gpu_utilization_percent`, registered the first time NVML answers.
+    gpu_gauge: std::sync::OnceLock<Option<sglang::metrics::IntGaugeVec>>,
 }
 
 impl Default for Health {
     fn default() -> Self {
         Self {
             report: RwLock::new(("starting".into(), json!({}))),
+            gpu_gauge: std::sync::OnceLock::new(),
         }
     }
 }
@@ -120,11 +123,7 @@ pub fn probe(state: &AppState) {
             "kv_cache_available_tokens": stats.kv_available_tokens.load(Ordering::Relaxed),
             "memory_pressure": pressure,
         },
-        "gpu": {
-            "gpu_available": false,
-            "status": "not available",
-            "reason": format!("the {} backend runs without a GPU", info.backend),
-        },
+        "gpu": gpu_check(state, info.backend),
         "parallel": {
             "tp_size": info.tp_size,
             "ranks_ready": stats.tp_ranks_ready.load(Ordering::Relaxed),
@@ -154,6 +153,44 @@ pub fn probe(state: &AppState) {
         "healthy"
     };
     *state.health.report.write() = (status.to_string(), checks);
+}
+
+/// The `gpu` check: NVML's view of the GPUs when the engine runs on one (utilisation, memory,
+/// temperature; also exported as metrics), else why there is nothing to report.
+fn gpu_check(state: &AppState, backend: &str) -> Value {
+    if backend != "cuda" {
+        return json!({
+            "gpu_available": false,
+            "status": "not available",
+            "reason": format!("the {backend} backend runs without a GPU"),
+        });
+    }
+    match sglang::gpu::status() {
+        Err(reason) => json!({
+            "gpu_available": true,
+            "status": "not available",
+            "reason": format!("telemetry: {reason}"),
+        }),
+        Ok(devices) => {
+            let m = &state.metrics;
+            let gauge = state.health.gpu_gauge.get_or_init(|| m.register_gpu().ok());
+            for d in &devices {
+                if let Some(g) = gauge {
+                    g.with_label_values(&[&d.index.to_string()])
+                        .set(d.utilization_percent as i64);
+                }
+            }
+            let used: u64 = devices.iter().map(|d| d.memory_used_bytes).sum();
+            let total: u64 = devices.iter().map(|d| d.memory_total_bytes).sum();
+            m.memory_usage_bytes
+                .with_label_values(&["gpu"])
+                .set(used as i64);
+            m.memory_usage_bytes
+                .with_label_values(&["gpu_total"])
+                .set(total as i64);
+            json!({"gpu_available": true, "status": "ok", "devices": devices})
+        }
+    }
 }
 
 /// How long a server whose engine failed keeps answering (`/health`: unhealthy) before it

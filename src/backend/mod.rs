@@ -11,6 +11,8 @@
 //! block table into the paged KV cache.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::borrow::Cow;
 
@@ -26,6 +28,18 @@ pub enum BackendError {
     OutOfMemory(String),
     #[error("device error: {0}")]
     Device(String),
+}
+
+/// `(rows, cols)` of a weight (a 1-D tensor is one column), or the error naming it.
+pub fn weight_dims(name: &str, t: &Tensor) -> Result<(usize, usize), BackendError> {
+    let shape = t.shape();
+    if shape.is_empty() || shape.len() > 2 {
+        return Err(BackendError::Weight {
+            name: name.into(),
+            message: format!("expected a 1-D or 2-D tensor, got shape {shape:?}"),
+        });
+    }
+    Ok((shape[0], shape.get(1).copied().unwrap_or(1)))
 }
 
 /// One sequence's part of a [`StepBatch`].

@@ -119,14 +119,6 @@ struct Prepared {
 fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     cfg.validate()?;
     let model_cfg = ModelConfig::from_dir(&cfg.model_path)?;
-    match cfg.device {
-        Device::Cpu | Device::Auto => {}
-        Device::Cuda => {
-            return Err(LoadModelError::NoCuda(
-                "the CUDA backend is not part of this build yet; use --device cpu".into(),
-            ))
-        }
-    }
     let group = cfg.group_size();
     Shard::check(&model_cfg, group).map_err(|message| ConfigError::Option {
         option: "tp-size",
@@ -199,11 +191,77 @@ fn master(cfg: &EngineConfig) -> String {
     )
 }
 
+/// The device `cfg` runs on in this build on this machine: `auto` is CUDA when the build has
+/// it and a driver with a device is present, else the CPU; `cuda` where it cannot work is an
+/// error that says why.
+pub fn resolve_device(cfg: &EngineConfig) -> Result<Device, LoadModelError> {
+    match cfg.device {
+        Device::Cpu => Ok(Device::Cpu),
+        Device::Auto => Ok(if cuda_usable() {
+            Device::Cuda
+        } else {
+            Device::Cpu
+        }),
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                if crate::backend::cuda::driver_available() {
+                    return Ok(Device::Cuda);
+                }
+                Err(LoadModelError::NoCuda(format!(
+                    "{}; use --device cpu (or auto)",
+                    crate::backend::cuda::unavailable_reason()
+                )))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err(LoadModelError::NoCuda(
+                "this build has no CUDA backend: rebuild with `--features sglang/cuda` \
+                 (scripts/cuda-toolchain.sh installs nvcc), or use --device cpu"
+                    .into(),
+            ))
+        }
+    }
+}
+
+/// [`resolve_device`] for a tensor-parallel group: GPU groups need NCCL, which is not built
+/// yet, so `auto` runs a group on the CPU and `cuda` is refused.
+fn group_device(cfg: &EngineConfig) -> Result<Device, LoadModelError> {
+    let device = resolve_device(cfg)?;
+    if device != Device::Cuda || cfg.group_size() == 1 {
+        return Ok(device);
+    }
+    if cfg.device == Device::Auto {
+        tracing::warn!("tensor parallelism runs on the CPU: the GPU path (NCCL) is not built yet");
+        return Ok(Device::Cpu);
+    }
+    Err(LoadModelError::Parallel(
+        "tensor parallelism on GPUs needs the NCCL communicator, which is not built yet; use \
+         --device cpu (or auto) with --tp-size/--world-size"
+            .into(),
+    ))
+}
+
+fn cuda_usable() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::backend::cuda::driver_available()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
 /// Reads the model of `cfg` and builds it on the configured device. With `--tp-size` the
 /// ranks are threads of this process; with `--world-size` this is rank 0 of a group of
 /// processes, and returns once every other rank has joined (see [`serve_rank`]).
 pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+    let device = group_device(cfg)?;
     let p = prepare(cfg)?;
+    if device == Device::Cuda {
+        #[cfg(feature = "cuda")]
+        return build_cuda(cfg, p);
+    }
     let (num_pages, page_size) = (p.num_pages, cfg.page_size);
     let runner: Box<dyn ModelRunner> = if p.group == 1 {
         build_rank(
@@ -294,6 +352,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
 /// `--master-addr:--master-port`, and runs the steps rank 0 broadcasts until rank 0 stops
 /// the group (`Ok`) or the group fails (`Err` naming the rank and the reason).
 pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
+    group_device(cfg)?;
     let p = prepare(cfg)?;
     if cfg.world_size < 2 || cfg.rank == 0 {
         return Err(LoadModelError::Parallel(
@@ -337,6 +396,93 @@ pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
     Ok(())
 }
 
+/// The whole model on GPU 0: weights uploaded through pinned staging, the KV pool sized by
+/// `--mem-fraction-static` (or `--max-total-tokens`).
+#[cfg(feature = "cuda")]
+fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+    use crate::backend::cuda::CudaBackend;
+    let backend = CudaBackend::new(0)?;
+    let (free, total) = backend.memory()?;
+    tracing::info!(
+        "CUDA backend: {} ({:.1} GiB, {:.1} GiB free)",
+        backend.device_name(),
+        total as f64 / (1u64 << 30) as f64,
+        free as f64 / (1u64 << 30) as f64
+    );
+    let started = Instant::now();
+    backend.set_upload_total(p.weights.total_bytes());
+    let model = LlamaModel::new(&backend, p.model_cfg.clone(), &p.weights)?;
+    tracing::info!(
+        "weights on the GPU in {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
+    let page_size = cfg.page_size;
+    let c = &p.model_cfg;
+    let per_token = backend.kv_bytes_per_token(c);
+    let num_pages = match cfg.max_total_tokens {
+        Some(t) => (t / page_size).max(1),
+        None => {
+            // activations of the largest step, logits of a full batch, cuBLAS and slack
+            let q = c.num_heads * c.head_dim;
+            let per_row = 6 * c.hidden_size + 3 * c.intermediate_size + 3 * q;
+            let reserve = cfg.chunked_prefill_size * per_row * 4
+                + cfg.max_running_requests * c.vocab_size * 4
+                + (512 << 20);
+            backend.kv_pages_for(cfg.mem_fraction_static, per_token * page_size, reserve)?
+        }
+    };
+    let weight_bytes = weight_bytes(c, &p.weights);
+    let runner = runner(backend, model, num_pages, page_size, weight_bytes, None)?;
+    tracing::info!(
+        "KV cache: {} pages x {} tokens = {} tokens, {:.1} MB ({} bytes per token)",
+        num_pages,
+        page_size,
+        num_pages * page_size,
+        (num_pages * page_size * per_token) as f64 / 1e6,
+        per_token
+    );
+    Ok(runner)
+}
+
+/// A model on its backend with a KV cache of `num_pages` pages for its (local) KV heads.
+fn runner<B: Backend + 'static>(
+    backend: B,
+    model: LlamaModel<B>,
+    num_pages: usize,
+    page_size: usize,
+    weight_bytes: usize,
+    comm: Option<Arc<dyn Communicator>>,
+) -> Result<Box<dyn ModelRunner>, LoadModelError> {
+    let kv = backend.kv_cache(model.local_config(), num_pages, page_size)?;
+    let ws = Workspace::new(&backend)?;
+    Ok(Box::new(Runner {
+        backend,
+        model,
+        kv,
+        ws,
+        num_pages,
+        page_size,
+        weight_bytes,
+        comm,
+    }))
+}
+
+/// Bytes a decode step reads: every matrix once; the embedding table only as the lm_head (a
+/// lookup reads a few rows).
+fn weight_bytes(model_cfg: &ModelConfig, weights: &WeightMap) -> usize {
+    let size = |name: &str| weights.get(name).map_or(0, |t| t.size_bytes());
+    llama::tensor_specs(model_cfg)
+        .iter()
+        .filter(|s| s.name != "model.embed_tokens.weight")
+        .map(|s| size(&s.name))
+        .sum::<usize>()
+        + if model_cfg.tie_word_embeddings {
+            size("model.embed_tokens.weight")
+        } else {
+            0
+        }
+}
+
 /// One rank's runner on the CPU backend (the whole model when `shard` is full): its shard of
 /// `weights`, a KV cache of `num_pages` pages for its KV heads, and `threads` CPU threads.
 pub fn build_rank(
@@ -356,33 +502,9 @@ pub fn build_rank(
             backend.isa().name()
         );
     }
-    let specs = llama::tensor_specs(model_cfg);
-    // Bytes a decode step reads: every matrix once; the embedding table only as the lm_head
-    // (a lookup reads a few rows).
-    let size = |name: &str| weights.get(name).map_or(0, |t| t.size_bytes());
-    let weight_bytes = specs
-        .iter()
-        .filter(|s| s.name != "model.embed_tokens.weight")
-        .map(|s| size(&s.name))
-        .sum::<usize>()
-        + if model_cfg.tie_word_embeddings {
-            size("model.embed_tokens.weight")
-        } else {
-            0
-        };
+    let weight_bytes = weight_bytes(model_cfg, weights);
     let model = LlamaModel::new_shard(&backend, model_cfg.clone(), weights, shard)?;
-    let kv = backend.kv_cache(model.local_config(), num_pages, page_size)?;
-    let ws = Workspace::new(&backend)?;
-    Ok(Box::new(Runner {
-        backend,
-        model,
-        kv,
-        ws,
-        num_pages,
-        page_size,
-        weight_bytes,
-        comm,
-    }))
+    runner(backend, model, num_pages, page_size, weight_bytes, comm)
 }
 
 /// Default CPU KV pool: a quarter of the available memory, at most 65536 tokens, at least 64

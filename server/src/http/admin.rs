@@ -161,6 +161,7 @@ pub fn config(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
 pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
     let mut v = config_json(state);
     v["version"] = json!(sglang::VERSION);
+    v["cuda_build"] = json!(sglang::CUDA_BUILD);
     v["uptime_seconds"] = json!(state.started.elapsed().as_secs_f64());
     v["draining"] = json!(state.draining.load(Ordering::Acquire));
     if let Some(engine) = state.engine.get() {

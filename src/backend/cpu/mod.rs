@@ -198,12 +198,7 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, name: &str, t: &Tensor) -> Result<CpuWeight, BackendError> {
-        if t.shape().is_empty() || t.shape().len() > 2 {
-            return Err(BackendError::Weight {
-                name: name.into(),
-                message: format!("expected a 1-D or 2-D tensor, got shape {:?}", t.shape()),
-            });
-        }
+        super::weight_dims(name, t)?;
         Ok(CpuWeight { tensor: t.clone() })
     }
 

@@ -1,0 +1,243 @@
+// Kernels of the CUDA backend (src/backend/cuda). Storage is bf16 (weights, KV cache),
+// activations and accumulation are f32. Every kernel is `extern "C"` (looked up by name from
+// the embedded fatbin) and takes plain pointers and sizes, so the launches can be captured
+// in a CUDA graph later. Layouts match the CPU backend:
+//   activations   row-major [tokens][width]
+//   weights       HF layout [out_features][in_features]
+//   KV cache      per layer, [slot][kv_head][head_dim], slot = page * page_size + offset
+//   RoPE          Hugging Face half rotation, cos/sin precomputed per token [token][dim/2]
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x / WARP;
+    float s = lane < warps ? part[lane] : 0.0f;
+    s = warp_sum(s);
+    __syncthreads();  // `part` may be reused by the next call
+    return s;
+}
+
+// out[t] = table[tokens[t] - vocab_start], zeros for ids outside this shard's rows.
+extern "C" __global__ void sg_embedding(const bf16* __restrict__ table,
+                                        const uint32_t* __restrict__ tokens,
+                                        float* __restrict__ out, int hidden, int vocab_start,
+                                        int rows) {
+    const int t = blockIdx.x;
+    const long row = (long)tokens[t] - vocab_start;
+    float* o = out + (long)t * hidden;
+    if (row < 0 || row >= rows) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = 0.0f;
+        return;
+    }
+    const bf16* src = table + row * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __bfloat162float(src[i]);
+}
+
+// One block per row: out = x * rsqrt(mean(x^2) + eps) * w.
+extern "C" __global__ void sg_rms_norm(const float* __restrict__ x, const bf16* __restrict__ w,
+                                       float* __restrict__ out, int hidden, float eps) {
+    const float* xr = x + (long)blockIdx.x * hidden;
+    float* o = out + (long)blockIdx.x * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
+    const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        o[i] = xr[i] * inv * __bfloat162float(w[i]);
+}
+
+// residual += delta; out = rmsnorm(residual) * w (one block per row).
+extern "C" __global__ void sg_add_rms_norm(float* __restrict__ residual,
+                                           const float* __restrict__ delta,
+                                           const bf16* __restrict__ w, float* __restrict__ out,
+                                           int hidden, float eps) {
+    float* r = residual + (long)blockIdx.x * hidden;
+    const float* d = delta + (long)blockIdx.x * hidden;
+    float* o = out + (long)blockIdx.x * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = r[i] + d[i];
+        r[i] = v;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        o[i] = r[i] * inv * __bfloat162float(w[i]);
+}
+
+// Activations to bf16 for the tensor-core matrix products (round to nearest even).
+extern "C" __global__ void sg_f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y,
+                                          long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16_rn(x[i]);
+}
+
+// out = silu(gate) * up.
+extern "C" __global__ void sg_silu_mul(const float* __restrict__ gate,
+                                       const float* __restrict__ up, float* __restrict__ out,
+                                       long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long)gridDim.x * blockDim.x) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + __expf(-g)) * up[i];
+    }
+}
+
+// RoPE in place on q [tokens][q_heads][dim] and k [tokens][kv_heads][dim], one block per token.
+extern "C" __global__ void sg_rope(float* __restrict__ q, float* __restrict__ k,
+                                   const float* __restrict__ cos_t,
+                                   const float* __restrict__ sin_t, int q_heads, int kv_heads,
+                                   int dim) {
+    const int t = blockIdx.x, half = dim / 2;
+    const float* c = cos_t + (long)t * half;
+    const float* s = sin_t + (long)t * half;
+    const int heads = q_heads + kv_heads;
+    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
+        const int h = j / half, i = j % half;
+        float* x = h < q_heads ? q + ((long)t * q_heads + h) * dim
+                               : k + ((long)t * kv_heads + (h - q_heads)) * dim;
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c[i] - x2 * s[i];
+        x[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+// Writes each new token's K and V (f32, [tokens][kv_dim]) into its slot of the bf16 cache.
+extern "C" __global__ void sg_store_kv(const float* __restrict__ k, const float* __restrict__ v,
+                                       const uint32_t* __restrict__ slots, bf16* __restrict__ kc,
+                                       bf16* __restrict__ vc, int kv_dim) {
+    const int t = blockIdx.x;
+    const long dst = (long)slots[t] * kv_dim, src = (long)t * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        kc[dst + i] = __float2bfloat16_rn(k[src + i]);
+        vc[dst + i] = __float2bfloat16_rn(v[src + i]);
+    }
+}
+
+// out[i] = x[rows[i]] for rows of `width` values.
+extern "C" __global__ void sg_gather_rows(const float* __restrict__ x,
+                                          const uint32_t* __restrict__ rows,
+                                          float* __restrict__ out, int width) {
+    const float* src = x + (long)rows[blockIdx.x] * width;
+    float* o = out + (long)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = src[i];
+}
+
+#define ATTN_WARPS 4
+#define MAX_GROUP 8
+#define MAX_PER_LANE 8  // head_dim <= 256
+
+// Paged causal attention, prefill and decode alike. One block per (new token, KV head): the
+// block reads each cached K/V row once for all query heads of the group (GQA). Each warp
+// walks a quarter of the positions with an online softmax per query head; the warps then
+// merge their partial results. Token t sits at position positions[t] of sequence
+// token_seq[t] and attends to positions 0..=positions[t] through that sequence's pages.
+// Dynamic shared memory: ATTN_WARPS * group * (head_dim + 2) floats.
+extern "C" __global__ void sg_attention(const float* __restrict__ q,
+                                        const bf16* __restrict__ kc,
+                                        const bf16* __restrict__ vc, float* __restrict__ out,
+                                        const uint32_t* __restrict__ positions,
+                                        const uint32_t* __restrict__ token_seq,
+                                        const uint32_t* __restrict__ seq_table_start,
+                                        const uint32_t* __restrict__ block_tables,
+                                        int page_size, int q_heads, int kv_heads, int dim,
+                                        float scale) {
+    extern __shared__ float smem[];
+    const int t = blockIdx.x, kvh = blockIdx.y;
+    const int group = q_heads / kv_heads;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int per_lane = (dim + WARP - 1) / WARP;
+    const int pos = (int)positions[t];
+    const uint32_t* table = block_tables + seq_table_start[token_seq[t]];
+    const int kv_dim = kv_heads * dim;
+
+    float qv[MAX_GROUP][MAX_PER_LANE];
+    float acc[MAX_GROUP][MAX_PER_LANE];
+    float m[MAX_GROUP], l[MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAX_PER_LANE; j++) {
+            acc[g][j] = 0.0f;
+            const int d = lane + j * WARP;
+            qv[g][j] = (g < group && j < per_lane && d < dim)
+                           ? q[((long)t * q_heads + kvh * group + g) * dim + d] * scale
+                           : 0.0f;
+        }
+    }
+    for (int p = warp; p <= pos; p += ATTN_WARPS) {
+        const long slot = (long)table[p / page_size] * page_size + p % page_size;
+        const bf16* kr = kc + slot * kv_dim + (long)kvh * dim;
+        const bf16* vr = vc + slot * kv_dim + (long)kvh * dim;
+        float kx[MAX_PER_LANE], vx[MAX_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < MAX_PER_LANE; j++) {
+            const int d = lane + j * WARP;
+            const bool in = j < per_lane && d < dim;
+            kx[j] = in ? __bfloat162float(kr[d]) : 0.0f;
+            vx[j] = in ? __bfloat162float(vr[d]) : 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            if (g >= group) break;
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < MAX_PER_LANE; j++) s += qv[g][j] * kx[j];
+            s = warp_sum(s);
+            const float nm = fmaxf(m[g], s);
+            const float corr = __expf(m[g] - nm), w = __expf(s - nm);
+            l[g] = l[g] * corr + w;
+#pragma unroll
+            for (int j = 0; j < MAX_PER_LANE; j++) acc[g][j] = acc[g][j] * corr + w * vx[j];
+            m[g] = nm;
+        }
+    }
+    // merge the warps: per warp and head, m and l, then the accumulator
+    float* sm = smem;                                 // [warps][group] m
+    float* sl = smem + ATTN_WARPS * group;            // [warps][group] l
+    float* sacc = smem + 2 * ATTN_WARPS * group;      // [warps][group][dim]
+    for (int g = 0; g < group; g++) {
+        if (lane == 0) {
+            sm[warp * group + g] = m[g];
+            sl[warp * group + g] = l[g];
+        }
+        for (int j = 0; j < per_lane; j++) {
+            const int d = lane + j * WARP;
+            if (d < dim) sacc[((long)warp * group + g) * dim + d] = acc[g][j];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
+        const int g = i / dim, d = i % dim;
+        float mm = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm[w * group + g]);
+        float ll = 0.0f, o = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            const float mw = sm[w * group + g];
+            if (mw == -INFINITY) continue;  // a warp that saw no position
+            const float f = __expf(mw - mm);
+            ll += sl[w * group + g] * f;
+            o += sacc[((long)w * group + g) * dim + d] * f;
+        }
+        out[((long)t * q_heads + kvh * group + g) * dim + d] = o / ll;
+    }
+}

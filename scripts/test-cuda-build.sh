@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The `cuda` feature on a machine without a GPU (CI's): nvcc (pinned PyPI wheels) builds the
+# kernels, clippy is clean, and the cuda-built server refuses `--device cuda` with the reason
+# while `--device auto` serves on the CPU. Builds into target/cuda so the default build stays.
+# The GPU half of tests/cuda.rs (parity with the CPU) runs where a GPU is present.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+NVCC="$(./scripts/cuda-toolchain.sh | tail -n1)"
+export NVCC
+export CARGO_TARGET_DIR="$root/target/cuda"
+python="$(./scripts/venv.sh | tail -n1)"
+./scripts/prepare-model.sh >&2
+cargo clippy -p sglang -p sglang-server --features sglang/cuda --all-targets --release -- -D warnings
+cargo test --release -p sglang --features cuda --test cuda
+cargo build --release -p sglang-server --features sglang/cuda
+SGLANG_SERVER_BIN="$CARGO_TARGET_DIR/release/sglang-server" "$python" -m pytest -q tests/cuda_build

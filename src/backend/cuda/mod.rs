@@ -1,0 +1,869 @@
+//! The CUDA backend (feature `cuda`): the kernels of `csrc/` (one fatbin built by nvcc in
+//! build.rs and embedded here), cuBLAS for the matrix products, bf16 weights and KV cache,
+//! f32 activations.
+//!
+//! CUDA is loaded at run time (cudarc's dynamic loading): a binary built with `cuda` starts
+//! and serves on the CPU where no driver exists; [`driver_available`] is checked before any
+//! other call. All work runs on one stream owned by the backend (so a step can be captured
+//! in a graph later); memory is plain device allocations owned by small RAII wrappers.
+//!
+//! Weights go from the safetensors mapping to the device in chunks through one pinned
+//! staging buffer (converted to bf16 on the way when the file holds f16 or f32): no full host
+//! copy of the model is ever made.
+
+use std::borrow::Cow;
+use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cudarc::cublas::result as blas;
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::result as drv;
+use cudarc::driver::sys;
+use cudarc::driver::CudaContext;
+use parking_lot::Mutex;
+
+use super::{Backend, BackendError, RopeTable, StepBatch};
+use crate::config::ModelConfig;
+use crate::loader::{f32_to_bf16, Elems, Tensor};
+use crate::parallel::Communicator;
+
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sglang_kernels.fatbin"));
+
+/// Bytes of the pinned buffer weights are staged through.
+const STAGING_BYTES: usize = 32 << 20;
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+/// Warps (of 32 threads) per attention block; must match `ATTN_WARPS` in csrc/kernels.cu.
+const ATTN_WARPS: u32 = 4;
+/// Largest query-head group and head size the attention kernel handles (csrc/kernels.cu).
+const MAX_GROUP: usize = 8;
+const MAX_HEAD_DIM: usize = 256;
+
+fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
+    BackendError::Device(format!("{what}: {e:?}"))
+}
+
+/// True when the CUDA driver library loads, initialises and reports at least one device.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen libcuda; no CUDA call is made when it is absent.
+    if !unsafe { sys::is_culib_present() } {
+        return false;
+    }
+    drv::init().is_ok() && drv::device::get_count().is_ok_and(|n| n > 0)
+}
+
+/// Why CUDA cannot be used here, for `--device cuda` errors.
+pub fn unavailable_reason() -> String {
+    // SAFETY: as above.
+    if !unsafe { sys::is_culib_present() } {
+        return "no CUDA driver (libcuda.so) can be loaded on this machine".into();
+    }
+    match drv::init().and_then(|_| drv::device::get_count()) {
+        Ok(0) => "the CUDA driver reports no device".into(),
+        Ok(_) => "CUDA is available".into(),
+        Err(e) => format!("the CUDA driver failed to initialise: {e:?}"),
+    }
+}
+
+/// A device allocation, freed on drop (with its context made current first).
+pub struct DevMem {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a device pointer is an integer handle valid in its context from any thread.
+unsafe impl Send for DevMem {}
+unsafe impl Sync for DevMem {}
+
+impl DevMem {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, BackendError> {
+        ctx.bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        // SAFETY: a fresh allocation of at least one byte.
+        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }.map_err(|e| {
+            BackendError::OutOfMemory(format!("cannot allocate {bytes} bytes on the GPU: {e:?}"))
+        })?;
+        Ok(Self {
+            ptr,
+            bytes,
+            ctx: ctx.clone(),
+        })
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by malloc_sync and freed once.
+            let _ = unsafe { drv::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// A bf16 weight on the device.
+pub struct CudaWeight {
+    mem: DevMem,
+    rows: usize,
+    cols: usize,
+}
+
+/// f32 activations on the device.
+pub struct CudaBuf {
+    mem: DevMem,
+    len: usize,
+}
+
+/// The paged KV cache: per layer, bf16 `[slot][kv_head][head_dim]` for K and for V.
+pub struct CudaKv {
+    k: Vec<DevMem>,
+    v: Vec<DevMem>,
+}
+
+/// A step's metadata on the device (buffers reused from step to step).
+pub struct CudaStep {
+    tokens: DevMem,
+    positions: DevMem,
+    slots: DevMem,
+    token_seq: DevMem,
+    seq_table_start: DevMem,
+    block_tables: DevMem,
+    cos: DevMem,
+    sin: DevMem,
+    n_tokens: usize,
+    /// Host staging of the same, kept to avoid allocating per step.
+    host_u32: Vec<u32>,
+    host_f32: Vec<f32>,
+}
+
+struct Kernels {
+    embedding: sys::CUfunction,
+    rms_norm: sys::CUfunction,
+    add_rms_norm: sys::CUfunction,
+    f32_to_bf16: sys::CUfunction,
+    silu_mul: sys::CUfunction,
+    rope: sys::CUfunction,
+    store_kv: sys::CUfunction,
+    gather_rows: sys::CUfunction,
+    attention: sys::CUfunction,
+}
+
+/// Scratch buffers of the matrix products (activations in bf16, gate and up halves).
+struct Scratch {
+    x_bf16: Option<DevMem>,
+    gate: Option<CudaBuf>,
+    up: Option<CudaBuf>,
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: sys::CUstream,
+    module: sys::CUmodule,
+    k: Kernels,
+    blas: blas_sys::cublasHandle_t,
+    staging: *mut c_void,
+    scratch: Mutex<Scratch>,
+    spare_step: Mutex<Option<CudaStep>>,
+    /// Index lists uploaded by `embedding` (token ids) and `gather_rows` (rows): reused, and
+    /// safe to overwrite because copies and kernels are ordered on the one stream.
+    token_ids: Mutex<Option<DevMem>>,
+    row_ids: Mutex<Option<DevMem>>,
+    /// Weight upload progress: bytes expected and done (logged every 10 %).
+    upload_total: AtomicUsize,
+    uploaded: AtomicUsize,
+    name: String,
+}
+
+// SAFETY: the raw handles (stream, module, cuBLAS handle, pinned buffer) are used only under
+// the engine's single-threaded step discipline; the context is made current before each use.
+unsafe impl Send for CudaBackend {}
+unsafe impl Sync for CudaBackend {}
+
+/// Kernel arguments: pointers to each value, which must outlive the launch call.
+macro_rules! args {
+    ($($x:expr),* $(,)?) => {
+        [$( &$x as *const _ as *mut c_void ),*]
+    };
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`: context, stream, the embedded kernels, cuBLAS.
+    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+        if !driver_available() {
+            return Err(BackendError::Device(unavailable_reason()));
+        }
+        // SAFETY: checks that libcublas can be loaded before cudarc touches it.
+        if !unsafe { blas_sys::is_culib_present() } {
+            return Err(BackendError::Device(
+                "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 runtime libraries"
+                    .into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("CUDA context", e))?;
+        ctx.bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
+        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(|e| dev_err("create stream", e))?;
+        // SAFETY: FATBIN is a complete fatbin image built by nvcc (build.rs).
+        let module =
+            unsafe { drv::module::load_data(FATBIN.as_ptr() as *const c_void) }.map_err(|e| {
+                dev_err(
+                    "load the kernels (built for sm_80/sm_90a + compute_80 PTX; the driver must \
+                     support CUDA 13.0)",
+                    e,
+                )
+            })?;
+        let f = |n: &str| -> Result<sys::CUfunction, BackendError> {
+            // SAFETY: the module is loaded; the name is a NUL-free literal.
+            unsafe { drv::module::get_function(module, CString::new(n).expect("no NUL")) }
+                .map_err(|e| dev_err(&format!("kernel {n}"), e))
+        };
+        let k = Kernels {
+            embedding: f("sg_embedding")?,
+            rms_norm: f("sg_rms_norm")?,
+            add_rms_norm: f("sg_add_rms_norm")?,
+            f32_to_bf16: f("sg_f32_to_bf16")?,
+            silu_mul: f("sg_silu_mul")?,
+            rope: f("sg_rope")?,
+            store_kv: f("sg_store_kv")?,
+            gather_rows: f("sg_gather_rows")?,
+            attention: f("sg_attention")?,
+        };
+        let handle = blas::create_handle().map_err(|e| dev_err("cuBLAS", e))?;
+        // SAFETY: both handles are valid; the cast only changes the pointee's nominal type.
+        unsafe { blas::set_stream(handle, stream as blas_sys::cudaStream_t) }
+            .map_err(|e| dev_err("cuBLAS stream", e))?;
+        // SAFETY: a pinned allocation of STAGING_BYTES, freed in Drop.
+        let staging = unsafe { drv::malloc_host(STAGING_BYTES, 0) }
+            .map_err(|e| dev_err("pinned staging buffer", e))?;
+        Ok(Self {
+            ctx,
+            stream,
+            module,
+            k,
+            blas: handle,
+            staging,
+            scratch: Mutex::new(Scratch {
+                x_bf16: None,
+                gate: None,
+                up: None,
+            }),
+            spare_step: Mutex::new(None),
+            token_ids: Mutex::new(None),
+            row_ids: Mutex::new(None),
+            upload_total: AtomicUsize::new(0),
+            uploaded: AtomicUsize::new(0),
+            name,
+        })
+    }
+
+    /// Announces the bytes of weights about to be uploaded, so the upload can show progress.
+    pub fn set_upload_total(&self, bytes: usize) {
+        self.upload_total.store(bytes, Ordering::Relaxed);
+        self.uploaded.store(0, Ordering::Relaxed);
+    }
+
+    fn upload_progress(&self, bytes: usize) {
+        let total = self.upload_total.load(Ordering::Relaxed);
+        if total == 0 {
+            return;
+        }
+        let before = self.uploaded.fetch_add(bytes, Ordering::Relaxed);
+        let (a, b) = (before * 10 / total, (before + bytes) * 10 / total);
+        if b > a {
+            tracing::info!("uploading weights: {}%", (b * 10).min(100));
+        }
+    }
+
+    /// The GPU's name (as the driver reports it).
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Free and total device memory, bytes.
+    pub fn memory(&self) -> Result<(usize, usize), BackendError> {
+        self.bind()?;
+        drv::mem_get_info().map_err(|e| dev_err("memory info", e))
+    }
+
+    /// KV pages that fit in `fraction` of the device memory beside what is already used
+    /// (weights, workspace), keeping `reserve` bytes for activations.
+    pub fn kv_pages_for(
+        &self,
+        fraction: f32,
+        bytes_per_page: usize,
+        reserve: usize,
+    ) -> Result<usize, BackendError> {
+        let (free, total) = self.memory()?;
+        let used = total - free;
+        let budget = (total as f64 * fraction as f64) as usize;
+        let left = budget.saturating_sub(used).saturating_sub(reserve);
+        let pages = left / bytes_per_page.max(1);
+        if pages == 0 {
+            return Err(BackendError::OutOfMemory(format!(
+                "--mem-fraction-static {fraction} of {:.1} GiB leaves no room for the KV cache \
+                 ({:.1} GiB already used by weights and buffers)",
+                total as f64 / (1u64 << 30) as f64,
+                used as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(pages)
+    }
+
+    fn bind(&self) -> Result<(), BackendError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))
+    }
+
+    fn launch(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<(), BackendError> {
+        // SAFETY: `params` points at live values whose types match the kernel's signature
+        // (each call site passes exactly the kernel's parameters, in order).
+        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), shared, self.stream, params) }
+            .map_err(|e| dev_err("kernel launch", e))
+    }
+
+    /// A row kernel: one block of ROW_THREADS per row.
+    fn launch_rows(
+        &self,
+        f: sys::CUfunction,
+        rows: usize,
+        params: &mut [*mut c_void],
+    ) -> Result<(), BackendError> {
+        self.launch(f, (rows as u32, 1, 1), ROW_THREADS, 0, params)
+    }
+
+    fn sync(&self) -> Result<(), BackendError> {
+        // SAFETY: the stream is valid.
+        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| dev_err("synchronize", e))
+    }
+
+    fn htod<T>(&self, dst: &DevMem, data: &[T]) -> Result<(), BackendError> {
+        let bytes = std::mem::size_of_val(data);
+        if bytes > dst.bytes {
+            return Err(BackendError::Device(format!(
+                "upload of {bytes} bytes into {}",
+                dst.bytes
+            )));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: `dst` holds at least `bytes`; pageable memory is staged by the driver
+        // before the call returns, so `data` may be dropped afterwards.
+        unsafe { drv::memcpy_htod_async(dst.ptr, data, self.stream) }
+            .map_err(|e| dev_err("copy to device", e))
+    }
+
+    /// Grows `slot` to at least `bytes`. A buffer is only freed once the stream is idle, so
+    /// no queued kernel can still be using it.
+    fn ensure(&self, slot: &mut Option<DevMem>, bytes: usize) -> Result<(), BackendError> {
+        if slot.as_ref().is_none_or(|m| m.bytes < bytes) {
+            self.sync()?;
+            *slot = None;
+            *slot = Some(DevMem::new(&self.ctx, bytes.next_power_of_two())?);
+        }
+        Ok(())
+    }
+
+    /// `out[rows][w.rows] = x[rows][w.cols] · wᵀ` (x converted to bf16; f32 accumulation).
+    fn gemm(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        w: &CudaWeight,
+        out: sys::CUdeviceptr,
+        scratch: &mut Scratch,
+    ) -> Result<(), BackendError> {
+        let n = rows * w.cols;
+        self.ensure(&mut scratch.x_bf16, n * 2)?;
+        let xb = scratch.x_bf16.as_ref().expect("ensured").ptr;
+        let count = n as i64;
+        let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
+        self.launch(
+            self.k.f32_to_bf16,
+            (blocks, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![x.mem.ptr, xb, count],
+        )?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major out[rows][o] = x[rows][i] · W[o][i]ᵀ is, column-major,
+        // out(o × rows) = Wᵀ(o × i) · x(i × rows).
+        // SAFETY: pointers are live device buffers of the sizes named by m, n, k and the
+        // leading dimensions; alpha/beta are host f32 (CUBLAS_COMPUTE_32F).
+        unsafe {
+            blas::gemm_ex(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                w.rows as i32,
+                rows as i32,
+                w.cols as i32,
+                &alpha as *const f32 as *const c_void,
+                w.mem.ptr as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                w.cols as i32,
+                xb as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                w.cols as i32,
+                &beta as *const f32 as *const c_void,
+                out as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                w.rows as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| dev_err("cuBLAS gemm", e))
+    }
+
+    fn new_step(&self) -> Result<CudaStep, BackendError> {
+        let m = || DevMem::new(&self.ctx, 4096);
+        Ok(CudaStep {
+            tokens: m()?,
+            positions: m()?,
+            slots: m()?,
+            token_seq: m()?,
+            seq_table_start: m()?,
+            block_tables: m()?,
+            cos: m()?,
+            sin: m()?,
+            n_tokens: 0,
+            host_u32: Vec::new(),
+            host_f32: Vec::new(),
+        })
+    }
+
+    /// Uploads `data` into the reusable buffer `slot` (grown when needed); its device pointer.
+    fn upload_ids(
+        &self,
+        slot: &Mutex<Option<DevMem>>,
+        data: &[u32],
+    ) -> Result<sys::CUdeviceptr, BackendError> {
+        let mut slot = slot.lock();
+        self.ensure(&mut slot, data.len() * 4)?;
+        let mem = slot.as_ref().expect("ensured");
+        self.htod(mem, data)?;
+        Ok(mem.ptr)
+    }
+
+    /// Copies `data` into `dst`, growing it first when needed.
+    fn put<T: Copy>(&self, dst: &mut DevMem, data: &[T]) -> Result<(), BackendError> {
+        let bytes = std::mem::size_of_val(data);
+        if dst.bytes < bytes {
+            self.sync()?;
+            *dst = DevMem::new(&self.ctx, bytes.next_power_of_two())?;
+        }
+        self.htod(dst, data)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: each handle was created in `new` and is released once.
+            unsafe {
+                let _ = drv::stream::synchronize(self.stream);
+                let _ = blas::destroy_handle(self.blas);
+                let _ = drv::free_host(self.staging);
+                let _ = drv::module::unload(self.module);
+                let _ = drv::stream::destroy(self.stream);
+            }
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Buf = CudaBuf;
+    type Kv = CudaKv;
+    type Step = CudaStep;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn weight(&self, name: &str, t: &Tensor) -> Result<CudaWeight, BackendError> {
+        let (rows, cols) = super::weight_dims(name, t)?;
+        let n = rows * cols;
+        let mem = DevMem::new(&self.ctx, n * 2)?;
+        let elems = t.elems();
+        let chunk = STAGING_BYTES / 2;
+        // SAFETY: `staging` is a pinned buffer of STAGING_BYTES, used by one upload at a
+        // time (each chunk is synchronised before the buffer is refilled).
+        let staging = unsafe { std::slice::from_raw_parts_mut(self.staging as *mut u16, chunk) };
+        let mut at = 0;
+        while at < n {
+            let len = chunk.min(n - at);
+            match elems.slice(at, len) {
+                Elems::BF16(s) => staging[..len].copy_from_slice(s),
+                other => {
+                    for (i, o) in staging[..len].iter_mut().enumerate() {
+                        *o = f32_to_bf16(other.get(i));
+                    }
+                }
+            }
+            // SAFETY: the destination range lies inside `mem`; the source is pinned and is
+            // not touched again until the stream has finished this copy.
+            unsafe {
+                drv::memcpy_htod_async(mem.ptr + (at * 2) as u64, &staging[..len], self.stream)
+            }
+            .map_err(|e| dev_err(&format!("upload of `{name}`"), e))?;
+            self.sync()?;
+            at += len;
+        }
+        self.upload_progress(t.size_bytes());
+        Ok(CudaWeight { mem, rows, cols })
+    }
+
+    fn buffer(&self, len: usize) -> Result<CudaBuf, BackendError> {
+        Ok(CudaBuf {
+            mem: DevMem::new(&self.ctx, len * 4)?,
+            len,
+        })
+    }
+
+    fn ensure_len(&self, buf: &mut CudaBuf, len: usize) -> Result<(), BackendError> {
+        if buf.len < len {
+            self.sync()?;
+            *buf = self.buffer(len)?;
+        }
+        Ok(())
+    }
+
+    fn kv_cache(
+        &self,
+        cfg: &ModelConfig,
+        num_pages: usize,
+        page_size: usize,
+    ) -> Result<CudaKv, BackendError> {
+        let bytes = num_pages * page_size * cfg.num_kv_heads * cfg.head_dim * 2;
+        let mut k = Vec::with_capacity(cfg.num_layers);
+        let mut v = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            k.push(DevMem::new(&self.ctx, bytes)?);
+            v.push(DevMem::new(&self.ctx, bytes)?);
+        }
+        Ok(CudaKv { k, v })
+    }
+
+    fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize {
+        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    }
+
+    fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CudaStep, BackendError> {
+        self.bind()?;
+        let mut step = match self.spare_step.lock().take() {
+            Some(s) => s,
+            None => self.new_step()?,
+        };
+        let t = batch.num_tokens();
+        step.n_tokens = t;
+        let mut h = std::mem::take(&mut step.host_u32);
+        self.put(&mut step.tokens, &batch.tokens)?;
+        self.put(&mut step.positions, &batch.positions)?;
+        self.put(&mut step.slots, &batch.slots)?;
+        h.clear();
+        for (i, s) in batch.seqs.iter().enumerate() {
+            h.extend(std::iter::repeat_n(i as u32, s.num_tokens));
+        }
+        self.put(&mut step.token_seq, &h)?;
+        h.clear();
+        h.extend(batch.seqs.iter().map(|s| s.block_table_start as u32));
+        self.put(&mut step.seq_table_start, &h)?;
+        self.put(&mut step.block_tables, &batch.block_tables)?;
+        step.host_u32 = h;
+        // cos/sin per token, computed in f64 like the CPU backend
+        let half = rope.inv_freq.len();
+        let mut f = std::mem::take(&mut step.host_f32);
+        f.clear();
+        f.resize(2 * t * half, 0.0);
+        let (cos, sin) = f.split_at_mut(t * half);
+        for (i, &p) in batch.positions.iter().enumerate() {
+            for (j, &inv) in rope.inv_freq.iter().enumerate() {
+                let a = p as f64 * inv;
+                cos[i * half + j] = a.cos() as f32;
+                sin[i * half + j] = a.sin() as f32;
+            }
+        }
+        self.put(&mut step.cos, cos)?;
+        self.put(&mut step.sin, sin)?;
+        step.host_f32 = f;
+        Ok(step)
+    }
+
+    fn end_step(&self, step: CudaStep) {
+        *self.spare_step.lock() = Some(step);
+    }
+
+    fn embedding(
+        &self,
+        table: &CudaWeight,
+        vocab_start: usize,
+        batch: &StepBatch,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let ids = self.upload_ids(&self.token_ids, &batch.tokens)?;
+        let (hidden, start, rows) = (table.cols as i32, vocab_start as i32, table.rows as i32);
+        self.launch_rows(
+            self.k.embedding,
+            batch.num_tokens(),
+            &mut args![table.mem.ptr, ids, out.mem.ptr, hidden, start, rows],
+        )
+    }
+
+    fn rms_norm(
+        &self,
+        x: &CudaBuf,
+        w: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let hidden = w.rows as i32;
+        self.launch_rows(
+            self.k.rms_norm,
+            rows,
+            &mut args![x.mem.ptr, w.mem.ptr, out.mem.ptr, hidden, eps],
+        )
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaBuf,
+        delta: &CudaBuf,
+        w: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let hidden = w.rows as i32;
+        self.launch_rows(
+            self.k.add_rms_norm,
+            rows,
+            &mut args![
+                residual.mem.ptr,
+                delta.mem.ptr,
+                w.mem.ptr,
+                out.mem.ptr,
+                hidden,
+                eps
+            ],
+        )
+    }
+
+    fn matmul(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        w: &CudaWeight,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let mut scratch = self.scratch.lock();
+        self.gemm(x, rows, w, out.mem.ptr, &mut scratch)
+    }
+
+    fn qkv(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        wq: &CudaWeight,
+        wk: &CudaWeight,
+        wv: &CudaWeight,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let mut scratch = self.scratch.lock();
+        self.gemm(x, rows, wq, q.mem.ptr, &mut scratch)?;
+        self.gemm(x, rows, wk, k.mem.ptr, &mut scratch)?;
+        self.gemm(x, rows, wv, v.mem.ptr, &mut scratch)
+    }
+
+    fn gate_up_silu(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        gate: &CudaWeight,
+        up: &CudaWeight,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let mut scratch = self.scratch.lock();
+        let n = rows * gate.rows;
+        let s = &mut *scratch;
+        for slot in [&mut s.gate, &mut s.up] {
+            if slot.as_ref().is_none_or(|b| b.len < n) {
+                self.sync()?;
+                *slot = None;
+                *slot = Some(self.buffer(n.next_power_of_two())?);
+            }
+        }
+        let g = scratch.gate.as_ref().expect("ensured").mem.ptr;
+        let u = scratch.up.as_ref().expect("ensured").mem.ptr;
+        self.gemm(x, rows, gate, g, &mut scratch)?;
+        self.gemm(x, rows, up, u, &mut scratch)?;
+        let count = n as i64;
+        let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
+        self.launch(
+            self.k.silu_mul,
+            (blocks, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![g, u, out.mem.ptr, count],
+        )
+    }
+
+    fn rope_and_store_kv(
+        &self,
+        step: &CudaStep,
+        _batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &mut CudaBuf,
+        k: &mut CudaBuf,
+        v: &CudaBuf,
+        kv: &mut CudaKv,
+        layer: usize,
+    ) -> Result<(), BackendError> {
+        let t = step.n_tokens;
+        let (qh, kvh, d) = (
+            cfg.num_heads as i32,
+            cfg.num_kv_heads as i32,
+            cfg.head_dim as i32,
+        );
+        self.launch_rows(
+            self.k.rope,
+            t,
+            &mut args![q.mem.ptr, k.mem.ptr, step.cos.ptr, step.sin.ptr, qh, kvh, d],
+        )?;
+        let kv_dim = kvh * d;
+        self.launch_rows(
+            self.k.store_kv,
+            t,
+            &mut args![
+                k.mem.ptr,
+                v.mem.ptr,
+                step.slots.ptr,
+                kv.k[layer].ptr,
+                kv.v[layer].ptr,
+                kv_dim
+            ],
+        )
+    }
+
+    fn attention(
+        &self,
+        step: &CudaStep,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &CudaBuf,
+        kv: &CudaKv,
+        layer: usize,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        let group = cfg.num_heads / cfg.num_kv_heads.max(1);
+        if group > MAX_GROUP || cfg.head_dim > MAX_HEAD_DIM || cfg.head_dim % 2 != 0 {
+            return Err(BackendError::Device(format!(
+                "the CUDA attention kernel handles up to {MAX_GROUP} query heads per KV head \
+                 and head_dim <= {MAX_HEAD_DIM} (this model: {group}, {})",
+                cfg.head_dim
+            )));
+        }
+        let (page, qh, kvh, d) = (
+            batch.page_size as i32,
+            cfg.num_heads as i32,
+            cfg.num_kv_heads as i32,
+            cfg.head_dim as i32,
+        );
+        let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
+        let shared = (ATTN_WARPS as usize * group * (cfg.head_dim + 2) * 4) as u32;
+        self.launch(
+            self.k.attention,
+            (step.n_tokens as u32, cfg.num_kv_heads as u32, 1),
+            ATTN_WARPS * 32,
+            shared,
+            &mut args![
+                q.mem.ptr,
+                kv.k[layer].ptr,
+                kv.v[layer].ptr,
+                out.mem.ptr,
+                step.positions.ptr,
+                step.token_seq.ptr,
+                step.seq_table_start.ptr,
+                step.block_tables.ptr,
+                page,
+                qh,
+                kvh,
+                d,
+                scale
+            ],
+        )
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CudaBuf,
+        rows: &[u32],
+        width: usize,
+        out: &mut CudaBuf,
+    ) -> Result<(), BackendError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let idx = self.upload_ids(&self.row_ids, rows)?;
+        let w = width as i32;
+        self.launch_rows(
+            self.k.gather_rows,
+            rows.len(),
+            &mut args![x.mem.ptr, idx, out.mem.ptr, w],
+        )
+    }
+
+    fn all_reduce(
+        &self,
+        _comm: &dyn Communicator,
+        _buf: &mut CudaBuf,
+        _len: usize,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Device(
+            "tensor parallelism on the GPU needs the NCCL communicator, which is not built yet"
+                .into(),
+        ))
+    }
+
+    fn all_gather(
+        &self,
+        comm: &dyn Communicator,
+        _local: &CudaBuf,
+        _len: usize,
+        out: &mut CudaBuf,
+        _total: usize,
+    ) -> Result<(), BackendError> {
+        self.all_reduce(comm, out, 0)
+    }
+
+    fn upload(&self, data: &[f32], out: &mut CudaBuf) -> Result<(), BackendError> {
+        self.htod(&out.mem, data)
+    }
+
+    fn to_host<'a>(&self, buf: &'a CudaBuf, len: usize) -> Result<Cow<'a, [f32]>, BackendError> {
+        self.bind()?;
+        let mut host = vec![0f32; len];
+        if len > 0 {
+            // SAFETY: `buf` holds at least `len` f32 values; the stream is drained first.
+            unsafe { drv::memcpy_dtoh_async(&mut host, buf.mem.ptr, self.stream) }
+                .map_err(|e| dev_err("copy to host", e))?;
+        }
+        self.sync()?;
+        Ok(Cow::Owned(host))
+    }
+}

@@ -1,0 +1,137 @@
+//! The CUDA backend (built with `--features sglang/cuda`).
+//!
+//! Without a GPU (CI): `--device cuda` is an error that says why, `--device auto` serves on
+//! the CPU. With a GPU: on the real default model, the logits of a prefill (every position)
+//! and of decode steps stay within tolerance of the CPU backend, the argmax agrees wherever
+//! the CPU's top two are not a near tie, and greedy generation through the whole engine gives
+//! the CPU's tokens.
+//!
+//! With `SGLANG_CUDA_TEST_DUMMY=DIR` the weights are random (`--load-format dummy`) and only
+//! the logits are compared.
+//!
+//! Tolerance: the GPU stores the KV cache in bf16 and rounds activations to bf16 before each
+//! matrix product (tensor cores), the CPU keeps both in f32, so the logits differ by about
+//! the bf16 rounding (relative L2 error of a few 1e-3). We allow 3e-2.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use sglang::backend::{LogitsWanted, StepBatch};
+use sglang::config::{Device, EngineConfig};
+use sglang::engine::{EngineHandle, GenerateRequest};
+use sglang::kv::PagePool;
+use sglang::model::{self, ModelRunner};
+use sglang::sampling::SamplingParams;
+
+const LOGITS_TOLERANCE: f32 = 3e-2;
+/// Below this gap between the CPU's two best logits the argmax may flip.
+const NEAR_TIE: f32 = 0.05;
+
+/// `SGLANG_CUDA_TEST_DUMMY=DIR`: the model of DIR (config and tokenizer only) with
+/// deterministic random weights, for a GPU machine the real weights cannot be carried to.
+fn dummy_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("SGLANG_CUDA_TEST_DUMMY").map(Into::into)
+}
+
+fn config(device: Device) -> EngineConfig {
+    let mut cfg = match dummy_dir() {
+        Some(dir) => {
+            let mut c = EngineConfig::new(dir);
+            c.load_format = sglang::config::LoadFormat::Dummy;
+            c
+        }
+        None => EngineConfig::new(common::model_dir()),
+    };
+    cfg.max_total_tokens = Some(4096);
+    cfg.device = device;
+    cfg
+}
+
+/// Logits of every prompt position, then of 3 decode steps feeding the prompt's first tokens.
+fn logits(runner: &mut dyn ModelRunner, ids: &[u32]) -> Vec<Vec<f32>> {
+    let (pages, page_size) = runner.kv_pages();
+    let mut pool = PagePool::new(pages, page_size);
+    let mut table = Vec::new();
+    assert!(pool.alloc_into(&mut table, pool.pages_for(ids.len() + 3)));
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    batch.push_seq(ids, 0, &table, LogitsWanted::All);
+    let vocab = runner.config().vocab_size;
+    let mut out: Vec<Vec<f32>> = runner
+        .forward(&batch)
+        .unwrap()
+        .chunks(vocab)
+        .map(<[f32]>::to_vec)
+        .collect();
+    for step in 0..3 {
+        batch.clear();
+        batch.push_seq(
+            &ids[step..step + 1],
+            ids.len() + step,
+            &table,
+            LogitsWanted::Last,
+        );
+        out.push(runner.forward(&batch).unwrap().to_vec());
+    }
+    out
+}
+
+#[test]
+fn cuda_matches_the_cpu_or_says_why_it_cannot_run() {
+    if !sglang::backend::cuda::driver_available() {
+        let e = model::load(&config(Device::Cuda))
+            .err()
+            .expect("--device cuda without a driver must fail")
+            .to_string();
+        assert!(e.contains("--device cuda") && e.contains("libcuda"), "{e}");
+        let r = model::load(&config(Device::Auto)).unwrap();
+        assert_eq!(r.backend_name(), "cpu", "auto falls back to the CPU");
+        return;
+    }
+    let mut gpu = model::load(&config(Device::Cuda)).unwrap();
+    assert_eq!(gpu.backend_name(), "cuda");
+    let mut cpu = model::load(&config(Device::Cpu)).unwrap();
+    let engine_gpu = EngineHandle::start(config(Device::Cuda)).unwrap();
+    let engine_cpu = EngineHandle::start(config(Device::Cpu)).unwrap();
+    let tok = engine_cpu.tokenizer().clone();
+    for text in [
+        "The capital of France is",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+        "A lighthouse keeper wrote in his diary that the storm",
+    ] {
+        let ids = tok.encode(text, true).unwrap();
+        let want = logits(cpu.as_mut(), &ids);
+        let got = logits(gpu.as_mut(), &ids);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let err = common::rel_err(g, w);
+            assert!(err < LOGITS_TOLERANCE, "{text:?} row {i}: rel err {err}");
+            let mut sorted = w.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] > NEAR_TIE {
+                assert_eq!(common::argmax(g), common::argmax(w), "{text:?} row {i}");
+            }
+        }
+        if dummy_dir().is_some() {
+            // random weights leave many near ties: the logits are the check
+            continue;
+        }
+        let run = |e: &EngineHandle| {
+            e.submit(GenerateRequest {
+                input_ids: ids.clone(),
+                params: SamplingParams::greedy(32),
+                ..Default::default()
+            })
+            .unwrap()
+            .collect_blocking()
+            .unwrap()
+            .token_ids
+        };
+        assert_eq!(
+            run(&engine_gpu),
+            run(&engine_cpu),
+            "{text:?}: greedy tokens"
+        );
+    }
+}
