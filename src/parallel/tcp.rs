@@ -47,13 +47,18 @@ fn write_frame(s: &mut TcpStream, tag: u32, payload: &[u8]) -> std::io::Result<(
     s.write_all(payload)
 }
 
-/// Reads one frame into `buf`; returns its tag.
-fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<u32> {
+/// The largest frame a rank accepts from another rank of its group.
+const MAX_FRAME: u64 = 1 << 34;
+/// How long rank 0 waits for a new connection to introduce itself.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads one frame of at most `max` payload bytes into `buf`; returns its tag.
+fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>, max: u64) -> std::io::Result<u32> {
     let mut head = [0u8; 12];
     s.read_exact(&mut head)?;
     let tag = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
     let len = u64::from_le_bytes(head[4..].try_into().expect("8 bytes"));
-    if len > (1 << 34) {
+    if len > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame of {len} bytes"),
@@ -134,19 +139,28 @@ impl TcpComm {
             };
             s.set_nonblocking(false).map_err(|e| io_err("socket", e))?;
             s.set_nodelay(true).map_err(|e| io_err("socket", e))?;
-            s.set_read_timeout(Some(timeout))
+            s.set_read_timeout(Some(HELLO_TIMEOUT.min(timeout)))
                 .map_err(|e| io_err("socket", e))?;
-            let tag = read_frame(&mut s, &mut buf)
-                .map_err(|e| io_err(&format!("hello from {addr}"), e))?;
+            // a connection that is not one of our ranks (a port scan, a probe) is dropped
+            // without stopping the others from joining
+            let tag = match read_frame(&mut s, &mut buf, 64) {
+                Ok(tag) => tag,
+                Err(e) => {
+                    tracing::warn!("ignoring a connection from {addr}: {e}");
+                    continue;
+                }
+            };
             let words: Vec<u64> = buf
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect();
             if tag != HELLO || words.len() != 3 {
-                // not one of ours (a port scan, a health check): ignore it
+                tracing::warn!("ignoring a connection from {addr}: not a rank's hello");
                 let _ = s.shutdown(Shutdown::Both);
                 continue;
             }
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| io_err("socket", e))?;
             let (rank, their_world, fingerprint) = (words[0] as usize, words[1] as usize, words[2]);
             let problem = if their_world != world {
                 Some(format!(
@@ -232,7 +246,8 @@ impl TcpComm {
         }
         write_frame(&mut s, HELLO, &hello).map_err(|e| io_err("hello", e))?;
         let mut buf = Vec::new();
-        let tag = read_frame(&mut s, &mut buf).map_err(|e| io_err("waiting for rank 0", e))?;
+        let tag =
+            read_frame(&mut s, &mut buf, 4096).map_err(|e| io_err("waiting for rank 0", e))?;
         match tag {
             WELCOME if buf.len() == 24 => {}
             REFUSED => {
@@ -323,7 +338,7 @@ impl TcpComm {
 /// Reads a DATA frame from `peer` (rank `from`), turning an ABORT or a closed connection into
 /// the group's failure reason.
 fn recv(s: &mut TcpStream, buf: &mut Vec<u8>, from: usize) -> Result<(), String> {
-    match read_frame(s, buf) {
+    match read_frame(s, buf, MAX_FRAME) {
         Ok(DATA) => Ok(()),
         Ok(ABORT) => Err(String::from_utf8_lossy(buf).into_owned()),
         Ok(tag) => Err(format!("rank {from} sent an unexpected frame {tag:#x}")),
@@ -569,6 +584,32 @@ mod tests {
             .to_string();
         assert!(e.contains("different model"), "{e}");
         assert!(joiner.join().unwrap().contains("refused"));
+    }
+
+    #[test]
+    fn a_stray_connection_does_not_stop_the_ranks_from_joining() {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let a = addr.clone();
+        let t = Duration::from_secs(10);
+        let joiner = std::thread::spawn(move || {
+            // a port scan first: connects, sends garbage claiming a huge frame, leaves
+            let mut stray = loop {
+                match TcpStream::connect(&a) {
+                    Ok(s) => break s,
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            };
+            let _ = stray.write_all(&[0xff; 12]);
+            drop(stray);
+            let (c, _) = TcpComm::connect(&a, 1, 2, 7, t).unwrap();
+            let mut v = [2.0f32];
+            c.all_reduce_sum(&mut v).unwrap();
+            v[0]
+        });
+        let comm = TcpComm::listen(&addr, 2, params(), t).unwrap();
+        let mut v = [1.0f32];
+        comm.all_reduce_sum(&mut v).unwrap();
+        assert_eq!((v[0], joiner.join().unwrap()), (3.0, 3.0));
     }
 
     #[test]
