@@ -366,16 +366,13 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
         .collect();
     if body.common.stream {
         let fmt = CompletionStream {
-            id,
-            model,
-            created: now_secs(),
+            head: ChunkHead::new(id, model, "text_completion", &body.common),
             tok,
             logprobs: body.logprobs.is_some(),
             echo,
             sent_echo: Vec::new(),
             offsets: Vec::new(),
             outputs: Vec::new(),
-            include_usage: body.common.include_usage(),
             prompt_tokens,
             rid_prompts: prompts.iter().map(|p| p.1.len()).collect(),
             n,
@@ -402,30 +399,57 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
     })))
 }
 
-struct CompletionStream {
+/// What every streamed chunk of a response shares: its id, object type, creation time and
+/// model, and whether usage is reported (null on each chunk, then a final usage chunk).
+struct ChunkHead {
     id: String,
     model: String,
+    object: &'static str,
     created: u64,
+    include_usage: bool,
+}
+
+impl ChunkHead {
+    fn new(id: String, model: String, object: &'static str, common: &Common) -> Self {
+        Self {
+            id,
+            model,
+            object,
+            created: now_secs(),
+            include_usage: common.include_usage(),
+        }
+    }
+
+    /// One chunk carrying `choice`.
+    fn chunk(&self, choice: Value) -> String {
+        let mut v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]});
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    /// The final usage chunk, when asked for.
+    fn usage(&self, prompt_tokens: usize, outputs: &[Output]) -> Vec<String> {
+        if !self.include_usage {
+            return Vec::new();
+        }
+        let v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(prompt_tokens, outputs)});
+        vec![v.to_string()]
+    }
+}
+
+struct CompletionStream {
+    head: ChunkHead,
     tok: Arc<Tokenizer>,
     logprobs: bool,
     echo: Vec<String>,
     sent_echo: Vec<bool>,
     offsets: Vec<usize>,
     outputs: Vec<Output>,
-    include_usage: bool,
     prompt_tokens: usize,
     rid_prompts: Vec<usize>,
     n: usize,
-}
-
-impl CompletionStream {
-    fn chunk(&self, choice: Value) -> String {
-        let mut v = json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]});
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v.to_string()
-    }
 }
 
 impl StreamFormatter for CompletionStream {
@@ -454,31 +478,27 @@ impl StreamFormatter for CompletionStream {
                 if text.is_empty() && !self.logprobs {
                     return Vec::new();
                 }
-                vec![self.chunk(
+                vec![self.head.chunk(
                     json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": null}),
                 )]
             }
             Event::Finished(f) => {
                 self.outputs[i].finish = Some(f.clone());
-                vec![self.chunk(json!({"index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(&self.outputs[i])}))]
+                vec![self.head.chunk(json!({"index": i, "text": "", "logprobs": null, "finish_reason": finish_reason(&self.outputs[i])}))]
             }
             Event::Failed(_) => Vec::new(),
         }
     }
 
     fn finish(&mut self) -> Vec<String> {
-        if !self.include_usage {
-            return Vec::new();
-        }
-        let v = json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [], "usage": usage_json(self.prompt_tokens, &self.outputs)});
-        vec![v.to_string()]
+        self.head.usage(self.prompt_tokens, &self.outputs)
     }
 
     fn log(&self, status: &str, started: Instant) {
         let jobs: Vec<(&str, usize)> = self
             .rid_prompts
             .iter()
-            .flat_map(|&p| std::iter::repeat_n((self.id.as_str(), p), self.n))
+            .flat_map(|&p| std::iter::repeat_n((self.head.id.as_str(), p), self.n))
             .collect();
         log_outputs("/v1/completions", &jobs, &self.outputs, status, started);
     }
@@ -617,14 +637,11 @@ pub async fn chat_completions(
     let model = state.served_model_name.clone();
     if body.common.stream {
         let fmt = ChatStream {
-            id,
-            model,
-            created: now_secs(),
+            head: ChunkHead::new(id, model, "chat.completion.chunk", &body.common),
             tok,
             logprobs: body.logprobs,
             started_roles: vec![false; n],
             outputs: vec![Output::default(); n],
-            include_usage: body.common.include_usage(),
             prompt_tokens: ids.len(),
         };
         return Ok(jobs::stream(state, engine, streams, fmt));
@@ -652,25 +669,12 @@ pub async fn chat_completions(
 }
 
 struct ChatStream {
-    id: String,
-    model: String,
-    created: u64,
+    head: ChunkHead,
     tok: Arc<Tokenizer>,
     logprobs: bool,
     started_roles: Vec<bool>,
     outputs: Vec<Output>,
-    include_usage: bool,
     prompt_tokens: usize,
-}
-
-impl ChatStream {
-    fn chunk(&self, choice: Value) -> String {
-        let mut v = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]});
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v.to_string()
-    }
 }
 
 impl StreamFormatter for ChatStream {
@@ -678,7 +682,7 @@ impl StreamFormatter for ChatStream {
         let mut out = Vec::new();
         if !self.started_roles[i] {
             self.started_roles[i] = true;
-            out.push(self.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
+            out.push(self.head.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null})));
         }
         match event {
             Event::Chunk(c) => {
@@ -689,12 +693,12 @@ impl StreamFormatter for ChatStream {
                     } else {
                         Value::Null
                     };
-                    out.push(self.chunk(json!({"index": i, "delta": {"content": c.text}, "logprobs": logprobs, "finish_reason": null})));
+                    out.push(self.head.chunk(json!({"index": i, "delta": {"content": c.text}, "logprobs": logprobs, "finish_reason": null})));
                 }
             }
             Event::Finished(f) => {
                 self.outputs[i].finish = Some(f.clone());
-                out.push(self.chunk(json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&self.outputs[i])})));
+                out.push(self.head.chunk(json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&self.outputs[i])})));
             }
             Event::Failed(_) => {}
         }
@@ -702,17 +706,13 @@ impl StreamFormatter for ChatStream {
     }
 
     fn finish(&mut self) -> Vec<String> {
-        if !self.include_usage {
-            return Vec::new();
-        }
-        let v = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [], "usage": usage_json(self.prompt_tokens, &self.outputs)});
-        vec![v.to_string()]
+        self.head.usage(self.prompt_tokens, &self.outputs)
     }
 
     fn log(&self, status: &str, started: Instant) {
         log_outputs(
             "/v1/chat/completions",
-            &vec![(self.id.as_str(), self.prompt_tokens); self.outputs.len()],
+            &vec![(self.head.id.as_str(), self.prompt_tokens); self.outputs.len()],
             &self.outputs,
             status,
             started,
