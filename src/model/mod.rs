@@ -138,7 +138,7 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
         weights.len(),
         started.elapsed().as_secs_f64()
     );
-    let per_token = CpuBackend::new(Some(1)).kv_bytes_per_token(&model_cfg);
+    let per_token = model_cfg.kv_bytes_per_token(crate::backend::cpu::KV_ELEM_BYTES);
     let total_tokens = cfg
         .max_total_tokens
         .unwrap_or_else(|| default_kv_tokens(per_token, cfg.page_size));

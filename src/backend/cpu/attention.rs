@@ -48,6 +48,19 @@ pub struct AttnInput<'a> {
     pub scale: f32,
 }
 
+impl AttnInput<'_> {
+    /// The run of keys that starts at position `pos`: the cache offset of its first key and
+    /// how many follow contiguously (at most KEY_CHUNK, never across a page or past `ctx`).
+    #[inline]
+    fn chunk_at(&self, pos: usize) -> (usize, usize) {
+        let ps = self.layout.page_size;
+        let page = self.block_table[pos / ps] as usize;
+        let in_page = pos % ps;
+        let n = KEY_CHUNK.min(ps - in_page).min(self.ctx - pos);
+        (self.layout.offset(page, self.kv_head, in_page), n)
+    }
+}
+
 /// Attention of the query heads in `q` (`heads * head_dim`) over positions `0..ctx`, into
 /// `out` (same shape).
 pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
@@ -79,10 +92,7 @@ fn attend_heads_portable(isa: Isa, a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]
     let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
     let mut pos = 0;
     while pos < a.ctx {
-        let page = a.block_table[pos / a.layout.page_size] as usize;
-        let in_page = pos % a.layout.page_size;
-        let n = KEY_CHUNK.min(a.layout.page_size - in_page).min(a.ctx - pos);
-        let base = a.layout.offset(page, a.kv_head, in_page);
+        let (base, n) = a.chunk_at(pos);
         for j in 0..n {
             let kr = &a.k_cache[base + j * hd..base + (j + 1) * hd];
             for h in 0..nh {
@@ -173,19 +183,13 @@ mod avx2 {
         let vc = a.v_cache.as_ptr();
         let mut pos = 0;
         while pos < a.ctx {
-            let page = a.block_table[pos / a.layout.page_size] as usize;
-            let in_page = pos % a.layout.page_size;
-            let n = KEY_CHUNK.min(a.layout.page_size - in_page).min(a.ctx - pos);
-            let base = a.layout.offset(page, a.kv_head, in_page);
+            let (base, n) = a.chunk_at(pos);
             debug_assert!(base + n * hd <= a.k_cache.len());
             // Pages are scattered: fetch the next chunk's keys and values while this one is
             // computed (the hardware prefetcher does not follow a block table).
             let next = pos + n;
             if next < a.ctx {
-                let np = a.block_table[next / a.layout.page_size] as usize;
-                let nin = next % a.layout.page_size;
-                let nn = KEY_CHUNK.min(a.layout.page_size - nin).min(a.ctx - next);
-                let nbase = a.layout.offset(np, a.kv_head, nin);
+                let (nbase, nn) = a.chunk_at(next);
                 let bytes = nn * hd * 4;
                 let (kp, vp) = (kc.add(nbase) as *const i8, vc.add(nbase) as *const i8);
                 let mut off = 0;
@@ -277,17 +281,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::backend::cpu::kernels::tests::rand_vec;
 
     fn dense(a: &AttnInput<'_>, q: &[f32]) -> Vec<f32> {
         let hd = a.layout.head_dim;

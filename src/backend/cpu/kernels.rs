@@ -645,10 +645,11 @@ pub fn rope_head(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) (xorshift), for the kernel tests of this backend.
+    pub(crate) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
@@ -712,31 +713,20 @@ mod tests {
                         &mut panel,
                     );
                     // two ranges, as two threads would
-                    let mid = n / 2;
-                    matmul_rows(
-                        isa,
-                        &x,
-                        m,
-                        k,
-                        w,
-                        up,
-                        0..mid,
-                        OutPtr(got.as_mut_ptr()),
-                        n,
-                        &mut panel,
-                    );
-                    matmul_rows(
-                        isa,
-                        &x,
-                        m,
-                        k,
-                        w,
-                        up,
-                        mid..n,
-                        OutPtr(got.as_mut_ptr()),
-                        n,
-                        &mut panel,
-                    );
+                    for rows in [0..n / 2, n / 2..n] {
+                        matmul_rows(
+                            isa,
+                            &x,
+                            m,
+                            k,
+                            w,
+                            up,
+                            rows,
+                            OutPtr(got.as_mut_ptr()),
+                            n,
+                            &mut panel,
+                        );
+                    }
                 }
                 let e = rel_err(&got, &want);
                 assert!(e < 1e-5, "m={m} n={n} k={k} rel err {e}");
@@ -781,31 +771,21 @@ mod tests {
                     for start in (0..m - group).step_by(7) {
                         let mut part = vec![0.0; group * n];
                         let xs = &x[start * k..(start + group) * k];
-                        unsafe {
-                            matmul_rows(
-                                isa,
-                                xs,
-                                group,
-                                k,
-                                Elems::BF16(&w),
-                                up,
-                                0..n / 2,
-                                OutPtr(part.as_mut_ptr()),
-                                n,
-                                &mut panel,
-                            );
-                            matmul_rows(
-                                isa,
-                                xs,
-                                group,
-                                k,
-                                Elems::BF16(&w),
-                                up,
-                                n / 2..n,
-                                OutPtr(part.as_mut_ptr()),
-                                n,
-                                &mut panel,
-                            );
+                        for rows in [0..n / 2, n / 2..n] {
+                            unsafe {
+                                matmul_rows(
+                                    isa,
+                                    xs,
+                                    group,
+                                    k,
+                                    Elems::BF16(&w),
+                                    up,
+                                    rows,
+                                    OutPtr(part.as_mut_ptr()),
+                                    n,
+                                    &mut panel,
+                                );
+                            }
                         }
                         let want = &all[start * n..(start + group) * n];
                         assert!(

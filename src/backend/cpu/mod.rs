@@ -62,6 +62,9 @@ pub struct CpuBackend {
     spare_step: Mutex<Option<CpuStep>>,
 }
 
+/// Bytes of one cached K or V value: the CPU cache holds f32.
+pub const KV_ELEM_BYTES: usize = 4;
+
 /// Below this many rows the elementwise ops run on the calling thread alone.
 const PARALLEL_ROWS: usize = 32;
 
@@ -238,7 +241,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize {
-        cfg.kv_bytes_per_token(4)
+        cfg.kv_bytes_per_token(KV_ELEM_BYTES)
     }
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CpuStep, BackendError> {

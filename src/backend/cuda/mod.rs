@@ -558,7 +558,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize {
-        2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+        cfg.kv_bytes_per_token(2)
     }
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CudaStep, BackendError> {
