@@ -130,10 +130,12 @@ def test_queue_full_is_429_and_timeouts_abort():
         assert limited[2]["error"]["type"] == "rate_limit_error"
         timed_out = [r for r in results if r[0] == 504]
         assert timed_out and timed_out[0][2]["error"]["type"] == "timeout"
-        deadline = time.time() + 10  # the engine counts the abort at its next step
-        while s.metric("sglang_aborted_requests_total", {"reason": "timeout"}) < 1 and time.time() < deadline:
+        # the engine counts each abort when it next reads its messages: wait for all of them
+        deadline = time.time() + 10
+        while s.metric("sglang_aborted_requests_total", {"reason": "timeout"}) < len(timed_out) and time.time() < deadline:
             time.sleep(0.05)
-        assert s.metric("sglang_aborted_requests_total", {"reason": "timeout"}) >= 1
+        assert s.metric("sglang_aborted_requests_total", {"reason": "timeout"}) == len(timed_out)
+        assert s.metric("sglang_request_queue_length") == 0
         # still serving
         ok = s.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
         assert ok[0] == 200
