@@ -164,10 +164,21 @@ def forward(w, seq, ids):
     return (x @ w.lm_head.T).astype(np.float32)
 
 
+def prompt_logprobs(logits, ids):
+    """logprob of each prompt token after the first under the logits before it (float64)."""
+    x = logits[:-1].astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]
+    nxt = np.asarray(ids[1:])
+    return (x[np.arange(len(nxt)), nxt] - lse).tolist()
+
+
 def greedy(w, ids, steps, eos_ids):
+    """The first step's logits, the prompt's logprobs, and `steps` greedy tokens."""
     seq = Sequence(w.cfg["num_hidden_layers"])
     logits = forward(w, seq, ids)
     first = logits[-1].copy()
+    lps = prompt_logprobs(logits, ids)
     out = []
     nxt = int(np.argmax(logits[-1]))
     for _ in range(steps):
@@ -175,7 +186,7 @@ def greedy(w, ids, steps, eos_ids):
         if nxt in eos_ids:
             break
         nxt = int(np.argmax(forward(w, seq, [nxt])[-1]))
-    return first, out
+    return first, lps, out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -408,11 +419,12 @@ def cmd_golden(args):
     results = []
     for i, prompt in enumerate(prompts):
         text, ids = prompt_ids(tok, tok_cfg, prompt)
-        first, tokens = greedy(w, ids, args.steps, eos_ids)
+        first, lps, tokens = greedy(w, ids, args.steps, eos_ids)
         logits_file = out_dir / f"logits_{i}.f32"
         first.astype("<f4").tofile(logits_file)
         results.append({"rendered": text, "input_ids": ids, "greedy_ids": tokens,
-                        "greedy_text": tok.decode(tokens), "logits_file": str(logits_file)})
+                        "greedy_text": tok.decode(tokens), "logits_file": str(logits_file),
+                        "prompt_logprobs": lps})
     print(json.dumps({"results": results}))
 
 

@@ -345,15 +345,7 @@ impl Sampler {
             self.draw(params, state)
         };
         let (logprob, top) = if want_logprob || top_logprobs > 0 {
-            let lse = log_sum_exp(logits);
-            let top = top_n(logits, top_logprobs)
-                .into_iter()
-                .map(|(t, v)| TokenLogprob {
-                    token_id: t,
-                    logprob: v - lse,
-                })
-                .collect();
-            (logits[token_id as usize] - lse, top)
+            logprobs_of(logits, token_id, top_logprobs)
         } else {
             (0.0, Vec::new())
         };
@@ -440,6 +432,20 @@ pub fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// The logprob of `token_id` under the distribution of one row of raw `logits`, and the `top`
+/// most likely tokens with theirs (most likely first).
+pub fn logprobs_of(logits: &[f32], token_id: u32, top: usize) -> (f32, Vec<TokenLogprob>) {
+    let lse = log_sum_exp(logits);
+    let top = top_n(logits, top)
+        .into_iter()
+        .map(|(t, v)| TokenLogprob {
+            token_id: t,
+            logprob: v - lse,
+        })
+        .collect();
+    (logits[token_id as usize] - lse, top)
 }
 
 fn log_sum_exp(v: &[f32]) -> f32 {

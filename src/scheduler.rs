@@ -35,8 +35,11 @@ pub struct Seq {
     /// Leading tokens whose K/V are in the cache.
     pub kv_len: usize,
     pub block_table: Vec<u32>,
-    /// Logits for every prompt position (prompt logprobs) on the first pass.
+    /// Logits for the prompt positions (prompt logprobs) until the prompt is in the cache.
     pub prompt_logits: bool,
+    /// With `prompt_logits`: the first prompt token whose logprob is wanted (>= 1). Its
+    /// predecessor's logits are needed, so the prefix cache may serve only the tokens before.
+    pub logprob_from: usize,
     /// Prompt tokens found in the prefix cache at first admission (None until admitted).
     pub cached_tokens: Option<usize>,
 }
@@ -50,8 +53,36 @@ impl Seq {
             kv_len: 0,
             block_table: Vec::new(),
             prompt_logits: false,
+            logprob_from: 0,
             cached_tokens: None,
         }
+    }
+
+    /// A sequence whose prompt logprobs are wanted from position `from` (0 counts as 1: the
+    /// first token has no logprob).
+    pub fn with_prompt_logprobs(id: u64, prompt: Vec<u32>, from: usize) -> Self {
+        let from = from.max(1);
+        Self {
+            prompt_logits: from < prompt.len(),
+            logprob_from: from,
+            ..Self::new(id, prompt)
+        }
+    }
+
+    /// How many leading tokens the prefix cache may serve: all but the last (its logits give
+    /// the next token), and none whose logits the prompt logprobs need.
+    fn cacheable(&self) -> usize {
+        let all = self.tokens.len() - 1;
+        if self.prompt_logits {
+            all.min(self.logprob_from - 1)
+        } else {
+            all
+        }
+    }
+
+    /// Whether the chunk `start..start + len` has logits the prompt logprobs need.
+    fn wants_logits(&self, start: usize, len: usize) -> bool {
+        self.prompt_logits && start + len >= self.logprob_from && start + 1 < self.prompt_len
     }
 
     /// Tokens still to be run through the model (1 when decoding).
@@ -289,7 +320,7 @@ impl Scheduler {
                 start: seq.kv_len,
                 len,
                 sample: len == pending,
-                all_logits: seq.prompt_logits,
+                all_logits: seq.wants_logits(seq.kv_len, len),
             });
         }
         // 3. Admit waiting sequences while there is room: a running slot, prefill budget, and
@@ -299,7 +330,7 @@ impl Scheduler {
             let mut keyed: Vec<(usize, Seq)> = self
                 .waiting
                 .drain(..)
-                .map(|s| (radix.match_len(&s.tokens[..s.tokens.len() - 1]), s))
+                .map(|s| (radix.match_len(&s.tokens[..s.cacheable()]), s))
                 .collect();
             // stable: equal prefixes keep their arrival order
             keyed.sort_by_key(|(m, _)| std::cmp::Reverse(*m));
@@ -311,8 +342,7 @@ impl Scheduler {
             };
             if seq.block_table.is_empty() {
                 if let Some(r) = self.radix.as_mut() {
-                    // leave at least one token to compute: its logits give the next token
-                    let pages = r.match_prefix(&seq.tokens[..seq.tokens.len() - 1]);
+                    let pages = r.match_prefix(&seq.tokens[..seq.cacheable()]);
                     for &p in &pages {
                         self.pool.retain(p);
                     }
@@ -353,7 +383,7 @@ impl Scheduler {
                 start: seq.kv_len,
                 len,
                 sample: len == pending,
-                all_logits: seq.prompt_logits,
+                all_logits: seq.wants_logits(seq.kv_len, len),
             });
             self.running.push(seq);
         }
@@ -567,6 +597,42 @@ mod tests {
         );
         s.flush_cache();
         assert_eq!(s.pool().free_pages(), 64);
+    }
+
+    #[test]
+    fn prompt_logprobs_limit_the_cached_prefix_and_ask_for_logits() {
+        let mut s = radix_sched(64, 4, 8, 8);
+        let a: Vec<u32> = (0..20).collect();
+        s.add(Seq::new(1, a.clone()));
+        let mut steps = 0;
+        while s.get(1).unwrap().kv_len < 20 {
+            let p = s.schedule();
+            s.step_done(&p);
+            steps += 1;
+            assert!(steps < 10);
+        }
+        s.remove(1);
+        // from token 10: token 9's logits are needed, so only 2 whole pages (8 tokens) may
+        // come from the cache although 4 are cached
+        s.add(Seq::with_prompt_logprobs(2, a.clone(), 10));
+        let p = s.schedule();
+        assert_eq!(p.admitted, vec![(2, 8)]);
+        assert_eq!((p.items[0].start, p.items[0].len), (8, 8));
+        assert!(p.items[0].all_logits);
+        s.step_done(&p);
+        let p = s.schedule();
+        assert_eq!((p.items[0].start, p.items[0].len), (16, 4));
+        assert!(p.items[0].all_logits && p.items[0].sample);
+        s.step_done(&p);
+        // the prompt is done: decoding asks for the last row only
+        s.push_token(2, 5);
+        let p = s.schedule();
+        assert!(!p.items[0].all_logits);
+        // a chunk wholly before the wanted positions does not ask for logits
+        s.add(Seq::with_prompt_logprobs(3, (100..120).collect(), 18));
+        let p = s.schedule();
+        let item = p.items.iter().find(|i| i.id == 3).unwrap();
+        assert_eq!((item.start, item.len, item.all_logits), (0, 8, false));
     }
 
     #[test]

@@ -35,6 +35,14 @@ const PROMPTS: &[&str] = &[
     "Rust is a systems programming language that",
 ];
 
+/// Tokens and prompt logprobs (asked for from position 2) of one request.
+fn with_prompt_logprobs(e: &EngineHandle, text: &str, params: &SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        logprob_start_len: Some(2),
+        ..request(e, text, params.clone())
+    }
+}
+
 #[test]
 fn batched_and_retracted_requests_match_running_alone() {
     let params = SamplingParams {
@@ -42,29 +50,44 @@ fn batched_and_retracted_requests_match_running_alone() {
         ..SamplingParams::greedy(24)
     };
     let roomy = engine(4096, 16);
-    let alone: Vec<Vec<u32>> = PROMPTS
+    let outputs: Vec<_> = PROMPTS
         .iter()
         .map(|p| {
             roomy
-                .submit(request(&roomy, p, params.clone()))
+                .submit(with_prompt_logprobs(&roomy, p, &params))
                 .unwrap()
                 .collect_blocking()
                 .unwrap()
-                .token_ids
         })
         .collect();
+    let alone: Vec<Vec<u32>> = outputs.iter().map(|o| o.token_ids.clone()).collect();
     // 160 KV slots for six requests of ~30-45 tokens each: they cannot all be resident, so
     // the scheduler must retract and recompute; the outputs must not change.
     let tight = engine(160, 4);
     let streams: Vec<_> = PROMPTS
         .iter()
-        .map(|p| tight.submit(request(&tight, p, params.clone())).unwrap())
+        .map(|p| {
+            tight
+                .submit(with_prompt_logprobs(&tight, p, &params))
+                .unwrap()
+        })
         .collect();
-    let together: Vec<Vec<u32>> = streams
+    let together: Vec<_> = streams
         .into_iter()
-        .map(|s| s.collect_blocking().unwrap().token_ids)
+        .map(|s| s.collect_blocking().unwrap())
         .collect();
-    assert_eq!(together, alone);
+    assert_eq!(
+        together.iter().map(|o| &o.token_ids).collect::<Vec<_>>(),
+        alone.iter().collect::<Vec<_>>()
+    );
+    // the prompt logprobs arrive once each, whatever was recomputed
+    for (a, b) in together.iter().zip(&outputs) {
+        assert_eq!(a.prompt_logprobs.len(), b.prompt_logprobs.len());
+        for (x, y) in a.prompt_logprobs.iter().zip(&b.prompt_logprobs) {
+            assert_eq!(x.token_id, y.token_id);
+            assert!((x.logprob - y.logprob).abs() < 1e-3, "{x:?} vs {y:?}");
+        }
+    }
     assert!(
         tight
             .stats()
@@ -333,6 +356,12 @@ fn bad_requests_are_refused_with_the_field_named() {
         ..Default::default()
     });
     assert!(e3.contains("top_logprobs_num"), "{e3}");
+    let e4 = err(GenerateRequest {
+        input_ids: vec![5, 6],
+        logprob_start_len: Some(2),
+        ..Default::default()
+    });
+    assert!(e4.contains("logprob_start_len"), "{e4}");
     // the engine is unharmed
     let out = e
         .submit(request(&e, "hi", SamplingParams::greedy(3)))

@@ -1,6 +1,8 @@
 //! Golden test against the independent numpy reference (scripts/reference.py): the same
 //! prompt token ids, first-step logits within tolerance, and 32 identical greedy tokens, for
-//! raw and chat-templated prompts on the real default model.
+//! raw and chat-templated prompts on the real default model; prompt logprobs (from the
+//! first position and from the middle, with the prompt already in the prefix cache) against
+//! the reference's log-softmax.
 //!
 //! Tolerance: both sides compute in f32 from the same bf16 weights; only summation order
 //! differs, so the relative L2 error of the logits is ~1e-6. We allow 1e-4.
@@ -16,6 +18,8 @@ use sglang::sampling::SamplingParams;
 use sglang::tokenizer::ChatMessage;
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
+/// Absolute, on logprobs (a few units in magnitude; logits agree to ~1e-6 relative).
+const LOGPROB_TOLERANCE: f64 = 1e-3;
 const STEPS: usize = 32;
 
 #[test]
@@ -87,6 +91,45 @@ fn engine_matches_the_numpy_reference() {
         );
         let want_text = r.greedy_text.trim_end_matches("<|im_end|>");
         assert_eq!(out.text, want_text, "{text:?}: text differs");
-        eprintln!("{text:?} -> {:?} (logits rel err {err:.2e})", out.text);
+
+        // 4. prompt logprobs. The prompt is in the prefix cache now: the engine must compute
+        //    the positions it reports anyway. From position 0 the first token has none.
+        let mut worst = 0.0f64;
+        for start in [0, ids.len() / 2] {
+            for max_new_tokens in [0, 2] {
+                let out = engine
+                    .submit(GenerateRequest {
+                        input_ids: ids.clone(),
+                        params: SamplingParams::greedy(max_new_tokens),
+                        logprob_start_len: Some(start),
+                        top_logprobs_num: 3,
+                        ..Default::default()
+                    })
+                    .unwrap()
+                    .collect_blocking()
+                    .unwrap();
+                assert_eq!(out.token_ids, r.greedy_ids[..max_new_tokens]);
+                let from = start.max(1);
+                let got: Vec<u32> = out.prompt_logprobs.iter().map(|i| i.token_id).collect();
+                assert_eq!(got, ids[from..], "{text:?} from {start}: prompt tokens");
+                for (i, want) in out
+                    .prompt_logprobs
+                    .iter()
+                    .zip(&r.prompt_logprobs[from - 1..])
+                {
+                    worst = worst.max((i.logprob as f64 - want).abs());
+                    assert_eq!(i.top_logprobs.len(), 3);
+                    assert!(i.top_logprobs[0].logprob >= i.logprob - 1e-6);
+                }
+            }
+        }
+        assert!(
+            worst < LOGPROB_TOLERANCE,
+            "{text:?}: prompt logprob error {worst}"
+        );
+        eprintln!(
+            "{text:?} -> {:?} (logits rel err {err:.2e}, prompt logprobs max abs err {worst:.1e})",
+            out.text
+        );
     }
 }

@@ -47,6 +47,7 @@ pub fn run(args: GenerateArgs) -> Result<(), String> {
         params,
         return_logprob: args.json && args.top_logprobs > 0,
         top_logprobs_num: if args.json { args.top_logprobs } else { 0 },
+        logprob_start_len: None,
     };
     let mut stream = engine.submit(req).map_err(|e| e.to_string())?;
     let mut out = sglang::engine::Output::default();

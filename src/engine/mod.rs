@@ -37,6 +37,10 @@ pub struct GenerateRequest {
     pub return_logprob: bool,
     /// Also return this many most likely tokens at each position.
     pub top_logprobs_num: usize,
+    /// Return the logprobs of the prompt tokens from this position on (SGLang's
+    /// `logprob_start_len`; `None`: none). Position 0 has no logprob, so the engine reports
+    /// positions `max(start, 1)..prompt_len`; the prefix cache serves only what precedes them.
+    pub logprob_start_len: Option<usize>,
 }
 
 /// Logprob information of one generated token.
@@ -97,6 +101,10 @@ pub struct Chunk {
     pub text: String,
     /// Present when the request asked for logprobs (one per token).
     pub logprobs: Vec<TokenInfo>,
+    /// Only in a request's first chunk, when it asked for prompt logprobs: one per prompt
+    /// position from `max(logprob_start_len, 1)`. With `max_new_tokens` 0 this chunk has no
+    /// token and no text.
+    pub prompt_logprobs: Vec<TokenInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -315,6 +323,8 @@ pub struct Output {
     pub token_ids: Vec<u32>,
     pub text: String,
     pub logprobs: Vec<TokenInfo>,
+    /// See [`Chunk::prompt_logprobs`].
+    pub prompt_logprobs: Vec<TokenInfo>,
     pub finish: Option<Finish>,
 }
 
@@ -323,6 +333,7 @@ impl Output {
         self.token_ids.extend(c.token_ids);
         self.text.push_str(&c.text);
         self.logprobs.extend(c.logprobs);
+        self.prompt_logprobs.extend(c.prompt_logprobs);
     }
 }
 
@@ -491,6 +502,17 @@ impl EngineHandle {
             ));
         }
         req.params.validate(vocab)?;
+        if let Some(start) = req.logprob_start_len {
+            if start >= req.input_ids.len() {
+                return Err(ParamError::new(
+                    "logprob_start_len",
+                    format!(
+                        "must be < the prompt length ({}), got {start}",
+                        req.input_ids.len()
+                    ),
+                ));
+            }
+        }
         if req.top_logprobs_num > MAX_TOP_LOGPROBS {
             return Err(ParamError::new(
                 "top_logprobs_num",

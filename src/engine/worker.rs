@@ -16,8 +16,10 @@ use super::{
 };
 use crate::backend::StepBatch;
 use crate::model::ModelRunner;
-use crate::sampling::{Sampled, Sampler, SamplerState, SamplingParams, StopCheck, StopMatcher};
-use crate::scheduler::{Scheduler, Seq};
+use crate::sampling::{
+    logprobs_of, Sampled, Sampler, SamplerState, SamplingParams, StopCheck, StopMatcher,
+};
+use crate::scheduler::{PlanItem, Scheduler, Seq};
 use crate::tokenizer::IncrementalDecoder;
 
 /// Per-request state the engine thread keeps besides the scheduler's token list.
@@ -36,6 +38,10 @@ struct ReqState {
     cached_tokens: usize,
     return_logprob: bool,
     top_logprobs_num: usize,
+    /// Prompt logprobs wanted from this position (>= 1), and those computed so far (sent
+    /// with the first chunk).
+    prompt_logprob_from: Option<usize>,
+    prompt_logprobs: Vec<TokenInfo>,
     tx: tmpsc::UnboundedSender<Event>,
     submitted: Instant,
     first_token: Option<Instant>,
@@ -175,6 +181,8 @@ impl EngineLoop {
             cached_tokens: 0,
             return_logprob: req.return_logprob,
             top_logprobs_num: req.top_logprobs_num,
+            prompt_logprob_from: req.logprob_start_len.map(|s| s.max(1)),
+            prompt_logprobs: Vec::new(),
             tx,
             submitted,
             first_token: None,
@@ -189,9 +197,14 @@ impl EngineLoop {
             .metrics
             .prompt_tokens_total
             .inc_by(prompt_len as u64);
-        let zero_budget = state.max_new_tokens == 0;
+        // with prompt logprobs wanted, a request for no new tokens still runs its prompt
+        let zero_budget = state.max_new_tokens == 0 && state.prompt_logprob_from.is_none();
+        let seq = match state.prompt_logprob_from {
+            Some(from) => Seq::with_prompt_logprobs(id, req.input_ids, from),
+            None => Seq::new(id, req.input_ids),
+        };
         self.reqs.insert(id, state);
-        self.sched.add(Seq::new(id, req.input_ids));
+        self.sched.add(seq);
         if zero_budget {
             self.finish(id, FinishReason::Length);
         }
@@ -309,6 +322,9 @@ impl EngineLoop {
                 usize::from(item.sample)
             };
             let this = row + rows.saturating_sub(1);
+            if item.all_logits {
+                self.on_prompt_logits(item, &logits[row * vocab..(row + rows) * vocab], vocab);
+            }
             row += rows;
             if !item.sample {
                 continue;
@@ -354,10 +370,51 @@ impl EngineLoop {
         self.publish_stats();
     }
 
+    /// Records the prompt logprobs a chunk's logits give (`logits`: one row per token of the
+    /// chunk). A chunk computed again after a retraction adds nothing twice.
+    fn on_prompt_logits(&mut self, item: &PlanItem, logits: &[f32], vocab: usize) {
+        let (Some(r), Some(seq)) = (self.reqs.get_mut(&item.id), self.sched.get(item.id)) else {
+            return;
+        };
+        let Some(from) = r.prompt_logprob_from else {
+            return;
+        };
+        for (k, row) in logits.chunks_exact(vocab).enumerate() {
+            // the logits at position p are the distribution of the token at p + 1
+            let next = item.start + k + 1;
+            if next >= r.prompt_len || next != from + r.prompt_logprobs.len() {
+                continue;
+            }
+            let token_id = seq.tokens[next];
+            let (logprob, top_logprobs) = logprobs_of(row, token_id, r.top_logprobs_num);
+            r.prompt_logprobs.push(TokenInfo {
+                token_id,
+                logprob,
+                top_logprobs,
+            });
+        }
+    }
+
     fn on_logits(&mut self, id: u64, logits: &[f32]) {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
         };
+        if r.max_new_tokens == 0 {
+            // only the prompt was wanted (prompt logprobs, scoring): no token is sampled
+            let chunk = Chunk {
+                token_ids: Vec::new(),
+                text: String::new(),
+                logprobs: Vec::new(),
+                prompt_logprobs: std::mem::take(&mut r.prompt_logprobs),
+            };
+            if r.tx.send(Event::Chunk(chunk)).is_err() {
+                self.drain_messages();
+                self.abort(id, AbortReason::ClientDisconnected);
+            } else {
+                self.finish(id, FinishReason::Length);
+            }
+            return;
+        }
         let banned: &[u32] = if r.generated < r.params.min_new_tokens {
             &r.stop_ids
         } else {
@@ -454,6 +511,8 @@ impl EngineLoop {
             token_ids: vec![token_id],
             text,
             logprobs,
+            // computed by now: the prompt ends in the step that samples the first token
+            prompt_logprobs: std::mem::take(&mut r.prompt_logprobs),
         }));
         if sent.is_err() {
             // The receiver is gone. Whoever dropped it may have said why just before (a

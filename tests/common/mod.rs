@@ -38,6 +38,8 @@ pub struct RefResult {
     pub greedy_ids: Vec<u32>,
     pub greedy_text: String,
     pub logits_file: PathBuf,
+    /// logprob of each prompt token after the first (float64 log-softmax of the reference).
+    pub prompt_logprobs: Vec<f64>,
 }
 
 impl RefResult {

@@ -34,6 +34,38 @@ def test_generate_stream_and_logprobs(server):
     assert all(len(t) == 2 for t in full["meta_info"]["output_top_logprobs"])
 
 
+def test_prompt_logprobs_score_what_generation_produced(server):
+    # greedy continuation with its logprobs, then the prompt + continuation scored without
+    # generating: the scores of the continuation's tokens are the logprobs they were sampled with
+    prompt = "The history of the printing press"
+    status, _, gen = server.post("/generate", {"text": prompt, "return_logprob": True,
+                                               "sampling_params": {"max_new_tokens": 6, "temperature": 0}})
+    assert status == 200
+    ids = cli_generate(prompt, 1)["prompt_ids"]
+    status, _, scored = server.post("/generate", {
+        "input_ids": ids + gen["output_ids"], "return_logprob": True, "logprob_start_len": len(ids),
+        "top_logprobs_num": 1, "return_text_in_logprobs": True, "sampling_params": {"max_new_tokens": 0}})
+    assert status == 200, scored
+    meta = scored["meta_info"]
+    assert scored["output_ids"] == [] and meta["finish_reason"]["type"] == "length"
+    inp = meta["input_token_logprobs"]
+    assert [t[1] for t in inp] == gen["output_ids"]
+    for got, want in zip(inp, gen["meta_info"]["output_token_logprobs"]):
+        assert abs(got[0] - want[0]) < 1e-3, (got, want)
+        assert isinstance(got[2], str)
+    # greedy: each continuation token was the most likely one
+    assert [t[0][1] for t in meta["input_top_logprobs"]] == gen["output_ids"]
+    # from position 0 the first token has no logprob; streaming carries the same numbers
+    body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0, "stream": True,
+            "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
+    events = list(server.stream("/generate", body))
+    assert events[-1] == "[DONE]"
+    first = events[0]["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in first] == ids and first[0][0] is None
+    assert all(t[0] < 0 for t in first[1:])
+    assert events[-2]["meta_info"]["input_token_logprobs"] == first
+
+
 def test_tokenize_detokenize_and_info(server):
     status, _, r = server.post("/tokenize", {"prompt": "Hello world"})
     assert status == 200 and r["tokens"] == [19556, 905] and r["count"] == 2

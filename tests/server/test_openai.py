@@ -89,6 +89,37 @@ def test_n_seed_stop_and_logprobs(client):
     assert all(len(t) == 2 for t in lp.choices[0].logprobs.top_logprobs)
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, server):
+    # how evaluation harnesses score a text: echo, logprobs, no new tokens
+    prompt = "The capital of France is Paris"
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    c = r.choices[0]
+    assert c.text == prompt and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert "".join(lp.tokens) == prompt and len(lp.tokens) == r.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    # the same numbers as the native API's prompt logprobs
+    _, _, native = server.post("/generate", {"text": prompt, "return_logprob": True, "logprob_start_len": 0,
+                                             "sampling_params": {"max_new_tokens": 0}})
+    assert [t[0] for t in native["meta_info"]["input_token_logprobs"]] == pytest.approx(
+        [None] + lp.token_logprobs[1:], abs=1e-6)
+    # with new tokens: prompt entries, then generated ones offset past the echoed prompt
+    g = client.completions.create(model="m", prompt=prompt, max_tokens=3, echo=True, logprobs=2, temperature=0)
+    glp = g.choices[0].logprobs
+    n = len(lp.tokens)
+    assert glp.tokens[:n] == lp.tokens and len(glp.tokens) == n + 3
+    assert glp.text_offset[n] == len(prompt)
+    assert g.choices[0].text.startswith(prompt)
+    # streaming: the first chunk carries the echoed prompt's logprobs
+    chunks = list(client.completions.create(model="m", prompt=prompt, max_tokens=2, echo=True, logprobs=0,
+                                            temperature=0, stream=True))
+    first = chunks[0].choices[0].logprobs
+    assert first.tokens[:n] == lp.tokens
+    assert first.token_logprobs[1:n] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
 def test_errors_through_the_client(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], top_p=1.5)

@@ -25,6 +25,8 @@ BAD = [
     ("/generate", json.dumps({"text": 5}), 400, "text"),
     ("/generate", json.dumps({}), 400, "text"),
     ("/generate", json.dumps({"text": "word " * 9000}), 400, "input_ids"),
+    ("/generate", json.dumps({"text": "hi", "return_logprob": True, "logprob_start_len": "a"}), 400, "logprob_start_len"),
+    ("/generate", json.dumps({"text": "hi", "return_logprob": True, "logprob_start_len": 7}), 400, "logprob_start_len"),
     ("/v1/completions", json.dumps({"model": "m"}), 400, "prompt"),
     ("/v1/completions", json.dumps({"model": "m", "prompt": "x", "max_tokens": -1}), 400, "max_tokens"),
     ("/v1/completions", json.dumps({"model": "m", "prompt": "x", "stop": 7}), 400, "stop"),

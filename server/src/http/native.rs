@@ -1,10 +1,14 @@
 //! SGLang's native `POST /generate`: `text` or `input_ids` (one prompt or a batch),
 //! `sampling_params` (one for all, or one per prompt; `n` for several samples), `stream`,
-//! `return_logprob`, `top_logprobs_num`, `return_text_in_logprobs`, `rid`.
+//! `return_logprob`, `logprob_start_len`, `top_logprobs_num`, `return_text_in_logprobs`, `rid`.
 //!
 //! Responses follow SGLang: `{"text", "output_ids", "meta_info": {"id", "finish_reason",
 //! "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", ...}}`, a list for a
 //! batch; streaming sends the accumulated text in every event, then `data: [DONE]`.
+//! With `return_logprob`, `meta_info` has `output_token_logprobs` (`[logprob, id, text]` per
+//! token, `text` null unless `return_text_in_logprobs`) and, when `logprob_start_len` is 0 or
+//! more, `input_token_logprobs` from that prompt position (the first prompt token's logprob is
+//! null); `top_logprobs_num` adds `output_top_logprobs` / `input_top_logprobs`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +36,8 @@ struct GenerateBody {
     #[serde(default)]
     return_logprob: Option<Value>,
     #[serde(default)]
+    logprob_start_len: Option<Value>,
+    #[serde(default)]
     top_logprobs_num: Option<Value>,
     #[serde(default)]
     return_text_in_logprobs: bool,
@@ -45,6 +51,8 @@ struct Prompt {
     params: SamplingParams,
     n: usize,
     return_logprob: bool,
+    /// Prompt logprobs from this position (with `return_logprob` only, as in SGLang).
+    logprob_start_len: Option<usize>,
     top_logprobs_num: usize,
     rid: String,
 }
@@ -179,6 +187,7 @@ fn parse_prompts(tok: &Tokenizer, body: &GenerateBody) -> Result<(Vec<Prompt>, b
     let count = ids.len();
     let sps = per_prompt(body.sampling_params.as_ref(), count, "sampling_params")?;
     let lps = per_prompt(body.return_logprob.as_ref(), count, "return_logprob")?;
+    let starts = per_prompt(body.logprob_start_len.as_ref(), count, "logprob_start_len")?;
     let tops = per_prompt(body.top_logprobs_num.as_ref(), count, "top_logprobs_num")?;
     let rids = per_prompt(body.rid.as_ref(), count, "rid")?;
     let mut prompts = Vec::with_capacity(count);
@@ -193,6 +202,17 @@ fn parse_prompts(tok: &Tokenizer, body: &GenerateBody) -> Result<(Vec<Prompt>, b
                     "`return_logprob` must be a boolean",
                 ))
             }
+        };
+        // -1 (SGLang's default) or absent: no prompt logprobs
+        let logprob_start_len = match starts[i] {
+            None | Some(Value::Null) => None,
+            Some(v) if v.as_i64() == Some(-1) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                ApiError::bad_request(
+                    "logprob_start_len",
+                    format!("`logprob_start_len` must be -1 or a non-negative integer, got {v}"),
+                )
+            })? as usize),
         };
         let top_logprobs_num = match tops[i] {
             None | Some(Value::Null) => 0,
@@ -213,6 +233,7 @@ fn parse_prompts(tok: &Tokenizer, body: &GenerateBody) -> Result<(Vec<Prompt>, b
             params,
             n,
             return_logprob,
+            logprob_start_len: logprob_start_len.filter(|_| return_logprob),
             top_logprobs_num,
             rid,
         });
@@ -240,41 +261,44 @@ fn logprob_entry(tok: &Tokenizer, with_text: bool, lp: f32, id: u32) -> Value {
     json!([lp, id, text])
 }
 
+/// `[logprob, id, text]` per token and, with `top`, the list of top entries per token.
+/// `first`: a token without a logprob put in front (the prompt's first token).
 fn logprobs_json(
     tok: &Tokenizer,
     with_text: bool,
+    first: Option<u32>,
     infos: &[TokenInfo],
     top: bool,
 ) -> (Value, Value) {
-    let chosen = infos
-        .iter()
-        .map(|i| logprob_entry(tok, with_text, i.logprob, i.token_id))
-        .collect();
-    let tops = if top {
+    let mut chosen = Vec::with_capacity(infos.len() + 1);
+    let mut tops = Vec::new();
+    if let Some(id) = first {
+        let text = with_text.then(|| tok.decode(&[id], false).unwrap_or_default());
+        chosen.push(json!([null, id, text]));
+        tops.push(Value::Null);
+    }
+    chosen.extend(
         infos
             .iter()
-            .map(|i| {
-                Value::Array(
-                    i.top_logprobs
-                        .iter()
-                        .map(|t| logprob_entry(tok, with_text, t.logprob, t.token_id))
-                        .collect(),
-                )
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+            .map(|i| logprob_entry(tok, with_text, i.logprob, i.token_id)),
+    );
+    if top {
+        tops.extend(infos.iter().map(|i| {
+            Value::Array(
+                i.top_logprobs
+                    .iter()
+                    .map(|t| logprob_entry(tok, with_text, t.logprob, t.token_id))
+                    .collect(),
+            )
+        }));
+    }
     (Value::Array(chosen), Value::Array(tops))
 }
 
 /// The JSON of one generation (final or, while streaming, so far).
 struct OutputView<'a> {
     tok: &'a Tokenizer,
-    rid: &'a str,
-    prompt_tokens: usize,
-    return_logprob: bool,
-    top: bool,
+    job: &'a Job,
     with_text: bool,
     started: Instant,
 }
@@ -288,19 +312,36 @@ impl OutputView<'_> {
             ),
             None => (Value::Null, 0),
         };
+        let job = self.job;
         let mut meta = json!({
-            "id": self.rid,
+            "id": job.rid,
             "finish_reason": reason,
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": job.prompt_ids.len(),
             "completion_tokens": out.token_ids.len(),
             "cached_tokens": cached,
             "e2e_latency": self.started.elapsed().as_secs_f64(),
         });
-        if self.return_logprob || self.top {
-            let (chosen, tops) = logprobs_json(self.tok, self.with_text, &out.logprobs, self.top);
+        if job.return_logprob || job.top {
+            let (chosen, tops) =
+                logprobs_json(self.tok, self.with_text, None, &out.logprobs, job.top);
             meta["output_token_logprobs"] = chosen;
-            if self.top {
+            if job.top {
                 meta["output_top_logprobs"] = tops;
+            }
+        }
+        if let Some(start) = job.logprob_start_len {
+            // rendered only after an event: the first chunk has brought the prompt's logprobs
+            let first = (start == 0).then(|| job.prompt_ids[0]);
+            let (chosen, tops) = logprobs_json(
+                self.tok,
+                self.with_text,
+                first,
+                &out.prompt_logprobs,
+                job.top,
+            );
+            meta["input_token_logprobs"] = chosen;
+            if job.top {
+                meta["input_top_logprobs"] = tops;
             }
         }
         json!({"text": out.text, "output_ids": out.token_ids, "meta_info": meta})
@@ -309,8 +350,9 @@ impl OutputView<'_> {
 
 struct Job {
     rid: String,
-    prompt_tokens: usize,
+    prompt_ids: Vec<u32>,
     return_logprob: bool,
+    logprob_start_len: Option<usize>,
     top: bool,
 }
 
@@ -337,11 +379,13 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
                 params,
                 return_logprob: p.return_logprob,
                 top_logprobs_num: p.top_logprobs_num,
+                logprob_start_len: p.logprob_start_len,
             });
             jobs.push(Job {
                 rid,
-                prompt_tokens: p.ids.len(),
+                prompt_ids: p.ids.clone(),
                 return_logprob: p.return_logprob,
+                logprob_start_len: p.logprob_start_len,
                 top: p.top_logprobs_num > 0,
             });
         }
@@ -365,10 +409,7 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
     for (job, out) in jobs.iter().zip(&outputs) {
         let view = OutputView {
             tok: &tok,
-            rid: &job.rid,
-            prompt_tokens: job.prompt_tokens,
-            return_logprob: job.return_logprob,
-            top: job.top,
+            job,
             with_text,
             started,
         };
@@ -378,7 +419,7 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
         "/generate",
         &jobs
             .iter()
-            .map(|j| (j.rid.as_str(), j.prompt_tokens))
+            .map(|j| (j.rid.as_str(), j.prompt_ids.len()))
             .collect::<Vec<_>>(),
         &outputs,
         "ok",
@@ -452,10 +493,7 @@ impl StreamFormatter for NativeStream {
         let job = &self.jobs[index];
         let view = OutputView {
             tok: &self.tok,
-            rid: &job.rid,
-            prompt_tokens: job.prompt_tokens,
-            return_logprob: job.return_logprob,
-            top: job.top,
+            job,
             with_text: self.with_text,
             started: self.started,
         };
@@ -470,7 +508,7 @@ impl StreamFormatter for NativeStream {
         let jobs: Vec<(&str, usize)> = self
             .jobs
             .iter()
-            .map(|j| (j.rid.as_str(), j.prompt_tokens))
+            .map(|j| (j.rid.as_str(), j.prompt_ids.len()))
             .collect();
         log_outputs("/generate", &jobs, &self.outputs, status, started);
     }

@@ -151,13 +151,15 @@ impl Common {
     }
 }
 
-/// `n` requests for one prompt (seeded choices differ: seed + choice index).
+/// `n` requests for one prompt (seeded choices differ: seed + choice index);
+/// `prompt_logprob`: also the prompt's logprobs (completions with `echo` and `logprobs`).
 fn choices(
     ids: &[u32],
     params: &SamplingParams,
     n: usize,
     top: usize,
     logprob: bool,
+    prompt_logprob: bool,
 ) -> Vec<GenerateRequest> {
     (0..n)
         .map(|k| {
@@ -168,6 +170,7 @@ fn choices(
                 params: p,
                 return_logprob: logprob,
                 top_logprobs_num: top,
+                logprob_start_len: prompt_logprob.then_some(0),
             }
         })
         .collect()
@@ -228,25 +231,56 @@ fn chat_logprobs(tok: &Tokenizer, infos: &[TokenInfo]) -> Value {
     json!({"content": content})
 }
 
-/// Completions logprobs: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`.
-fn completion_logprobs(tok: &Tokenizer, infos: &[TokenInfo], offset: usize) -> Value {
+/// The echoed prompt of a completion with `echo` and `logprobs`.
+struct EchoedPrompt<'a> {
+    /// The first prompt token: it has no logprob (null).
+    first: u32,
+    /// The logprobs of the others.
+    logprobs: &'a [TokenInfo],
+    /// Bytes of echoed text: the generated tokens' offsets start after it.
+    text_len: usize,
+}
+
+/// Completions logprobs: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`,
+/// the echoed prompt's tokens first when there is one; offsets count from `offset`.
+fn completion_logprobs(
+    tok: &Tokenizer,
+    echo: Option<EchoedPrompt>,
+    infos: &[TokenInfo],
+    offset: usize,
+) -> Value {
     let mut tokens = Vec::new();
     let mut lps = Vec::new();
     let mut tops = Vec::new();
     let mut offsets = Vec::new();
     let mut at = offset;
-    for i in infos {
-        let t = token_text(tok, i.token_id);
-        offsets.push(at);
-        at += t.len();
+    let mut push = |id: u32, info: Option<&TokenInfo>, at: &mut usize| {
+        let t = token_text(tok, id);
+        offsets.push(*at);
+        *at += t.len();
         tokens.push(t);
-        lps.push(i.logprob);
+        let Some(i) = info else {
+            lps.push(Value::Null);
+            tops.push(Value::Null);
+            return;
+        };
+        lps.push(json!(i.logprob));
         let top: serde_json::Map<String, Value> = i
             .top_logprobs
             .iter()
             .map(|t| (token_text(tok, t.token_id), json!(t.logprob)))
             .collect();
         tops.push(Value::Object(top));
+    };
+    if let Some(e) = echo {
+        push(e.first, None, &mut at);
+        for i in e.logprobs {
+            push(i.token_id, Some(i), &mut at);
+        }
+        at = offset + e.text_len;
+    }
+    for i in infos {
+        push(i.token_id, Some(i), &mut at);
     }
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
@@ -329,12 +363,10 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
     }
     let top = body.logprobs.unwrap_or(0);
     check_top(top, "logprobs")?;
-    if body.echo && body.logprobs.is_some() {
-        return Err(ApiError::bad_request(
-            "echo",
-            "`echo` together with `logprobs` is not supported (no prompt logprobs)",
-        ));
-    }
+    let logprobs = body.logprobs.is_some();
+    // `echo` with `logprobs`: the prompt's tokens and logprobs come first (scoring a text,
+    // with `max_tokens` 0, is how evaluation harnesses use it)
+    let echo_logprobs = body.echo && logprobs;
     let n = body.common.n()?;
     let tok = engine.tokenizer().clone();
     let prompts = completion_prompts(&tok, &body.prompt)?;
@@ -344,7 +376,7 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
         .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
     let mut reqs = Vec::new();
     for (_, ids) in &prompts {
-        reqs.extend(choices(ids, &params, n, top, body.logprobs.is_some()));
+        reqs.extend(choices(ids, &params, n, top, logprobs, echo_logprobs));
     }
     let prompt_tokens: usize = prompts.iter().map(|p| p.1.len()).sum();
     let streams = jobs::submit_all(engine, reqs)
@@ -364,11 +396,16 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
             )
         })
         .collect();
+    let firsts: Vec<u32> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.1[0], n))
+        .collect();
     if body.common.stream {
         let fmt = CompletionStream {
             head: ChunkHead::new(id, model, "text_completion", &body.common),
             tok,
-            logprobs: body.logprobs.is_some(),
+            logprobs,
+            echo_logprobs: echo_logprobs.then_some(firsts),
             echo,
             sent_echo: Vec::new(),
             offsets: Vec::new(),
@@ -384,7 +421,8 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let logprobs = if body.logprobs.is_some() { completion_logprobs(&tok, &o.logprobs, 0) } else { Value::Null };
+            let echoed = echo_logprobs.then(|| EchoedPrompt { first: firsts[i], logprobs: &o.prompt_logprobs, text_len: echo[i].len() });
+            let logprobs = if logprobs { completion_logprobs(&tok, echoed, &o.logprobs, 0) } else { Value::Null };
             json!({"index": i, "text": format!("{}{}", echo[i], o.text), "logprobs": logprobs, "finish_reason": finish_reason(o)})
         })
         .collect();
@@ -443,6 +481,8 @@ struct CompletionStream {
     head: ChunkHead,
     tok: Arc<Tokenizer>,
     logprobs: bool,
+    /// With `echo` and `logprobs`: each choice's first prompt token.
+    echo_logprobs: Option<Vec<u32>>,
     echo: Vec<String>,
     sent_echo: Vec<bool>,
     offsets: Vec<usize>,
@@ -463,13 +503,19 @@ impl StreamFormatter for CompletionStream {
         match event {
             Event::Chunk(c) => {
                 let mut text = String::new();
+                let mut echoed = None;
                 if !self.sent_echo[i] {
                     text.push_str(&self.echo[i]);
                     self.sent_echo[i] = true;
+                    echoed = self.echo_logprobs.as_ref().map(|firsts| EchoedPrompt {
+                        first: firsts[i],
+                        logprobs: &c.prompt_logprobs,
+                        text_len: text.len(),
+                    });
                 }
                 text.push_str(&c.text);
                 let logprobs = if self.logprobs {
-                    completion_logprobs(&self.tok, &c.logprobs, self.offsets[i])
+                    completion_logprobs(&self.tok, echoed, &c.logprobs, self.offsets[i])
                 } else {
                     Value::Null
                 };
@@ -630,7 +676,7 @@ pub async fn chat_completions(
         .common
         .params(max_tokens)
         .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
-    let reqs = choices(&ids, &params, n, top, body.logprobs);
+    let reqs = choices(&ids, &params, n, top, body.logprobs, false);
     let streams = jobs::submit_all(engine, reqs)
         .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
     let id = format!("chatcmpl-{}", new_id());
