@@ -156,19 +156,25 @@ def test_starting_then_healthy():
 
 def test_sigterm_under_load_drains_and_exits_zero():
     s = Server()
-    results = {}
+    results = {i: [] for i in range(4)}
 
     def run(i):
-        events = list(s.stream("/generate", {"text": f"Story {i}:", "stream": True,
-                                             "sampling_params": {"max_new_tokens": 80, "ignore_eos": True}}))
-        results[i] = events
+        for event in s.stream("/generate", {"text": f"Story {i}:", "stream": True,
+                                            "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}}):
+            results[i].append(event)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)  # all in flight
+    # all in flight (each has streamed a token), however fast the machine
+    deadline = time.time() + 60
+    while not all(results.values()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert all(results.values())
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    deadline = time.time() + 10
+    while s.request("GET", "/health")[2]["status"] != "draining" and time.time() < deadline:
+        time.sleep(0.01)
     status, _, body = s.post("/generate", {"text": "late", "sampling_params": {"max_new_tokens": 2}})
     assert status == 503 and body["error"]["type"] == "service_unavailable"
     assert s.request("GET", "/health")[2]["status"] == "draining"
@@ -179,7 +185,7 @@ def test_sigterm_under_load_drains_and_exits_zero():
     for i, events in results.items():
         assert events[-1] == "[DONE]", i
         assert events[-2]["meta_info"]["finish_reason"]["type"] == "length", i
-        assert len(events[-2]["output_ids"]) == 80
+        assert len(events[-2]["output_ids"]) == 200
 
 
 def test_invalid_options_stop_start_up_naming_them():
