@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 #define SGLANG_VERSION_MAJOR 1
-#define SGLANG_VERSION_MINOR 0
+#define SGLANG_VERSION_MINOR 1
 #define SGLANG_VERSION_PATCH 0
 
 /* Checks at run time that the library can serve a caller compiled against this header:
@@ -83,6 +83,11 @@ typedef struct sglang_engine_params {
     int32_t page_size;          /* tokens per KV page, 1..1024; default 16 */
     int64_t max_total_tokens;   /* KV pool size in tokens on the CPU; 0 = default */
     int32_t num_threads;        /* CPU threads; 0 = all cores */
+    /* Since ABI 1.1. A caller built against 1.0 passes a struct that ends before these:
+     * they take their defaults. */
+    int32_t reserved0;          /* was padding in 1.0 (may hold anything); ignored */
+    int32_t tp_size;            /* tensor-parallel ranks, as threads of this process sharing
+                                   the cores (CPU); >= 1; default 1 */
 } sglang_engine_params;
 
 typedef struct sglang_request_params {

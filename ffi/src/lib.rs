@@ -226,6 +226,8 @@ pub extern "C" fn sglang_engine_default_params() -> sglang_engine_params {
         page_size: 16,
         max_total_tokens: 0,
         num_threads: 0,
+        reserved0: 0,
+        tp_size: 1,
     }
 }
 
@@ -285,6 +287,10 @@ pub unsafe extern "C" fn sglang_engine_create(
             n if n < 0 => return invalid(format!("`params.num_threads` must be >= 0, got {n}")),
             n => Some(n as usize),
         };
+        if p.tp_size < 1 {
+            return invalid(format!("`params.tp_size` must be >= 1, got {}", p.tp_size));
+        }
+        cfg.tp_size = p.tp_size as usize;
         cfg.validate().or_else(|e| invalid(e.to_string()))?;
         if !cfg.model_path.join("config.json").exists() {
             return fail(

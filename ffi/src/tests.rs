@@ -119,7 +119,7 @@ fn versions() {
         sglang_check_version(SGLANG_VERSION_MAJOR + 1, 0),
         SGLANG_ERR_VERSION
     );
-    // a struct from a newer header is refused; one from an older header is accepted
+    // a struct from a newer header is refused
     let mut p = sglang_engine_default_params();
     p.struct_size += 8;
     let mut e = std::ptr::null_mut();
@@ -128,6 +128,22 @@ fn versions() {
         SGLANG_ERR_VERSION
     );
     assert!(e.is_null());
+    // one from the 1.0 header (it ended at `num_threads` and its padding) is accepted: what
+    // lies beyond it takes the defaults, whatever the caller's memory holds there
+    let path = model_dir();
+    let mut p = sglang_engine_default_params();
+    p.model_path = path.as_ptr();
+    p.max_total_tokens = 1024;
+    p.struct_size = std::mem::offset_of!(sglang_engine_params, tp_size);
+    p.reserved0 = -7;
+    p.tp_size = 0; // invalid if it were read
+    assert_eq!(
+        unsafe { sglang_engine_create(&p, &mut e) },
+        SGLANG_OK,
+        "{}",
+        last_error()
+    );
+    unsafe { sglang_engine_free(e) };
 }
 
 #[test]
@@ -162,6 +178,13 @@ fn bad_engine_arguments() {
         );
         assert!(last_error().contains("page_size"), "{}", last_error());
         p.page_size = 16;
+        p.tp_size = 0;
+        assert_eq!(
+            sglang_engine_create(&p, &mut e),
+            SGLANG_ERR_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("tp_size"), "{}", last_error());
+        p.tp_size = 1;
         p.mem_fraction_static = 3.0;
         assert_eq!(
             sglang_engine_create(&p, &mut e),
@@ -290,6 +313,44 @@ unsafe extern "C" fn collect(chunk: *const sglang_chunk, user: *mut c_void) -> c
     out.1 += 1;
     // cancel after `out.2` chunks when it is positive
     (out.2 > 0 && out.1 as i32 >= out.2) as c_int
+}
+
+/// `tp_size` 2 (two thread ranks) gives the greedy tokens of one rank.
+#[test]
+fn tensor_parallel_engine_gives_the_same_tokens() {
+    let text = CString::new("The capital of France is").unwrap();
+    let path = model_dir();
+    let tokens = |tp_size: i32| unsafe {
+        let mut p = sglang_engine_default_params();
+        p.model_path = path.as_ptr();
+        p.max_total_tokens = 1024;
+        p.tp_size = tp_size;
+        let mut e = std::ptr::null_mut();
+        assert_eq!(
+            sglang_engine_create(&p, &mut e),
+            SGLANG_OK,
+            "{}",
+            last_error()
+        );
+        let mut r = std::ptr::null_mut();
+        assert_eq!(sglang_generate(e, &greedy(&text, 12), &mut r), SGLANG_OK);
+        let t = std::slice::from_raw_parts((*r).tokens, (*r).n_tokens).to_vec();
+        sglang_result_free(r);
+        // the group really has that many ranks
+        let mut m = std::ptr::null_mut();
+        assert_eq!(sglang_metrics_text(e, &mut m), SGLANG_OK);
+        let text = CStr::from_ptr(m).to_string_lossy().into_owned();
+        sglang_string_free(m);
+        assert!(
+            text.contains(&format!("sglang_tp_ranks_ready {tp_size}\n")),
+            "{text}"
+        );
+        sglang_engine_free(e);
+        t
+    };
+    let one = tokens(1);
+    assert_eq!(one.len(), 12);
+    assert_eq!(tokens(2), one);
 }
 
 #[test]
