@@ -25,6 +25,11 @@ use crate::kv::PagePool;
 /// Longest waiting queue that is reordered by cached prefix length (beyond: FIFO).
 const LPM_MAX_QUEUE: usize = 128;
 
+/// Most rows of logits (a vocabulary each) one step computes for prompt logprobs. Chunks that
+/// need them are cut to this, so scoring a long prompt does not grow the logits buffers to a
+/// whole chunk's worth (2048 rows x 49152 floats would be 400 MB, kept for reuse).
+pub const MAX_PROMPT_LOGIT_ROWS: usize = 256;
+
 /// A sequence as the scheduler sees it.
 #[derive(Debug, Clone)]
 pub struct Seq {
@@ -83,6 +88,21 @@ impl Seq {
     /// Whether the chunk `start..start + len` has logits the prompt logprobs need.
     fn wants_logits(&self, start: usize, len: usize) -> bool {
         self.prompt_logits && start + len >= self.logprob_from && start + 1 < self.prompt_len
+    }
+
+    /// The next chunk's length, at most `len`, with `logit_rows` rows of logits left in this
+    /// step: a chunk needing logits ends where they start (it computes none), or holds at
+    /// most `logit_rows` tokens. 0: wait for the next step.
+    fn chunk_len(&self, len: usize, logit_rows: usize) -> usize {
+        if !self.wants_logits(self.kv_len, len) {
+            return len;
+        }
+        let first = self.logprob_from - 1; // the first position whose logits are wanted
+        if self.kv_len < first {
+            first - self.kv_len
+        } else {
+            len.min(logit_rows)
+        }
     }
 
     /// Tokens still to be run through the model (1 when decoding).
@@ -291,6 +311,7 @@ impl Scheduler {
             i += 1;
         }
         let mut budget = self.cfg.chunked_prefill_size;
+        let mut logit_rows = MAX_PROMPT_LOGIT_ROWS;
         for seq in &mut self.running {
             let pending = seq.pending();
             if pending == 1 {
@@ -309,18 +330,22 @@ impl Scheduler {
             if pending <= 1 || budget == 0 {
                 continue;
             }
-            let len = pending.min(budget);
+            let len = seq.chunk_len(pending.min(budget), logit_rows);
             let upto = seq.kv_len + len;
-            if !reserve(&mut self.pool, &mut self.radix, seq, upto) {
+            if len == 0 || !reserve(&mut self.pool, &mut self.radix, seq, upto) {
                 continue;
             }
             budget -= len;
+            let all_logits = seq.wants_logits(seq.kv_len, len);
+            if all_logits {
+                logit_rows -= len;
+            }
             plan.items.push(PlanItem {
                 id: seq.id,
                 start: seq.kv_len,
                 len,
                 sample: len == pending,
-                all_logits: seq.wants_logits(seq.kv_len, len),
+                all_logits,
             });
         }
         // 3. Admit waiting sequences while there is room: a running slot, prefill budget, and
@@ -351,7 +376,7 @@ impl Scheduler {
                 }
             }
             let pending = seq.pending();
-            let len = pending.min(budget);
+            let len = seq.chunk_len(pending.min(budget), logit_rows);
             let need = self
                 .pool
                 .pages_for(seq.kv_len + len)
@@ -362,7 +387,7 @@ impl Scheduler {
                     r.evict(&mut self.pool, need + spare);
                 }
             }
-            if need + spare > self.pool.free_pages() {
+            if len == 0 || need + spare > self.pool.free_pages() {
                 // undo the prefix match and wait
                 self.pool.release_all(&mut seq.block_table);
                 seq.kv_len = 0;
@@ -378,12 +403,16 @@ impl Scheduler {
                 plan.admitted.push((seq.id, cached));
             }
             budget -= len;
+            let all_logits = seq.wants_logits(seq.kv_len, len);
+            if all_logits {
+                logit_rows -= len;
+            }
             plan.items.push(PlanItem {
                 id: seq.id,
                 start: seq.kv_len,
                 len,
                 sample: len == pending,
-                all_logits: seq.wants_logits(seq.kv_len, len),
+                all_logits,
             });
             self.running.push(seq);
         }
@@ -613,16 +642,20 @@ mod tests {
         }
         s.remove(1);
         // from token 10: token 9's logits are needed, so only 2 whole pages (8 tokens) may
-        // come from the cache although 4 are cached
+        // come from the cache although 4 are cached; the first chunk ends where the logits
+        // start (it needs none), the next ones compute them
         s.add(Seq::with_prompt_logprobs(2, a.clone(), 10));
         let p = s.schedule();
         assert_eq!(p.admitted, vec![(2, 8)]);
-        assert_eq!((p.items[0].start, p.items[0].len), (8, 8));
-        assert!(p.items[0].all_logits);
+        let item = |p: &Plan| (p.items[0].start, p.items[0].len, p.items[0].all_logits);
+        assert_eq!(item(&p), (8, 1, false));
         s.step_done(&p);
         let p = s.schedule();
-        assert_eq!((p.items[0].start, p.items[0].len), (16, 4));
-        assert!(p.items[0].all_logits && p.items[0].sample);
+        assert_eq!(item(&p), (9, 8, true));
+        s.step_done(&p);
+        let p = s.schedule();
+        assert_eq!(item(&p), (17, 3, true));
+        assert!(p.items[0].sample);
         s.step_done(&p);
         // the prompt is done: decoding asks for the last row only
         s.push_token(2, 5);
@@ -633,6 +666,41 @@ mod tests {
         let p = s.schedule();
         let item = p.items.iter().find(|i| i.id == 3).unwrap();
         assert_eq!((item.start, item.len, item.all_logits), (0, 8, false));
+    }
+
+    #[test]
+    fn prompt_logits_are_capped_per_step() {
+        let rows = MAX_PROMPT_LOGIT_ROWS;
+        let mut s = sched(1024, 16, 8, 4 * rows);
+        // two long prompts wanting logprobs from the start, one without
+        s.add(Seq::with_prompt_logprobs(1, vec![3; 3 * rows], 0));
+        s.add(Seq::with_prompt_logprobs(2, vec![4; 3 * rows], 0));
+        s.add(Seq::new(3, vec![5; rows]));
+        let p = s.schedule();
+        let got: Vec<_> = p
+            .items
+            .iter()
+            .map(|i| (i.id, i.len, i.all_logits))
+            .collect();
+        // the first takes the step's logit rows; the second waits (and the plain one behind
+        // it with it, in arrival order)
+        assert_eq!(got, vec![(1, rows, true)]);
+        s.step_done(&p);
+        let mut steps = 1;
+        while s.get(1).unwrap().kv_len < 3 * rows || s.num_waiting() > 0 {
+            let p = s.schedule();
+            assert!(
+                p.items
+                    .iter()
+                    .filter(|i| i.all_logits)
+                    .map(|i| i.len)
+                    .sum::<usize>()
+                    <= rows
+            );
+            s.step_done(&p);
+            steps += 1;
+            assert!(steps < 20);
+        }
     }
 
     #[test]

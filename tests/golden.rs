@@ -133,3 +133,43 @@ fn engine_matches_the_numpy_reference() {
         );
     }
 }
+
+/// A prompt longer than the logit rows one step may compute (`MAX_PROMPT_LOGIT_ROWS`): its
+/// logprobs come from several chunks and still match the reference at every position.
+#[test]
+fn long_prompt_logprobs_match_the_reference() {
+    let dir = common::model_dir();
+    let text = "The lighthouse keeper climbed the spiral stairs each evening, counting the steps, \
+                trimming the wick and watching the ships pass far out at sea. "
+        .repeat(24);
+    let refs = common::reference(&dir, &[(text.as_str(), false)], 1);
+    let r = &refs[0];
+    assert!(r.input_ids.len() > 2 * sglang::scheduler::MAX_PROMPT_LOGIT_ROWS);
+    let mut cfg = EngineConfig::new(&dir);
+    cfg.max_total_tokens = Some(4096);
+    let engine = EngineHandle::start(cfg).unwrap();
+    let out = engine
+        .submit(GenerateRequest {
+            input_ids: r.input_ids.clone(),
+            params: SamplingParams::greedy(1),
+            logprob_start_len: Some(0),
+            ..Default::default()
+        })
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert_eq!(out.token_ids, r.greedy_ids);
+    let got: Vec<u32> = out.prompt_logprobs.iter().map(|i| i.token_id).collect();
+    assert_eq!(got, r.input_ids[1..]);
+    let worst = out
+        .prompt_logprobs
+        .iter()
+        .zip(&r.prompt_logprobs)
+        .map(|(i, want)| (i.logprob as f64 - want).abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{} prompt tokens: prompt logprobs max abs err {worst:.1e}",
+        r.input_ids.len()
+    );
+    assert!(worst < LOGPROB_TOLERANCE, "prompt logprob error {worst}");
+}
