@@ -331,7 +331,7 @@ impl OutputView<'_> {
         }
         if let Some(start) = job.logprob_start_len {
             // rendered only after an event: the first chunk has brought the prompt's logprobs
-            let first = (start == 0).then(|| job.prompt_ids[0]);
+            let first = job.prompt_ids.first().copied().filter(|_| start == 0);
             let (chosen, tops) = logprobs_json(
                 self.tok,
                 self.with_text,

@@ -398,7 +398,7 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
         .collect();
     let firsts: Vec<u32> = prompts
         .iter()
-        .flat_map(|p| std::iter::repeat_n(p.1[0], n))
+        .flat_map(|p| std::iter::repeat_n(p.1.first().copied().unwrap_or_default(), n))
         .collect();
     if body.common.stream {
         let fmt = CompletionStream {
