@@ -105,6 +105,22 @@ impl Seq {
         }
     }
 
+    /// The step item computing the next `len` prompt tokens; the logit rows it needs are
+    /// taken from `logit_rows`.
+    fn prefill_item(&self, len: usize, logit_rows: &mut usize) -> PlanItem {
+        let all_logits = self.wants_logits(self.kv_len, len);
+        if all_logits {
+            *logit_rows -= len;
+        }
+        PlanItem {
+            id: self.id,
+            start: self.kv_len,
+            len,
+            sample: len == self.pending(),
+            all_logits,
+        }
+    }
+
     /// Tokens still to be run through the model (1 when decoding).
     pub fn pending(&self) -> usize {
         self.tokens.len() - self.kv_len
@@ -336,17 +352,7 @@ impl Scheduler {
                 continue;
             }
             budget -= len;
-            let all_logits = seq.wants_logits(seq.kv_len, len);
-            if all_logits {
-                logit_rows -= len;
-            }
-            plan.items.push(PlanItem {
-                id: seq.id,
-                start: seq.kv_len,
-                len,
-                sample: len == pending,
-                all_logits,
-            });
+            plan.items.push(seq.prefill_item(len, &mut logit_rows));
         }
         // 3. Admit waiting sequences while there is room: a running slot, prefill budget, and
         //    pages for the first chunk with one page per running sequence to spare for decode.
@@ -403,17 +409,7 @@ impl Scheduler {
                 plan.admitted.push((seq.id, cached));
             }
             budget -= len;
-            let all_logits = seq.wants_logits(seq.kv_len, len);
-            if all_logits {
-                logit_rows -= len;
-            }
-            plan.items.push(PlanItem {
-                id: seq.id,
-                start: seq.kv_len,
-                len,
-                sample: len == pending,
-                all_logits,
-            });
+            plan.items.push(seq.prefill_item(len, &mut logit_rows));
             self.running.push(seq);
         }
         plan

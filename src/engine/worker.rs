@@ -38,9 +38,8 @@ struct ReqState {
     cached_tokens: usize,
     return_logprob: bool,
     top_logprobs_num: usize,
-    /// Prompt logprobs wanted from this position (>= 1), and those computed so far (sent
-    /// with the first chunk).
-    prompt_logprob_from: Option<usize>,
+    /// Prompt logprobs computed so far (sent with the first chunk); from where is the
+    /// scheduler's `Seq::logprob_from`.
     prompt_logprobs: Vec<TokenInfo>,
     tx: tmpsc::UnboundedSender<Event>,
     submitted: Instant,
@@ -181,7 +180,6 @@ impl EngineLoop {
             cached_tokens: 0,
             return_logprob: req.return_logprob,
             top_logprobs_num: req.top_logprobs_num,
-            prompt_logprob_from: req.logprob_start_len.map(|s| s.max(1)),
             prompt_logprobs: Vec::new(),
             tx,
             submitted,
@@ -198,8 +196,8 @@ impl EngineLoop {
             .prompt_tokens_total
             .inc_by(prompt_len as u64);
         // with prompt logprobs wanted, a request for no new tokens still runs its prompt
-        let zero_budget = state.max_new_tokens == 0 && state.prompt_logprob_from.is_none();
-        let seq = match state.prompt_logprob_from {
+        let zero_budget = state.max_new_tokens == 0 && req.logprob_start_len.is_none();
+        let seq = match req.logprob_start_len {
             Some(from) => Seq::with_prompt_logprobs(id, req.input_ids, from),
             None => Seq::new(id, req.input_ids),
         };
@@ -376,9 +374,7 @@ impl EngineLoop {
         let (Some(r), Some(seq)) = (self.reqs.get_mut(&item.id), self.sched.get(item.id)) else {
             return;
         };
-        let Some(from) = r.prompt_logprob_from else {
-            return;
-        };
+        let from = seq.logprob_from;
         for (k, row) in logits.chunks_exact(vocab).enumerate() {
             // the logits at position p are the distribution of the token at p + 1
             let next = item.start + k + 1;
@@ -407,12 +403,7 @@ impl EngineLoop {
                 logprobs: Vec::new(),
                 prompt_logprobs: std::mem::take(&mut r.prompt_logprobs),
             };
-            if r.tx.send(Event::Chunk(chunk)).is_err() {
-                self.drain_messages();
-                self.abort(id, AbortReason::ClientDisconnected);
-            } else {
-                self.finish(id, FinishReason::Length);
-            }
+            self.deliver(id, chunk, Some(FinishReason::Length));
             return;
         }
         let banned: &[u32] = if r.generated < r.params.min_new_tokens {
@@ -507,14 +498,22 @@ impl EngineLoop {
         } else {
             Vec::new()
         };
-        let sent = r.tx.send(Event::Chunk(Chunk {
+        let chunk = Chunk {
             token_ids: vec![token_id],
             text,
             logprobs,
             // computed by now: the prompt ends in the step that samples the first token
             prompt_logprobs: std::mem::take(&mut r.prompt_logprobs),
-        }));
-        if sent.is_err() {
+        };
+        self.deliver(id, chunk, finish);
+    }
+
+    /// Sends a request its chunk, then ends it if `finish` says so.
+    fn deliver(&mut self, id: u64, chunk: Chunk, finish: Option<FinishReason>) {
+        let Some(r) = self.reqs.get(&id) else {
+            return;
+        };
+        if r.tx.send(Event::Chunk(chunk)).is_err() {
             // The receiver is gone. Whoever dropped it may have said why just before (a
             // timeout, an explicit abort): apply waiting messages first so the reason counts.
             self.drain_messages();
