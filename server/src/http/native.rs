@@ -256,7 +256,8 @@ pub fn finish_json(reason: &FinishReason, completion_tokens: usize) -> Value {
     }
 }
 
-fn logprob_entry(tok: &Tokenizer, with_text: bool, lp: f32, id: u32) -> Value {
+/// `[logprob, id, text]`; the logprob is null for a token without one (the prompt's first).
+fn logprob_entry(tok: &Tokenizer, with_text: bool, lp: Option<f32>, id: u32) -> Value {
     let text = with_text.then(|| tok.decode(&[id], false).unwrap_or_default());
     json!([lp, id, text])
 }
@@ -273,21 +274,20 @@ fn logprobs_json(
     let mut chosen = Vec::with_capacity(infos.len() + 1);
     let mut tops = Vec::new();
     if let Some(id) = first {
-        let text = with_text.then(|| tok.decode(&[id], false).unwrap_or_default());
-        chosen.push(json!([null, id, text]));
+        chosen.push(logprob_entry(tok, with_text, None, id));
         tops.push(Value::Null);
     }
     chosen.extend(
         infos
             .iter()
-            .map(|i| logprob_entry(tok, with_text, i.logprob, i.token_id)),
+            .map(|i| logprob_entry(tok, with_text, Some(i.logprob), i.token_id)),
     );
     if top {
         tops.extend(infos.iter().map(|i| {
             Value::Array(
                 i.top_logprobs
                     .iter()
-                    .map(|t| logprob_entry(tok, with_text, t.logprob, t.token_id))
+                    .map(|t| logprob_entry(tok, with_text, Some(t.logprob), t.token_id))
                     .collect(),
             )
         }));
