@@ -115,6 +115,9 @@ pub struct CudaBuf {
     len: usize,
 }
 
+/// Bytes of one cached K or V value: the GPU cache holds bf16.
+const KV_ELEM_BYTES: usize = 2;
+
 /// The paged KV cache: per layer, bf16 `[slot][kv_head][head_dim]` for K and for V.
 pub struct CudaKv {
     k: Vec<DevMem>,
@@ -547,7 +550,7 @@ impl Backend for CudaBackend {
         num_pages: usize,
         page_size: usize,
     ) -> Result<CudaKv, BackendError> {
-        let bytes = num_pages * page_size * cfg.num_kv_heads * cfg.head_dim * 2;
+        let bytes = num_pages * page_size * cfg.num_kv_heads * cfg.head_dim * KV_ELEM_BYTES;
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
@@ -558,7 +561,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize {
-        cfg.kv_bytes_per_token(2)
+        cfg.kv_bytes_per_token(KV_ELEM_BYTES)
     }
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CudaStep, BackendError> {
