@@ -7,7 +7,10 @@
 //   KV cache      per layer, [slot][kv_head][head_dim], slot = page * page_size + offset
 //   RoPE          Hugging Face half rotation, cos/sin precomputed per token [token][dim/2]
 
+#ifndef SG_EMULATION  // tests/kernel_emu/cuda_emu.h runs these kernels on the CPU in tests
 #include <cuda_bf16.h>
+#define SG_DYN_SMEM(T, name) extern __shared__ T name[]
+#endif
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
@@ -159,7 +162,7 @@ extern "C" __global__ void sg_attention(const float* __restrict__ q,
                                         const uint32_t* __restrict__ block_tables,
                                         int page_size, int q_heads, int kv_heads, int dim,
                                         float scale) {
-    extern __shared__ float smem[];
+    SG_DYN_SMEM(float, smem);
     const int t = blockIdx.x, kvh = blockIdx.y;
     const int group = q_heads / kv_heads;
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;

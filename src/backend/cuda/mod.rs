@@ -28,7 +28,9 @@ use crate::config::ModelConfig;
 use crate::loader::{f32_to_bf16, Elems, Tensor};
 use crate::parallel::Communicator;
 
-static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sglang_kernels.fatbin"));
+/// The kernels of `csrc/` (fatbin built by nvcc in build.rs); public for the per-kernel
+/// tests (`tests/kernels.rs`), which launch them one by one.
+pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sglang_kernels.fatbin"));
 
 /// Bytes of the pinned buffer weights are staged through.
 const STAGING_BYTES: usize = 32 << 20;

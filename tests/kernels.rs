@@ -1,0 +1,968 @@
+//! Per-kernel parity: every kernel of `csrc/` against a plain f64 reference written here, on
+//! fresh random inputs at several shapes (sizes that are not multiples of the block size,
+//! long contexts, every GQA group size the model code allows), with the output buffers
+//! poisoned (NaN) before each launch so an element a kernel forgets to write shows.
+//!
+//! Where it runs:
+//! - always, on the CPU emulation of the CUDA execution model (`tests/kernel_emu/cuda_emu.h`:
+//!   the same `csrc/*.cu` source compiled by the system C++ compiler, each CUDA thread a
+//!   fiber, so barriers, warp shuffles and shared memory behave as written). Buffers there
+//!   carry guard bytes that are checked after every launch (writes out of bounds fail).
+//! - with `--features cuda` on a machine with a GPU, on the GPU too, launching the embedded
+//!   fatbin through the driver exactly as the backend does.
+//!
+//! Prints one table: kernel, shape, device, `‖got − want‖ / ‖want‖`, tolerance.
+//! Tolerances per dtype: bf16 conversions must be bit-exact (0); f32 kernels 1e-5 (the
+//! reference accumulates in f64; the GPU's `__expf` is a few ulp off `exp`); attention reads
+//! bf16 K/V and the reference uses the same bf16 values, so it is held to 1e-5 as well.
+
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use half::bf16;
+
+const F32_TOL: f64 = 1e-5;
+/// Threads per block of the row kernels (as the backend: ROW_THREADS).
+const ROW_THREADS: u32 = 256;
+/// The attention kernel's block: ATTN_WARPS (4) warps.
+const ATTN_THREADS: u32 = 128;
+
+// ---------------------------------------------------------------- devices
+
+/// Memory and launches on one device: the emulator or a GPU. Pointers are device addresses
+/// (u64), passed to kernels by address exactly as cuLaunchKernel takes them.
+trait Dev {
+    fn name(&self) -> &'static str;
+    /// A buffer of `bytes`, every byte 0xff (f32 NaN, bf16 NaN).
+    fn alloc(&mut self, bytes: usize) -> u64;
+    fn write(&mut self, ptr: u64, data: &[u8]);
+    fn read(&mut self, ptr: u64, out: &mut [u8]);
+    fn launch(
+        &mut self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+    );
+}
+
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain numeric types without padding.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn put<T: Copy>(d: &mut dyn Dev, v: &[T]) -> u64 {
+    let p = d.alloc(std::mem::size_of_val(v));
+    d.write(p, as_bytes(v));
+    p
+}
+
+fn get<T: Copy + Default>(d: &mut dyn Dev, p: u64, n: usize) -> Vec<T> {
+    let mut v = vec![T::default(); n];
+    // SAFETY: as in as_bytes; every bit pattern is a valid value of these types.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(&v[..]))
+    };
+    d.read(p, bytes);
+    v
+}
+
+/// A poisoned output buffer of `n` values of T.
+fn out<T>(d: &mut dyn Dev, n: usize) -> u64 {
+    d.alloc(n * std::mem::size_of::<T>())
+}
+
+macro_rules! args {
+    ($($x:expr),* $(,)?) => {
+        [$( &$x as *const _ as *mut c_void ),*]
+    };
+}
+
+/// The emulator: `csrc/*.cu` compiled against `tests/kernel_emu/cuda_emu.h` into a shared
+/// library, once per test process.
+struct Emu {
+    launch_fn: unsafe extern "C" fn(
+        *const std::ffi::c_char,
+        u32,
+        u32,
+        u32,
+        u32,
+        usize,
+        *mut *mut c_void,
+    ) -> i32,
+    _lib: &'static libloading::Library,
+    bufs: Vec<Vec<u64>>,
+}
+
+/// Guard bytes before and after every emulator buffer.
+const GUARD: usize = 256;
+
+fn emulator_lib() -> &'static libloading::Library {
+    static LIB: std::sync::OnceLock<libloading::Library> = std::sync::OnceLock::new();
+    LIB.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap().keep();
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("csrc"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+            .collect();
+        sources.sort();
+        let mut unit = format!(
+            "#include \"{}\"\n",
+            root.join("tests/kernel_emu/cuda_emu.h").display()
+        );
+        let mut kernels = Vec::new();
+        for s in &sources {
+            unit += &format!("#include \"{}\"\n", s.display());
+            let text = std::fs::read_to_string(s).unwrap();
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find("extern \"C\" __global__ void ") {
+                rest = &rest[i + 27..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                kernels.push(name);
+            }
+        }
+        assert!(!kernels.is_empty(), "no kernels found in csrc/");
+        unit += "extern \"C\" int sg_emu_launch(const char* name, unsigned gx, unsigned gy, \
+                 unsigned gz, unsigned bx, size_t smem, void** args) {\n";
+        for k in &kernels {
+            unit += &format!(
+                "  if (!std::strcmp(name, \"{k}\")) return sg_emu::launch({k}, dim3{{gx, gy, gz}}, \
+                 dim3{{bx, 1, 1}}, smem, args);\n"
+            );
+        }
+        unit += "  std::fprintf(stderr, \"emulator: no kernel %s\\n\", name);\n  return -2;\n}\n";
+        let src = dir.join("emu.cpp");
+        std::fs::write(&src, unit).unwrap();
+        let lib = dir.join("libsg_emu.so");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let status = std::process::Command::new(&cxx)
+            .args([
+                "-std=c++17",
+                "-O2",
+                "-g",
+                "-fPIC",
+                "-shared",
+                "-Wall",
+                "-Wno-unknown-pragmas",
+            ])
+            .arg("-o")
+            .arg(&lib)
+            .arg(&src)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
+        assert!(status.success(), "the emulator build of csrc/*.cu failed");
+        // SAFETY: the library was just built from our own sources; its initialisers only set
+        // up globals.
+        unsafe { libloading::Library::new(&lib) }.unwrap()
+    })
+}
+
+/// The emulator's state is global (one launch at a time).
+static EMU_LOCK: Mutex<()> = Mutex::new(());
+
+impl Emu {
+    fn new() -> Self {
+        let lib = emulator_lib();
+        // SAFETY: the symbol is defined by the generated unit with this signature.
+        let launch_fn = unsafe {
+            *lib.get::<unsafe extern "C" fn(
+                *const std::ffi::c_char,
+                u32,
+                u32,
+                u32,
+                u32,
+                usize,
+                *mut *mut c_void,
+            ) -> i32>(b"sg_emu_launch")
+                .unwrap()
+        };
+        Self {
+            launch_fn,
+            _lib: lib,
+            bufs: Vec::new(),
+        }
+    }
+
+    fn find(&self, ptr: u64) -> (usize, usize) {
+        for (i, b) in self.bufs.iter().enumerate() {
+            let base = b.as_ptr() as u64 + GUARD as u64;
+            let len = b.len() * 8 - 2 * GUARD;
+            if ptr >= base && ptr < base + len as u64 + 1 {
+                return (i, (ptr - base) as usize);
+            }
+        }
+        panic!("pointer {ptr:#x} is not an emulator buffer");
+    }
+
+    fn check_guards(&self, kernel: &str) {
+        for b in &self.bufs {
+            let bytes = as_bytes(b);
+            let n = bytes.len();
+            let bad = bytes[..GUARD]
+                .iter()
+                .chain(&bytes[n - GUARD..])
+                .any(|&x| x != 0xff);
+            assert!(
+                !bad,
+                "{kernel} wrote outside a buffer (guard bytes changed)"
+            );
+        }
+    }
+}
+
+impl Dev for Emu {
+    fn name(&self) -> &'static str {
+        "emulator"
+    }
+
+    fn alloc(&mut self, bytes: usize) -> u64 {
+        let words = (bytes + 2 * GUARD).div_ceil(8) + 1;
+        let b = vec![u64::MAX; words];
+        let p = b.as_ptr() as u64 + GUARD as u64;
+        self.bufs.push(b);
+        p
+    }
+
+    fn write(&mut self, ptr: u64, data: &[u8]) {
+        let (i, off) = self.find(ptr);
+        let b = &mut self.bufs[i];
+        // SAFETY: the range lies inside buffer i (checked by find and the bound below).
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut u8, b.len() * 8) };
+        assert!(GUARD + off + data.len() <= bytes.len() - GUARD);
+        bytes[GUARD + off..GUARD + off + data.len()].copy_from_slice(data);
+    }
+
+    fn read(&mut self, ptr: u64, out: &mut [u8]) {
+        let (i, off) = self.find(ptr);
+        let bytes = as_bytes(&self.bufs[i]);
+        out.copy_from_slice(&bytes[GUARD + off..GUARD + off + out.len()]);
+    }
+
+    fn launch(
+        &mut self,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &mut [*mut c_void],
+    ) {
+        let name = CString::new(kernel).unwrap();
+        let rc = {
+            let _g = EMU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: `args` points at values of the kernel's parameter types, alive for the
+            // call; device pointers are addresses of live emulator buffers.
+            unsafe {
+                (self.launch_fn)(
+                    name.as_ptr(),
+                    grid.0,
+                    grid.1,
+                    grid.2,
+                    block,
+                    smem as usize,
+                    args.as_mut_ptr(),
+                )
+            }
+        };
+        assert_eq!(rc, 0, "{kernel} failed in the emulator (see stderr)");
+        self.check_guards(kernel);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use cudarc::driver::{result as drv, sys};
+
+    pub struct Gpu {
+        _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
+        module: sys::CUmodule,
+        bufs: Vec<sys::CUdeviceptr>,
+    }
+
+    impl Gpu {
+        pub fn open() -> Option<Self> {
+            if !sglang::backend::cuda::driver_available() {
+                return None;
+            }
+            let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+            ctx.bind_to_thread().unwrap();
+            // SAFETY: the fatbin the library embeds (built by nvcc in build.rs).
+            let module = unsafe {
+                drv::module::load_data(sglang::backend::cuda::FATBIN.as_ptr() as *const c_void)
+            }
+            .unwrap();
+            Some(Self {
+                _ctx: ctx,
+                module,
+                bufs: Vec::new(),
+            })
+        }
+    }
+
+    impl Drop for Gpu {
+        fn drop(&mut self) {
+            for &p in &self.bufs {
+                // SAFETY: allocated by malloc_sync below, freed once.
+                unsafe { drv::free_sync(p) }.unwrap();
+            }
+        }
+    }
+
+    impl Dev for Gpu {
+        fn name(&self) -> &'static str {
+            "gpu"
+        }
+
+        fn alloc(&mut self, bytes: usize) -> u64 {
+            // SAFETY: a fresh allocation, filled before use.
+            unsafe {
+                let p = drv::malloc_sync(bytes.max(1)).unwrap();
+                drv::memset_d8_sync(p, 0xff, bytes.max(1)).unwrap();
+                self.bufs.push(p);
+                p
+            }
+        }
+
+        fn write(&mut self, ptr: u64, data: &[u8]) {
+            // SAFETY: `ptr` is one of our allocations, at least data.len() bytes.
+            unsafe { drv::memcpy_htod_sync(ptr, data) }.unwrap();
+        }
+
+        fn read(&mut self, ptr: u64, out: &mut [u8]) {
+            // SAFETY: as above.
+            unsafe { drv::memcpy_dtoh_sync(out, ptr) }.unwrap();
+        }
+
+        fn launch(
+            &mut self,
+            kernel: &str,
+            grid: (u32, u32, u32),
+            block: u32,
+            smem: u32,
+            args: &mut [*mut c_void],
+        ) {
+            // SAFETY: the module is loaded; args match the kernel's parameters.
+            unsafe {
+                let f =
+                    drv::module::get_function(self.module, CString::new(kernel).unwrap()).unwrap();
+                drv::launch_kernel(f, grid, (block, 1, 1), smem, std::ptr::null_mut(), args)
+                    .unwrap_or_else(|e| panic!("{kernel}: launch failed: {e:?}"));
+                drv::ctx::synchronize().unwrap_or_else(|e| panic!("{kernel}: {e:?}"));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- inputs and checks
+
+/// Deterministic inputs (SplitMix64).
+struct Rand(u64);
+
+impl Rand {
+    fn u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.u64() % n as u64) as usize
+    }
+}
+
+fn to_bf16(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+fn from_bf16(v: &[u16]) -> Vec<f32> {
+    v.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+}
+
+/// ‖got − want‖ / ‖want‖ (NaN anywhere in `got`: infinite).
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g as f64 - w).powi(2);
+        den += w * w;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+struct Report {
+    rows: Vec<(String, String, &'static str, f64, f64)>,
+}
+
+impl Report {
+    fn add(&mut self, kernel: &str, shape: String, dev: &dyn Dev, err: f64, tol: f64) {
+        self.rows.push((kernel.into(), shape, dev.name(), err, tol));
+    }
+
+    fn print_and_check(&self) {
+        println!(
+            "\n{:<22} {:<44} {:<9} {:>12} {:>9}",
+            "kernel", "shape", "device", "rel err", "tol"
+        );
+        for (k, s, d, e, t) in &self.rows {
+            let flag = if e <= t { "" } else { "  FAIL" };
+            println!("{k:<22} {s:<44} {d:<9} {e:>12.3e} {t:>9.0e}{flag}");
+        }
+        let bad: Vec<_> = self.rows.iter().filter(|r| r.3.is_nan() || r.3 > r.4).collect();
+        assert!(
+            bad.is_empty(),
+            "{} kernel checks over tolerance: {bad:?}",
+            bad.len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------- the kernels
+
+fn check_embedding(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    for (rows, hidden, tokens, start) in
+        [(1000usize, 576usize, 37usize, 0usize), (333, 300, 5, 500)]
+    {
+        let table = to_bf16(&r.vec(rows * hidden, 1.0));
+        // ids around this shard's range [start, start + rows): some fall outside (zeros)
+        let ids: Vec<u32> = (0..tokens)
+            .map(|_| (r.below(rows + 200) + start.saturating_sub(100)) as u32)
+            .collect();
+        let tp = put(d, &table);
+        let ip = put(d, &ids);
+        let op = out::<f32>(d, tokens * hidden);
+        let (h, s, n) = (hidden as i32, start as i32, rows as i32);
+        d.launch(
+            "sg_embedding",
+            (tokens as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![tp, ip, op, h, s, n],
+        );
+        let got: Vec<f32> = get(d, op, tokens * hidden);
+        let tf = from_bf16(&table);
+        let mut want = vec![0.0f64; tokens * hidden];
+        for (t, &id) in ids.iter().enumerate() {
+            let row = id as i64 - start as i64;
+            if (0..rows as i64).contains(&row) {
+                for i in 0..hidden {
+                    want[t * hidden + i] = tf[row as usize * hidden + i] as f64;
+                }
+            }
+        }
+        rep.add(
+            "sg_embedding",
+            format!("vocab {rows} from {start}, hidden {hidden}, {tokens} tok"),
+            d,
+            rel_err(&got, &want),
+            0.0,
+        );
+    }
+}
+
+fn rms_ref(x: &[f64], w: &[f32], eps: f32) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps as f64).sqrt();
+    x.iter().zip(w).map(|(v, &w)| v * inv * w as f64).collect()
+}
+
+fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    let eps = 1e-5f32;
+    for (rows, hidden) in [(1usize, 576usize), (7, 300), (3, 4096), (2, 33)] {
+        let x = r.vec(rows * hidden, 3.0);
+        let w = to_bf16(&r.vec(hidden, 1.0));
+        let wf = from_bf16(&w);
+        let xp = put(d, &x);
+        let wp = put(d, &w);
+        let op = out::<f32>(d, rows * hidden);
+        let h = hidden as i32;
+        d.launch(
+            "sg_rms_norm",
+            (rows as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![xp, wp, op, h, eps],
+        );
+        let got: Vec<f32> = get(d, op, rows * hidden);
+        let want: Vec<f64> = x
+            .chunks(hidden)
+            .flat_map(|row| rms_ref(&row.iter().map(|&v| v as f64).collect::<Vec<_>>(), &wf, eps))
+            .collect();
+        rep.add(
+            "sg_rms_norm",
+            format!("{rows} x {hidden}"),
+            d,
+            rel_err(&got, &want),
+            F32_TOL,
+        );
+
+        // fused: residual += delta, then the norm of the sum
+        let delta = r.vec(rows * hidden, 1.0);
+        let rp = put(d, &x);
+        let dp = put(d, &delta);
+        let op = out::<f32>(d, rows * hidden);
+        d.launch(
+            "sg_add_rms_norm",
+            (rows as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![rp, dp, wp, op, h, eps],
+        );
+        let got: Vec<f32> = get(d, op, rows * hidden);
+        let res: Vec<f32> = get(d, rp, rows * hidden);
+        let sum: Vec<f64> = x
+            .iter()
+            .zip(&delta)
+            .map(|(&a, &b)| a as f64 + b as f64)
+            .collect();
+        let want: Vec<f64> = sum
+            .chunks(hidden)
+            .flat_map(|row| rms_ref(row, &wf, eps))
+            .collect();
+        let err = rel_err(&got, &want).max(rel_err(&res, &sum));
+        rep.add(
+            "sg_add_rms_norm",
+            format!("{rows} x {hidden} (output and residual)"),
+            d,
+            err,
+            F32_TOL,
+        );
+    }
+}
+
+fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    // f32 -> bf16: bit-exact round to nearest even, special values included
+    let mut x = r.vec(100_003, 100.0);
+    x.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+        -3e-39,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+    ]);
+    // exact ties between two bf16 values: the even one wins
+    x.extend([
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0xbf80_8000),
+    ]);
+    let n = x.len() as i64;
+    let xp = put(d, &x);
+    let yp = out::<u16>(d, x.len());
+    for blocks in [1u32, 97] {
+        d.launch(
+            "sg_f32_to_bf16",
+            (blocks, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![xp, yp, n],
+        );
+        let got: Vec<u16> = get(d, yp, x.len());
+        let bad = got
+            .iter()
+            .zip(to_bf16(&x))
+            .filter(|(g, w)| **g != *w)
+            .count();
+        rep.add(
+            "sg_f32_to_bf16",
+            format!("{n} values, {blocks} blocks (bits differing)"),
+            d,
+            bad as f64,
+            0.0,
+        );
+    }
+    let nan = put(d, &[f32::NAN]);
+    let one = 1i64;
+    let yn = out::<u16>(d, 1);
+    d.launch("sg_f32_to_bf16", (1, 1, 1), 32, 0, &mut args![nan, yn, one]);
+    let got: Vec<u16> = get(d, yn, 1);
+    rep.add(
+        "sg_f32_to_bf16",
+        "NaN stays NaN".into(),
+        d,
+        if bf16::from_bits(got[0]).is_nan() {
+            0.0
+        } else {
+            1.0
+        },
+        0.0,
+    );
+
+    for len in [1usize, 1000, 70_001] {
+        let g = r.vec(len, 8.0);
+        let u = r.vec(len, 2.0);
+        let gp = put(d, &g);
+        let up = put(d, &u);
+        let op = out::<f32>(d, len);
+        let n = len as i64;
+        let blocks = (len as u32).div_ceil(ROW_THREADS).clamp(1, 64);
+        d.launch(
+            "sg_silu_mul",
+            (blocks, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![gp, up, op, n],
+        );
+        let got: Vec<f32> = get(d, op, len);
+        let want: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| {
+                let g = g as f64;
+                g / (1.0 + (-g).exp()) * u as f64
+            })
+            .collect();
+        rep.add(
+            "sg_silu_mul",
+            format!("{len} values, {blocks} blocks"),
+            d,
+            rel_err(&got, &want),
+            F32_TOL,
+        );
+    }
+}
+
+fn check_rope(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    for (tokens, qh, kvh, dim) in [
+        (5usize, 9usize, 3usize, 64usize),
+        (3, 32, 8, 128),
+        (2, 4, 4, 96),
+    ] {
+        let half = dim / 2;
+        let q = r.vec(tokens * qh * dim, 1.0);
+        let k = r.vec(tokens * kvh * dim, 1.0);
+        let pos: Vec<usize> = (0..tokens).map(|_| r.below(5000)).collect();
+        let mut cos = vec![0f32; tokens * half];
+        let mut sin = vec![0f32; tokens * half];
+        for (t, &p) in pos.iter().enumerate() {
+            for i in 0..half {
+                let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / dim as f64);
+                cos[t * half + i] = a.cos() as f32;
+                sin[t * half + i] = a.sin() as f32;
+            }
+        }
+        let (qp, kp, cp, sp) = (put(d, &q), put(d, &k), put(d, &cos), put(d, &sin));
+        let (a, b, c) = (qh as i32, kvh as i32, dim as i32);
+        d.launch(
+            "sg_rope",
+            (tokens as u32, 1, 1),
+            ROW_THREADS,
+            0,
+            &mut args![qp, kp, cp, sp, a, b, c],
+        );
+        let rot = |x: &[f32], heads: usize| -> Vec<f64> {
+            let mut o = vec![0.0; x.len()];
+            for t in 0..tokens {
+                for h in 0..heads {
+                    let base = (t * heads + h) * dim;
+                    for i in 0..half {
+                        let (c, s) = (cos[t * half + i] as f64, sin[t * half + i] as f64);
+                        let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
+                        o[base + i] = x1 * c - x2 * s;
+                        o[base + i + half] = x2 * c + x1 * s;
+                    }
+                }
+            }
+            o
+        };
+        let gq: Vec<f32> = get(d, qp, q.len());
+        let gk: Vec<f32> = get(d, kp, k.len());
+        let err = rel_err(&gq, &rot(&q, qh)).max(rel_err(&gk, &rot(&k, kvh)));
+        rep.add(
+            "sg_rope",
+            format!("{tokens} tok, q {qh} / kv {kvh} heads, dim {dim}"),
+            d,
+            err,
+            F32_TOL,
+        );
+    }
+}
+
+fn check_store_and_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    let (slots_total, kv_dim, tokens) = (200usize, 192usize, 23usize);
+    let k = r.vec(tokens * kv_dim, 2.0);
+    let v = r.vec(tokens * kv_dim, 2.0);
+    let mut all: Vec<u32> = (0..slots_total as u32).collect();
+    for i in 0..tokens {
+        let j = i + r.below(slots_total - i);
+        all.swap(i, j);
+    }
+    let slots = &all[..tokens];
+    let (kp, vp, sp) = (put(d, &k), put(d, &v), put(d, slots));
+    let kc = out::<u16>(d, slots_total * kv_dim);
+    let vc = out::<u16>(d, slots_total * kv_dim);
+    let kd = kv_dim as i32;
+    d.launch(
+        "sg_store_kv",
+        (tokens as u32, 1, 1),
+        ROW_THREADS,
+        0,
+        &mut args![kp, vp, sp, kc, vc, kd],
+    );
+    let gk: Vec<u16> = get(d, kc, slots_total * kv_dim);
+    let gv: Vec<u16> = get(d, vc, slots_total * kv_dim);
+    let (wk, wv) = (to_bf16(&k), to_bf16(&v));
+    let mut bad = 0usize;
+    for s in 0..slots_total {
+        let src = slots.iter().position(|&x| x as usize == s);
+        for i in 0..kv_dim {
+            let (ek, ev) = match src {
+                Some(t) => (wk[t * kv_dim + i], wv[t * kv_dim + i]),
+                None => (0xffff, 0xffff), // untouched slots keep the poison
+            };
+            bad += (gk[s * kv_dim + i] != ek) as usize + (gv[s * kv_dim + i] != ev) as usize;
+        }
+    }
+    rep.add(
+        "sg_store_kv",
+        format!("{tokens} tok into {slots_total} slots x {kv_dim} (values differing)"),
+        d,
+        bad as f64,
+        0.0,
+    );
+
+    let (rows, width) = (50usize, 577usize);
+    let x = r.vec(rows * width, 1.0);
+    let pick: Vec<u32> = (0..9).map(|_| r.below(rows) as u32).collect();
+    let (xp, ip) = (put(d, &x), put(d, &pick));
+    let op = out::<f32>(d, pick.len() * width);
+    let w = width as i32;
+    d.launch(
+        "sg_gather_rows",
+        (pick.len() as u32, 1, 1),
+        ROW_THREADS,
+        0,
+        &mut args![xp, ip, op, w],
+    );
+    let got: Vec<f32> = get(d, op, pick.len() * width);
+    let want: Vec<f64> = pick
+        .iter()
+        .flat_map(|&p| {
+            x[p as usize * width..(p as usize + 1) * width]
+                .iter()
+                .map(|&v| v as f64)
+        })
+        .collect();
+    rep.add(
+        "sg_gather_rows",
+        format!("{} of {rows} rows x {width}", pick.len()),
+        d,
+        rel_err(&got, &want),
+        0.0,
+    );
+}
+
+/// One attention case: sequences given by (cached prefix length, new tokens).
+struct AttnCase {
+    seqs: Vec<(usize, usize)>,
+    q_heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    page_size: usize,
+}
+
+fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &AttnCase) {
+    let (qh, kvh, dim, ps) = (c.q_heads, c.kv_heads, c.dim, c.page_size);
+    let kv_dim = kvh * dim;
+    // pages: each sequence gets its own, shuffled across the pool
+    let pages_needed: Vec<usize> = c.seqs.iter().map(|&(p, n)| (p + n).div_ceil(ps)).collect();
+    let total_pages: usize = pages_needed.iter().sum::<usize>() + 3;
+    let mut pool: Vec<u32> = (0..total_pages as u32).collect();
+    for i in (1..pool.len()).rev() {
+        let j = r.below(i + 1);
+        pool.swap(i, j);
+    }
+    let mut block_tables = Vec::new();
+    let mut table_start = Vec::new();
+    for &n in &pages_needed {
+        table_start.push(block_tables.len() as u32);
+        block_tables.extend(pool.drain(..n));
+    }
+    // the cache: every slot random bf16 (the kernel must read only its sequence's)
+    let slots = total_pages * ps;
+    let kc = to_bf16(&r.vec(slots * kv_dim, 1.0));
+    let vc = to_bf16(&r.vec(slots * kv_dim, 1.0));
+    let (kf, vf) = (from_bf16(&kc), from_bf16(&vc));
+    let mut positions = Vec::new();
+    let mut token_seq = Vec::new();
+    for (s, &(prefix, new)) in c.seqs.iter().enumerate() {
+        for i in 0..new {
+            positions.push((prefix + i) as u32);
+            token_seq.push(s as u32);
+        }
+    }
+    let tokens = positions.len();
+    let q = r.vec(tokens * qh * dim, 1.0);
+    let scale = 1.0 / (dim as f32).sqrt();
+    let mut want = vec![0.0f64; tokens * qh * dim];
+    let group = qh / kvh;
+    for t in 0..tokens {
+        let s = token_seq[t] as usize;
+        let table = &block_tables[table_start[s] as usize..];
+        let ctx = positions[t] as usize + 1;
+        for h in 0..qh {
+            let kh = h / group;
+            let qv = &q[(t * qh + h) * dim..][..dim];
+            let slot = |p: usize| (table[p / ps] as usize * ps + p % ps) * kv_dim + kh * dim;
+            let scores: Vec<f64> = (0..ctx)
+                .map(|p| {
+                    let kr = &kf[slot(p)..][..dim];
+                    qv.iter()
+                        .zip(kr)
+                        .map(|(&a, &b)| (a * scale) as f64 * b as f64)
+                        .sum()
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let l: f64 = w.iter().sum();
+            for (p, wp) in w.iter().enumerate() {
+                let vr = &vf[slot(p)..][..dim];
+                for i in 0..dim {
+                    want[(t * qh + h) * dim + i] += wp / l * vr[i] as f64;
+                }
+            }
+        }
+    }
+    let qp = put(d, &q);
+    let (kp, vp) = (put(d, &kc), put(d, &vc));
+    let (pp, tsp, stp, btp) = (
+        put(d, &positions),
+        put(d, &token_seq),
+        put(d, &table_start),
+        put(d, &block_tables),
+    );
+    let op = out::<f32>(d, tokens * qh * dim);
+    let smem = (4 * group * (dim + 2) * 4) as u32;
+    let (a, b, e, f) = (ps as i32, qh as i32, kvh as i32, dim as i32);
+    d.launch(
+        "sg_attention",
+        (tokens as u32, kvh as u32, 1),
+        ATTN_THREADS,
+        smem,
+        &mut args![qp, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale],
+    );
+    let got: Vec<f32> = get(d, op, tokens * qh * dim);
+    let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
+    rep.add(
+        "sg_attention",
+        format!("seqs {} q{qh}/kv{kvh} d{dim} page {ps}", seqs.join(",")),
+        d,
+        rel_err(&got, &want),
+        F32_TOL,
+    );
+}
+
+fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    let cases = [
+        // SmolLM2: 9 query heads over 3 KV heads; a prefill, a chunk after a cached prefix,
+        // decode of two sequences
+        AttnCase {
+            seqs: vec![(0, 13)],
+            q_heads: 9,
+            kv_heads: 3,
+            dim: 64,
+            page_size: 16,
+        },
+        AttnCase {
+            seqs: vec![(37, 5), (0, 1), (100, 1)],
+            q_heads: 9,
+            kv_heads: 3,
+            dim: 64,
+            page_size: 16,
+        },
+        // Llama-3-8B's shape (32 / 8 heads of 128), fewer heads to keep the emulator quick
+        AttnCase {
+            seqs: vec![(20, 3), (7, 1)],
+            q_heads: 8,
+            kv_heads: 2,
+            dim: 128,
+            page_size: 16,
+        },
+        // no GQA, the largest group, odd page size, head size not a multiple of 32
+        AttnCase {
+            seqs: vec![(5, 4)],
+            q_heads: 2,
+            kv_heads: 2,
+            dim: 64,
+            page_size: 7,
+        },
+        AttnCase {
+            seqs: vec![(30, 2)],
+            q_heads: 8,
+            kv_heads: 1,
+            dim: 80,
+            page_size: 1,
+        },
+        AttnCase {
+            seqs: vec![(9, 3)],
+            q_heads: 6,
+            kv_heads: 3,
+            dim: 256,
+            page_size: 32,
+        },
+        // a long context (decode)
+        AttnCase {
+            seqs: vec![(2999, 1)],
+            q_heads: 3,
+            kv_heads: 1,
+            dim: 64,
+            page_size: 16,
+        },
+    ];
+    for c in &cases {
+        check_attention_case(d, r, rep, c);
+    }
+}
+
+fn run_all(d: &mut dyn Dev, rep: &mut Report) {
+    let mut r = Rand(0x5eed);
+    check_embedding(d, &mut r, rep);
+    check_norms(d, &mut r, rep);
+    check_elementwise(d, &mut r, rep);
+    check_rope(d, &mut r, rep);
+    check_store_and_gather(d, &mut r, rep);
+    check_attention(d, &mut r, rep);
+}
+
+#[test]
+fn kernels_match_the_reference() {
+    let mut rep = Report { rows: Vec::new() };
+    let t = std::time::Instant::now();
+    run_all(&mut Emu::new(), &mut rep);
+    println!("emulator: {:.1} s", t.elapsed().as_secs_f64());
+    #[cfg(feature = "cuda")]
+    match gpu::Gpu::open() {
+        Some(mut g) => run_all(&mut g, &mut rep),
+        None => println!(
+            "no GPU here: {}",
+            sglang::backend::cuda::unavailable_reason()
+        ),
+    }
+    rep.print_and_check();
+}
