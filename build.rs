@@ -44,17 +44,39 @@ fn main() {
         .collect();
     std::fs::write(&unit, body).expect("write the kernel unit");
     let fatbin = out.join("sglang_kernels.fatbin");
-    let status = Command::new(&nvcc)
-        .args(["-fatbin", "-O3", "-std=c++17"])
+    // -Xptxas -v: registers, stack and spills per kernel and architecture, kept in
+    // $OUT_DIR/ptxas-report.txt (scripts/test-cuda-build.sh prints it into the CI log);
+    // any warning fails the build.
+    let output = Command::new(&nvcc)
+        .args([
+            "-fatbin",
+            "-O3",
+            "-std=c++17",
+            "-Werror",
+            "all-warnings",
+            "-Xptxas",
+            "-v",
+        ])
         .args(["-gencode", "arch=compute_80,code=sm_80"])
         .args(["-gencode", "arch=compute_90a,code=sm_90a"])
         .args(["-gencode", "arch=compute_80,code=compute_80"])
         .arg("-o")
         .arg(&fatbin)
         .arg(&unit)
-        .status()
+        .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-    assert!(status.success(), "nvcc failed on csrc/*.cu ({status})");
+    let report = String::from_utf8_lossy(&output.stderr);
+    std::fs::write(out.join("ptxas-report.txt"), report.as_bytes()).expect("write the report");
+    assert!(
+        output.status.success(),
+        "nvcc failed on csrc/*.cu ({}):\n{report}",
+        output.status
+    );
+    for line in report.lines() {
+        if line.contains("spill") && !line.contains(" 0 bytes spill stores, 0 bytes spill loads") {
+            println!("cargo:warning=register spills: {}", line.trim());
+        }
+    }
 }
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {

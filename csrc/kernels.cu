@@ -147,11 +147,18 @@ extern "C" __global__ void sg_gather_rows(const float* __restrict__ x,
 #define MAX_GROUP 8
 #define MAX_PER_LANE 8  // head_dim <= 256
 
-// Paged causal attention, prefill and decode alike. One block per (new token, KV head): the
-// block reads each cached K/V row once for all query heads of the group (GQA). Each warp
-// walks a quarter of the positions with an online softmax per query head; the warps then
-// merge their partial results. Token t sits at position positions[t] of sequence
-// token_seq[t] and attends to positions 0..=positions[t] through that sequence's pages.
+// Paged causal attention, prefill and decode alike. One block per (new token, KV head,
+// split): the block reads each cached K/V row once for all query heads of the group (GQA).
+// Each warp walks a quarter of the block's positions with an online softmax per query head;
+// the warps then merge their partial results. Token t sits at position positions[t] of
+// sequence token_seq[t] and attends to positions 0..=positions[t] through that sequence's
+// pages.
+// Split along the sequence (flash-decoding): block z covers positions
+// [z * split_len, (z + 1) * split_len). With one split (gridDim.z == 1) the block writes the
+// normalised output; with several, each writes its running max and sum to part_ml
+// [token][q_head][split][2] and its unnormalised accumulator to part_acc
+// [token][q_head][split][dim], and sg_attention_merge combines them. Decode of a few
+// sequences with long contexts then fills the GPU instead of using kv_heads blocks.
 // Dynamic shared memory: ATTN_WARPS * group * (head_dim + 2) floats.
 extern "C" __global__ void sg_attention(const float* __restrict__ q,
                                         const bf16* __restrict__ kc,
@@ -161,7 +168,9 @@ extern "C" __global__ void sg_attention(const float* __restrict__ q,
                                         const uint32_t* __restrict__ seq_table_start,
                                         const uint32_t* __restrict__ block_tables,
                                         int page_size, int q_heads, int kv_heads, int dim,
-                                        float scale) {
+                                        float scale, int split_len,
+                                        float* __restrict__ part_ml,
+                                        float* __restrict__ part_acc) {
     SG_DYN_SMEM(float, smem);
     const int t = blockIdx.x, kvh = blockIdx.y;
     const int group = q_heads / kv_heads;
@@ -187,7 +196,9 @@ extern "C" __global__ void sg_attention(const float* __restrict__ q,
                            : 0.0f;
         }
     }
-    for (int p = warp; p <= pos; p += ATTN_WARPS) {
+    const int begin = blockIdx.z * split_len;
+    const int end = min(pos + 1, begin + split_len);
+    for (int p = begin + warp; p < end; p += ATTN_WARPS) {
         const long slot = (long)table[p / page_size] * page_size + p % page_size;
         const bf16* kr = kc + slot * kv_dim + (long)kvh * dim;
         const bf16* vr = vc + slot * kv_dim + (long)kvh * dim;
@@ -241,6 +252,36 @@ extern "C" __global__ void sg_attention(const float* __restrict__ q,
             ll += sl[w * group + g] * f;
             o += sacc[((long)w * group + g) * dim + d] * f;
         }
-        out[((long)t * q_heads + kvh * group + g) * dim + d] = o / ll;
+        const long head = (long)t * q_heads + kvh * group + g;
+        if (gridDim.z == 1) {
+            out[head * dim + d] = o / ll;
+        } else {  // an empty split leaves m = -inf, l = 0, acc = 0
+            const long row = head * gridDim.z + blockIdx.z;
+            part_acc[row * dim + d] = o;
+            if (d == 0) {
+                part_ml[row * 2] = mm;
+                part_ml[row * 2 + 1] = ll;
+            }
+        }
+    }
+}
+
+// Combines the splits of sg_attention: one block per (token, query head).
+extern "C" __global__ void sg_attention_merge(const float* __restrict__ part_ml,
+                                              const float* __restrict__ part_acc,
+                                              float* __restrict__ out, int splits, int dim) {
+    const long head = blockIdx.x;
+    const float* ml = part_ml + head * splits * 2;
+    float mm = -INFINITY;
+    for (int s = 0; s < splits; s++) mm = fmaxf(mm, ml[s * 2]);
+    float ll = 0.0f;
+    for (int s = 0; s < splits; s++)
+        if (ml[s * 2] != -INFINITY) ll += ml[s * 2 + 1] * __expf(ml[s * 2] - mm);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < splits; s++)
+            if (ml[s * 2] != -INFINITY)
+                o += part_acc[(head * splits + s) * dim + d] * __expf(ml[s * 2] - mm);
+        out[head * dim + d] = o / ll;
     }
 }

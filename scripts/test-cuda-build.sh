@@ -2,7 +2,9 @@
 # The `cuda` feature on a machine without a GPU (CI's): nvcc (pinned PyPI wheels) builds the
 # kernels, clippy is clean, and the cuda-built server refuses `--device cuda` with the reason
 # while `--device auto` serves on the CPU. Builds into target/cuda so the default build stays.
-# The GPU half of tests/cuda.rs (parity with the CPU) runs where a GPU is present.
+# tests/kernels.rs checks every kernel on the CPU emulator here (and on the GPU where one is
+# present); the GPU half of tests/cuda.rs (model parity with the CPU) runs where a GPU is.
+# The ptxas report (registers, spills) goes into the log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,6 +14,8 @@ export CARGO_TARGET_DIR="$root/target/cuda"
 python="$(./scripts/venv.sh | tail -n1)"
 ./scripts/prepare-model.sh >&2
 cargo clippy -p sglang -p sglang-server --features sglang/cuda --all-targets --release -- -D warnings
-cargo test --release -p sglang --features cuda --test cuda
+cargo test --release -p sglang --features cuda --test cuda --test kernels
+echo "== ptxas report (registers, stack, spills per kernel)"
+cat "$(ls -t "$CARGO_TARGET_DIR"/release/build/sglang-*/out/ptxas-report.txt | head -n1)"
 cargo build --release -p sglang-server --features sglang/cuda
 SGLANG_SERVER_BIN="$CARGO_TARGET_DIR/release/sglang-server" "$python" -m pytest -q tests/cuda_build

@@ -423,14 +423,18 @@ impl Report {
 
     fn print_and_check(&self) {
         println!(
-            "\n{:<22} {:<44} {:<9} {:>12} {:>9}",
+            "\n{:<22} {:<50} {:<9} {:>12} {:>9}",
             "kernel", "shape", "device", "rel err", "tol"
         );
         for (k, s, d, e, t) in &self.rows {
             let flag = if e <= t { "" } else { "  FAIL" };
-            println!("{k:<22} {s:<44} {d:<9} {e:>12.3e} {t:>9.0e}{flag}");
+            println!("{k:<22} {s:<50} {d:<9} {e:>12.3e} {t:>9.0e}{flag}");
         }
-        let bad: Vec<_> = self.rows.iter().filter(|r| r.3.is_nan() || r.3 > r.4).collect();
+        let bad: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|r| r.3.is_nan() || r.3 > r.4)
+            .collect();
         assert!(
             bad.is_empty(),
             "{} kernel checks over tolerance: {bad:?}",
@@ -784,6 +788,8 @@ struct AttnCase {
     kv_heads: usize,
     dim: usize,
     page_size: usize,
+    /// Splits along the sequence (1: one pass), as `backend::split::attention_splits` picks.
+    splits: usize,
 }
 
 fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &AttnCase) {
@@ -860,18 +866,40 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
     let op = out::<f32>(d, tokens * qh * dim);
     let smem = (4 * group * (dim + 2) * 4) as u32;
     let (a, b, e, f) = (ps as i32, qh as i32, kvh as i32, dim as i32);
+    let max_ctx = c.seqs.iter().map(|(p, n)| p + n).max().unwrap();
+    let split_len = max_ctx.div_ceil(c.splits) as i32;
+    let (ml, acc) = if c.splits > 1 {
+        let rows = tokens * qh * c.splits;
+        (out::<f32>(d, rows * 2), out::<f32>(d, rows * dim))
+    } else {
+        (0u64, 0u64)
+    };
     d.launch(
         "sg_attention",
-        (tokens as u32, kvh as u32, 1),
+        (tokens as u32, kvh as u32, c.splits as u32),
         ATTN_THREADS,
         smem,
-        &mut args![qp, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale],
+        &mut args![qp, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale, split_len, ml, acc],
     );
+    if c.splits > 1 {
+        let splits = c.splits as i32;
+        d.launch(
+            "sg_attention_merge",
+            ((tokens * qh) as u32, 1, 1),
+            (dim as u32).next_multiple_of(32).min(ROW_THREADS),
+            0,
+            &mut args![ml, acc, op, splits, f],
+        );
+    }
     let got: Vec<f32> = get(d, op, tokens * qh * dim);
     let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
     rep.add(
         "sg_attention",
-        format!("seqs {} q{qh}/kv{kvh} d{dim} page {ps}", seqs.join(",")),
+        format!(
+            "seqs {} q{qh}/kv{kvh} d{dim} page {ps} split {}",
+            seqs.join(","),
+            c.splits
+        ),
         d,
         rel_err(&got, &want),
         F32_TOL,
@@ -879,61 +907,32 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
 }
 
 fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    let case = |seqs: &[(usize, usize)], q_heads, kv_heads, dim, page_size, splits| AttnCase {
+        seqs: seqs.to_vec(),
+        q_heads,
+        kv_heads,
+        dim,
+        page_size,
+        splits,
+    };
     let cases = [
         // SmolLM2: 9 query heads over 3 KV heads; a prefill, a chunk after a cached prefix,
         // decode of two sequences
-        AttnCase {
-            seqs: vec![(0, 13)],
-            q_heads: 9,
-            kv_heads: 3,
-            dim: 64,
-            page_size: 16,
-        },
-        AttnCase {
-            seqs: vec![(37, 5), (0, 1), (100, 1)],
-            q_heads: 9,
-            kv_heads: 3,
-            dim: 64,
-            page_size: 16,
-        },
+        case(&[(0, 13)], 9, 3, 64, 16, 1),
+        case(&[(37, 5), (0, 1), (100, 1)], 9, 3, 64, 16, 1),
         // Llama-3-8B's shape (32 / 8 heads of 128), fewer heads to keep the emulator quick
-        AttnCase {
-            seqs: vec![(20, 3), (7, 1)],
-            q_heads: 8,
-            kv_heads: 2,
-            dim: 128,
-            page_size: 16,
-        },
-        // no GQA, the largest group, odd page size, head size not a multiple of 32
-        AttnCase {
-            seqs: vec![(5, 4)],
-            q_heads: 2,
-            kv_heads: 2,
-            dim: 64,
-            page_size: 7,
-        },
-        AttnCase {
-            seqs: vec![(30, 2)],
-            q_heads: 8,
-            kv_heads: 1,
-            dim: 80,
-            page_size: 1,
-        },
-        AttnCase {
-            seqs: vec![(9, 3)],
-            q_heads: 6,
-            kv_heads: 3,
-            dim: 256,
-            page_size: 32,
-        },
+        case(&[(20, 3), (7, 1)], 8, 2, 128, 16, 1),
+        // no GQA, the largest group, odd page sizes, head sizes not a multiple of 32
+        case(&[(5, 4)], 2, 2, 64, 7, 1),
+        case(&[(30, 2)], 8, 1, 80, 1, 1),
+        case(&[(9, 3)], 6, 3, 256, 32, 1),
         // a long context (decode)
-        AttnCase {
-            seqs: vec![(2999, 1)],
-            q_heads: 3,
-            kv_heads: 1,
-            dim: 64,
-            page_size: 16,
-        },
+        case(&[(2999, 1)], 3, 1, 64, 16, 1),
+        // split along the sequence: a long decode, sequences of very different lengths (some
+        // of their splits are empty), a prefill chunk after a prefix
+        case(&[(2999, 1)], 3, 1, 64, 16, 12),
+        case(&[(700, 1), (3, 1), (250, 1)], 9, 3, 64, 16, 4),
+        case(&[(300, 4)], 8, 2, 128, 16, 3),
     ];
     for c in &cases {
         check_attention_case(d, r, rep, c);

@@ -51,6 +51,8 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     return {(uint16_t)(u >> 16)};
 }
 
+using std::max;
+using std::min;
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

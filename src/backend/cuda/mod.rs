@@ -152,6 +152,7 @@ struct Kernels {
     store_kv: sys::CUfunction,
     gather_rows: sys::CUfunction,
     attention: sys::CUfunction,
+    attention_merge: sys::CUfunction,
 }
 
 /// Scratch buffers of the matrix products (activations in bf16, gate and up halves).
@@ -159,6 +160,9 @@ struct Scratch {
     x_bf16: Option<DevMem>,
     gate: Option<CudaBuf>,
     up: Option<CudaBuf>,
+    /// Partial results of split attention: running max and sum, and accumulators.
+    attn_ml: Option<DevMem>,
+    attn_acc: Option<DevMem>,
 }
 
 pub struct CudaBackend {
@@ -178,6 +182,8 @@ pub struct CudaBackend {
     upload_total: AtomicUsize,
     uploaded: AtomicUsize,
     name: String,
+    /// Multiprocessors: how many blocks fill the GPU (attention splits).
+    sms: usize,
 }
 
 // SAFETY: the raw handles (stream, module, cuBLAS handle, pinned buffer) are used only under
@@ -235,7 +241,11 @@ impl CudaBackend {
             store_kv: f("sg_store_kv")?,
             gather_rows: f("sg_gather_rows")?,
             attention: f("sg_attention")?,
+            attention_merge: f("sg_attention_merge")?,
         };
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| dev_err("device attributes", e))? as usize;
         let handle = blas::create_handle().map_err(|e| dev_err("cuBLAS", e))?;
         // SAFETY: both handles are valid; the cast only changes the pointee's nominal type.
         unsafe { blas::set_stream(handle, stream as blas_sys::cudaStream_t) }
@@ -254,6 +264,8 @@ impl CudaBackend {
                 x_bf16: None,
                 gate: None,
                 up: None,
+                attn_ml: None,
+                attn_acc: None,
             }),
             spare_step: Mutex::new(None),
             token_ids: Mutex::new(None),
@@ -261,6 +273,7 @@ impl CudaBackend {
             upload_total: AtomicUsize::new(0),
             uploaded: AtomicUsize::new(0),
             name,
+            sms,
         })
     }
 
@@ -791,9 +804,26 @@ impl Backend for CudaBackend {
         );
         let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
         let shared = (ATTN_WARPS as usize * group * (cfg.head_dim + 2) * 4) as u32;
+        let max_context = batch.seqs.iter().map(|s| s.context_len).max().unwrap_or(1);
+        let t = step.n_tokens;
+        let (splits, split_len) =
+            super::split::attention_splits(t, cfg.num_kv_heads, max_context, self.sms);
+        let mut scratch = self.scratch.lock();
+        let (ml, acc) = if splits > 1 {
+            let rows = t * cfg.num_heads * splits;
+            self.ensure(&mut scratch.attn_ml, rows * 2 * 4)?;
+            self.ensure(&mut scratch.attn_acc, rows * cfg.head_dim * 4)?;
+            (
+                scratch.attn_ml.as_ref().expect("ensured").ptr,
+                scratch.attn_acc.as_ref().expect("ensured").ptr,
+            )
+        } else {
+            (0, 0) // not read with one split
+        };
+        let split_len = split_len as i32;
         self.launch(
             self.k.attention,
-            (step.n_tokens as u32, cfg.num_kv_heads as u32, 1),
+            (t as u32, cfg.num_kv_heads as u32, splits as u32),
             ATTN_WARPS * 32,
             shared,
             &mut args![
@@ -809,9 +839,23 @@ impl Backend for CudaBackend {
                 qh,
                 kvh,
                 d,
-                scale
+                scale,
+                split_len,
+                ml,
+                acc
             ],
-        )
+        )?;
+        if splits > 1 {
+            let splits = splits as i32;
+            self.launch(
+                self.k.attention_merge,
+                ((t * cfg.num_heads) as u32, 1, 1),
+                (cfg.head_dim as u32).next_multiple_of(32).min(ROW_THREADS),
+                0,
+                &mut args![ml, acc, out.mem.ptr, splits, d],
+            )?;
+        }
+        Ok(())
     }
 
     fn gather_rows(
