@@ -7,35 +7,7 @@
 //   KV cache      per layer, [slot][kv_head][head_dim], slot = page * page_size + offset
 //   RoPE          Hugging Face half rotation, cos/sin precomputed per token [token][dim/2]
 
-#ifndef SG_EMULATION  // tests/kernel_emu/cuda_emu.h runs these kernels on the CPU in tests
-#include <cuda_bf16.h>
-#define SG_DYN_SMEM(T, name) extern __shared__ T name[]
-#endif
-#include <stdint.h>
-
-typedef __nv_bfloat16 bf16;
-
-#define WARP 32
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ float block_sum(float v) {
-    __shared__ float part[32];
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    v = warp_sum(v);
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    const int warps = blockDim.x / WARP;
-    float s = lane < warps ? part[lane] : 0.0f;
-    s = warp_sum(s);
-    __syncthreads();  // `part` may be reused by the next call
-    return s;
-}
+#include "common.cuh"
 
 // out[t] = table[tokens[t] - vocab_start], zeros for ids outside this shard's rows.
 extern "C" __global__ void sg_embedding(const bf16* __restrict__ table,

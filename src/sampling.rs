@@ -298,6 +298,8 @@ impl SamplerState {
 pub struct Sampler {
     work: Vec<f32>,
     candidates: Vec<(u32, f32)>,
+    /// The one-row batch `sample` states its request in.
+    one: SampleBatch,
 }
 
 impl Sampler {
@@ -316,48 +318,60 @@ impl Sampler {
         want_logprob: bool,
         banned: &[u32],
     ) -> Sampled {
+        let mut one = std::mem::take(&mut self.one);
+        one.clear();
+        one.push(params, state, top_logprobs, want_logprob, banned);
+        let s = self.sample_row(logits, &one, 0);
+        self.one = one;
+        s
+    }
+
+    /// Row `i` of `samples` chosen from `logits` (that row's logits): what a backend that
+    /// samples where the logits are (the CPU) runs, and the host's statement of what
+    /// csrc/sampling.cu computes. Same rules and random number as [`Sampler::sample`].
+    pub fn sample_row(&mut self, logits: &[f32], samples: &SampleBatch, i: usize) -> Sampled {
+        let row = &samples.rows[i];
         let work = &mut self.work;
         work.clear();
         work.extend_from_slice(logits);
-        for &b in banned {
+        for &b in &samples.banned[row.ban_start as usize..row.ban_end as usize] {
             if let Some(v) = work.get_mut(b as usize) {
                 *v = f32::NEG_INFINITY;
             }
         }
-        if params.repetition_penalty != 1.0 {
-            let p = params.repetition_penalty;
-            for &t in state.seen.keys() {
-                if let Some(v) = work.get_mut(t as usize) {
-                    *v = if *v > 0.0 { *v / p } else { *v * p };
-                }
+        for e in row.pen_start as usize..row.pen_end as usize {
+            let Some(v) = work.get_mut(samples.pen_tokens[e] as usize) else {
+                continue;
+            };
+            let p = row.repetition_penalty;
+            if p != 1.0 && samples.pen_seen[e] != 0 {
+                *v = if *v > 0.0 { *v / p } else { *v * p };
+            }
+            let c = samples.pen_counts[e];
+            if c > 0 && (row.frequency_penalty != 0.0 || row.presence_penalty != 0.0) {
+                *v -= row.frequency_penalty * c as f32 + row.presence_penalty;
             }
         }
-        if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
-            for (&t, &c) in &state.output_counts {
-                if let Some(v) = work.get_mut(t as usize) {
-                    *v -= params.frequency_penalty * c as f32 + params.presence_penalty;
-                }
-            }
-        }
-        let token_id = if params.is_greedy() {
+        let token_id = if row.greedy != 0 {
             argmax(work) as u32
         } else {
-            self.draw(params, state)
+            self.draw(row, row.u)
         };
-        let (logprob, top) = if want_logprob || top_logprobs > 0 {
-            logprobs_of(logits, token_id, top_logprobs)
+        let top = row.n_top as usize;
+        let (logprob, top_logprobs) = if samples.want_logprob[i] || top > 0 {
+            logprobs_of(logits, token_id, top)
         } else {
             (0.0, Vec::new())
         };
         Sampled {
             token_id,
             logprob,
-            top_logprobs: top,
+            top_logprobs,
         }
     }
 
-    /// Temperature, top-k, top-p, min-p, then a draw.
-    fn draw(&mut self, params: &SamplingParams, state: &mut SamplerState) -> u32 {
+    /// Temperature, top-k, top-p, min-p (of `params`), then a draw with `u` uniform in [0, 1).
+    fn draw(&mut self, params: &SampleRow, u: f64) -> u32 {
         let work = &self.work;
         let inv_t = 1.0 / params.temperature;
         let max = work.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -411,7 +425,7 @@ impl Sampler {
             cands.truncate(keep.max(1));
         }
         let sum: f64 = cands.iter().map(|c| c.1 as f64).sum();
-        let mut u = state.rng.next_f64() * sum;
+        let mut u = u * sum;
         for c in cands.iter() {
             u -= c.1 as f64;
             if u < 0.0 {
@@ -419,6 +433,144 @@ impl Sampler {
             }
         }
         cands.last().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+/// One row of device sampling (`SampleRow` of csrc/sampling.cu: same fields, same layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SampleRow {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// <= 0: no top-k filter.
+    pub top_k: i32,
+    /// 1: argmax of the processed logits.
+    pub greedy: i32,
+    /// The draw's uniform number in [0, 1), from the request's generator.
+    pub u: f64,
+    pub pen_start: i32,
+    pub pen_end: i32,
+    pub ban_start: i32,
+    pub ban_end: i32,
+    pub n_top: i32,
+    pub pad: i32,
+}
+
+impl SampleRow {
+    /// The candidate filters of `params` (the rest left at their defaults).
+    fn filters(params: &SamplingParams) -> Self {
+        Self {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            top_k: params.top_k.clamp(-1, i32::MAX as i64) as i32,
+            ..Self::default()
+        }
+    }
+}
+
+/// A step's sampling for a device that samples itself: one [`SampleRow`] per logits row and
+/// the penalty and ban lists the rows index. Built from the same parameters and state as
+/// [`Sampler::sample`], drawing the same random number from the request's generator.
+#[derive(Debug, Clone, Default)]
+pub struct SampleBatch {
+    pub rows: Vec<SampleRow>,
+    /// Penalty entries: a token, its count among the output tokens, and 1 when it was seen
+    /// (prompt or output) for the repetition penalty.
+    pub pen_tokens: Vec<u32>,
+    pub pen_counts: Vec<u32>,
+    pub pen_seen: Vec<u32>,
+    pub banned: Vec<u32>,
+    /// Whether each row's caller wants the chosen token's logprob (else it is reported as 0,
+    /// as the host sampler does).
+    pub want_logprob: Vec<bool>,
+}
+
+impl SampleBatch {
+    pub fn clear(&mut self) {
+        self.rows.clear();
+        self.pen_tokens.clear();
+        self.pen_counts.clear();
+        self.pen_seen.clear();
+        self.banned.clear();
+        self.want_logprob.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Adds the next row (arguments as [`Sampler::sample`]); draws from `state`'s generator
+    /// when the row is not greedy, exactly as the host sampler would.
+    pub fn push(
+        &mut self,
+        params: &SamplingParams,
+        state: &mut SamplerState,
+        top_logprobs: usize,
+        want_logprob: bool,
+        banned: &[u32],
+    ) {
+        let greedy = params.is_greedy();
+        let pen_start = self.pen_tokens.len() as i32;
+        if params.repetition_penalty != 1.0 {
+            for &t in state.seen.keys() {
+                self.pen_tokens.push(t);
+                self.pen_counts
+                    .push(state.output_counts.get(&t).copied().unwrap_or(0));
+                self.pen_seen.push(1);
+            }
+        }
+        if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
+            for (&t, &c) in &state.output_counts {
+                if !state.seen.contains_key(&t) {
+                    self.pen_tokens.push(t);
+                    self.pen_counts.push(c);
+                    self.pen_seen.push(0);
+                }
+            }
+        }
+        let ban_start = self.banned.len() as i32;
+        self.banned.extend_from_slice(banned);
+        self.rows.push(SampleRow {
+            repetition_penalty: params.repetition_penalty,
+            frequency_penalty: params.frequency_penalty,
+            presence_penalty: params.presence_penalty,
+            greedy: i32::from(greedy),
+            u: if greedy { 0.0 } else { state.rng.next_f64() },
+            pen_start,
+            pen_end: self.pen_tokens.len() as i32,
+            ban_start,
+            ban_end: self.banned.len() as i32,
+            n_top: top_logprobs.min(MAX_TOP_LOGPROBS) as i32,
+            ..SampleRow::filters(params)
+        });
+        self.want_logprob.push(want_logprob || top_logprobs > 0);
+    }
+
+    /// A row whose result is not used (a request that only scores its prompt): greedy, no
+    /// penalties, no draw from any generator.
+    pub fn push_unused(&mut self) {
+        let (p, b) = (self.pen_tokens.len() as i32, self.banned.len() as i32);
+        self.rows.push(SampleRow {
+            temperature: 1.0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            greedy: 1,
+            pen_start: p,
+            pen_end: p,
+            ban_start: b,
+            ban_end: b,
+            ..SampleRow::default()
+        });
+        self.want_logprob.push(false);
     }
 }
 

@@ -20,6 +20,7 @@ use std::borrow::Cow;
 use crate::config::ModelConfig;
 use crate::loader::Tensor;
 use crate::parallel::Communicator;
+use crate::sampling::{SampleBatch, Sampled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -324,4 +325,24 @@ pub trait Backend: Send + Sync {
 
     /// The first `len` values of `buf` on the host (borrowed where the buffer is host memory).
     fn to_host<'a>(&self, buf: &'a Self::Buf, len: usize) -> Result<Cow<'a, [f32]>, BackendError>;
+
+    /// Whether [`Backend::sample`] chooses tokens on the device.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// Chooses a token for each row of `logits` (one [`SampleBatch`] row each, `vocab` values
+    /// per row) where the logits are, returning only the tokens and logprobs. Backends that
+    /// sample on the host (the engine then copies the logits back) do not implement it.
+    fn sample(
+        &self,
+        _logits: &Self::Buf,
+        _vocab: usize,
+        _samples: &SampleBatch,
+    ) -> Result<Vec<Sampled>, BackendError> {
+        Err(BackendError::Device(format!(
+            "the {} backend samples on the host",
+            self.name()
+        )))
+    }
 }

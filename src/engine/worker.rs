@@ -17,7 +17,8 @@ use super::{
 use crate::backend::StepBatch;
 use crate::model::ModelRunner;
 use crate::sampling::{
-    logprobs_of, Sampled, Sampler, SamplerState, SamplingParams, StopCheck, StopMatcher,
+    logprobs_of, SampleBatch, Sampled, Sampler, SamplerState, SamplingParams, StopCheck,
+    StopMatcher,
 };
 use crate::scheduler::{PlanItem, Scheduler, Seq};
 use crate::tokenizer::IncrementalDecoder;
@@ -62,6 +63,10 @@ pub(super) struct EngineLoop {
     stop: bool,
     /// Host copy of the last step's logits (reused).
     logits: Vec<f32>,
+    /// The step's sampling when the backend samples on the device (reused).
+    samples: SampleBatch,
+    /// What device sampling chose, one per row of `samples`.
+    sampled: Vec<Sampled>,
 }
 
 impl EngineLoop {
@@ -81,6 +86,8 @@ impl EngineLoop {
             sampler: Sampler::new(),
             stop: false,
             logits: Vec::new(),
+            samples: SampleBatch::default(),
+            sampled: Vec::new(),
         }
     }
 
@@ -275,16 +282,28 @@ impl EngineLoop {
             return;
         }
         self.sched.fill_batch(&plan, &mut self.batch);
+        // Sampling on the device when the backend can and no item needs whole logits rows
+        // (prompt logprobs): only tokens and logprobs are copied back.
+        let on_device = self.runner.samples_on_device() && !plan.items.iter().any(|i| i.all_logits);
+        if on_device {
+            self.build_samples(&plan);
+        }
         let runner = &mut self.runner;
         let batch = &self.batch;
+        let samples = &self.samples;
+        let sampled = &mut self.sampled;
         // reused across steps: no allocation for the logits in steady state
         let mut logits = std::mem::take(&mut self.logits);
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
-            runner.forward(batch).map(|l| {
-                logits.clear();
-                logits.extend_from_slice(&l);
-            })
+            if on_device {
+                runner.forward_sampled(batch, samples).map(|s| *sampled = s)
+            } else {
+                runner.forward(batch).map(|l| {
+                    logits.clear();
+                    logits.extend_from_slice(&l);
+                })
+            }
         }));
         let nanos = started.elapsed().as_nanos() as u64;
         let stats = &self.shared.stats;
@@ -311,24 +330,14 @@ impl EngineLoop {
         }
         self.sched.step_done(&plan);
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let vocab = self.runner.config().vocab_size;
-        let mut row = 0;
-        for item in &plan.items {
-            let rows = if item.all_logits {
-                item.len
-            } else {
-                usize::from(item.sample)
-            };
-            let this = row + rows.saturating_sub(1);
-            if item.all_logits {
-                self.on_prompt_logits(item, &logits[row * vocab..(row + rows) * vocab], vocab);
+        if on_device {
+            let sampled = std::mem::take(&mut self.sampled);
+            let ids = plan.items.iter().filter(|i| i.sample).map(|i| i.id);
+            for (id, s) in ids.zip(sampled) {
+                self.on_sampled(id, Some(s));
             }
-            row += rows;
-            if !item.sample {
-                continue;
-            }
-            let l = &logits[this * vocab..(this + 1) * vocab];
-            self.on_logits(item.id, l);
+        } else {
+            self.sample_on_host(&plan, &logits);
         }
         self.logits = logits;
         self.publish_stats();
@@ -368,6 +377,53 @@ impl EngineLoop {
         self.publish_stats();
     }
 
+    /// Samples each item's logits row on the host (and records prompt logprobs).
+    fn sample_on_host(&mut self, plan: &crate::scheduler::Plan, logits: &[f32]) {
+        let vocab = self.runner.config().vocab_size;
+        let mut row = 0;
+        for item in &plan.items {
+            let rows = if item.all_logits {
+                item.len
+            } else {
+                usize::from(item.sample)
+            };
+            let this = row + rows.saturating_sub(1);
+            if item.all_logits {
+                self.on_prompt_logits(item, &logits[row * vocab..(row + rows) * vocab], vocab);
+            }
+            row += rows;
+            if !item.sample {
+                continue;
+            }
+            let l = &logits[this * vocab..(this + 1) * vocab];
+            self.on_logits(item.id, l);
+        }
+    }
+
+    /// One sampling row per item that samples, in the order of the logits rows.
+    fn build_samples(&mut self, plan: &crate::scheduler::Plan) {
+        self.samples.clear();
+        for item in plan.items.iter().filter(|i| i.sample) {
+            match self.reqs.get_mut(&item.id) {
+                Some(r) if r.max_new_tokens > 0 => {
+                    let banned: &[u32] = if r.generated < r.params.min_new_tokens {
+                        &r.stop_ids
+                    } else {
+                        &[]
+                    };
+                    self.samples.push(
+                        &r.params,
+                        &mut r.sampler,
+                        r.top_logprobs_num,
+                        r.return_logprob,
+                        banned,
+                    );
+                }
+                _ => self.samples.push_unused(),
+            }
+        }
+    }
+
     /// Records the prompt logprobs a chunk's logits give (`logits`: one row per token of the
     /// chunk). A chunk computed again after a retraction adds nothing twice.
     fn on_prompt_logits(&mut self, item: &PlanItem, logits: &[f32], vocab: usize) {
@@ -395,7 +451,35 @@ impl EngineLoop {
         let Some(r) = self.reqs.get_mut(&id) else {
             return;
         };
-        if r.max_new_tokens == 0 {
+        let sampled = (r.max_new_tokens > 0).then(|| {
+            let banned: &[u32] = if r.generated < r.params.min_new_tokens {
+                &r.stop_ids
+            } else {
+                &[]
+            };
+            self.sampler.sample(
+                logits,
+                &r.params,
+                &mut r.sampler,
+                r.top_logprobs_num,
+                r.return_logprob,
+                banned,
+            )
+        });
+        self.on_sampled(id, sampled);
+    }
+
+    /// The step's token for request `id` (None: a request that only scores its prompt).
+    fn on_sampled(&mut self, id: u64, sampled: Option<Sampled>) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        let Some(Sampled {
+            token_id,
+            logprob,
+            top_logprobs,
+        }) = sampled.filter(|_| r.max_new_tokens > 0)
+        else {
             // only the prompt was wanted (prompt logprobs, scoring): no token is sampled
             let chunk = Chunk {
                 token_ids: Vec::new(),
@@ -405,24 +489,7 @@ impl EngineLoop {
             };
             self.deliver(id, chunk, Some(FinishReason::Length));
             return;
-        }
-        let banned: &[u32] = if r.generated < r.params.min_new_tokens {
-            &r.stop_ids
-        } else {
-            &[]
         };
-        let Sampled {
-            token_id,
-            logprob,
-            top_logprobs,
-        } = self.sampler.sample(
-            logits,
-            &r.params,
-            &mut r.sampler,
-            r.top_logprobs_num,
-            r.return_logprob,
-            banned,
-        );
         r.sampler.observe(&r.params, token_id);
         r.generated += 1;
         let now = Instant::now();

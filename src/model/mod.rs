@@ -16,6 +16,7 @@ use crate::config::{ConfigError, Device, EngineConfig, LoadFormat, ModelConfig};
 use crate::loader::{self, LoadError, WeightMap};
 use crate::parallel::tcp::{GroupParams, TcpComm};
 use crate::parallel::{self, Communicator, Shard};
+use crate::sampling::{SampleBatch, Sampled};
 use llama::{LlamaModel, ModelError, Workspace};
 
 /// The state of a tensor-parallel group (one rank, always ready, without parallelism).
@@ -33,6 +34,22 @@ pub trait ModelRunner: Send {
     /// One forward step; returns the logits of `batch.logit_rows`, `[rows][vocab]`.
     fn forward(&mut self, batch: &StepBatch) -> Result<Cow<'_, [f32]>, BackendError>;
     fn backend_name(&self) -> &'static str;
+    /// Whether [`ModelRunner::forward_sampled`] can run (the backend samples on the device).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// One forward step whose logits rows (one per row of `samples`) are sampled where they
+    /// were computed; only the tokens and logprobs come back.
+    fn forward_sampled(
+        &mut self,
+        _batch: &StepBatch,
+        _samples: &SampleBatch,
+    ) -> Result<Vec<Sampled>, BackendError> {
+        Err(BackendError::Device(format!(
+            "the {} backend samples on the host",
+            self.backend_name()
+        )))
+    }
     /// Pages in the KV pool and tokens per page.
     fn kv_pages(&self) -> (usize, usize);
     /// Bytes of KV cache per token.
@@ -78,6 +95,30 @@ impl<B: Backend> ModelRunner for Runner<B> {
     }
     fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+    fn samples_on_device(&self) -> bool {
+        self.backend.samples_on_device()
+    }
+    fn forward_sampled(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<Vec<Sampled>, BackendError> {
+        let rows = self.model.forward(
+            &self.backend,
+            batch,
+            &mut self.kv,
+            &mut self.ws,
+            self.comm.as_deref(),
+        )?;
+        if rows != samples.len() {
+            return Err(BackendError::Device(format!(
+                "{rows} logits rows for {} sampling rows",
+                samples.len()
+            )));
+        }
+        let vocab = self.model.config().vocab_size;
+        self.backend.sample(self.ws.logits(), vocab, samples)
     }
     fn kv_pages(&self) -> (usize, usize) {
         (self.num_pages, self.page_size)

@@ -56,6 +56,11 @@ using std::min;
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 inline float __fdividef(float a, float b) { return a / b; }
 
 namespace sg_emu {
@@ -139,7 +144,7 @@ T shuffle(T v, int src_lane) {
 // Runs `grid` blocks of `block` threads. Returns 0, or -1 after printing why (deadlock).
 inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg) {
     const int n = (int)(block.x * block.y * block.z);
-    const size_t stack = 256 * 1024;
+    const size_t stack = 64 * 1024;
     body = f;
     body_arg = arg;
     gridDim_ = grid;

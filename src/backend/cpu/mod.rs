@@ -19,6 +19,7 @@ use super::{Backend, BackendError, RopeTable, StepBatch};
 use crate::config::ModelConfig;
 use crate::loader::{Elems, Tensor};
 use crate::parallel::Communicator;
+use crate::sampling::{SampleBatch, Sampled, Sampler};
 
 /// A weight on the CPU: the loader's view (no copy).
 pub struct CpuWeight {
@@ -60,6 +61,8 @@ pub struct CpuBackend {
     panels: Vec<Mutex<Vec<f32>>>,
     /// Buffers of the last step, reused by the next.
     spare_step: Mutex<Option<CpuStep>>,
+    /// Sampling in place (the logits are already in host memory: nothing is copied).
+    sampler: Mutex<Sampler>,
 }
 
 /// Bytes of one cached K or V value: the CPU cache holds f32.
@@ -81,6 +84,7 @@ impl CpuBackend {
             isa: Isa::detect(),
             panels: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
             spare_step: Mutex::new(None),
+            sampler: Mutex::new(Sampler::new()),
         }
     }
 
@@ -541,5 +545,24 @@ impl Backend for CpuBackend {
 
     fn to_host<'a>(&self, buf: &'a Vec<f32>, len: usize) -> Result<Cow<'a, [f32]>, BackendError> {
         Ok(Cow::Borrowed(&buf[..len]))
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        samples: &SampleBatch,
+    ) -> Result<Vec<Sampled>, BackendError> {
+        let mut sampler = self.sampler.lock();
+        Ok(logits
+            .chunks_exact(vocab)
+            .take(samples.len())
+            .enumerate()
+            .map(|(i, row)| sampler.sample_row(row, samples, i))
+            .collect())
     }
 }

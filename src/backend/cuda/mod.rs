@@ -27,6 +27,7 @@ use super::{Backend, BackendError, RopeTable, StepBatch};
 use crate::config::ModelConfig;
 use crate::loader::{f32_to_bf16, Elems, Tensor};
 use crate::parallel::Communicator;
+use crate::sampling::{SampleBatch, Sampled, TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// The kernels of `csrc/` (fatbin built by nvcc in build.rs); public for the per-kernel
 /// tests (`tests/kernels.rs`), which launch them one by one.
@@ -34,6 +35,8 @@ pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sglang_kern
 
 /// Bytes of the pinned buffer weights are staged through.
 const STAGING_BYTES: usize = 32 << 20;
+/// Threads per block of `sg_sample` (one block per row).
+const SAMPLE_THREADS: u32 = 1024;
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
 /// Warps (of 32 threads) per attention block; must match `ATTN_WARPS` in csrc/kernels.cu.
@@ -153,6 +156,7 @@ struct Kernels {
     gather_rows: sys::CUfunction,
     attention: sys::CUfunction,
     attention_merge: sys::CUfunction,
+    sample: sys::CUfunction,
 }
 
 /// Scratch buffers of the matrix products (activations in bf16, gate and up halves).
@@ -165,6 +169,22 @@ struct Scratch {
     attn_acc: Option<DevMem>,
 }
 
+/// Device buffers of `sg_sample`: its inputs (rows, penalty and ban lists), the processed
+/// logits, and its outputs.
+#[derive(Default)]
+struct SampleBufs {
+    rows: Option<DevMem>,
+    pen_tokens: Option<DevMem>,
+    pen_counts: Option<DevMem>,
+    pen_seen: Option<DevMem>,
+    banned: Option<DevMem>,
+    work: Option<DevMem>,
+    token: Option<DevMem>,
+    logprob: Option<DevMem>,
+    top_ids: Option<DevMem>,
+    top_logprobs: Option<DevMem>,
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: sys::CUstream,
@@ -174,6 +194,7 @@ pub struct CudaBackend {
     staging: *mut c_void,
     scratch: Mutex<Scratch>,
     spare_step: Mutex<Option<CudaStep>>,
+    sample_bufs: Mutex<SampleBufs>,
     /// Index lists uploaded by `embedding` (token ids) and `gather_rows` (rows): reused, and
     /// safe to overwrite because copies and kernels are ordered on the one stream.
     token_ids: Mutex<Option<DevMem>>,
@@ -242,6 +263,7 @@ impl CudaBackend {
             gather_rows: f("sg_gather_rows")?,
             attention: f("sg_attention")?,
             attention_merge: f("sg_attention_merge")?,
+            sample: f("sg_sample")?,
         };
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -268,6 +290,7 @@ impl CudaBackend {
                 attn_acc: None,
             }),
             spare_step: Mutex::new(None),
+            sample_bufs: Mutex::new(SampleBufs::default()),
             token_ids: Mutex::new(None),
             row_ids: Mutex::new(None),
             upload_total: AtomicUsize::new(0),
@@ -473,6 +496,35 @@ impl CudaBackend {
         let mem = slot.as_ref().expect("ensured");
         self.htod(mem, data)?;
         Ok(mem.ptr)
+    }
+
+    /// Uploads `data` into `slot` (grown when needed; at least one element's room, so an
+    /// empty list still has a valid pointer); its device pointer.
+    fn put_slot<T: Copy>(
+        &self,
+        slot: &mut Option<DevMem>,
+        data: &[T],
+    ) -> Result<sys::CUdeviceptr, BackendError> {
+        self.ensure(slot, std::mem::size_of_val(data).max(8))?;
+        let mem = slot.as_ref().expect("ensured");
+        self.htod(mem, data)?;
+        Ok(mem.ptr)
+    }
+
+    /// Copies `n` values of T from the device.
+    fn get<T: Copy + Default>(
+        &self,
+        src: sys::CUdeviceptr,
+        n: usize,
+    ) -> Result<Vec<T>, BackendError> {
+        let mut host = vec![T::default(); n];
+        if n > 0 {
+            // SAFETY: `src` holds at least `n` values of T (the caller's buffer).
+            unsafe { drv::memcpy_dtoh_async(&mut host, src, self.stream) }
+                .map_err(|e| dev_err("copy to host", e))?;
+        }
+        self.sync()?;
+        Ok(host)
     }
 
     /// Copies `data` into `dst`, growing it first when needed.
@@ -898,6 +950,86 @@ impl Backend for CudaBackend {
         _total: usize,
     ) -> Result<(), BackendError> {
         self.all_reduce(comm, out, 0)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample(
+        &self,
+        logits: &CudaBuf,
+        vocab: usize,
+        samples: &SampleBatch,
+    ) -> Result<Vec<Sampled>, BackendError> {
+        self.bind()?;
+        let rows = samples.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut b = self.sample_bufs.lock();
+        let b = &mut *b;
+        let row_ptr = self.put_slot(&mut b.rows, &samples.rows)?;
+        let pen_tokens = self.put_slot(&mut b.pen_tokens, &samples.pen_tokens)?;
+        let pen_counts = self.put_slot(&mut b.pen_counts, &samples.pen_counts)?;
+        let pen_seen = self.put_slot(&mut b.pen_seen, &samples.pen_seen)?;
+        let banned = self.put_slot(&mut b.banned, &samples.banned)?;
+        self.ensure(&mut b.work, rows * vocab * 4)?;
+        self.ensure(&mut b.token, rows * 4)?;
+        self.ensure(&mut b.logprob, rows * 4)?;
+        self.ensure(&mut b.top_ids, rows * MAX_TOP_LOGPROBS * 4)?;
+        self.ensure(&mut b.top_logprobs, rows * MAX_TOP_LOGPROBS * 4)?;
+        let ptr = |m: &Option<DevMem>| m.as_ref().expect("ensured").ptr;
+        let (work, token, logprob) = (ptr(&b.work), ptr(&b.token), ptr(&b.logprob));
+        let (top_ids, top_lps) = (ptr(&b.top_ids), ptr(&b.top_logprobs));
+        let (v, max_top) = (vocab as i32, MAX_TOP_LOGPROBS as i32);
+        self.launch(
+            self.k.sample,
+            (rows as u32, 1, 1),
+            SAMPLE_THREADS,
+            0,
+            &mut args![
+                logits.mem.ptr,
+                work,
+                row_ptr,
+                pen_tokens,
+                pen_counts,
+                pen_seen,
+                banned,
+                v,
+                max_top,
+                token,
+                logprob,
+                top_ids,
+                top_lps
+            ],
+        )?;
+        let tokens: Vec<u32> = self.get(token, rows)?;
+        let lps: Vec<f32> = self.get(logprob, rows)?;
+        let wants_top = samples.rows.iter().any(|r| r.n_top > 0);
+        let (tids, tlps): (Vec<u32>, Vec<f32>) = if wants_top {
+            (
+                self.get(top_ids, rows * MAX_TOP_LOGPROBS)?,
+                self.get(top_lps, rows * MAX_TOP_LOGPROBS)?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok((0..rows)
+            .map(|i| {
+                let n = samples.rows[i].n_top as usize;
+                Sampled {
+                    token_id: tokens[i],
+                    logprob: if samples.want_logprob[i] { lps[i] } else { 0.0 },
+                    top_logprobs: (0..n)
+                        .map(|k| TokenLogprob {
+                            token_id: tids[i * MAX_TOP_LOGPROBS + k],
+                            logprob: tlps[i * MAX_TOP_LOGPROBS + k],
+                        })
+                        .collect(),
+                }
+            })
+            .collect())
     }
 
     fn upload(&self, data: &[f32], out: &mut CudaBuf) -> Result<(), BackendError> {

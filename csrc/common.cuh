@@ -1,0 +1,35 @@
+// Helpers shared by the kernels of csrc/ (included by each .cu; build.rs and the emulator
+// compile them as one unit).
+#pragma once
+
+#ifndef SG_EMULATION  // tests/kernel_emu/cuda_emu.h runs these kernels on the CPU in tests
+#include <cuda_bf16.h>
+#define SG_DYN_SMEM(T, name) extern __shared__ T name[]
+#endif
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARP 32
+
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+template <class T>
+__device__ T block_sum(T v) {
+    __shared__ T part[32];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    v = warp_sum(v);
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int warps = blockDim.x / WARP;
+    T s = lane < warps ? part[lane] : T(0);
+    s = warp_sum(s);
+    __syncthreads();  // `part` may be reused by the next call
+    return s;
+}
