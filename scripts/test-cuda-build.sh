@@ -14,7 +14,7 @@ export CARGO_TARGET_DIR="$root/target/cuda"
 python="$(./scripts/venv.sh | tail -n1)"
 ./scripts/prepare-model.sh >&2
 cargo clippy -p sglang -p sglang-server --features sglang/cuda --all-targets --release -- -D warnings
-cargo test --release -p sglang --features cuda --test cuda --test kernels
+cargo test --release -p sglang --features cuda --test cuda --test kernels --test cuda_emulated
 echo "== ptxas report (registers, stack, spills per kernel)"
 cat "$(ls -t "$CARGO_TARGET_DIR"/release/build/sglang-*/out/ptxas-report.txt | head -n1)"
 cargo build --release -p sglang-server --features sglang/cuda

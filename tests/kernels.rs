@@ -17,10 +17,11 @@
 //! bf16 K/V and the reference uses the same bf16 values, so it is held to 1e-5 as well.
 
 use std::ffi::{c_void, CString};
-use std::path::PathBuf;
 use std::sync::Mutex;
 
 use half::bf16;
+
+mod kernel_emu;
 
 const F32_TOL: f64 = 1e-5;
 /// Threads per block of the row kernels (as the backend: ROW_THREADS).
@@ -102,65 +103,9 @@ const GUARD: usize = 256;
 fn emulator_lib() -> &'static libloading::Library {
     static LIB: std::sync::OnceLock<libloading::Library> = std::sync::OnceLock::new();
     LIB.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let dir = tempfile::tempdir().unwrap().keep();
-        let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("csrc"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-            .collect();
-        sources.sort();
-        let mut unit = format!(
-            "#include \"{}\"\n",
-            root.join("tests/kernel_emu/cuda_emu.h").display()
-        );
-        let mut kernels = Vec::new();
-        for s in &sources {
-            unit += &format!("#include \"{}\"\n", s.display());
-            let text = std::fs::read_to_string(s).unwrap();
-            let mut rest = text.as_str();
-            while let Some(i) = rest.find("extern \"C\" __global__ void ") {
-                rest = &rest[i + 27..];
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                kernels.push(name);
-            }
-        }
-        assert!(!kernels.is_empty(), "no kernels found in csrc/");
-        unit += "extern \"C\" int sg_emu_launch(const char* name, unsigned gx, unsigned gy, \
-                 unsigned gz, unsigned bx, size_t smem, void** args) {\n";
-        for k in &kernels {
-            unit += &format!(
-                "  if (!std::strcmp(name, \"{k}\")) return sg_emu::launch({k}, dim3{{gx, gy, gz}}, \
-                 dim3{{bx, 1, 1}}, smem, args);\n"
-            );
-        }
-        unit += "  std::fprintf(stderr, \"emulator: no kernel %s\\n\", name);\n  return -2;\n}\n";
-        let src = dir.join("emu.cpp");
-        std::fs::write(&src, unit).unwrap();
-        let lib = dir.join("libsg_emu.so");
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let status = std::process::Command::new(&cxx)
-            .args([
-                "-std=c++17",
-                "-O2",
-                "-g",
-                "-fPIC",
-                "-shared",
-                "-Wall",
-                "-Wno-unknown-pragmas",
-            ])
-            .arg("-o")
-            .arg(&lib)
-            .arg(&src)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
-        assert!(status.success(), "the emulator build of csrc/*.cu failed");
         // SAFETY: the library was just built from our own sources; its initialisers only set
         // up globals.
-        unsafe { libloading::Library::new(&lib) }.unwrap()
+        unsafe { libloading::Library::new(kernel_emu::library()) }.unwrap()
     })
 }
 

@@ -2,7 +2,7 @@
 // kernels' logic (indexing, reductions, barriers, warp shuffles, shared memory) runs in CI on
 // machines without a GPU (tests/kernels.rs compiles csrc/*.cu against this header with the
 // system C++ compiler). It is not a GPU: no memory model, no timing, no concurrency between
-// blocks. Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one
+// blocks. Every CUDA thread of a block is a fiber on one OS thread; blocks run one
 // after the other; `__syncthreads` and the `__shfl_*_sync` functions switch fibers until all
 // live threads of the block / warp have arrived. A block in which no fiber can make progress
 // is reported as a deadlock (e.g. a shuffle inside divergent code) instead of hanging.
@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -72,9 +73,46 @@ struct Barrier {
     unsigned gen = 0;
 };
 
+// Switching fibers: on x86-64 a few instructions (callee-saved registers and the stack
+// pointer); elsewhere ucontext (which also saves the signal mask: a system call per switch).
+#if defined(__x86_64__)
+extern "C" void sg_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.globl sg_emu_switch
+.type sg_emu_switch,@function
+sg_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+.size sg_emu_switch, .-sg_emu_switch
+)");
+struct Context {
+    void* sp = nullptr;
+};
+#else
+struct Context {
+    ucontext_t uc;
+};
+#endif
+
+constexpr size_t kStack = 64 * 1024;
+
 struct Fiber {
-    ucontext_t ctx;
-    std::vector<char> stack;
+    Context ctx;
+    std::unique_ptr<char[]> stack{new char[kStack]};  // not zeroed: reused across launches
     bool done = false;
 };
 
@@ -88,13 +126,22 @@ inline std::vector<char> dyn_smem;
 inline std::vector<Fiber> fibers;
 inline std::vector<Warp> warps;
 inline Barrier block_bar;
-inline ucontext_t scheduler;
+inline Context scheduler;
 inline int current = 0;
+inline int nthreads = 0;  // threads per block of the running launch
 inline unsigned long progress = 0;
 inline void (*body)(void*) = nullptr;
 inline void* body_arg = nullptr;
 
-inline void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+inline void switch_to(Context& save, Context& load) {
+#if defined(__x86_64__)
+    sg_emu_switch(&save.sp, load.sp);
+#else
+    swapcontext(&save.uc, &load.uc);
+#endif
+}
+
+inline void yield() { switch_to(fibers[current].ctx, scheduler); }
 
 inline void release(Barrier& b) {
     b.arrived = 0;
@@ -123,7 +170,29 @@ inline void fiber_main() {
     progress++;
     leave(block_bar);
     leave(warps[current / kWarp].bar);
-    // returning ends the fiber; uc_link brings control back to the scheduler
+#if defined(__x86_64__)
+    switch_to(fibers[current].ctx, scheduler);  // never resumed
+    std::abort();
+#endif
+    // (ucontext) returning ends the fiber; uc_link brings control back to the scheduler
+}
+
+// A fresh fiber that starts in fiber_main on its own stack.
+inline void start(Fiber& fb) {
+#if defined(__x86_64__)
+    uintptr_t top = (uintptr_t)(fb.stack.get() + kStack) & ~(uintptr_t)15;
+    void** sp = (void**)(top - 64);  // 16-aligned: after 6 pops and ret, rsp % 16 == 8
+    for (int i = 0; i < 6; i++) sp[i] = nullptr;  // r15 r14 r13 r12 rbx rbp
+    sp[6] = (void*)&fiber_main;                    // `ret` goes here
+    sp[7] = nullptr;                               // fiber_main's (unused) return address
+    fb.ctx.sp = sp;
+#else
+    getcontext(&fb.ctx.uc);
+    fb.ctx.uc.uc_stack.ss_sp = fb.stack.get();
+    fb.ctx.uc.uc_stack.ss_size = kStack;
+    fb.ctx.uc.uc_link = &scheduler.uc;
+    makecontext(&fb.ctx.uc, fiber_main, 0);
+#endif
 }
 
 template <class T>
@@ -135,7 +204,7 @@ T shuffle(T v, int src_lane) {
     wait(w.bar);
     T r = v;
     const int base = current - lane;
-    if (src_lane >= 0 && src_lane < kWarp && base + src_lane < (int)fibers.size())
+    if (src_lane >= 0 && src_lane < kWarp && base + src_lane < nthreads)
         std::memcpy(&r, &w.slot[src_lane], sizeof(T));
     wait(w.bar);
     return r;
@@ -144,13 +213,12 @@ T shuffle(T v, int src_lane) {
 // Runs `grid` blocks of `block` threads. Returns 0, or -1 after printing why (deadlock).
 inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg) {
     const int n = (int)(block.x * block.y * block.z);
-    const size_t stack = 64 * 1024;
     body = f;
     body_arg = arg;
     gridDim_ = grid;
     blockDim_ = block;
-    fibers.assign(n, Fiber{});
-    for (auto& fb : fibers) fb.stack.resize(stack);
+    nthreads = n;
+    if ((int)fibers.size() < n) fibers.resize(n);  // stacks are kept from launch to launch
     warps.assign((n + kWarp - 1) / kWarp, Warp{});
     dyn_smem.assign(shared + 16, (char)0xff);  // NaN-poisoned: reads before writes show
     for (unsigned bz = 0; bz < grid.z; bz++)
@@ -165,13 +233,8 @@ inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg
                 }
                 std::fill(dyn_smem.begin(), dyn_smem.end(), (char)0xff);
                 for (int t = 0; t < n; t++) {
-                    Fiber& fb = fibers[t];
-                    fb.done = false;
-                    getcontext(&fb.ctx);
-                    fb.ctx.uc_stack.ss_sp = fb.stack.data();
-                    fb.ctx.uc_stack.ss_size = fb.stack.size();
-                    fb.ctx.uc_link = &scheduler;
-                    makecontext(&fb.ctx, fiber_main, 0);
+                    fibers[t].done = false;
+                    start(fibers[t]);
                 }
                 int live = n;
                 while (live > 0) {
@@ -182,7 +245,7 @@ inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg
                         current = t;
                         threadIdx_ = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y,
                                       (unsigned)t / (block.x * block.y)};
-                        swapcontext(&scheduler, &fibers[t].ctx);
+                        switch_to(scheduler, fibers[t].ctx);
                         live += !fibers[t].done;
                     }
                     if (live > 0 && progress == before) {

@@ -12,16 +12,18 @@
 //! copy of the model is ever made.
 
 use std::borrow::Cow;
-use std::ffi::{c_void, CString};
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use cudarc::cublas::result as blas;
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::result as drv;
 use cudarc::driver::sys;
-use cudarc::driver::CudaContext;
 use parking_lot::Mutex;
+
+mod driver;
+pub use driver::EMULATOR_ENV;
+use driver::{Driver, Func};
 
 use super::{Backend, BackendError, RopeTable, StepBatch};
 use crate::config::ModelConfig;
@@ -45,12 +47,12 @@ const ATTN_WARPS: u32 = 4;
 const MAX_GROUP: usize = 8;
 const MAX_HEAD_DIM: usize = 256;
 
-fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
-    BackendError::Device(format!("{what}: {e:?}"))
-}
-
-/// True when the CUDA driver library loads, initialises and reports at least one device.
+/// True when the CUDA driver library loads, initialises and reports at least one device (or
+/// when the tests' CPU emulation stands in for one: `SGLANG_CUDA_EMULATOR`).
 pub fn driver_available() -> bool {
+    if std::env::var_os(EMULATOR_ENV).is_some() {
+        return true;
+    }
     // SAFETY: only tries to dlopen libcuda; no CUDA call is made when it is absent.
     if !unsafe { sys::is_culib_present() } {
         return false;
@@ -71,39 +73,26 @@ pub fn unavailable_reason() -> String {
     }
 }
 
-/// A device allocation, freed on drop (with its context made current first).
+/// A device allocation, freed on drop.
 pub struct DevMem {
     ptr: sys::CUdeviceptr,
     bytes: usize,
-    ctx: Arc<CudaContext>,
+    drv: Arc<Driver>,
 }
 
-// SAFETY: a device pointer is an integer handle valid in its context from any thread.
-unsafe impl Send for DevMem {}
-unsafe impl Sync for DevMem {}
-
 impl DevMem {
-    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self, BackendError> {
-        ctx.bind_to_thread()
-            .map_err(|e| dev_err("bind context", e))?;
-        // SAFETY: a fresh allocation of at least one byte.
-        let ptr = unsafe { drv::malloc_sync(bytes.max(1)) }.map_err(|e| {
-            BackendError::OutOfMemory(format!("cannot allocate {bytes} bytes on the GPU: {e:?}"))
-        })?;
+    fn new(drv: &Arc<Driver>, bytes: usize) -> Result<Self, BackendError> {
         Ok(Self {
-            ptr,
+            ptr: drv.alloc(bytes)?,
             bytes,
-            ctx: ctx.clone(),
+            drv: drv.clone(),
         })
     }
 }
 
 impl Drop for DevMem {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: allocated by malloc_sync and freed once.
-            let _ = unsafe { drv::free_sync(self.ptr) };
-        }
+        self.drv.free(self.ptr);
     }
 }
 
@@ -146,17 +135,17 @@ pub struct CudaStep {
 }
 
 struct Kernels {
-    embedding: sys::CUfunction,
-    rms_norm: sys::CUfunction,
-    add_rms_norm: sys::CUfunction,
-    f32_to_bf16: sys::CUfunction,
-    silu_mul: sys::CUfunction,
-    rope: sys::CUfunction,
-    store_kv: sys::CUfunction,
-    gather_rows: sys::CUfunction,
-    attention: sys::CUfunction,
-    attention_merge: sys::CUfunction,
-    sample: sys::CUfunction,
+    embedding: Func,
+    rms_norm: Func,
+    add_rms_norm: Func,
+    f32_to_bf16: Func,
+    silu_mul: Func,
+    rope: Func,
+    store_kv: Func,
+    gather_rows: Func,
+    attention: Func,
+    attention_merge: Func,
+    sample: Func,
 }
 
 /// Scratch buffers of the matrix products (activations in bf16, gate and up halves).
@@ -186,11 +175,8 @@ struct SampleBufs {
 }
 
 pub struct CudaBackend {
-    ctx: Arc<CudaContext>,
-    stream: sys::CUstream,
-    module: sys::CUmodule,
+    drv: Arc<Driver>,
     k: Kernels,
-    blas: blas_sys::cublasHandle_t,
     staging: *mut c_void,
     scratch: Mutex<Scratch>,
     spare_step: Mutex<Option<CudaStep>>,
@@ -220,38 +206,21 @@ macro_rules! args {
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`: context, stream, the embedded kernels, cuBLAS.
+    /// Opens GPU `ordinal`: context, stream, the embedded kernels, cuBLAS (or the tests' CPU
+    /// emulation, see [`EMULATOR_ENV`]).
     pub fn new(ordinal: usize) -> Result<Self, BackendError> {
         if !driver_available() {
             return Err(BackendError::Device(unavailable_reason()));
         }
         // SAFETY: checks that libcublas can be loaded before cudarc touches it.
-        if !unsafe { blas_sys::is_culib_present() } {
+        if std::env::var_os(EMULATOR_ENV).is_none() && !unsafe { blas_sys::is_culib_present() } {
             return Err(BackendError::Device(
                 "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 runtime libraries"
                     .into(),
             ));
         }
-        let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("CUDA context", e))?;
-        ctx.bind_to_thread()
-            .map_err(|e| dev_err("bind context", e))?;
-        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
-            .map_err(|e| dev_err("create stream", e))?;
-        // SAFETY: FATBIN is a complete fatbin image built by nvcc (build.rs).
-        let module =
-            unsafe { drv::module::load_data(FATBIN.as_ptr() as *const c_void) }.map_err(|e| {
-                dev_err(
-                    "load the kernels (built for sm_80/sm_90a + compute_80 PTX; the driver must \
-                     support CUDA 13.0)",
-                    e,
-                )
-            })?;
-        let f = |n: &str| -> Result<sys::CUfunction, BackendError> {
-            // SAFETY: the module is loaded; the name is a NUL-free literal.
-            unsafe { drv::module::get_function(module, CString::new(n).expect("no NUL")) }
-                .map_err(|e| dev_err(&format!("kernel {n}"), e))
-        };
+        let (drv, name, sms) = Driver::open(ordinal)?;
+        let f = |n: &str| drv.function(n);
         let k = Kernels {
             embedding: f("sg_embedding")?,
             rms_norm: f("sg_rms_norm")?,
@@ -265,22 +234,10 @@ impl CudaBackend {
             attention_merge: f("sg_attention_merge")?,
             sample: f("sg_sample")?,
         };
-        let sms = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| dev_err("device attributes", e))? as usize;
-        let handle = blas::create_handle().map_err(|e| dev_err("cuBLAS", e))?;
-        // SAFETY: both handles are valid; the cast only changes the pointee's nominal type.
-        unsafe { blas::set_stream(handle, stream as blas_sys::cudaStream_t) }
-            .map_err(|e| dev_err("cuBLAS stream", e))?;
-        // SAFETY: a pinned allocation of STAGING_BYTES, freed in Drop.
-        let staging = unsafe { drv::malloc_host(STAGING_BYTES, 0) }
-            .map_err(|e| dev_err("pinned staging buffer", e))?;
+        let staging = drv.alloc_host(STAGING_BYTES)?;
         Ok(Self {
-            ctx,
-            stream,
-            module,
+            drv,
             k,
-            blas: handle,
             staging,
             scratch: Mutex::new(Scratch {
                 x_bf16: None,
@@ -298,6 +255,11 @@ impl CudaBackend {
             name,
             sms,
         })
+    }
+
+    /// True when the kernels run on the tests' CPU emulation instead of a GPU.
+    pub fn is_emulated(&self) -> bool {
+        self.drv.is_emulated()
     }
 
     /// Announces the bytes of weights about to be uploaded, so the upload can show progress.
@@ -325,8 +287,7 @@ impl CudaBackend {
 
     /// Free and total device memory, bytes.
     pub fn memory(&self) -> Result<(usize, usize), BackendError> {
-        self.bind()?;
-        drv::mem_get_info().map_err(|e| dev_err("memory info", e))
+        self.drv.memory()
     }
 
     /// KV pages that fit in `fraction` of the device memory beside what is already used
@@ -354,14 +315,12 @@ impl CudaBackend {
     }
 
     fn bind(&self) -> Result<(), BackendError> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| dev_err("bind context", e))
+        self.drv.bind()
     }
 
     fn launch(
         &self,
-        f: sys::CUfunction,
+        f: &Func,
         grid: (u32, u32, u32),
         block: u32,
         shared: u32,
@@ -369,14 +328,13 @@ impl CudaBackend {
     ) -> Result<(), BackendError> {
         // SAFETY: `params` points at live values whose types match the kernel's signature
         // (each call site passes exactly the kernel's parameters, in order).
-        unsafe { drv::launch_kernel(f, grid, (block, 1, 1), shared, self.stream, params) }
-            .map_err(|e| dev_err("kernel launch", e))
+        unsafe { self.drv.launch(f, grid, block, shared, params) }
     }
 
     /// A row kernel: one block of ROW_THREADS per row.
     fn launch_rows(
         &self,
-        f: sys::CUfunction,
+        f: &Func,
         rows: usize,
         params: &mut [*mut c_void],
     ) -> Result<(), BackendError> {
@@ -384,8 +342,7 @@ impl CudaBackend {
     }
 
     fn sync(&self) -> Result<(), BackendError> {
-        // SAFETY: the stream is valid.
-        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| dev_err("synchronize", e))
+        self.drv.sync()
     }
 
     fn htod<T>(&self, dst: &DevMem, data: &[T]) -> Result<(), BackendError> {
@@ -399,10 +356,8 @@ impl CudaBackend {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: `dst` holds at least `bytes`; pageable memory is staged by the driver
-        // before the call returns, so `data` may be dropped afterwards.
-        unsafe { drv::memcpy_htod_async(dst.ptr, data, self.stream) }
-            .map_err(|e| dev_err("copy to device", e))
+        // SAFETY: `dst` holds at least `bytes`; `data` is pageable (staged by the driver).
+        unsafe { self.drv.htod(dst.ptr, data) }
     }
 
     /// Grows `slot` to at least `bytes`. A buffer is only freed once the stream is idle, so
@@ -411,7 +366,7 @@ impl CudaBackend {
         if slot.as_ref().is_none_or(|m| m.bytes < bytes) {
             self.sync()?;
             *slot = None;
-            *slot = Some(DevMem::new(&self.ctx, bytes.next_power_of_two())?);
+            *slot = Some(DevMem::new(&self.drv, bytes.next_power_of_two())?);
         }
         Ok(())
     }
@@ -431,45 +386,25 @@ impl CudaBackend {
         let count = n as i64;
         let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
         self.launch(
-            self.k.f32_to_bf16,
+            &self.k.f32_to_bf16,
             (blocks, 1, 1),
             ROW_THREADS,
             0,
             &mut args![x.mem.ptr, xb, count],
         )?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
         // Row-major out[rows][o] = x[rows][i] · W[o][i]ᵀ is, column-major,
         // out(o × rows) = Wᵀ(o × i) · x(i × rows).
-        // SAFETY: pointers are live device buffers of the sizes named by m, n, k and the
-        // leading dimensions; alpha/beta are host f32 (CUBLAS_COMPUTE_32F).
+        // SAFETY: the pointers are live device buffers of the sizes named by m, n, k and the
+        // leading dimensions.
         unsafe {
-            blas::gemm_ex(
-                self.blas,
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                w.rows as i32,
-                rows as i32,
-                w.cols as i32,
-                &alpha as *const f32 as *const c_void,
-                w.mem.ptr as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                w.cols as i32,
-                xb as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                w.cols as i32,
-                &beta as *const f32 as *const c_void,
-                out as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                w.rows as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            self.drv.gemm_tn_bf16(
+                w.rows, rows, w.cols, w.mem.ptr, w.cols, xb, w.cols, out, w.rows,
             )
         }
-        .map_err(|e| dev_err("cuBLAS gemm", e))
     }
 
     fn new_step(&self) -> Result<CudaStep, BackendError> {
-        let m = || DevMem::new(&self.ctx, 4096);
+        let m = || DevMem::new(&self.drv, 4096);
         Ok(CudaStep {
             tokens: m()?,
             positions: m()?,
@@ -518,12 +453,8 @@ impl CudaBackend {
         n: usize,
     ) -> Result<Vec<T>, BackendError> {
         let mut host = vec![T::default(); n];
-        if n > 0 {
-            // SAFETY: `src` holds at least `n` values of T (the caller's buffer).
-            unsafe { drv::memcpy_dtoh_async(&mut host, src, self.stream) }
-                .map_err(|e| dev_err("copy to host", e))?;
-        }
-        self.sync()?;
+        // SAFETY: `src` holds at least `n` values of T (the caller's buffer).
+        unsafe { self.drv.dtoh(&mut host, src) }?;
         Ok(host)
     }
 
@@ -532,7 +463,7 @@ impl CudaBackend {
         let bytes = std::mem::size_of_val(data);
         if dst.bytes < bytes {
             self.sync()?;
-            *dst = DevMem::new(&self.ctx, bytes.next_power_of_two())?;
+            *dst = DevMem::new(&self.drv, bytes.next_power_of_two())?;
         }
         self.htod(dst, data)
     }
@@ -540,16 +471,9 @@ impl CudaBackend {
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: each handle was created in `new` and is released once.
-            unsafe {
-                let _ = drv::stream::synchronize(self.stream);
-                let _ = blas::destroy_handle(self.blas);
-                let _ = drv::free_host(self.staging);
-                let _ = drv::module::unload(self.module);
-                let _ = drv::stream::destroy(self.stream);
-            }
-        }
+        // the driver itself goes with the last allocation that holds it
+        let _ = self.drv.sync();
+        self.drv.free_host(self.staging);
     }
 }
 
@@ -566,7 +490,7 @@ impl Backend for CudaBackend {
     fn weight(&self, name: &str, t: &Tensor) -> Result<CudaWeight, BackendError> {
         let (rows, cols) = super::weight_dims(name, t)?;
         let n = rows * cols;
-        let mem = DevMem::new(&self.ctx, n * 2)?;
+        let mem = DevMem::new(&self.drv, n * 2)?;
         let elems = t.elems();
         let chunk = STAGING_BYTES / 2;
         // SAFETY: `staging` is a pinned buffer of STAGING_BYTES, used by one upload at a
@@ -585,10 +509,8 @@ impl Backend for CudaBackend {
             }
             // SAFETY: the destination range lies inside `mem`; the source is pinned and is
             // not touched again until the stream has finished this copy.
-            unsafe {
-                drv::memcpy_htod_async(mem.ptr + (at * 2) as u64, &staging[..len], self.stream)
-            }
-            .map_err(|e| dev_err(&format!("upload of `{name}`"), e))?;
+            unsafe { self.drv.htod(mem.ptr + (at * 2) as u64, &staging[..len]) }
+                .map_err(|e| BackendError::Device(format!("upload of `{name}`: {e}")))?;
             self.sync()?;
             at += len;
         }
@@ -598,7 +520,7 @@ impl Backend for CudaBackend {
 
     fn buffer(&self, len: usize) -> Result<CudaBuf, BackendError> {
         Ok(CudaBuf {
-            mem: DevMem::new(&self.ctx, len * 4)?,
+            mem: DevMem::new(&self.drv, len * 4)?,
             len,
         })
     }
@@ -621,8 +543,8 @@ impl Backend for CudaBackend {
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
-            k.push(DevMem::new(&self.ctx, bytes)?);
-            v.push(DevMem::new(&self.ctx, bytes)?);
+            k.push(DevMem::new(&self.drv, bytes)?);
+            v.push(DevMem::new(&self.drv, bytes)?);
         }
         Ok(CudaKv { k, v })
     }
@@ -686,7 +608,7 @@ impl Backend for CudaBackend {
         let ids = self.upload_ids(&self.token_ids, &batch.tokens)?;
         let (hidden, start, rows) = (table.cols as i32, vocab_start as i32, table.rows as i32);
         self.launch_rows(
-            self.k.embedding,
+            &self.k.embedding,
             batch.num_tokens(),
             &mut args![table.mem.ptr, ids, out.mem.ptr, hidden, start, rows],
         )
@@ -702,7 +624,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         let hidden = w.rows as i32;
         self.launch_rows(
-            self.k.rms_norm,
+            &self.k.rms_norm,
             rows,
             &mut args![x.mem.ptr, w.mem.ptr, out.mem.ptr, hidden, eps],
         )
@@ -719,7 +641,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         let hidden = w.rows as i32;
         self.launch_rows(
-            self.k.add_rms_norm,
+            &self.k.add_rms_norm,
             rows,
             &mut args![
                 residual.mem.ptr,
@@ -785,7 +707,7 @@ impl Backend for CudaBackend {
         let count = n as i64;
         let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
         self.launch(
-            self.k.silu_mul,
+            &self.k.silu_mul,
             (blocks, 1, 1),
             ROW_THREADS,
             0,
@@ -811,13 +733,13 @@ impl Backend for CudaBackend {
             cfg.head_dim as i32,
         );
         self.launch_rows(
-            self.k.rope,
+            &self.k.rope,
             t,
             &mut args![q.mem.ptr, k.mem.ptr, step.cos.ptr, step.sin.ptr, qh, kvh, d],
         )?;
         let kv_dim = kvh * d;
         self.launch_rows(
-            self.k.store_kv,
+            &self.k.store_kv,
             t,
             &mut args![
                 k.mem.ptr,
@@ -874,7 +796,7 @@ impl Backend for CudaBackend {
         };
         let split_len = split_len as i32;
         self.launch(
-            self.k.attention,
+            &self.k.attention,
             (t as u32, cfg.num_kv_heads as u32, splits as u32),
             ATTN_WARPS * 32,
             shared,
@@ -900,7 +822,7 @@ impl Backend for CudaBackend {
         if splits > 1 {
             let splits = splits as i32;
             self.launch(
-                self.k.attention_merge,
+                &self.k.attention_merge,
                 ((t * cfg.num_heads) as u32, 1, 1),
                 (cfg.head_dim as u32).next_multiple_of(32).min(ROW_THREADS),
                 0,
@@ -923,7 +845,7 @@ impl Backend for CudaBackend {
         let idx = self.upload_ids(&self.row_ids, rows)?;
         let w = width as i32;
         self.launch_rows(
-            self.k.gather_rows,
+            &self.k.gather_rows,
             rows.len(),
             &mut args![x.mem.ptr, idx, out.mem.ptr, w],
         )
@@ -984,7 +906,7 @@ impl Backend for CudaBackend {
         let (top_ids, top_lps) = (ptr(&b.top_ids), ptr(&b.top_logprobs));
         let (v, max_top) = (vocab as i32, MAX_TOP_LOGPROBS as i32);
         self.launch(
-            self.k.sample,
+            &self.k.sample,
             (rows as u32, 1, 1),
             SAMPLE_THREADS,
             0,
@@ -1039,12 +961,8 @@ impl Backend for CudaBackend {
     fn to_host<'a>(&self, buf: &'a CudaBuf, len: usize) -> Result<Cow<'a, [f32]>, BackendError> {
         self.bind()?;
         let mut host = vec![0f32; len];
-        if len > 0 {
-            // SAFETY: `buf` holds at least `len` f32 values; the stream is drained first.
-            unsafe { drv::memcpy_dtoh_async(&mut host, buf.mem.ptr, self.stream) }
-                .map_err(|e| dev_err("copy to host", e))?;
-        }
-        self.sync()?;
+        // SAFETY: `buf` holds at least `len` f32 values.
+        unsafe { self.drv.dtoh(&mut host, buf.mem.ptr) }?;
         Ok(Cow::Owned(host))
     }
 }
