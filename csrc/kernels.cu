@@ -132,17 +132,14 @@ extern "C" __global__ void sg_gather_rows(const float* __restrict__ x,
 // [token][q_head][split][dim], and sg_attention_merge combines them. Decode of a few
 // sequences with long contexts then fills the GPU instead of using kv_heads blocks.
 // Dynamic shared memory: ATTN_WARPS * group * (head_dim + 2) floats.
-extern "C" __global__ void sg_attention(const float* __restrict__ q,
-                                        const bf16* __restrict__ kc,
-                                        const bf16* __restrict__ vc, float* __restrict__ out,
-                                        const uint32_t* __restrict__ positions,
-                                        const uint32_t* __restrict__ token_seq,
-                                        const uint32_t* __restrict__ seq_table_start,
-                                        const uint32_t* __restrict__ block_tables,
-                                        int page_size, int q_heads, int kv_heads, int dim,
-                                        float scale, int split_len,
-                                        float* __restrict__ part_ml,
-                                        float* __restrict__ part_acc) {
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+    sg_attention(const float* __restrict__ q, const bf16* __restrict__ kc,
+                 const bf16* __restrict__ vc, float* __restrict__ out,
+                 const uint32_t* __restrict__ positions, const uint32_t* __restrict__ token_seq,
+                 const uint32_t* __restrict__ seq_table_start,
+                 const uint32_t* __restrict__ block_tables, int page_size, int q_heads,
+                 int kv_heads, int dim, float scale, int split_len, float* __restrict__ part_ml,
+                 float* __restrict__ part_acc) {
     SG_DYN_SMEM(float, smem);
     const int t = blockIdx.x, kvh = blockIdx.y;
     const int group = q_heads / kv_heads;

@@ -15,6 +15,9 @@
 
 #include "common.cuh"
 
+// Threads per block the backend launches sg_sample with (SAMPLE_THREADS in
+// src/backend/cuda): __launch_bounds__ makes the compiler keep it launchable (<= 64 registers).
+
 // One row's parameters; matches `SampleRow` in src/backend/cuda (repr(C), 64 bytes).
 struct SampleRow {
     float temperature, top_p, min_p, repetition_penalty;
@@ -124,16 +127,13 @@ __device__ void block_best(const float* x, int vocab, float after_v, int after_i
 // whether it was seen at all (prompt or output); banned: token ids.
 // Out: the chosen token, its logprob under the raw distribution, and the n_top most likely
 // tokens with theirs ([rows][max_top], most likely first, lower id first on ties).
-extern "C" __global__ void sg_sample(const float* __restrict__ logits, float* __restrict__ work,
-                                     const SampleRow* __restrict__ rows,
-                                     const uint32_t* __restrict__ pen_tokens,
-                                     const uint32_t* __restrict__ pen_counts,
-                                     const uint32_t* __restrict__ pen_seen,
-                                     const uint32_t* __restrict__ banned, int vocab,
-                                     int max_top, uint32_t* __restrict__ out_token,
-                                     float* __restrict__ out_logprob,
-                                     uint32_t* __restrict__ out_top_ids,
-                                     float* __restrict__ out_top_logprobs) {
+extern "C" __global__ void __launch_bounds__(1024)
+    sg_sample(const float* __restrict__ logits, float* __restrict__ work,
+              const SampleRow* __restrict__ rows, const uint32_t* __restrict__ pen_tokens,
+              const uint32_t* __restrict__ pen_counts, const uint32_t* __restrict__ pen_seen,
+              const uint32_t* __restrict__ banned, int vocab, int max_top,
+              uint32_t* __restrict__ out_token, float* __restrict__ out_logprob,
+              uint32_t* __restrict__ out_top_ids, float* __restrict__ out_top_logprobs) {
     const int row = blockIdx.x;
     const SampleRow P = rows[row];
     const float* x = logits + (long)row * vocab;

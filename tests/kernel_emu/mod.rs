@@ -29,6 +29,10 @@ pub fn library() -> &'static Path {
             let mut rest = text.as_str();
             while let Some(i) = rest.find("extern \"C\" __global__ void ") {
                 rest = &rest[i + 27..];
+                if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
+                    rest =
+                        after[after.find(')').expect("__launch_bounds__(...)") + 1..].trim_start();
+                }
                 let name: String = rest
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
