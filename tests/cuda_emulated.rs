@@ -13,67 +13,10 @@
 mod common;
 mod kernel_emu;
 
-use sglang::backend::{LogitsWanted, StepBatch};
 use sglang::config::{Device, EngineConfig, LoadFormat};
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::kv::PagePool;
-use sglang::model::{self, ModelRunner};
+use sglang::model;
 use sglang::sampling::SamplingParams;
-
-/// As tests/cuda.rs: bf16 KV cache and bf16 matrix-product inputs against f32. Measured here
-/// on the default model: relative errors 0.4 % to 3.0 %, absolute logit differences up to
-/// 0.27 (the 3 % row has small logits, rms 3.7, not larger differences).
-const LOGITS_TOLERANCE: f32 = 5e-2;
-/// Below this gap between the CPU's two best logits the argmax may flip (about twice the
-/// largest absolute difference measured).
-const NEAR_TIE: f32 = 0.5;
-
-/// Logits of every prompt position, then of `steps` decode steps feeding the prompt's tokens.
-fn logits(runner: &mut dyn ModelRunner, ids: &[u32], steps: usize) -> Vec<Vec<f32>> {
-    let (pages, page_size) = runner.kv_pages();
-    let mut pool = PagePool::new(pages, page_size);
-    let mut table = Vec::new();
-    assert!(pool.alloc_into(&mut table, pool.pages_for(ids.len() + steps)));
-    let mut batch = StepBatch {
-        page_size,
-        ..Default::default()
-    };
-    batch.push_seq(ids, 0, &table, LogitsWanted::All);
-    let vocab = runner.config().vocab_size;
-    let mut out: Vec<Vec<f32>> = runner
-        .forward(&batch)
-        .unwrap()
-        .chunks(vocab)
-        .map(<[f32]>::to_vec)
-        .collect();
-    for step in 0..steps {
-        batch.clear();
-        batch.push_seq(
-            &ids[step..step + 1],
-            ids.len() + step,
-            &table,
-            LogitsWanted::Last,
-        );
-        out.push(runner.forward(&batch).unwrap().to_vec());
-    }
-    out
-}
-
-fn compare(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
-    let mut worst = 0.0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = common::rel_err(g, w);
-        worst = worst.max(err);
-        assert!(err < LOGITS_TOLERANCE, "{what} row {i}: rel err {err}");
-        let mut sorted = w.clone();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        if sorted[0] - sorted[1] > NEAR_TIE {
-            assert_eq!(common::argmax(g), common::argmax(w), "{what} row {i}");
-        }
-    }
-    println!("{what}: {} rows, logits max rel err {worst:.3e}", got.len());
-    worst
-}
 
 #[test]
 fn emulated_cuda_backend_matches_the_cpu() {
@@ -95,10 +38,10 @@ fn emulated_cuda_backend_matches_the_cpu() {
     let engine_cpu = EngineHandle::start(config(&model_dir, Device::Cpu)).unwrap();
     let tok = engine_cpu.tokenizer().clone();
     let ids = tok.encode("The capital of France is", true).unwrap();
-    compare(
+    common::assert_bf16_logits_close(
         "default model",
-        &logits(emu.as_mut(), &ids, 3),
-        &logits(cpu.as_mut(), &ids, 3),
+        &common::logits(emu.as_mut(), &ids, 3),
+        &common::logits(cpu.as_mut(), &ids, 3),
     );
     drop(emu);
     println!("  {:.1} s", t.elapsed().as_secs_f64());
@@ -171,10 +114,10 @@ fn emulated_cuda_backend_matches_the_cpu() {
     let mut emu = model::load(&small(Device::Cuda)).unwrap();
     let mut cpu = model::load(&small(Device::Cpu)).unwrap();
     let long: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
-    compare(
+    common::assert_bf16_logits_close(
         "small model, 300-token context",
-        &logits(emu.as_mut(), &long, 4),
-        &logits(cpu.as_mut(), &long, 4),
+        &common::logits(emu.as_mut(), &long, 4),
+        &common::logits(cpu.as_mut(), &long, 4),
     );
     println!("emulated checks: {:.1} s", t.elapsed().as_secs_f64());
 }
