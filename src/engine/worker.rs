@@ -48,6 +48,26 @@ struct ReqState {
     last_token: Option<Instant>,
 }
 
+impl ReqState {
+    /// What sampling this request's next token takes: its parameters, its generator and
+    /// penalty state, the top logprobs wanted, whether its logprob is, and the tokens banned
+    /// now (the stop tokens until `min_new_tokens` are out).
+    fn sampling(&mut self) -> (&SamplingParams, &mut SamplerState, usize, bool, &[u32]) {
+        let banned: &[u32] = if self.generated < self.params.min_new_tokens {
+            &self.stop_ids
+        } else {
+            &[]
+        };
+        (
+            &self.params,
+            &mut self.sampler,
+            self.top_logprobs_num,
+            self.return_logprob,
+            banned,
+        )
+    }
+}
+
 /// How often an idle engine checks that the ranks of its tensor-parallel group are still up.
 const GROUP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -406,18 +426,8 @@ impl EngineLoop {
         for item in plan.items.iter().filter(|i| i.sample) {
             match self.reqs.get_mut(&item.id) {
                 Some(r) if r.max_new_tokens > 0 => {
-                    let banned: &[u32] = if r.generated < r.params.min_new_tokens {
-                        &r.stop_ids
-                    } else {
-                        &[]
-                    };
-                    self.samples.push(
-                        &r.params,
-                        &mut r.sampler,
-                        r.top_logprobs_num,
-                        r.return_logprob,
-                        banned,
-                    );
+                    let (params, state, top, want, banned) = r.sampling();
+                    self.samples.push(params, state, top, want, banned);
                 }
                 _ => self.samples.push_unused(),
             }
@@ -452,19 +462,9 @@ impl EngineLoop {
             return;
         };
         let sampled = (r.max_new_tokens > 0).then(|| {
-            let banned: &[u32] = if r.generated < r.params.min_new_tokens {
-                &r.stop_ids
-            } else {
-                &[]
-            };
-            self.sampler.sample(
-                logits,
-                &r.params,
-                &mut r.sampler,
-                r.top_logprobs_num,
-                r.return_logprob,
-                banned,
-            )
+            let (params, state, top, want, banned) = r.sampling();
+            self.sampler
+                .sample(logits, params, state, top, want, banned)
         });
         self.on_sampled(id, sampled);
     }
