@@ -69,6 +69,24 @@ __device__ unsigned long long largest_key(const float* w, int vocab, bool by_cou
     return lo;
 }
 
+// Whether (v, i) comes before (bv, bi) in "larger value, then lower index" (bi == none: no
+// pair yet).
+__device__ __forceinline__ bool before(float v, int i, float bv, int bi, int none) {
+    return i != none && (bi == none || v > bv || (v == bv && i < bi));
+}
+
+// The best pair over the warp; every lane gets it.
+__device__ __forceinline__ void warp_best(float* v, int* b, int none) {
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, *v, o);
+        const int ob = __shfl_xor_sync(0xffffffffu, *b, o);
+        if (before(ov, ob, *v, *b, none)) {
+            *v = ov;
+            *b = ob;
+        }
+    }
+}
+
 // Block-wide best (value, index) under "larger value, then lower index"; all threads get it.
 // Only pairs ordered strictly after (after_v, after_i) take part (pass +inf, -1 for all).
 __device__ void block_best(const float* x, int vocab, float after_v, int after_i, float* best_v,
@@ -80,19 +98,12 @@ __device__ void block_best(const float* x, int vocab, float after_v, int after_i
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         const float xi = x[i];
         const bool allowed = xi < after_v || (xi == after_v && i > after_i);
-        if (allowed && (b == vocab || xi > v || (xi == v && i < b))) {
+        if (allowed && before(xi, i, v, b, vocab)) {
             v = xi;
             b = i;
         }
     }
-    for (int o = WARP / 2; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int ob = __shfl_xor_sync(0xffffffffu, b, o);
-        if (ob != vocab && (b == vocab || ov > v || (ov == v && ob < b))) {
-            v = ov;
-            b = ob;
-        }
-    }
+    warp_best(&v, &b, vocab);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     if (lane == 0) {
         sv[warp] = v;
@@ -103,14 +114,7 @@ __device__ void block_best(const float* x, int vocab, float after_v, int after_i
         const int warps = blockDim.x / WARP;
         v = lane < warps ? sv[lane] : -INFINITY;
         b = lane < warps ? si[lane] : vocab;
-        for (int o = WARP / 2; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-            const int ob = __shfl_xor_sync(0xffffffffu, b, o);
-            if (ob != vocab && (b == vocab || ov > v || (ov == v && ob < b))) {
-                v = ov;
-                b = ob;
-            }
-        }
+        warp_best(&v, &b, vocab);
         if (lane == 0) {
             sv[0] = v;
             si[0] = b;
@@ -208,10 +212,9 @@ extern "C" __global__ void __launch_bounds__(1024)
         const unsigned long long kn = largest_key(w, vocab, true, (double)n, false);
         mass_from(w, vocab, kn, &m, &c);
         const double target = P.u * m;
-        mass_from(w, vocab, 0, &m, &c);
         // the first candidate whose running sum passes the target; the last kept one when
-        // rounding leaves the target at the very end
-        unsigned long long kd = m > target ? largest_key(w, vocab, false, target, true) : kn;
+        // rounding leaves the target at the very end (`total`: the mass of every key >= 0)
+        unsigned long long kd = total > target ? largest_key(w, vocab, false, target, true) : kn;
         if (kd < kn) kd = kn;
         token = (int)(0xffffffffu - (unsigned)(kd & 0xffffffffull));
     }

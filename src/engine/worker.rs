@@ -85,8 +85,6 @@ pub(super) struct EngineLoop {
     logits: Vec<f32>,
     /// The step's sampling when the backend samples on the device (reused).
     samples: SampleBatch,
-    /// What device sampling chose, one per row of `samples`.
-    sampled: Vec<Sampled>,
 }
 
 impl EngineLoop {
@@ -107,7 +105,6 @@ impl EngineLoop {
             stop: false,
             logits: Vec::new(),
             samples: SampleBatch::default(),
-            sampled: Vec::new(),
         }
     }
 
@@ -311,13 +308,14 @@ impl EngineLoop {
         let runner = &mut self.runner;
         let batch = &self.batch;
         let samples = &self.samples;
-        let sampled = &mut self.sampled;
+        // what device sampling chose, one per row of `samples`
+        let mut sampled = Vec::new();
         // reused across steps: no allocation for the logits in steady state
         let mut logits = std::mem::take(&mut self.logits);
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
             if on_device {
-                runner.forward_sampled(batch, samples).map(|s| *sampled = s)
+                runner.forward_sampled(batch, samples).map(|s| sampled = s)
             } else {
                 runner.forward(batch).map(|l| {
                     logits.clear();
@@ -351,7 +349,6 @@ impl EngineLoop {
         self.sched.step_done(&plan);
         self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
         if on_device {
-            let sampled = std::mem::take(&mut self.sampled);
             let ids = plan.items.iter().filter(|i| i.sample).map(|i| i.id);
             for (id, s) in ids.zip(sampled) {
                 self.on_sampled(id, Some(s));

@@ -78,18 +78,25 @@ struct Runner<B: Backend> {
     comm: Option<Arc<dyn Communicator>>,
 }
 
-impl<B: Backend> ModelRunner for Runner<B> {
-    fn config(&self) -> &ModelConfig {
-        self.model.config()
-    }
-    fn forward(&mut self, batch: &StepBatch) -> Result<Cow<'_, [f32]>, BackendError> {
-        let rows = self.model.forward(
+impl<B: Backend> Runner<B> {
+    /// One forward step; the logits rows it leaves in the workspace.
+    fn step(&mut self, batch: &StepBatch) -> Result<usize, BackendError> {
+        self.model.forward(
             &self.backend,
             batch,
             &mut self.kv,
             &mut self.ws,
             self.comm.as_deref(),
-        )?;
+        )
+    }
+}
+
+impl<B: Backend> ModelRunner for Runner<B> {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+    fn forward(&mut self, batch: &StepBatch) -> Result<Cow<'_, [f32]>, BackendError> {
+        let rows = self.step(batch)?;
         let vocab = self.model.config().vocab_size;
         self.backend.to_host(self.ws.logits(), rows * vocab)
     }
@@ -104,13 +111,7 @@ impl<B: Backend> ModelRunner for Runner<B> {
         batch: &StepBatch,
         samples: &SampleBatch,
     ) -> Result<Vec<Sampled>, BackendError> {
-        let rows = self.model.forward(
-            &self.backend,
-            batch,
-            &mut self.kv,
-            &mut self.ws,
-            self.comm.as_deref(),
-        )?;
+        let rows = self.step(batch)?;
         if rows != samples.len() {
             return Err(BackendError::Device(format!(
                 "{rows} logits rows for {} sampling rows",
