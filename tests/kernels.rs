@@ -54,6 +54,11 @@ fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
+/// A row kernel: `blocks` blocks of ROW_THREADS (as the backend launches them).
+fn launch_rows(d: &mut dyn Dev, kernel: &str, blocks: u32, args: &mut [*mut c_void]) {
+    d.launch(kernel, (blocks, 1, 1), ROW_THREADS, 0, args);
+}
+
 fn put<T: Copy>(d: &mut dyn Dev, v: &[T]) -> u64 {
     let p = d.alloc(std::mem::size_of_val(v));
     d.write(p, as_bytes(v));
@@ -403,11 +408,10 @@ fn check_embedding(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let ip = put(d, &ids);
         let op = out::<f32>(d, tokens * hidden);
         let (h, s, n) = (hidden as i32, start as i32, rows as i32);
-        d.launch(
+        launch_rows(
+            d,
             "sg_embedding",
-            (tokens as u32, 1, 1),
-            ROW_THREADS,
-            0,
+            tokens as u32,
             &mut args![tp, ip, op, h, s, n],
         );
         let got: Vec<f32> = get(d, op, tokens * hidden);
@@ -447,11 +451,10 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let wp = put(d, &w);
         let op = out::<f32>(d, rows * hidden);
         let h = hidden as i32;
-        d.launch(
+        launch_rows(
+            d,
             "sg_rms_norm",
-            (rows as u32, 1, 1),
-            ROW_THREADS,
-            0,
+            rows as u32,
             &mut args![xp, wp, op, h, eps],
         );
         let got: Vec<f32> = get(d, op, rows * hidden);
@@ -472,11 +475,10 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let rp = put(d, &x);
         let dp = put(d, &delta);
         let op = out::<f32>(d, rows * hidden);
-        d.launch(
+        launch_rows(
+            d,
             "sg_add_rms_norm",
-            (rows as u32, 1, 1),
-            ROW_THREADS,
-            0,
+            rows as u32,
             &mut args![rp, dp, wp, op, h, eps],
         );
         let got: Vec<f32> = get(d, op, rows * hidden);
@@ -524,13 +526,7 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     let xp = put(d, &x);
     let yp = out::<u16>(d, x.len());
     for blocks in [1u32, 97] {
-        d.launch(
-            "sg_f32_to_bf16",
-            (blocks, 1, 1),
-            ROW_THREADS,
-            0,
-            &mut args![xp, yp, n],
-        );
+        launch_rows(d, "sg_f32_to_bf16", blocks, &mut args![xp, yp, n]);
         let got: Vec<u16> = get(d, yp, x.len());
         let bad = got
             .iter()
@@ -570,13 +566,7 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let op = out::<f32>(d, len);
         let n = len as i64;
         let blocks = (len as u32).div_ceil(ROW_THREADS).clamp(1, 64);
-        d.launch(
-            "sg_silu_mul",
-            (blocks, 1, 1),
-            ROW_THREADS,
-            0,
-            &mut args![gp, up, op, n],
-        );
+        launch_rows(d, "sg_silu_mul", blocks, &mut args![gp, up, op, n]);
         let got: Vec<f32> = get(d, op, len);
         let want: Vec<f64> = g
             .iter()
@@ -617,11 +607,10 @@ fn check_rope(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         }
         let (qp, kp, cp, sp) = (put(d, &q), put(d, &k), put(d, &cos), put(d, &sin));
         let (a, b, c) = (qh as i32, kvh as i32, dim as i32);
-        d.launch(
+        launch_rows(
+            d,
             "sg_rope",
-            (tokens as u32, 1, 1),
-            ROW_THREADS,
-            0,
+            tokens as u32,
             &mut args![qp, kp, cp, sp, a, b, c],
         );
         let rot = |x: &[f32], heads: usize| -> Vec<f64> {
@@ -666,11 +655,10 @@ fn check_store_and_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     let kc = out::<u16>(d, slots_total * kv_dim);
     let vc = out::<u16>(d, slots_total * kv_dim);
     let kd = kv_dim as i32;
-    d.launch(
+    launch_rows(
+        d,
         "sg_store_kv",
-        (tokens as u32, 1, 1),
-        ROW_THREADS,
-        0,
+        tokens as u32,
         &mut args![kp, vp, sp, kc, vc, kd],
     );
     let gk: Vec<u16> = get(d, kc, slots_total * kv_dim);
@@ -701,11 +689,10 @@ fn check_store_and_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     let (xp, ip) = (put(d, &x), put(d, &pick));
     let op = out::<f32>(d, pick.len() * width);
     let w = width as i32;
-    d.launch(
+    launch_rows(
+        d,
         "sg_gather_rows",
-        (pick.len() as u32, 1, 1),
-        ROW_THREADS,
-        0,
+        pick.len() as u32,
         &mut args![xp, ip, op, w],
     );
     let got: Vec<f32> = get(d, op, pick.len() * width);
