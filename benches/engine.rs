@@ -12,7 +12,7 @@ use std::time::Instant;
 use sglang::bench::{decode, median, prefill, prompt, stream_read_bandwidth, time_prefill};
 use sglang::config::{EngineConfig, LoadFormat};
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::model;
+use sglang::runner;
 use sglang::sampling::SamplingParams;
 
 fn main() {
@@ -31,7 +31,7 @@ fn main() {
         cfg.load_format = LoadFormat::Dummy;
     }
     let mut r =
-        model::load(&cfg).expect("load the model (prepare it with scripts/prepare-model.sh)");
+        runner::load(&cfg).expect("load the model (prepare it with scripts/prepare-model.sh)");
     let weight_bytes = r.weight_bytes() as f64;
     let vocab = r.config().vocab_size;
     // The machine's bandwidth drifts (shared hosts): each round measures the bandwidth right

@@ -218,7 +218,8 @@ sglang_request_params sglang_request_default_params(void);
 /* Generates until a stop condition; blocks the calling thread. Sets *out (free with
  * sglang_result_free). Returns SGLANG_OK; SGLANG_ERR_INVALID_ARGUMENT (NULL arguments, no or
  * two prompts, invalid UTF-8, a sampling value out of range, a prompt longer than the
- * context); SGLANG_ERR_VERSION; SGLANG_ERR_QUEUE_FULL; SGLANG_ERR_ENGINE_STOPPED. */
+ * context); SGLANG_ERR_VERSION; SGLANG_ERR_QUEUE_FULL; SGLANG_ERR_ENGINE_STOPPED (the engine
+ * stopped or failed); SGLANG_ERR_INTERNAL (the model step carrying the request failed). */
 sglang_status sglang_generate(sglang_engine *engine, const sglang_request_params *params, sglang_result **out);
 
 /* Like sglang_generate, calling `callback` with each chunk as it is produced. `out` may be
@@ -238,7 +239,9 @@ sglang_status sglang_request_start(sglang_engine *engine, const sglang_request_p
 /* Waits for the next chunk of `request` and fills *chunk (valid until the next call on this
  * request or its free). Returns SGLANG_OK (the last chunk has a finish_reason other than
  * SGLANG_FINISH_NONE); SGLANG_ERR_FINISHED once the last chunk was delivered;
- * SGLANG_ERR_INVALID_ARGUMENT for NULL; SGLANG_ERR_ENGINE_STOPPED. One thread at a time. */
+ * SGLANG_ERR_INVALID_ARGUMENT for NULL; SGLANG_ERR_ENGINE_STOPPED when the engine stopped or
+ * failed; SGLANG_ERR_INTERNAL when the model step carrying the request failed. One thread at a
+ * time. */
 sglang_status sglang_request_next(sglang_request *request, sglang_chunk *chunk);
 
 /* Cancels `request` from any thread; its stream ends with SGLANG_FINISH_ABORT.

@@ -5,9 +5,9 @@
 use std::time::Instant;
 
 use crate::backend::cpu::pool::{split_range, ThreadPool};
-use crate::backend::{LogitsWanted, StepBatch};
+use crate::batch::{LogitsWanted, StepBatch};
 use crate::kv::PagePool;
-use crate::model::ModelRunner;
+use crate::runner::ModelRunner;
 use crate::sampling::argmax;
 
 /// Best-of-5 streaming read bandwidth over `bytes` with `threads` threads, in bytes/s: what a
@@ -118,17 +118,6 @@ pub fn decode(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize) -> f64 {
         }
     }
     (steps * s.next.len()) as f64 / t.elapsed().as_secs_f64()
-}
-
-/// Peak resident memory of this process (VmHWM), in bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
 }
 
 pub fn median(v: &mut [f64]) -> f64 {

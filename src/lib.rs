@@ -8,6 +8,7 @@
 //! reached through an [`engine::EngineHandle`]).
 
 pub mod backend;
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod engine;
@@ -17,8 +18,10 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod parallel;
+pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod sys;
 pub mod tokenizer;
 
 /// The engine's version (also reported by the server).

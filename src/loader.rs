@@ -588,7 +588,9 @@ pub fn dummy_weights(specs: &[TensorSpec], seed: u64) -> WeightMap {
     }
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, 64 bits: stable across builds and machines (unlike the std hasher), for seeds and
+/// fingerprints that must agree between processes and releases.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })

@@ -14,6 +14,9 @@ use prometheus::{
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
+/// Every `reason` of `sglang_aborted_requests_total` (`engine::AbortReason::label`).
+pub const ABORT_REASONS: [&str; 4] = ["client_disconnected", "aborted", "timeout", "shutdown"];
+
 /// Inter-token latency: 1 ms to 5 s.
 const ITL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -108,7 +111,7 @@ impl Metrics {
         r.register(Box::new(aborted_requests_total.clone()))
             .expect("unique metric");
         // every reason from the start, so rates and alerts see a 0 rather than no series
-        for reason in ["client_disconnected", "aborted", "timeout", "shutdown"] {
+        for reason in ABORT_REASONS {
             aborted_requests_total.with_label_values(&[reason]);
         }
         Self {
@@ -222,6 +225,14 @@ impl Metrics {
         )?;
         self.registry.register(Box::new(g.clone()))?;
         Ok(g)
+    }
+
+    /// Requests aborted so far, for every reason.
+    pub fn aborted_total(&self) -> u64 {
+        ABORT_REASONS
+            .iter()
+            .map(|r| self.aborted_requests_total.with_label_values(&[r]).get())
+            .sum()
     }
 
     /// The Prometheus text exposition of every metric.

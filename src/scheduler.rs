@@ -12,13 +12,19 @@
 //! queues up to 128; FIFO beyond), the computed pages of every prefill chunk, retraction and
 //! finish go into the tree, and the pool makes room by evicting least recently used runs.
 //!
-//! Pure policy over the page pool: no model, no tokenizer, no threads; the engine thread owns
-//! the one instance. Cost per step is O(running + admitted sequences), plus O(waiting x prompt
-//! pages) for the LPM ordering.
+//! The scheduler is the one home of each sequence: [`Seq`] carries the owner's per-request
+//! state (`R`; the engine's sampling, detokenization and reply channel) beside the token list,
+//! looked up by id in a hash map. The waiting queue and the running list hold ids; removing a
+//! sequence is O(1) and leaves its id behind in them, swept out by the next `schedule`.
+//!
+//! Pure policy over the page pool: no model, no tokenizer, no threads; it depends on the KV
+//! pool and the step description (`crate::batch`) only, and the engine thread owns the one
+//! instance. Cost per step is O(running + admitted sequences) (plus O(waiting) once after
+//! removals from the queue), and O(waiting x prompt pages) for the LPM ordering.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
-use crate::backend::{LogitsWanted, StepBatch};
+use crate::batch::{LogitsWanted, StepBatch};
 use crate::kv::radix::RadixCache;
 use crate::kv::PagePool;
 
@@ -30,9 +36,9 @@ const LPM_MAX_QUEUE: usize = 128;
 /// whole chunk's worth (2048 rows x 49152 floats would be 400 MB, kept for reuse).
 pub const MAX_PROMPT_LOGIT_ROWS: usize = 256;
 
-/// A sequence as the scheduler sees it.
+/// A sequence: its tokens, its place in the KV cache, and its owner's state `req`.
 #[derive(Debug, Clone)]
-pub struct Seq {
+pub struct Seq<R> {
     pub id: u64,
     /// Prompt tokens followed by generated tokens.
     pub tokens: Vec<u32>,
@@ -47,10 +53,14 @@ pub struct Seq {
     pub logprob_from: usize,
     /// Prompt tokens found in the prefix cache at first admission (None until admitted).
     pub cached_tokens: Option<usize>,
+    /// Whether it is in the running list (else it waits for admission).
+    running: bool,
+    /// What the owner keeps with the sequence; the scheduler never looks at it.
+    pub req: R,
 }
 
-impl Seq {
-    pub fn new(id: u64, prompt: Vec<u32>) -> Self {
+impl<R> Seq<R> {
+    pub fn new(id: u64, prompt: Vec<u32>, req: R) -> Self {
         Self {
             id,
             prompt_len: prompt.len(),
@@ -60,18 +70,25 @@ impl Seq {
             prompt_logits: false,
             logprob_from: 0,
             cached_tokens: None,
+            running: false,
+            req,
         }
     }
 
-    /// A sequence whose prompt logprobs are wanted from position `from` (0 counts as 1: the
+    /// This sequence with its prompt logprobs wanted from position `from` (0 counts as 1: the
     /// first token has no logprob).
-    pub fn with_prompt_logprobs(id: u64, prompt: Vec<u32>, from: usize) -> Self {
+    pub fn with_prompt_logprobs(self, from: usize) -> Self {
         let from = from.max(1);
         Self {
-            prompt_logits: from < prompt.len(),
+            prompt_logits: from < self.prompt_len,
             logprob_from: from,
-            ..Self::new(id, prompt)
+            ..self
         }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
     }
 
     /// How many leading tokens the prefix cache may serve: all but the last (its logits give
@@ -166,21 +183,26 @@ impl Plan {
     }
 }
 
-pub struct Scheduler {
+pub struct Scheduler<R> {
     cfg: SchedulerConfig,
     pool: PagePool,
     radix: Option<RadixCache>,
-    waiting: VecDeque<Seq>,
-    /// In admission order (the newest last: the first to be retracted).
-    running: Vec<Seq>,
+    seqs: HashMap<u64, Seq<R>>,
+    /// Ids waiting for admission, in order; may still hold ids removed since the last step.
+    waiting: VecDeque<u64>,
+    /// Ids in admission order (the newest last: the first to be retracted); may still hold
+    /// ids removed since the last step.
+    running: Vec<u64>,
+    num_waiting: usize,
+    num_running: usize,
 }
 
 /// Ensures `seq` has pages for `upto` tokens, evicting cached runs if the pool is short; false
 /// (nothing taken) when even that is not enough.
-fn reserve(
+fn reserve<R>(
     pool: &mut PagePool,
     radix: &mut Option<RadixCache>,
-    seq: &mut Seq,
+    seq: &mut Seq<R>,
     upto: usize,
 ) -> bool {
     let need = pool.pages_for(upto).saturating_sub(seq.block_table.len());
@@ -196,14 +218,14 @@ fn reserve(
 }
 
 /// Gives up a sequence's pages; with the radix cache its computed whole pages stay cached.
-fn release(pool: &mut PagePool, radix: &mut Option<RadixCache>, seq: &mut Seq) {
+fn release<R>(pool: &mut PagePool, radix: &mut Option<RadixCache>, seq: &mut Seq<R>) {
     if let Some(r) = radix.as_mut() {
         r.insert(pool, &seq.tokens[..seq.kv_len], &seq.block_table);
     }
     pool.release_all(&mut seq.block_table);
 }
 
-impl Scheduler {
+impl<R> Scheduler<R> {
     pub fn new(cfg: SchedulerConfig, pool: PagePool) -> Self {
         let radix = cfg
             .enable_radix_cache
@@ -212,8 +234,11 @@ impl Scheduler {
             cfg,
             pool,
             radix,
+            seqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            num_waiting: 0,
+            num_running: 0,
         }
     }
 
@@ -245,15 +270,15 @@ impl Scheduler {
     }
 
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.num_waiting
     }
 
     pub fn num_running(&self) -> usize {
-        self.running.len()
+        self.num_running
     }
 
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
+        self.seqs.is_empty()
     }
 
     /// Tokens the KV pool holds in all.
@@ -261,66 +286,95 @@ impl Scheduler {
         self.pool.total_pages() * self.pool.page_size()
     }
 
-    pub fn add(&mut self, seq: Seq) {
-        self.waiting.push_back(seq);
+    /// Queues a sequence (its id must not be queued or running already).
+    pub fn add(&mut self, mut seq: Seq<R>) {
+        debug_assert!(!self.seqs.contains_key(&seq.id), "sequence ids are unique");
+        seq.running = false;
+        self.waiting.push_back(seq.id);
+        self.num_waiting += 1;
+        self.seqs.insert(seq.id, seq);
     }
 
-    pub fn get(&self, id: u64) -> Option<&Seq> {
-        self.running
-            .iter()
-            .find(|s| s.id == id)
-            .or_else(|| self.waiting.iter().find(|s| s.id == id))
+    pub fn get(&self, id: u64) -> Option<&Seq<R>> {
+        self.seqs.get(&id)
     }
 
-    /// Appends a sampled token to a running sequence.
-    pub fn push_token(&mut self, id: u64, token: u32) {
-        if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
-            s.tokens.push(token);
-        }
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Seq<R>> {
+        self.seqs.get_mut(&id)
+    }
+
+    /// The ids of every sequence, waiting or running.
+    pub fn ids(&self) -> Vec<u64> {
+        self.seqs.keys().copied().collect()
     }
 
     /// Removes a sequence wherever it is and frees its pages. Returns it if it existed.
-    pub fn remove(&mut self, id: u64) -> Option<Seq> {
-        let mut seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            self.running.remove(i)
+    pub fn remove(&mut self, id: u64) -> Option<Seq<R>> {
+        let mut seq = self.seqs.remove(&id)?;
+        if seq.running {
+            self.num_running -= 1;
         } else {
-            let i = self.waiting.iter().position(|s| s.id == id)?;
-            self.waiting.remove(i)?
-        };
+            self.num_waiting -= 1;
+        }
         release(&mut self.pool, &mut self.radix, &mut seq);
         Some(seq)
     }
 
+    /// Sweeps the ids of removed sequences out of the queue and the running list.
+    fn compact(&mut self) {
+        let seqs = &self.seqs;
+        if self.running.len() != self.num_running {
+            self.running
+                .retain(|id| seqs.get(id).is_some_and(|s| s.running));
+        }
+        if self.waiting.len() != self.num_waiting {
+            self.waiting
+                .retain(|id| seqs.get(id).is_some_and(|s| !s.running));
+        }
+        debug_assert_eq!(self.running.len(), self.num_running);
+        debug_assert_eq!(self.waiting.len(), self.num_waiting);
+    }
+
     /// Takes back the pages of the newest running sequence; it waits again at the front.
     fn retract_newest(&mut self, plan: &mut Plan) -> bool {
-        let Some(mut seq) = self.running.pop() else {
+        let Some(id) = self.running.pop() else {
             return false;
         };
-        release(&mut self.pool, &mut self.radix, &mut seq);
+        let seq = self
+            .seqs
+            .get_mut(&id)
+            .expect("running ids are live after compact");
+        release(&mut self.pool, &mut self.radix, seq);
         seq.kv_len = 0;
-        plan.retracted.push(seq.id);
-        self.waiting.push_front(seq);
+        seq.running = false;
+        self.num_running -= 1;
+        self.num_waiting += 1;
+        plan.retracted.push(id);
+        self.waiting.push_front(id);
         true
     }
 
     /// Chooses the next step and allocates its pages.
     pub fn schedule(&mut self) -> Plan {
+        self.compact();
         let mut plan = Plan::default();
         // 1. Every running sequence's next token(s). Decodes first: they are cheap and their
         //    latency is what users feel. If the pool is dry, the newest sequences give back
         //    their pages until the older ones fit.
         let mut i = 0;
         while i < self.running.len() {
-            let seq = &mut self.running[i];
+            let seq = self
+                .seqs
+                .get_mut(&self.running[i])
+                .expect("running ids are live after compact");
             if seq.pending() == 1 {
                 let upto = seq.kv_len + 1;
                 if !reserve(&mut self.pool, &mut self.radix, seq, upto) {
-                    if i + 1 == self.running.len() {
-                        // this one is the newest itself: retract it
-                        self.retract_newest(&mut plan);
+                    let newest = i + 1 == self.running.len();
+                    self.retract_newest(&mut plan);
+                    if newest {
                         break;
                     }
-                    self.retract_newest(&mut plan);
                     continue;
                 }
             }
@@ -328,9 +382,9 @@ impl Scheduler {
         }
         let mut budget = self.cfg.chunked_prefill_size;
         let mut logit_rows = MAX_PROMPT_LOGIT_ROWS;
-        for seq in &mut self.running {
-            let pending = seq.pending();
-            if pending == 1 {
+        for id in &self.running {
+            let seq = &self.seqs[id];
+            if seq.pending() == 1 {
                 plan.items.push(PlanItem {
                     id: seq.id,
                     start: seq.kv_len,
@@ -341,7 +395,8 @@ impl Scheduler {
             }
         }
         // 2. Unfinished prefills of running sequences continue.
-        for seq in &mut self.running {
+        for id in &self.running {
+            let seq = self.seqs.get_mut(id).expect("running ids are live");
             let pending = seq.pending();
             if pending <= 1 || budget == 0 {
                 continue;
@@ -358,19 +413,27 @@ impl Scheduler {
         //    pages for the first chunk with one page per running sequence to spare for decode.
         let reorder = self.waiting.len() > 1 && self.waiting.len() <= LPM_MAX_QUEUE;
         if let Some(radix) = self.radix.as_ref().filter(|_| reorder) {
-            let mut keyed: Vec<(usize, Seq)> = self
+            let seqs = &self.seqs;
+            let mut keyed: Vec<(usize, u64)> = self
                 .waiting
                 .drain(..)
-                .map(|s| (radix.match_len(&s.tokens[..s.cacheable()]), s))
+                .map(|id| {
+                    let s = &seqs[&id];
+                    (radix.match_len(&s.tokens[..s.cacheable()]), id)
+                })
                 .collect();
             // stable: equal prefixes keep their arrival order
             keyed.sort_by_key(|(m, _)| std::cmp::Reverse(*m));
-            self.waiting.extend(keyed.into_iter().map(|(_, s)| s));
+            self.waiting.extend(keyed.into_iter().map(|(_, id)| id));
         }
-        while budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(mut seq) = self.waiting.pop_front() else {
+        while budget > 0 && self.num_running < self.cfg.max_running {
+            let Some(id) = self.waiting.pop_front() else {
                 break;
             };
+            let seq = self
+                .seqs
+                .get_mut(&id)
+                .expect("waiting ids are live after compact");
             if seq.block_table.is_empty() {
                 if let Some(r) = self.radix.as_mut() {
                     let pages = r.match_prefix(&seq.tokens[..seq.cacheable()]);
@@ -387,7 +450,7 @@ impl Scheduler {
                 .pool
                 .pages_for(seq.kv_len + len)
                 .saturating_sub(seq.block_table.len());
-            let spare = self.running.len();
+            let spare = self.num_running;
             if need + spare > self.pool.free_pages() {
                 if let Some(r) = self.radix.as_mut() {
                     r.evict(&mut self.pool, need + spare);
@@ -397,20 +460,23 @@ impl Scheduler {
                 // undo the prefix match and wait
                 self.pool.release_all(&mut seq.block_table);
                 seq.kv_len = 0;
-                self.waiting.push_front(seq);
+                self.waiting.push_front(id);
                 break;
             }
             let upto = seq.kv_len + len;
-            let ok = reserve(&mut self.pool, &mut self.radix, &mut seq, upto);
+            let ok = reserve(&mut self.pool, &mut self.radix, seq, upto);
             debug_assert!(ok);
             if seq.cached_tokens.is_none() {
                 let cached = seq.kv_len.min(seq.prompt_len);
                 seq.cached_tokens = Some(cached);
-                plan.admitted.push((seq.id, cached));
+                plan.admitted.push((id, cached));
             }
             budget -= len;
             plan.items.push(seq.prefill_item(len, &mut logit_rows));
-            self.running.push(seq);
+            seq.running = true;
+            self.num_waiting -= 1;
+            self.num_running += 1;
+            self.running.push(id);
         }
         plan
     }
@@ -420,11 +486,7 @@ impl Scheduler {
         batch.clear();
         batch.page_size = self.pool.page_size();
         for item in &plan.items {
-            let seq = self
-                .running
-                .iter()
-                .find(|s| s.id == item.id)
-                .expect("planned sequence is running");
+            let seq = &self.seqs[&item.id];
             let logits = if item.all_logits {
                 LogitsWanted::All
             } else if item.sample {
@@ -445,7 +507,7 @@ impl Scheduler {
     /// prefix cache at once, so requests arriving meanwhile can share them.
     pub fn step_done(&mut self, plan: &Plan) {
         for item in &plan.items {
-            if let Some(seq) = self.running.iter_mut().find(|s| s.id == item.id) {
+            if let Some(seq) = self.seqs.get_mut(&item.id) {
                 seq.kv_len = item.start + item.len;
                 if seq.kv_len >= seq.prompt_len {
                     seq.prompt_logits = false;
@@ -464,7 +526,7 @@ impl Scheduler {
 mod tests {
     use super::*;
 
-    fn sched(pages: usize, page_size: usize, max_running: usize, chunk: usize) -> Scheduler {
+    fn sched(pages: usize, page_size: usize, max_running: usize, chunk: usize) -> Scheduler<()> {
         Scheduler::new(
             SchedulerConfig {
                 max_running,
@@ -476,7 +538,7 @@ mod tests {
     }
 
     /// Runs steps, sampling token 7 whenever asked, until every sequence has `target` tokens.
-    fn run(s: &mut Scheduler, target: usize, max_steps: usize) -> usize {
+    fn run(s: &mut Scheduler<()>, target: usize, max_steps: usize) -> usize {
         let mut steps = 0;
         while !s.is_idle() {
             steps += 1;
@@ -485,7 +547,7 @@ mod tests {
             assert!(!plan.is_empty(), "stalled with work left");
             s.step_done(&plan);
             for item in plan.items.iter().filter(|i| i.sample) {
-                s.push_token(item.id, 7);
+                s.get_mut(item.id).unwrap().tokens.push(7);
                 if s.get(item.id).unwrap().tokens.len() >= target {
                     s.remove(item.id);
                 }
@@ -497,7 +559,7 @@ mod tests {
     #[test]
     fn long_prompts_are_chunked() {
         let mut s = sched(64, 4, 8, 10);
-        s.add(Seq::new(1, vec![1; 25]));
+        s.add(Seq::new(1, vec![1; 25], ()));
         let p = s.schedule();
         assert_eq!(
             p.items,
@@ -523,11 +585,11 @@ mod tests {
     #[test]
     fn decodes_and_new_prefills_share_a_step() {
         let mut s = sched(64, 4, 8, 16);
-        s.add(Seq::new(1, vec![1; 5]));
+        s.add(Seq::new(1, vec![1; 5], ()));
         let p = s.schedule();
         s.step_done(&p);
-        s.push_token(1, 9);
-        s.add(Seq::new(2, vec![2; 6]));
+        s.get_mut(1).unwrap().tokens.push(9);
+        s.add(Seq::new(2, vec![2; 6], ()));
         let p = s.schedule();
         assert_eq!(p.items.len(), 2);
         assert_eq!((p.items[0].id, p.items[0].len), (1, 1));
@@ -543,7 +605,7 @@ mod tests {
     fn max_running_is_respected() {
         let mut s = sched(64, 4, 2, 100);
         for id in 0..5 {
-            s.add(Seq::new(id, vec![1; 3]));
+            s.add(Seq::new(id, vec![1; 3], ()));
         }
         let p = s.schedule();
         assert_eq!(p.items.len(), 2);
@@ -555,7 +617,7 @@ mod tests {
         // 12 pages of 4 tokens = 48 slots; 6 sequences of 20 tokens each need 120.
         let mut s = sched(12, 4, 6, 32);
         for id in 0..6 {
-            s.add(Seq::new(id, vec![id as u32; 6]));
+            s.add(Seq::new(id, vec![id as u32; 6], ()));
         }
         run(&mut s, 20, 10_000);
         assert_eq!(s.pool().free_pages(), 12, "all pages returned");
@@ -564,13 +626,13 @@ mod tests {
     #[test]
     fn retraction_recomputes_from_scratch() {
         let mut s = sched(3, 2, 4, 32);
-        s.add(Seq::new(1, vec![1; 2]));
-        s.add(Seq::new(2, vec![2; 2]));
+        s.add(Seq::new(1, vec![1; 2], ()));
+        s.add(Seq::new(2, vec![2; 2], ()));
         let p = s.schedule();
         assert_eq!(p.items.len(), 2, "both admitted");
         s.step_done(&p);
-        s.push_token(1, 7);
-        s.push_token(2, 7);
+        s.get_mut(1).unwrap().tokens.push(7);
+        s.get_mut(2).unwrap().tokens.push(7);
         // each needs a second page now; only one is free: the newest (2) is retracted
         let p = s.schedule();
         assert_eq!(p.retracted, vec![2]);
@@ -585,7 +647,12 @@ mod tests {
         assert!(back.block_table.is_empty());
     }
 
-    fn radix_sched(pages: usize, page_size: usize, max_running: usize, chunk: usize) -> Scheduler {
+    fn radix_sched(
+        pages: usize,
+        page_size: usize,
+        max_running: usize,
+        chunk: usize,
+    ) -> Scheduler<()> {
         Scheduler::new(
             SchedulerConfig {
                 max_running,
@@ -600,14 +667,14 @@ mod tests {
     fn a_shared_prefix_is_not_recomputed() {
         let mut s = radix_sched(64, 4, 8, 64);
         let mut a: Vec<u32> = (0..20).collect();
-        s.add(Seq::new(1, a.clone()));
+        s.add(Seq::new(1, a.clone(), ()));
         let p = s.schedule();
         assert_eq!(p.admitted, vec![(1, 0)]);
         s.step_done(&p);
         // b shares a's first 18 tokens: 4 whole pages (16 tokens) come from the cache
         a.truncate(18);
         a.extend([900, 901, 902]);
-        s.add(Seq::new(2, a));
+        s.add(Seq::new(2, a, ()));
         let p = s.schedule();
         assert_eq!(p.admitted, vec![(2, 16)]);
         let item = p.items.iter().find(|i| i.id == 2).unwrap();
@@ -628,7 +695,7 @@ mod tests {
     fn prompt_logprobs_limit_the_cached_prefix_and_ask_for_logits() {
         let mut s = radix_sched(64, 4, 8, 8);
         let a: Vec<u32> = (0..20).collect();
-        s.add(Seq::new(1, a.clone()));
+        s.add(Seq::new(1, a.clone(), ()));
         let mut steps = 0;
         while s.get(1).unwrap().kv_len < 20 {
             let p = s.schedule();
@@ -640,7 +707,7 @@ mod tests {
         // from token 10: token 9's logits are needed, so only 2 whole pages (8 tokens) may
         // come from the cache although 4 are cached; the first chunk ends where the logits
         // start (it needs none), the next ones compute them
-        s.add(Seq::with_prompt_logprobs(2, a.clone(), 10));
+        s.add(Seq::new(2, a.clone(), ()).with_prompt_logprobs(10));
         let p = s.schedule();
         assert_eq!(p.admitted, vec![(2, 8)]);
         let item = |p: &Plan| (p.items[0].start, p.items[0].len, p.items[0].all_logits);
@@ -654,11 +721,11 @@ mod tests {
         assert!(p.items[0].sample);
         s.step_done(&p);
         // the prompt is done: decoding asks for the last row only
-        s.push_token(2, 5);
+        s.get_mut(2).unwrap().tokens.push(5);
         let p = s.schedule();
         assert!(!p.items[0].all_logits);
         // a chunk wholly before the wanted positions does not ask for logits
-        s.add(Seq::with_prompt_logprobs(3, (100..120).collect(), 18));
+        s.add(Seq::new(3, (100..120).collect(), ()).with_prompt_logprobs(18));
         let p = s.schedule();
         let item = p.items.iter().find(|i| i.id == 3).unwrap();
         assert_eq!((item.start, item.len, item.all_logits), (0, 8, false));
@@ -669,9 +736,9 @@ mod tests {
         let rows = MAX_PROMPT_LOGIT_ROWS;
         let mut s = sched(1024, 16, 8, 4 * rows);
         // two long prompts wanting logprobs from the start, one without
-        s.add(Seq::with_prompt_logprobs(1, vec![3; 3 * rows], 0));
-        s.add(Seq::with_prompt_logprobs(2, vec![4; 3 * rows], 0));
-        s.add(Seq::new(3, vec![5; rows]));
+        s.add(Seq::new(1, vec![3; 3 * rows], ()).with_prompt_logprobs(0));
+        s.add(Seq::new(2, vec![4; 3 * rows], ()).with_prompt_logprobs(0));
+        s.add(Seq::new(3, vec![5; rows], ()));
         let p = s.schedule();
         let got: Vec<_> = p
             .items
@@ -702,12 +769,12 @@ mod tests {
     #[test]
     fn the_longest_cached_prefix_is_admitted_first() {
         let mut s = radix_sched(64, 2, 1, 64);
-        s.add(Seq::new(1, (0..10).collect()));
+        s.add(Seq::new(1, (0..10).collect(), ()));
         let p = s.schedule();
         s.step_done(&p);
         s.remove(1);
-        s.add(Seq::new(2, (50..60).collect())); // arrived first, nothing cached
-        s.add(Seq::new(3, (0..10).collect())); // fully cached prefix
+        s.add(Seq::new(2, (50..60).collect(), ())); // arrived first, nothing cached
+        s.add(Seq::new(3, (0..10).collect(), ())); // fully cached prefix
         let p = s.schedule();
         assert_eq!(p.items.len(), 1, "one running slot");
         assert_eq!(p.items[0].id, 3);
@@ -718,14 +785,14 @@ mod tests {
     fn cached_pages_are_evicted_when_the_pool_needs_them() {
         // 8 pages; a finished sequence leaves 5 cached pages behind
         let mut s = radix_sched(8, 2, 4, 64);
-        s.add(Seq::new(1, (0..10).collect()));
+        s.add(Seq::new(1, (0..10).collect(), ()));
         let p = s.schedule();
         s.step_done(&p);
         s.remove(1);
         assert_eq!(s.pool().free_pages(), 3);
         assert_eq!(s.evictable_tokens(), 10);
         // an unrelated sequence needing 6 pages gets them by eviction
-        s.add(Seq::new(2, (100..112).collect()));
+        s.add(Seq::new(2, (100..112).collect(), ()));
         let p = s.schedule();
         assert_eq!(p.items.len(), 1);
         assert!(s.radix().unwrap().cached_pages() < 5);
@@ -736,7 +803,7 @@ mod tests {
     fn retracted_work_stays_cached_and_every_sequence_completes() {
         let mut s = radix_sched(12, 4, 6, 32);
         for id in 0..6 {
-            s.add(Seq::new(id, vec![id as u32; 6]));
+            s.add(Seq::new(id, vec![id as u32; 6], ()));
         }
         run(&mut s, 20, 10_000);
         let r = s.radix().unwrap();
@@ -770,7 +837,7 @@ mod tests {
                 let own = 1 + (rng.next_u64() % 8) as usize;
                 let mut toks: Vec<u32> = (0..shared as u32).collect();
                 toks.extend((0..own).map(|_| 100 + (rng.next_u64() % 50) as u32));
-                s.add(Seq::new(id, toks));
+                s.add(Seq::new(id, toks, ()));
             }
             let target = 22.min(pages * page_size / 2);
             let mut steps = 0;
@@ -780,7 +847,10 @@ mod tests {
                 let plan = s.schedule();
                 s.step_done(&plan);
                 for item in plan.items.iter().filter(|i| i.sample) {
-                    s.push_token(item.id, (rng.next_u64() % 7) as u32);
+                    s.get_mut(item.id)
+                        .unwrap()
+                        .tokens
+                        .push((rng.next_u64() % 7) as u32);
                     if s.get(item.id).unwrap().tokens.len() >= target {
                         s.remove(item.id);
                     }
@@ -800,8 +870,8 @@ mod tests {
     #[test]
     fn remove_frees_pages_of_waiting_and_running() {
         let mut s = sched(8, 4, 1, 32);
-        s.add(Seq::new(1, vec![1; 9]));
-        s.add(Seq::new(2, vec![1; 9]));
+        s.add(Seq::new(1, vec![1; 9], ()));
+        s.add(Seq::new(2, vec![1; 9], ()));
         let p = s.schedule();
         s.step_done(&p);
         assert_eq!(s.pool().free_pages(), 5);

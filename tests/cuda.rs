@@ -21,7 +21,7 @@ mod common;
 
 use sglang::config::{Device, EngineConfig};
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::model;
+use sglang::runner;
 use sglang::sampling::SamplingParams;
 
 /// `SGLANG_CUDA_TEST_DUMMY=DIR`: the model of DIR (config and tokenizer only) with
@@ -47,18 +47,18 @@ fn config(device: Device) -> EngineConfig {
 #[test]
 fn cuda_matches_the_cpu_or_says_why_it_cannot_run() {
     if !sglang::backend::cuda::driver_available() {
-        let e = model::load(&config(Device::Cuda))
+        let e = runner::load(&config(Device::Cuda))
             .err()
             .expect("--device cuda without a driver must fail")
             .to_string();
         assert!(e.contains("--device cuda") && e.contains("libcuda"), "{e}");
-        let r = model::load(&config(Device::Auto)).unwrap();
+        let r = runner::load(&config(Device::Auto)).unwrap();
         assert_eq!(r.backend_name(), "cpu", "auto falls back to the CPU");
         return;
     }
-    let mut gpu = model::load(&config(Device::Cuda)).unwrap();
+    let mut gpu = runner::load(&config(Device::Cuda)).unwrap();
     assert_eq!(gpu.backend_name(), "cuda");
-    let mut cpu = model::load(&config(Device::Cpu)).unwrap();
+    let mut cpu = runner::load(&config(Device::Cpu)).unwrap();
     let engine_gpu = EngineHandle::start(config(Device::Cuda)).unwrap();
     let engine_cpu = EngineHandle::start(config(Device::Cpu)).unwrap();
     let tok = engine_cpu.tokenizer().clone();
@@ -123,8 +123,8 @@ fn llama3_8b_shape_matches_the_cpu() {
         c.device = device;
         c
     };
-    let mut gpu = model::load(&cfg(Device::Cuda)).unwrap();
-    let mut cpu = model::load(&cfg(Device::Cpu)).unwrap();
+    let mut gpu = runner::load(&cfg(Device::Cuda)).unwrap();
+    let mut cpu = runner::load(&cfg(Device::Cpu)).unwrap();
     let ids: Vec<u32> = (0..37u32).map(|i| i * 7919 % 128256).collect();
     common::assert_bf16_logits_close(
         "Llama-3-8B shape (2 layers)",

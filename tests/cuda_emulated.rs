@@ -15,7 +15,7 @@ mod kernel_emu;
 
 use sglang::config::{Device, EngineConfig, LoadFormat};
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::model;
+use sglang::runner;
 use sglang::sampling::SamplingParams;
 
 #[test]
@@ -32,9 +32,9 @@ fn emulated_cuda_backend_matches_the_cpu() {
     let t = std::time::Instant::now();
 
     // the real default model: logits
-    let mut emu = model::load(&config(&model_dir, Device::Cuda)).unwrap();
+    let mut emu = runner::load(&config(&model_dir, Device::Cuda)).unwrap();
     assert_eq!(emu.backend_name(), "cuda");
-    let mut cpu = model::load(&config(&model_dir, Device::Cpu)).unwrap();
+    let mut cpu = runner::load(&config(&model_dir, Device::Cpu)).unwrap();
     let engine_cpu = EngineHandle::start(config(&model_dir, Device::Cpu)).unwrap();
     let tok = engine_cpu.tokenizer().clone();
     let ids = tok.encode("The capital of France is", true).unwrap();
@@ -111,8 +111,8 @@ fn emulated_cuda_backend_matches_the_cpu() {
         c.load_format = LoadFormat::Dummy;
         c
     };
-    let mut emu = model::load(&small(Device::Cuda)).unwrap();
-    let mut cpu = model::load(&small(Device::Cpu)).unwrap();
+    let mut emu = runner::load(&small(Device::Cuda)).unwrap();
+    let mut cpu = runner::load(&small(Device::Cpu)).unwrap();
     let long: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
     common::assert_bf16_logits_close(
         "small model, 300-token context",

@@ -9,11 +9,11 @@
 
 mod common;
 
-use sglang::backend::{LogitsWanted, StepBatch};
+use sglang::batch::{LogitsWanted, StepBatch};
 use sglang::config::EngineConfig;
 use sglang::engine::{EngineHandle, GenerateRequest};
 use sglang::kv::PagePool;
-use sglang::model;
+use sglang::runner;
 use sglang::sampling::SamplingParams;
 use sglang::tokenizer::ChatMessage;
 
@@ -40,7 +40,7 @@ fn engine_matches_the_numpy_reference() {
     cfg.max_total_tokens = Some(8192);
     let engine = EngineHandle::start(cfg.clone()).unwrap();
     let tok = engine.tokenizer().clone();
-    let mut runner = model::load(&cfg).unwrap();
+    let mut runner = runner::load(&cfg).unwrap();
 
     for ((text, chat), r) in prompts.iter().zip(&refs) {
         // 1. tokenization and chat template agree with the independent implementations

@@ -881,7 +881,9 @@ fn check_sampling(
     threads: u32,
     pick: Option<&[usize]>,
 ) {
-    use sglang::sampling::{SampleBatch, Sampler, SamplerState, SamplingParams, MAX_TOP_LOGPROBS};
+    use sglang::sampling::{
+        SampleBatch, SampleSpec, Sampler, SamplerState, SamplingParams, MAX_TOP_LOGPROBS,
+    };
     let base = |temperature: f32| SamplingParams {
         temperature,
         ..SamplingParams::default()
@@ -972,8 +974,15 @@ fn check_sampling(
         };
         let n_top = [0, 1, 5, MAX_TOP_LOGPROBS][i % 4];
         let mut host_state = state.clone();
-        sb.push(params, &mut state, n_top, true, &banned);
-        want.push(sampler.sample(&row, params, &mut host_state, n_top, true, &banned));
+        let spec = |state| SampleSpec {
+            params,
+            state,
+            top_logprobs: n_top,
+            want_logprob: true,
+            banned: &banned,
+        };
+        sb.push(spec(&mut state));
+        want.push(sampler.sample(&row, spec(&mut host_state)));
         logits.extend(row);
     }
     let rows = sb.len();

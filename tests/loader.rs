@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use sglang::backend::{LogitsWanted, StepBatch};
+use sglang::batch::{LogitsWanted, StepBatch};
 use sglang::config::{EngineConfig, LoadFormat, ModelConfig};
 use sglang::kv::PagePool;
 use sglang::loader;
-use sglang::model::{self, llama};
+use sglang::model::llama;
+use sglang::runner;
 
 const CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
   "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -100,7 +101,7 @@ fn model_dir(tensors: &BTreeMap<String, T>) -> tempfile::TempDir {
 fn load_err(dir: &Path) -> String {
     let mut cfg = EngineConfig::new(dir);
     cfg.max_total_tokens = Some(256);
-    match model::load(&cfg) {
+    match runner::load(&cfg) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -206,7 +207,7 @@ fn logits(dir: &Path, format: LoadFormat) -> Vec<f32> {
     let mut cfg = EngineConfig::new(dir);
     cfg.max_total_tokens = Some(256);
     cfg.load_format = format;
-    let mut r = model::load(&cfg).unwrap();
+    let mut r = runner::load(&cfg).unwrap();
     let (pages, ps) = r.kv_pages();
     let mut pool = PagePool::new(pages, ps);
     let mut table = Vec::new();

@@ -3,17 +3,17 @@
 
 mod common;
 
-use sglang::backend::{LogitsWanted, StepBatch};
+use sglang::batch::{LogitsWanted, StepBatch};
 use sglang::config::EngineConfig;
 use sglang::kv::PagePool;
-use sglang::model::{self, ModelRunner};
+use sglang::runner::{self, ModelRunner};
 use sglang::tokenizer::Tokenizer;
 
 fn runner(page_size: usize) -> Box<dyn ModelRunner> {
     let mut cfg = EngineConfig::new(common::model_dir());
     cfg.page_size = page_size;
     cfg.max_total_tokens = Some(4096);
-    model::load(&cfg).expect("load the default model")
+    runner::load(&cfg).expect("load the default model")
 }
 
 /// Prefill `prompt` alone in one step, then greedy-decode `steps` tokens; returns the logits

@@ -8,14 +8,15 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sglang::backend::{BackendError, LogitsWanted, StepBatch};
+use sglang::backend::BackendError;
+use sglang::batch::{LogitsWanted, StepBatch};
 use sglang::config::{EngineConfig, ModelConfig};
-use sglang::engine::{EngineHandle, GenerateRequest};
+use sglang::engine::{EngineHandle, GenerateRequest, RequestError};
 use sglang::kv::PagePool;
 use sglang::loader::{self, WeightMap};
 use sglang::metrics::Metrics;
-use sglang::model::{self, llama, ModelRunner};
-use sglang::parallel::runner;
+use sglang::model::llama;
+use sglang::runner::{self, tp, LoadModelError, ModelRunner};
 use sglang::sampling::SamplingParams;
 use sglang::tokenizer::Tokenizer;
 
@@ -86,7 +87,7 @@ fn tp_2_and_3_match_tp_1_on_the_default_model() {
     .map(|t| tok.encode(t, true).unwrap())
     .collect();
 
-    let mut runner1 = model::load(&config(1)).unwrap();
+    let mut runner1 = runner::load(&config(1)).unwrap();
     let want = logits(runner1.as_mut(), &prompts[..2]);
     drop(runner1);
     let engine1 = EngineHandle::start(config(1)).unwrap();
@@ -94,7 +95,7 @@ fn tp_2_and_3_match_tp_1_on_the_default_model() {
     engine1.shutdown_and_join();
 
     for tp in [2, 3] {
-        let mut runner = model::load(&config(tp)).unwrap();
+        let mut runner = runner::load(&config(tp)).unwrap();
         assert_eq!(runner.parallel_state().ranks, tp);
         assert_eq!(runner.parallel_state().ready, tp);
         let got = logits(runner.as_mut(), &prompts[..2]);
@@ -115,9 +116,9 @@ fn tp_2_and_3_match_tp_1_on_the_default_model() {
 #[test]
 fn a_tp_size_the_model_cannot_split_is_refused_naming_the_option() {
     // 3 KV heads: 4 ranks can neither split nor evenly replicate them
-    let e = model::load(&config(4)).err().unwrap().to_string();
+    let e = runner::load(&config(4)).err().unwrap().to_string();
     assert!(e.contains("tp-size") && e.contains("KV heads"), "{e}");
-    let e = model::load(&config(10)).err().unwrap().to_string();
+    let e = runner::load(&config(10)).err().unwrap().to_string();
     assert!(
         e.contains("tp-size") && e.contains("attention heads"),
         "{e}"
@@ -136,16 +137,17 @@ fn a_rank_that_fails_at_start_up_is_a_clear_error_not_a_hang() {
     let (cfg, weights) = model_weights();
     let started = Instant::now();
     let model_cfg = cfg.clone();
-    let result = runner::start(&cfg, 3, Duration::from_secs(60), move |shard, comm| {
+    let result = tp::start(&cfg, 3, Duration::from_secs(60), move |shard, comm| {
         if shard.rank == 1 {
-            return Err("cannot allocate the KV cache".into());
+            return Err(LoadModelError::Backend(BackendError::OutOfMemory(
+                "cannot allocate the KV cache".into(),
+            )));
         }
-        model::build_rank(&model_cfg, &weights, shard, Some(comm), 64, 16, Some(1))
-            .map_err(|e| e.to_string())
+        runner::build_rank(&model_cfg, &weights, shard, Some(comm), 64, 16, Some(1))
     });
-    let e = result.err().expect("start must fail");
+    let e = result.err().expect("start must fail").to_string();
     assert!(
-        e.contains("rank 1 failed at start-up: cannot allocate the KV cache"),
+        e.contains("rank 1 failed at start-up: out of memory: cannot allocate the KV cache"),
         "{e}"
     );
     // the other ranks were released at once, not after the 60 s timeout
@@ -164,7 +166,10 @@ impl ModelRunner for FailingRank {
     }
     fn forward(&mut self, batch: &StepBatch) -> Result<std::borrow::Cow<'_, [f32]>, BackendError> {
         if self.ok_steps == 0 {
-            return Err(BackendError::Device("simulated device fault".into()));
+            return Err(BackendError::Device {
+                call: "simulated launch".into(),
+                message: "device fault".into(),
+            });
         }
         self.ok_steps -= 1;
         self.inner.forward(batch)
@@ -187,10 +192,9 @@ impl ModelRunner for FailingRank {
 fn a_rank_that_fails_during_a_step_stops_the_engine_with_the_reason() {
     let (cfg, weights) = model_weights();
     let model_cfg = cfg.clone();
-    let group = runner::start(&cfg, 3, Duration::from_secs(60), move |shard, comm| {
+    let group = tp::start(&cfg, 3, Duration::from_secs(60), move |shard, comm| {
         let rank = shard.rank;
-        let r = model::build_rank(&model_cfg, &weights, shard, Some(comm), 128, 16, Some(1))
-            .map_err(|e| e.to_string())?;
+        let r = runner::build_rank(&model_cfg, &weights, shard, Some(comm), 128, 16, Some(1))?;
         Ok(if rank == 2 {
             Box::new(FailingRank {
                 inner: r,
@@ -217,8 +221,11 @@ fn a_rank_that_fails_during_a_step_stops_the_engine_with_the_reason() {
         .unwrap()
         .collect_blocking();
     let e = result.expect_err("the request must fail");
+    // the group stopped: the engine failed (HTTP 503), not just this request's step
+    assert!(matches!(e, RequestError::EngineFailed(_)), "{e:?}");
+    let e = e.to_string();
     assert!(
-        e.contains("rank 2 step failed") && e.contains("simulated device fault"),
+        e.contains("rank 2 step failed") && e.contains("simulated launch: device fault"),
         "{e}"
     );
     while !engine.is_stopped() {

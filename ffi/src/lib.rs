@@ -23,7 +23,8 @@ use std::sync::Mutex;
 use bindings::*;
 use engine::config::{Device, EngineConfig};
 use engine::engine::{
-    EngineHandle, Event, FinishReason, GenerateRequest, Matched, Output, RequestStream, SubmitError,
+    EngineHandle, Event, FinishReason, GenerateRequest, Matched, Output, RequestError,
+    RequestStream, SubmitError,
 };
 use engine::sampling::SamplingParams;
 use engine::tokenizer::ChatMessage;
@@ -62,6 +63,21 @@ impl From<SubmitError> for Failure {
             SubmitError::Invalid(_) => SGLANG_ERR_INVALID_ARGUMENT,
             SubmitError::QueueFull(_) => SGLANG_ERR_QUEUE_FULL,
             SubmitError::Stopped | SubmitError::Draining => SGLANG_ERR_ENGINE_STOPPED,
+        };
+        Failure {
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<RequestError> for Failure {
+    fn from(e: RequestError) -> Self {
+        let status = match &e {
+            RequestError::Model(_) | RequestError::Panicked => SGLANG_ERR_INTERNAL,
+            RequestError::EngineFailed(_) | RequestError::EngineStopped => {
+                SGLANG_ERR_ENGINE_STOPPED
+            }
         };
         Failure {
             status,
@@ -618,15 +634,14 @@ impl Request {
                 self.finished.store(true, Ordering::Release);
                 (String::new(), Vec::new(), code)
             }
-            Some(Event::Failed(msg)) => {
+            ended => {
                 inner.delivered_last = true;
                 self.finished.store(true, Ordering::Release);
-                return fail(SGLANG_ERR_INTERNAL, msg);
-            }
-            None => {
-                inner.delivered_last = true;
-                self.finished.store(true, Ordering::Release);
-                return fail(SGLANG_ERR_ENGINE_STOPPED, "the engine stopped");
+                return Err(match ended {
+                    Some(Event::Failed(e)) => e,
+                    _ => RequestError::EngineStopped,
+                }
+                .into());
             }
         };
         inner.text = CString::new(text.replace('\0', "\u{FFFD}")).unwrap_or_default();

@@ -3,8 +3,8 @@
 //! the peak resident memory, as a table or one JSON object (for benches/vs_llamacpp.py).
 
 use clap::Args;
-use sglang::bench::{decode, peak_rss_bytes, prefill, prompt, stream_read_bandwidth, time_prefill};
-use sglang::model;
+use sglang::bench::{decode, prefill, prompt, stream_read_bandwidth, time_prefill};
+use sglang::runner;
 
 use crate::args::EngineArgs;
 
@@ -47,7 +47,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
     let most = a.batch.iter().copied().max().unwrap_or(1);
     cfg.max_total_tokens
         .get_or_insert(((longest + 64) * most.max(2)).max(4096));
-    let mut r = model::load(&cfg).map_err(|e| e.to_string())?;
+    let mut r = runner::load(&cfg).map_err(|e| e.to_string())?;
     let vocab = r.config().vocab_size;
     let reps = a.repeat.max(1);
     let mut pp = serde_json::Map::new();
@@ -74,7 +74,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         .num_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // the model's peak, before the bandwidth probe allocates its 1 GB buffer
-    let peak = peak_rss_bytes();
+    let peak = sglang::sys::peak_resident_bytes();
     drop(r);
     let bw = a.bandwidth.then(|| stream_read_bandwidth(threads, 1 << 30));
     let out = serde_json::json!({

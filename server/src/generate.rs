@@ -66,7 +66,7 @@ pub fn run(args: GenerateArgs) -> Result<(), String> {
                 out.finish = Some(f);
                 break;
             }
-            Event::Failed(e) => return Err(e),
+            Event::Failed(e) => return Err(e.to_string()),
         }
     }
     let finish = out

@@ -9,7 +9,6 @@ mod args;
 mod backup;
 mod bench;
 mod generate;
-mod health;
 mod http;
 mod serve;
 

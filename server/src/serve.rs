@@ -15,7 +15,7 @@ use sglang::metrics::Metrics;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::ServerArgs;
-use crate::health::{self, Health};
+use crate::http::health::{self, Health};
 use crate::http::{self, AppState};
 
 pub fn run(args: ServerArgs) -> Result<(), String> {
@@ -24,7 +24,7 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
     cfg.max_queued_requests = args.max_queued_requests;
     if cfg.world_size > 1 && cfg.rank > 0 {
         // ranks 1.. of a multi-process group serve no HTTP: they run rank 0's steps
-        return sglang::model::serve_rank(&cfg).map_err(|e| e.to_string());
+        return sglang::runner::serve_rank(&cfg).map_err(|e| e.to_string());
     }
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
         cfg.model_path

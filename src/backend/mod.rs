@@ -6,9 +6,7 @@
 //! RMSNorm, RoPE together with the KV-cache write). The CPU backend (`cpu`) is both the
 //! embedded default and the reference that other backends are tested against.
 //!
-//! A forward step is described by a [`StepBatch`]: a flat list of new tokens from several
-//! sequences (prefill chunks and single decode tokens mixed), where each sequence brings its
-//! block table into the paged KV cache.
+//! A forward step is described by a [`StepBatch`] (`crate::batch`).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -17,19 +15,36 @@ pub mod split;
 
 use std::borrow::Cow;
 
+use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::loader::Tensor;
-use crate::parallel::Communicator;
-use crate::sampling::{SampleBatch, Sampled};
+use crate::parallel::{CommError, Communicator};
+use crate::sampling::{SampleBatch, TokenInfo};
 
-#[derive(Debug, thiserror::Error)]
+/// Why a backend operation failed. The engine fails the requests of a step that returns one
+/// (HTTP 500); a `Collective` error means the tensor-parallel group has stopped for good.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BackendError {
+    /// A weight the backend cannot take (its shape or dtype), or one missing from the map.
     #[error("weight `{name}`: {message}")]
     Weight { name: String, message: String },
     #[error("out of memory: {0}")]
     OutOfMemory(String),
-    #[error("device error: {0}")]
-    Device(String),
+    /// The device cannot be used at all (no driver, no device, no cuBLAS).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A call into the driver, cuBLAS or a kernel failed; `call` names it.
+    #[error("{call}: {message}")]
+    Device { call: String, message: String },
+    /// The model needs something this backend does not do (a head size, a group size, NCCL).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// A collective of the tensor-parallel group failed: the group has stopped.
+    #[error(transparent)]
+    Collective(#[from] CommError),
+    /// An operation's contract was broken by its caller (sizes that do not match): a bug.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// `(rows, cols)` of a weight (a 1-D tensor is one column), or the error naming it.
@@ -42,115 +57,6 @@ pub fn weight_dims(name: &str, t: &Tensor) -> Result<(usize, usize), BackendErro
         });
     }
     Ok((shape[0], shape.get(1).copied().unwrap_or(1)))
-}
-
-/// One sequence's part of a [`StepBatch`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SeqSlice {
-    /// Index of this sequence's first new token in `StepBatch::tokens`.
-    pub token_start: usize,
-    /// New tokens of this sequence in this step (a prefill chunk, or 1 for decode).
-    pub num_tokens: usize,
-    /// Tokens in the KV cache after this step (cached prefix + new tokens).
-    pub context_len: usize,
-    /// Range of this sequence's pages in `StepBatch::block_tables`.
-    pub block_table_start: usize,
-    pub block_table_len: usize,
-}
-
-/// Everything a forward step needs to know about its tokens. Reused across steps (cleared,
-/// not reallocated) so the decode loop does not allocate.
-#[derive(Debug, Clone, Default)]
-pub struct StepBatch {
-    /// New token ids, sequence after sequence.
-    pub tokens: Vec<u32>,
-    /// Position of each new token in its sequence.
-    pub positions: Vec<u32>,
-    /// KV slot (page * page_size + offset) each new token's K and V are written to.
-    pub slots: Vec<u32>,
-    pub seqs: Vec<SeqSlice>,
-    /// Pages of all sequences, concatenated (see `SeqSlice::block_table_start`).
-    pub block_tables: Vec<u32>,
-    /// Indices into `tokens` whose logits are wanted, in output order.
-    pub logit_rows: Vec<u32>,
-    pub page_size: usize,
-}
-
-impl StepBatch {
-    pub fn clear(&mut self) {
-        self.tokens.clear();
-        self.positions.clear();
-        self.slots.clear();
-        self.seqs.clear();
-        self.block_tables.clear();
-        self.logit_rows.clear();
-    }
-
-    pub fn num_tokens(&self) -> usize {
-        self.tokens.len()
-    }
-
-    pub fn block_table(&self, seq: &SeqSlice) -> &[u32] {
-        &self.block_tables[seq.block_table_start..seq.block_table_start + seq.block_table_len]
-    }
-
-    /// Appends one sequence's new tokens. `cached` tokens are already in the KV cache; the new
-    /// tokens take positions `cached..cached + tokens.len()` and the slots that the block table
-    /// gives those positions. `want_logits`: `None`, `Some(false)` the last token only,
-    /// `Some(true)` every new token.
-    pub fn push_seq(
-        &mut self,
-        tokens: &[u32],
-        cached: usize,
-        block_table: &[u32],
-        logits: LogitsWanted,
-    ) {
-        let page_size = self.page_size;
-        debug_assert!(page_size > 0);
-        debug_assert!(block_table.len() * page_size >= cached + tokens.len());
-        let token_start = self.tokens.len();
-        for (i, &t) in tokens.iter().enumerate() {
-            let pos = cached + i;
-            self.tokens.push(t);
-            self.positions.push(pos as u32);
-            let page = block_table[pos / page_size];
-            self.slots
-                .push(page * page_size as u32 + (pos % page_size) as u32);
-        }
-        match logits {
-            LogitsWanted::None => {}
-            LogitsWanted::Last => {
-                if !tokens.is_empty() {
-                    self.logit_rows
-                        .push((token_start + tokens.len() - 1) as u32)
-                }
-            }
-            LogitsWanted::All => {
-                self.logit_rows
-                    .extend((token_start..token_start + tokens.len()).map(|i| i as u32));
-            }
-        }
-        let block_table_start = self.block_tables.len();
-        self.block_tables.extend_from_slice(block_table);
-        self.seqs.push(SeqSlice {
-            token_start,
-            num_tokens: tokens.len(),
-            context_len: cached + tokens.len(),
-            block_table_start,
-            block_table_len: block_table.len(),
-        });
-    }
-}
-
-/// Which of a sequence's new tokens need logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsWanted {
-    /// A middle prefill chunk: nothing is sampled.
-    None,
-    /// The next token is sampled from the last position.
-    Last,
-    /// Every position (prompt logprobs).
-    All,
 }
 
 /// RoPE frequencies of the model, shared by all backends.
@@ -339,8 +245,8 @@ pub trait Backend: Send + Sync {
         _logits: &Self::Buf,
         _vocab: usize,
         _samples: &SampleBatch,
-    ) -> Result<Vec<Sampled>, BackendError> {
-        Err(BackendError::Device(format!(
+    ) -> Result<Vec<TokenInfo>, BackendError> {
+        Err(BackendError::Internal(format!(
             "the {} backend samples on the host",
             self.name()
         )))

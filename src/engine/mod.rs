@@ -1,7 +1,8 @@
 //! The engine thread and [`EngineHandle`], the only way in.
 //!
-//! One thread owns the model, the KV cache, the scheduler and every request's sampling and
-//! detokenization state; nothing else touches them (TGI's actor pattern). Callers (the HTTP
+//! One thread owns the model, the KV cache, the scheduler and every request's state (its
+//! tokens, sampling and detokenization, in one scheduler `Seq` each); nothing else touches them
+//! (TGI's actor pattern). Callers (the HTTP
 //! server, the C ABI, the CLI) hold a cloneable `EngineHandle`: `submit` validates a request
 //! and returns a [`RequestStream`] of [`Event`]s; dropping the stream (a client that went away)
 //! or calling `abort` cancels the request, and its pages are freed on the next step.
@@ -10,9 +11,10 @@
 //! the mixed batch, sample a token for every sequence that reached the end of its known
 //! tokens, detokenize incrementally, apply stop conditions, and send the events.
 
+mod request;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +22,13 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::mpsc as tmpsc;
 
+use crate::backend::BackendError;
 use crate::config::{EngineConfig, ModelConfig};
 use crate::kv::PagePool;
 use crate::metrics::Metrics;
-use crate::model::{self, LoadModelError, ModelRunner};
-use crate::sampling::{ParamError, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::runner::{self, LoadModelError, ModelRunner};
+use crate::sampling::{ParamError, SamplingParams, MAX_TOP_LOGPROBS};
+pub use crate::sampling::{TokenInfo, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -41,14 +45,6 @@ pub struct GenerateRequest {
     /// `logprob_start_len`; `None`: none). Position 0 has no logprob, so the engine reports
     /// positions `max(start, 1)..prompt_len`; the prefix cache serves only what precedes them.
     pub logprob_start_len: Option<usize>,
-}
-
-/// Logprob information of one generated token.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TokenInfo {
-    pub token_id: u32,
-    pub logprob: f32,
-    pub top_logprobs: Vec<TokenLogprob>,
 }
 
 /// What made generation stop on a "stop" finish.
@@ -120,7 +116,35 @@ pub struct Finish {
 pub enum Event {
     Chunk(Chunk),
     Finished(Finish),
-    Failed(String),
+    Failed(RequestError),
+}
+
+/// Why an accepted request did not finish.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// The model step carrying the request failed; the engine goes on with other requests.
+    #[error("model error: {0}")]
+    Model(BackendError),
+    /// The model step carrying the request panicked; the engine goes on with other requests.
+    #[error("internal error in the model step")]
+    Panicked,
+    /// The engine stopped for good (a tensor-parallel rank failed); no request can run.
+    #[error("the engine stopped: {0}")]
+    EngineFailed(String),
+    /// The engine thread ended before the request finished (shut down or gone).
+    #[error("the engine stopped before the request finished")]
+    EngineStopped,
+}
+
+/// Why [`EngineHandle::generate_text`] gave no output.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    #[error(transparent)]
+    Request(#[from] RequestError),
 }
 
 /// A request that cannot be accepted.
@@ -160,6 +184,7 @@ pub enum AbortReason {
 }
 
 impl AbortReason {
+    /// Its `reason` label (one of `metrics::ABORT_REASONS`).
     pub fn label(self) -> &'static str {
         match self {
             AbortReason::ClientDisconnected => "client_disconnected",
@@ -190,32 +215,46 @@ pub(super) enum Msg {
     Shutdown,
 }
 
-/// Live numbers of the engine, updated by the engine thread every step.
-#[derive(Debug, Default)]
+/// Live numbers of the engine, as of the call to [`EngineHandle::stats`]. Those with a
+/// Prometheus twin (requests, KV tokens, token counts, aborts, ranks) are read from the
+/// metrics registry, the one place the engine thread writes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct EngineStats {
-    pub running: AtomicUsize,
-    pub waiting: AtomicUsize,
+    pub running: usize,
+    pub waiting: usize,
     /// KV slots held by running requests.
-    pub kv_used_tokens: AtomicUsize,
+    pub kv_used_tokens: usize,
     /// KV slots held only by the prefix cache.
-    pub kv_evictable_tokens: AtomicUsize,
+    pub kv_evictable_tokens: usize,
     /// KV slots free or reclaimable.
-    pub kv_available_tokens: AtomicUsize,
-    pub steps: AtomicU64,
+    pub kv_available_tokens: usize,
+    pub steps: u64,
     /// Time spent in model forward passes, nanoseconds (server overhead = the rest).
-    pub forward_nanos: AtomicU64,
+    pub forward_nanos: u64,
     /// Steps that only decoded (one token per sequence), and their forward time.
-    pub decode_steps: AtomicU64,
-    pub decode_forward_nanos: AtomicU64,
+    pub decode_steps: u64,
+    pub decode_forward_nanos: u64,
     /// Milliseconds since the Unix epoch at the end of the last engine loop iteration.
-    pub heartbeat_unix_ms: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub generated_tokens: AtomicU64,
-    pub retractions: AtomicU64,
-    pub finished: AtomicU64,
-    pub aborted: AtomicU64,
+    pub heartbeat_unix_ms: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub retractions: u64,
+    pub finished: u64,
+    pub aborted: u64,
     /// Tensor-parallel ranks that are up (equal to `EngineInfo::tp_size` while healthy).
-    pub tp_ranks_ready: AtomicUsize,
+    pub tp_ranks_ready: usize,
+}
+
+/// The engine's numbers that have no Prometheus twin, written by the engine thread.
+#[derive(Debug, Default)]
+struct Counters {
+    steps: AtomicU64,
+    forward_nanos: AtomicU64,
+    decode_steps: AtomicU64,
+    decode_forward_nanos: AtomicU64,
+    heartbeat_unix_ms: AtomicU64,
+    retractions: AtomicU64,
+    finished: AtomicU64,
 }
 
 /// Facts about the loaded engine (fixed after start).
@@ -238,7 +277,7 @@ pub(super) struct Shared {
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     tokenizer: Arc<Tokenizer>,
     info: EngineInfo,
-    stats: EngineStats,
+    counters: Counters,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
     stopped: AtomicBool,
@@ -283,6 +322,13 @@ impl RequestStream {
         ev
     }
 
+    /// Polls for the next event (for a hand-written future or response body).
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Event>> {
+        let ev = std::task::ready!(self.rx.poll_recv(cx));
+        self.note(&ev);
+        std::task::Poll::Ready(ev)
+    }
+
     fn note(&mut self, ev: &Option<Event>) {
         if matches!(ev, None | Some(Event::Finished(_)) | Some(Event::Failed(_))) {
             self.done = true;
@@ -290,7 +336,7 @@ impl RequestStream {
     }
 
     /// Collects everything until the end (blocking).
-    pub fn collect_blocking(mut self) -> Result<Output, String> {
+    pub fn collect_blocking(mut self) -> Result<Output, RequestError> {
         let mut out = Output::default();
         while let Some(ev) = self.next_blocking() {
             match ev {
@@ -302,7 +348,7 @@ impl RequestStream {
                 Event::Failed(e) => return Err(e),
             }
         }
-        Err("the engine stopped before the request finished".into())
+        Err(RequestError::EngineStopped)
     }
 }
 
@@ -349,7 +395,7 @@ impl EngineHandle {
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
         let tokenizer = Tokenizer::from_dir(&cfg.model_path)?;
-        let runner = model::load(&cfg)?;
+        let runner = runner::load(&cfg)?;
         Self::start_with(cfg, tokenizer, runner, metrics)
     }
 
@@ -394,15 +440,11 @@ impl EngineHandle {
             .set((info.kv_capacity_tokens * info.kv_bytes_per_token) as i64);
         metrics.tp_ranks.set(parallel.ranks as i64);
         metrics.tp_ranks_ready.set(parallel.ready as i64);
-        let stats = EngineStats::default();
-        stats
-            .tp_ranks_ready
-            .store(parallel.ready, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             thread: parking_lot::Mutex::new(None),
             tokenizer: Arc::new(tokenizer),
             info,
-            stats,
+            counters: Counters::default(),
             metrics,
             next_id: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
@@ -436,8 +478,30 @@ impl EngineHandle {
         &self.shared.info
     }
 
-    pub fn stats(&self) -> &EngineStats {
-        &self.shared.stats
+    /// The engine's live numbers now.
+    pub fn stats(&self) -> EngineStats {
+        let m = &self.shared.metrics;
+        let c = &self.shared.counters;
+        let gauge = |g: &prometheus::IntGauge| g.get().max(0) as usize;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineStats {
+            running: gauge(&m.num_running_requests),
+            waiting: gauge(&m.request_queue_length),
+            kv_used_tokens: gauge(&m.kv_cache_used_tokens),
+            kv_evictable_tokens: gauge(&m.kv_cache_evictable_tokens),
+            kv_available_tokens: gauge(&m.kv_cache_available_tokens),
+            steps: load(&c.steps),
+            forward_nanos: load(&c.forward_nanos),
+            decode_steps: load(&c.decode_steps),
+            decode_forward_nanos: load(&c.decode_forward_nanos),
+            heartbeat_unix_ms: load(&c.heartbeat_unix_ms),
+            prompt_tokens: m.prompt_tokens_total.get(),
+            generated_tokens: m.generation_tokens_total.get(),
+            retractions: load(&c.retractions),
+            finished: load(&c.finished),
+            aborted: m.aborted_total(),
+            tp_ranks_ready: gauge(&m.tp_ranks_ready),
+        }
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -474,8 +538,8 @@ impl EngineHandle {
 
     /// Requests waiting or running.
     pub fn in_flight(&self) -> usize {
-        self.shared.stats.running.load(Ordering::Relaxed)
-            + self.shared.stats.waiting.load(Ordering::Relaxed)
+        let m = &self.shared.metrics;
+        (m.num_running_requests.get() + m.request_queue_length.get()).max(0) as usize
     }
 
     /// Checks a request against the model and the engine's limits, without submitting it.
@@ -534,8 +598,9 @@ impl EngineHandle {
             return Err(SubmitError::Draining);
         }
         self.validate(&req)?;
+        let queue = &self.shared.metrics.request_queue_length;
         if let Some(max) = self.shared.max_queued {
-            let waiting = self.shared.stats.waiting.load(Ordering::Relaxed);
+            let waiting = queue.get().max(0) as usize;
             if waiting >= max {
                 return Err(SubmitError::QueueFull(waiting));
             }
@@ -543,7 +608,7 @@ impl EngineHandle {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = tmpsc::unbounded_channel();
         // counted as waiting at once, so a burst cannot overrun the queue limit
-        self.shared.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        queue.inc();
         self.tx
             .send(Msg::Submit {
                 id,
@@ -586,19 +651,17 @@ impl EngineHandle {
     }
 
     /// Convenience: tokenize `text`, generate, and gather the result (blocking).
-    pub fn generate_text(&self, text: &str, params: SamplingParams) -> Result<Output, String> {
-        let ids = self
-            .shared
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| e.to_string())?;
-        let stream = self
-            .submit(GenerateRequest {
-                input_ids: ids,
-                params,
-                ..Default::default()
-            })
-            .map_err(|e| e.to_string())?;
-        stream.collect_blocking()
+    pub fn generate_text(
+        &self,
+        text: &str,
+        params: SamplingParams,
+    ) -> Result<Output, GenerateError> {
+        let ids = self.shared.tokenizer.encode(text, true)?;
+        let stream = self.submit(GenerateRequest {
+            input_ids: ids,
+            params,
+            ..Default::default()
+        })?;
+        Ok(stream.collect_blocking()?)
     }
 }

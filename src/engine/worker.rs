@@ -1,7 +1,6 @@
-//! The engine thread: owns the model, the scheduler (KV pool, radix cache) and each request's
-//! sampling and detokenization state. See the module above for the message protocol.
+//! The engine thread: owns the model, the scheduler (KV pool, radix cache, and every request's
+//! state, one [`Seq`] each) and the sampler. See the module above for the message protocol.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -10,63 +9,18 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
 
+use super::request::Request;
 use super::{
-    AbortReason, Chunk, Event, Finish, FinishReason, GenerateRequest, Matched, Msg, Shared,
-    TokenInfo, Usage,
+    AbortReason, Chunk, Event, Finish, FinishReason, GenerateRequest, Msg, RequestError, Shared,
+    Usage,
 };
-use crate::backend::StepBatch;
-use crate::model::ModelRunner;
-use crate::sampling::{
-    logprobs_of, SampleBatch, Sampled, Sampler, SamplerState, SamplingParams, StopCheck,
-    StopMatcher,
-};
-use crate::scheduler::{PlanItem, Scheduler, Seq};
-use crate::tokenizer::IncrementalDecoder;
+use crate::backend::BackendError;
+use crate::batch::StepBatch;
+use crate::runner::ModelRunner;
+use crate::sampling::{logprobs_of, SampleBatch, Sampler, TokenInfo};
+use crate::scheduler::{Plan, PlanItem, Scheduler};
 
-/// Per-request state the engine thread keeps besides the scheduler's token list.
-struct ReqState {
-    params: SamplingParams,
-    sampler: SamplerState,
-    detok: IncrementalDecoder,
-    /// All text so far (before stop trimming) and how much of it was sent.
-    text: String,
-    sent: usize,
-    stop: StopMatcher,
-    stop_ids: Vec<u32>,
-    max_new_tokens: usize,
-    generated: usize,
-    prompt_len: usize,
-    cached_tokens: usize,
-    return_logprob: bool,
-    top_logprobs_num: usize,
-    /// Prompt logprobs computed so far (sent with the first chunk); from where is the
-    /// scheduler's `Seq::logprob_from`.
-    prompt_logprobs: Vec<TokenInfo>,
-    tx: tmpsc::UnboundedSender<Event>,
-    submitted: Instant,
-    first_token: Option<Instant>,
-    last_token: Option<Instant>,
-}
-
-impl ReqState {
-    /// What sampling this request's next token takes: its parameters, its generator and
-    /// penalty state, the top logprobs wanted, whether its logprob is, and the tokens banned
-    /// now (the stop tokens until `min_new_tokens` are out).
-    fn sampling(&mut self) -> (&SamplingParams, &mut SamplerState, usize, bool, &[u32]) {
-        let banned: &[u32] = if self.generated < self.params.min_new_tokens {
-            &self.stop_ids
-        } else {
-            &[]
-        };
-        (
-            &self.params,
-            &mut self.sampler,
-            self.top_logprobs_num,
-            self.return_logprob,
-            banned,
-        )
-    }
-}
+type Seq = crate::scheduler::Seq<Request>;
 
 /// How often an idle engine checks that the ranks of its tensor-parallel group are still up.
 const GROUP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -75,8 +29,7 @@ pub(super) struct EngineLoop {
     rx: mpsc::Receiver<Msg>,
     runner: Box<dyn ModelRunner>,
     shared: Arc<Shared>,
-    sched: Scheduler,
-    reqs: HashMap<u64, ReqState>,
+    sched: Scheduler<Request>,
     batch: StepBatch,
     sampler: Sampler,
     /// Set by a shutdown message (or when every handle is gone and nothing is left to do).
@@ -92,14 +45,13 @@ impl EngineLoop {
         rx: mpsc::Receiver<Msg>,
         runner: Box<dyn ModelRunner>,
         shared: Arc<Shared>,
-        sched: Scheduler,
+        sched: Scheduler<Request>,
     ) -> Self {
         Self {
             rx,
             runner,
             shared,
             sched,
-            reqs: HashMap::new(),
             batch: StepBatch::default(),
             sampler: Sampler::new(),
             stop: false,
@@ -128,8 +80,7 @@ impl EngineLoop {
                 self.step();
             }
         }
-        let ids: Vec<u64> = self.reqs.keys().copied().collect();
-        for id in ids {
+        for id in self.sched.ids() {
             self.abort(id, AbortReason::Shutdown);
         }
         self.shared.stopped.store(true, Ordering::Release);
@@ -186,47 +137,18 @@ impl EngineLoop {
         let prompt_len = req.input_ids.len();
         // The context length and the pool bound the output (finish reason "length").
         let room = info.context_length.saturating_sub(prompt_len);
-        let max_new_tokens = req.params.max_new_tokens.min(room);
-        let mut stop_ids = req.params.stop_token_ids.clone();
-        if !req.params.ignore_eos {
-            stop_ids.extend(&info.model_config.eos_token_ids);
-        }
-        let state = ReqState {
-            sampler: SamplerState::new(&req.params, &req.input_ids),
-            detok: IncrementalDecoder::new(req.params.skip_special_tokens),
-            text: String::new(),
-            sent: 0,
-            stop: StopMatcher::new(&req.params.stop),
-            stop_ids,
-            max_new_tokens,
-            generated: 0,
-            prompt_len,
-            cached_tokens: 0,
-            return_logprob: req.return_logprob,
-            top_logprobs_num: req.top_logprobs_num,
-            prompt_logprobs: Vec::new(),
-            tx,
-            submitted,
-            first_token: None,
-            last_token: None,
-            params: req.params,
-        };
-        self.shared
-            .stats
-            .prompt_tokens
-            .fetch_add(prompt_len as u64, Ordering::Relaxed);
+        let state = Request::new(&req, room, &info.model_config.eos_token_ids, tx, submitted);
         self.shared
             .metrics
             .prompt_tokens_total
             .inc_by(prompt_len as u64);
         // with prompt logprobs wanted, a request for no new tokens still runs its prompt
         let zero_budget = state.max_new_tokens == 0 && req.logprob_start_len.is_none();
-        let seq = match req.logprob_start_len {
-            Some(from) => Seq::with_prompt_logprobs(id, req.input_ids, from),
-            None => Seq::new(id, req.input_ids),
-        };
-        self.reqs.insert(id, state);
-        self.sched.add(seq);
+        let seq = Seq::new(id, req.input_ids, state);
+        self.sched.add(match req.logprob_start_len {
+            Some(from) => seq.with_prompt_logprobs(from),
+            None => seq,
+        });
         if zero_budget {
             self.finish(id, FinishReason::Length);
         }
@@ -234,8 +156,7 @@ impl EngineLoop {
     }
 
     fn abort(&mut self, id: u64, reason: AbortReason) {
-        if self.reqs.contains_key(&id) {
-            self.shared.stats.aborted.fetch_add(1, Ordering::Relaxed);
+        if self.sched.get(id).is_some() {
             self.shared
                 .metrics
                 .aborted_requests_total
@@ -245,20 +166,15 @@ impl EngineLoop {
         }
     }
 
+    /// Writes the scheduler's state into the metrics registry (which
+    /// [`EngineHandle::stats`](super::EngineHandle::stats) reads back) and the heartbeat.
     fn publish_stats(&self) {
-        let s = &self.shared.stats;
         let m = &self.shared.metrics;
         let pool = self.sched.pool();
         let ps = pool.page_size();
         let evictable = self.sched.evictable_tokens();
         let free = pool.free_pages() * ps;
         let used = pool.used_pages() * ps - evictable;
-        s.running.store(self.sched.num_running(), Ordering::Relaxed);
-        s.waiting.store(self.sched.num_waiting(), Ordering::Relaxed);
-        s.kv_used_tokens.store(used, Ordering::Relaxed);
-        s.kv_evictable_tokens.store(evictable, Ordering::Relaxed);
-        s.kv_available_tokens
-            .store(free + evictable, Ordering::Relaxed);
         m.num_running_requests.set(self.sched.num_running() as i64);
         m.request_queue_length.set(self.sched.num_waiting() as i64);
         m.kv_cache_used_tokens.set(used as i64);
@@ -267,30 +183,33 @@ impl EngineLoop {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        s.heartbeat_unix_ms.store(now_ms, Ordering::Relaxed);
+        self.shared
+            .counters
+            .heartbeat_unix_ms
+            .store(now_ms, Ordering::Relaxed);
     }
 
     fn step(&mut self) {
         let plan = self.sched.schedule();
+        let counters = &self.shared.counters;
         if !plan.retracted.is_empty() {
             tracing::debug!(
                 "KV pool full: retracted {} request(s)",
                 plan.retracted.len()
             );
-            self.shared
-                .stats
+            counters
                 .retractions
                 .fetch_add(plan.retracted.len() as u64, Ordering::Relaxed);
         }
         let now = Instant::now();
         for &(id, cached) in &plan.admitted {
-            if let Some(r) = self.reqs.get_mut(&id) {
-                r.cached_tokens = cached;
+            if let Some(seq) = self.sched.get(id) {
                 let m = &self.shared.metrics;
                 m.queue_time_seconds
-                    .observe(now.duration_since(r.submitted).as_secs_f64());
+                    .observe(now.duration_since(seq.req.submitted).as_secs_f64());
                 m.cache_hits_total.inc_by(cached as u64);
-                m.cache_misses_total.inc_by((r.prompt_len - cached) as u64);
+                m.cache_misses_total
+                    .inc_by((seq.prompt_len - cached) as u64);
             }
         }
         if plan.is_empty() {
@@ -324,11 +243,11 @@ impl EngineLoop {
             }
         }));
         let nanos = started.elapsed().as_nanos() as u64;
-        let stats = &self.shared.stats;
-        stats.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let counters = &self.shared.counters;
+        counters.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
         if plan.items.iter().all(|i| i.len == 1) {
-            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-            stats
+            counters.decode_steps.fetch_add(1, Ordering::Relaxed);
+            counters
                 .decode_forward_nanos
                 .fetch_add(nanos, Ordering::Relaxed);
         }
@@ -336,18 +255,23 @@ impl EngineLoop {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!("forward step failed: {e}");
-                self.fail_items(&plan, &format!("model error: {e}"));
+                let error = match e {
+                    // the tensor-parallel group stopped: no step can run again
+                    BackendError::Collective(c) => RequestError::EngineFailed(c.reason().into()),
+                    e => RequestError::Model(e),
+                };
+                self.fail_items(&plan, error);
                 self.check_parallel();
                 return;
             }
             Err(_) => {
                 tracing::error!("forward step panicked");
-                self.fail_items(&plan, "internal error in the model step");
+                self.fail_items(&plan, RequestError::Panicked);
                 return;
             }
         }
         self.sched.step_done(&plan);
-        self.shared.stats.steps.fetch_add(1, Ordering::Relaxed);
+        counters.steps.fetch_add(1, Ordering::Relaxed);
         if on_device {
             let ids = plan.items.iter().filter(|i| i.sample).map(|i| i.id);
             for (id, s) in ids.zip(sampled) {
@@ -364,38 +288,35 @@ impl EngineLoop {
     /// fails with the reason and the engine stops (the server then reports unhealthy).
     fn check_parallel(&mut self) {
         let state = self.runner.parallel_state();
-        let m = &self.shared.metrics;
-        m.tp_ranks_ready.set(state.ready as i64);
-        self.shared
-            .stats
-            .tp_ranks_ready
-            .store(state.ready, Ordering::Relaxed);
+        self.shared.metrics.tp_ranks_ready.set(state.ready as i64);
         let Some(reason) = state.error else {
             return;
         };
         tracing::error!("the engine stops: {reason}");
-        let msg = format!("the engine stopped: {reason}");
-        for (id, r) in self.reqs.drain() {
-            let _ = r.tx.send(Event::Failed(msg.clone()));
-            self.sched.remove(id);
+        for id in self.sched.ids() {
+            if let Some(seq) = self.sched.remove(id) {
+                let _ = seq
+                    .req
+                    .tx
+                    .send(Event::Failed(RequestError::EngineFailed(reason.clone())));
+            }
         }
         *self.shared.fatal.lock() = Some(reason);
         self.stop = true;
         self.publish_stats();
     }
 
-    fn fail_items(&mut self, plan: &crate::scheduler::Plan, msg: &str) {
+    fn fail_items(&mut self, plan: &Plan, error: RequestError) {
         for item in &plan.items {
-            if let Some(r) = self.reqs.remove(&item.id) {
-                let _ = r.tx.send(Event::Failed(msg.to_string()));
+            if let Some(seq) = self.sched.remove(item.id) {
+                let _ = seq.req.tx.send(Event::Failed(error.clone()));
             }
-            self.sched.remove(item.id);
         }
         self.publish_stats();
     }
 
     /// Samples each item's logits row on the host (and records prompt logprobs).
-    fn sample_on_host(&mut self, plan: &crate::scheduler::Plan, logits: &[f32]) {
+    fn sample_on_host(&mut self, plan: &Plan, logits: &[f32]) {
         let vocab = self.runner.config().vocab_size;
         let mut row = 0;
         for item in &plan.items {
@@ -413,18 +334,24 @@ impl EngineLoop {
                 continue;
             }
             let l = &logits[this * vocab..(this + 1) * vocab];
-            self.on_logits(item.id, l);
+            let Some(seq) = self.sched.get_mut(item.id) else {
+                continue;
+            };
+            let generated = seq.generated();
+            let r = &mut seq.req;
+            let sampled = (r.max_new_tokens > 0).then(|| self.sampler.sample(l, r.spec(generated)));
+            self.on_sampled(item.id, sampled);
         }
     }
 
     /// One sampling row per item that samples, in the order of the logits rows.
-    fn build_samples(&mut self, plan: &crate::scheduler::Plan) {
+    fn build_samples(&mut self, plan: &Plan) {
         self.samples.clear();
         for item in plan.items.iter().filter(|i| i.sample) {
-            match self.reqs.get_mut(&item.id) {
-                Some(r) if r.max_new_tokens > 0 => {
-                    let (params, state, top, want, banned) = r.sampling();
-                    self.samples.push(params, state, top, want, banned);
+            match self.sched.get_mut(item.id) {
+                Some(seq) if seq.req.max_new_tokens > 0 => {
+                    let generated = seq.generated();
+                    self.samples.push(seq.req.spec(generated));
                 }
                 _ => self.samples.push_unused(),
             }
@@ -434,14 +361,15 @@ impl EngineLoop {
     /// Records the prompt logprobs a chunk's logits give (`logits`: one row per token of the
     /// chunk). A chunk computed again after a retraction adds nothing twice.
     fn on_prompt_logits(&mut self, item: &PlanItem, logits: &[f32], vocab: usize) {
-        let (Some(r), Some(seq)) = (self.reqs.get_mut(&item.id), self.sched.get(item.id)) else {
+        let Some(seq) = self.sched.get_mut(item.id) else {
             return;
         };
-        let from = seq.logprob_from;
+        let (from, prompt_len) = (seq.logprob_from, seq.prompt_len);
+        let r = &mut seq.req;
         for (k, row) in logits.chunks_exact(vocab).enumerate() {
             // the logits at position p are the distribution of the token at p + 1
             let next = item.start + k + 1;
-            if next >= r.prompt_len || next != from + r.prompt_logprobs.len() {
+            if next >= prompt_len || next != from + r.prompt_logprobs.len() {
                 continue;
             }
             let token_id = seq.tokens[next];
@@ -454,41 +382,25 @@ impl EngineLoop {
         }
     }
 
-    fn on_logits(&mut self, id: u64, logits: &[f32]) {
-        let Some(r) = self.reqs.get_mut(&id) else {
-            return;
-        };
-        let sampled = (r.max_new_tokens > 0).then(|| {
-            let (params, state, top, want, banned) = r.sampling();
-            self.sampler
-                .sample(logits, params, state, top, want, banned)
-        });
-        self.on_sampled(id, sampled);
-    }
-
     /// The step's token for request `id` (None: a request that only scores its prompt).
-    fn on_sampled(&mut self, id: u64, sampled: Option<Sampled>) {
-        let Some(r) = self.reqs.get_mut(&id) else {
+    fn on_sampled(&mut self, id: u64, sampled: Option<TokenInfo>) {
+        let Some(seq) = self.sched.get_mut(id) else {
             return;
         };
-        let Some(Sampled {
-            token_id,
-            logprob,
-            top_logprobs,
-        }) = sampled.filter(|_| r.max_new_tokens > 0)
-        else {
+        let Some(info) = sampled.filter(|_| seq.req.max_new_tokens > 0) else {
             // only the prompt was wanted (prompt logprobs, scoring): no token is sampled
             let chunk = Chunk {
                 token_ids: Vec::new(),
                 text: String::new(),
                 logprobs: Vec::new(),
-                prompt_logprobs: std::mem::take(&mut r.prompt_logprobs),
+                prompt_logprobs: std::mem::take(&mut seq.req.prompt_logprobs),
             };
             self.deliver(id, chunk, Some(FinishReason::Length));
             return;
         };
-        r.sampler.observe(&r.params, token_id);
-        r.generated += 1;
+        seq.tokens.push(info.token_id);
+        let generated = seq.generated();
+        let r = &mut seq.req;
         let now = Instant::now();
         let m = &self.shared.metrics;
         match r.last_token {
@@ -503,69 +415,16 @@ impl EngineLoop {
         }
         r.last_token = Some(now);
         m.generation_tokens_total.inc();
-        self.shared
-            .stats
-            .generated_tokens
-            .fetch_add(1, Ordering::Relaxed);
-        self.sched.push_token(id, token_id);
-
-        let tok = &self.shared.tokenizer;
-        let mut finish = None;
-        let mut text_end;
-        let stop_token = r.stop_ids.contains(&token_id);
-        if stop_token {
-            // The stop token's own text is not part of the output.
-            if let Ok(rest) = r.detok.finish(tok) {
-                r.text.push_str(&rest);
-            }
-            text_end = r.text.len();
-            finish = Some(FinishReason::Stop(Matched::Token(token_id)));
-        } else {
-            let before = r.text.len();
-            match r.detok.push(tok, token_id) {
-                Ok(delta) => r.text.push_str(&delta),
-                Err(e) => tracing::warn!("detokenization failed: {e}"),
-            }
-            let at_limit = r.generated >= r.max_new_tokens;
-            if at_limit {
-                if let Ok(rest) = r.detok.finish(tok) {
-                    r.text.push_str(&rest);
-                }
-            }
-            match r.stop.check(&r.text, before) {
-                StopCheck::Stop { at, matched } => {
-                    text_end = if r.params.no_stop_trim {
-                        at + matched.len()
-                    } else {
-                        at
-                    };
-                    finish = Some(FinishReason::Stop(Matched::Text(matched)));
-                }
-                StopCheck::Continue { safe_len } => {
-                    text_end = safe_len;
-                    if at_limit {
-                        text_end = r.text.len();
-                        finish = Some(FinishReason::Length);
-                    }
-                }
-            }
-        }
-        text_end = text_end.max(r.sent);
-        let text = r.text[r.sent..text_end].to_string();
-        r.sent = text_end;
-        let logprobs = if r.return_logprob || r.top_logprobs_num > 0 {
-            vec![TokenInfo {
-                token_id,
-                logprob,
-                top_logprobs,
-            }]
-        } else {
-            Vec::new()
-        };
+        let token_id = info.token_id;
+        let (text, finish) = r.accept(&self.shared.tokenizer, token_id, generated);
         let chunk = Chunk {
             token_ids: vec![token_id],
             text,
-            logprobs,
+            logprobs: if r.wants_logprobs() {
+                vec![info]
+            } else {
+                Vec::new()
+            },
             // computed by now: the prompt ends in the step that samples the first token
             prompt_logprobs: std::mem::take(&mut r.prompt_logprobs),
         };
@@ -574,10 +433,10 @@ impl EngineLoop {
 
     /// Sends a request its chunk, then ends it if `finish` says so.
     fn deliver(&mut self, id: u64, chunk: Chunk, finish: Option<FinishReason>) {
-        let Some(r) = self.reqs.get(&id) else {
+        let Some(seq) = self.sched.get(id) else {
             return;
         };
-        if r.tx.send(Event::Chunk(chunk)).is_err() {
+        if seq.req.tx.send(Event::Chunk(chunk)).is_err() {
             // The receiver is gone. Whoever dropped it may have said why just before (a
             // timeout, an explicit abort): apply waiting messages first so the reason counts.
             self.drain_messages();
@@ -591,17 +450,20 @@ impl EngineLoop {
 
     /// Ends a request: frees its pages and sends the final event.
     fn finish(&mut self, id: u64, reason: FinishReason) {
-        self.sched.remove(id);
-        let Some(r) = self.reqs.remove(&id) else {
+        let Some(seq) = self.sched.remove(id) else {
             return;
         };
-        self.shared.stats.finished.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .finished
+            .fetch_add(1, Ordering::Relaxed);
+        let r = &seq.req;
         let finish = Finish {
             reason,
             usage: Usage {
-                prompt_tokens: r.prompt_len,
-                completion_tokens: r.generated,
-                cached_tokens: r.cached_tokens,
+                prompt_tokens: seq.prompt_len,
+                completion_tokens: seq.generated(),
+                cached_tokens: seq.cached_tokens.unwrap_or(0),
             },
             time_to_first_token: r
                 .first_token

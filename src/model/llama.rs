@@ -6,18 +6,11 @@
 //! Hugging Face's half-rotation layout with `rope_theta` and `rope_scaling`. Logits are computed
 //! only for the rows the step asks for.
 
-use crate::backend::{Backend, BackendError, RopeTable, StepBatch};
+use crate::backend::{Backend, BackendError, RopeTable};
+use crate::batch::StepBatch;
 use crate::config::{ModelConfig, RopeScaling};
-use crate::loader::{LoadError, Tensor, TensorSpec, WeightMap};
+use crate::loader::{Tensor, TensorSpec, WeightMap};
 use crate::parallel::{Communicator, Shard};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error(transparent)]
-    Load(#[from] LoadError),
-    #[error(transparent)]
-    Backend(#[from] BackendError),
-}
 
 /// Every tensor a Llama checkpoint with this config must hold, with its shape.
 pub fn tensor_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
@@ -202,7 +195,7 @@ impl<B: Backend> Workspace<B> {
 
 impl<B: Backend> LlamaModel<B> {
     /// Takes every tensor of `tensor_specs(cfg)` from `weights` (already checked by the loader).
-    pub fn new(backend: &B, cfg: ModelConfig, weights: &WeightMap) -> Result<Self, ModelError> {
+    pub fn new(backend: &B, cfg: ModelConfig, weights: &WeightMap) -> Result<Self, BackendError> {
         let shard = Shard::full(&cfg);
         Self::new_shard(backend, cfg, weights, shard)
     }
@@ -214,18 +207,18 @@ impl<B: Backend> LlamaModel<B> {
         cfg: ModelConfig,
         weights: &WeightMap,
         shard: Shard,
-    ) -> Result<Self, ModelError> {
+    ) -> Result<Self, BackendError> {
         /// Which part of a tensor this rank keeps.
         enum Part {
             All,
             Rows(std::ops::Range<usize>),
             Cols(std::ops::Range<usize>),
         }
-        let take = |name: String, part: Part| -> Result<B::Weight, ModelError> {
-            let t = weights.get(&name).ok_or_else(|| LoadError::Tensor {
-                file: weights.files().first().cloned().unwrap_or_default(),
-                tensor: name.clone(),
-                message: "missing from the checkpoint".into(),
+        let take = |name: String, part: Part| -> Result<B::Weight, BackendError> {
+            // the loader checks every tensor of `tensor_specs`; only a hand-made map lacks one
+            let t = weights.get(&name).ok_or_else(|| BackendError::Weight {
+                name: name.clone(),
+                message: format!("missing from the weights ({:?})", weights.files()),
             })?;
             let full = |r: &std::ops::Range<usize>, n: usize| r.start == 0 && r.end == n;
             let t: Tensor = match part {
@@ -233,7 +226,7 @@ impl<B: Backend> LlamaModel<B> {
                 Part::Cols(c) if !full(&c, t.shape()[1]) => t.narrow_cols(c.start, c.len()),
                 _ => t.clone(),
             };
-            Ok(backend.weight(&name, &t)?)
+            backend.weight(&name, &t)
         };
         let d = cfg.head_dim;
         let q = shard.q_heads.start * d..shard.q_heads.end * d;
@@ -301,7 +294,7 @@ impl<B: Backend> LlamaModel<B> {
         let cfg = &self.local;
         let comm = comm.filter(|c| c.world_size() > 1);
         if comm.is_none() != self.shard.is_full() {
-            return Err(BackendError::Device(format!(
+            return Err(BackendError::Internal(format!(
                 "rank {} of {} needs a communicator for its group",
                 self.shard.rank, self.shard.world
             )));

@@ -12,7 +12,6 @@
 //! head (3 query heads) and the other two (6 query heads). When the TP size exceeds the KV
 //! head count, KV heads are replicated: the ranks sharing one KV head split its query heads.
 
-pub mod runner;
 pub mod tcp;
 
 use std::ops::Range;
@@ -127,13 +126,24 @@ impl Shard {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommError {
     /// A rank failed (or timed out) and the whole group stopped.
     #[error("tensor-parallel group stopped: {0}")]
     Aborted(String),
+    /// The ranks disagreed (different lengths, a message that does not parse): a bug, and the
+    /// group stops too.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl CommError {
+    /// Why, without the kind: what a rank records as the group's reason.
+    pub fn reason(&self) -> &str {
+        match self {
+            CommError::Aborted(r) | CommError::Invalid(r) => r,
+        }
+    }
 }
 
 /// Collectives between the ranks of a tensor-parallel group. Every rank calls the same

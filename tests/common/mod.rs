@@ -127,7 +127,7 @@ pub fn reference_tokenize(model: &Path, texts: &[&str]) -> Vec<Vec<u32>> {
 
 /// Logits of every prompt position, then of `steps` decode steps feeding the prompt's tokens.
 pub fn logits(
-    runner: &mut dyn sglang::model::ModelRunner,
+    runner: &mut dyn sglang::runner::ModelRunner,
     ids: &[u32],
     steps: usize,
 ) -> Vec<Vec<f32>> {
@@ -135,11 +135,11 @@ pub fn logits(
     let mut pool = sglang::kv::PagePool::new(pages, page_size);
     let mut table = Vec::new();
     assert!(pool.alloc_into(&mut table, pool.pages_for(ids.len() + steps)));
-    let mut batch = sglang::backend::StepBatch {
+    let mut batch = sglang::batch::StepBatch {
         page_size,
         ..Default::default()
     };
-    batch.push_seq(ids, 0, &table, sglang::backend::LogitsWanted::All);
+    batch.push_seq(ids, 0, &table, sglang::batch::LogitsWanted::All);
     let vocab = runner.config().vocab_size;
     let mut out: Vec<Vec<f32>> = runner
         .forward(&batch)
@@ -153,7 +153,7 @@ pub fn logits(
             &ids[step..step + 1],
             ids.len() + step,
             &table,
-            sglang::backend::LogitsWanted::Last,
+            sglang::batch::LogitsWanted::Last,
         );
         out.push(runner.forward(&batch).unwrap().to_vec());
     }

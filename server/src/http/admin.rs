@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sglang::tokenizer::ChatMessage;
 
-use super::native::parse_ids;
-use super::{ok_json, parse_json, ApiError, AppState, Body};
+use super::parse::{parse_ids, parse_json};
+use super::{ok_json, ApiError, AppState, Body};
 use sglang::engine::{GenerateRequest, SubmitError};
 use sglang::sampling::SamplingParams;
 
@@ -174,28 +174,28 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
             "bytes_per_token": info.kv_bytes_per_token,
             "size_bytes": info.kv_capacity_tokens * info.kv_bytes_per_token,
             "page_size": info.page_size,
-            "used_tokens": s.kv_used_tokens.load(Ordering::Relaxed),
-            "evictable_tokens": s.kv_evictable_tokens.load(Ordering::Relaxed),
-            "available_tokens": s.kv_available_tokens.load(Ordering::Relaxed),
+            "used_tokens": s.kv_used_tokens,
+            "evictable_tokens": s.kv_evictable_tokens,
+            "available_tokens": s.kv_available_tokens,
         });
         v["weight_bytes"] = json!(info.weight_bytes);
         v["tensor_parallel"] = json!({
             "ranks": info.tp_size,
-            "ranks_ready": s.tp_ranks_ready.load(Ordering::Relaxed),
+            "ranks_ready": s.tp_ranks_ready,
             "error": engine.fatal_error(),
         });
         v["stats"] = json!({
-            "running": s.running.load(Ordering::Relaxed),
-            "waiting": s.waiting.load(Ordering::Relaxed),
-            "steps": s.steps.load(Ordering::Relaxed),
-            "forward_seconds": s.forward_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            "decode_steps": s.decode_steps.load(Ordering::Relaxed),
-            "decode_forward_seconds": s.decode_forward_nanos.load(Ordering::Relaxed) as f64 / 1e9,
-            "prompt_tokens": s.prompt_tokens.load(Ordering::Relaxed),
-            "generated_tokens": s.generated_tokens.load(Ordering::Relaxed),
-            "retractions": s.retractions.load(Ordering::Relaxed),
-            "finished": s.finished.load(Ordering::Relaxed),
-            "aborted": s.aborted.load(Ordering::Relaxed),
+            "running": s.running,
+            "waiting": s.waiting,
+            "steps": s.steps,
+            "forward_seconds": s.forward_nanos as f64 / 1e9,
+            "decode_steps": s.decode_steps,
+            "decode_forward_seconds": s.decode_forward_nanos as f64 / 1e9,
+            "prompt_tokens": s.prompt_tokens,
+            "generated_tokens": s.generated_tokens,
+            "retractions": s.retractions,
+            "finished": s.finished,
+            "aborted": s.aborted,
         });
     }
     Ok(ok_json(&v))
@@ -364,7 +364,7 @@ pub async fn warm_cache(state: &Arc<AppState>, body: &[u8]) -> Result<Response<B
                         warmed += 1;
                         break;
                     }
-                    sglang::engine::Event::Failed(e) => return Err(ApiError::internal(e)),
+                    sglang::engine::Event::Failed(e) => return Err(e.into()),
                     sglang::engine::Event::Chunk(_) => {}
                 }
             }

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use sglang::engine::SubmitError;
+use sglang::engine::{RequestError, SubmitError};
 use sglang::sampling::ParamError;
 
 use super::{full, Body};
@@ -154,6 +154,17 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::Model(_) | RequestError::Panicked => ApiError::internal(e.to_string()),
+            RequestError::EngineFailed(_) | RequestError::EngineStopped => {
+                ApiError::unavailable(e.to_string())
+            }
+        }
+    }
+}
+
 /// A JSON body that does not parse into the expected shape: the message names the field path.
 pub fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = e.path().to_string();
@@ -162,12 +173,7 @@ pub fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
         return ApiError::bad_request("body", format!("malformed JSON: {inner}"));
     }
     if path == "." || path.is_empty() {
-        let msg = if inner.is_syntax() || inner.is_eof() {
-            format!("malformed JSON: {inner}")
-        } else {
-            format!("invalid request: {inner}")
-        };
-        return ApiError::bad_request("body", msg);
+        return ApiError::bad_request("body", format!("invalid request: {inner}"));
     }
     ApiError::bad_request(&path, format!("`{path}`: {inner}"))
 }

@@ -6,9 +6,11 @@
 
 mod admin;
 pub mod error;
+pub mod health;
 mod jobs;
 mod native;
 mod openai;
+mod parse;
 mod sse;
 
 use std::convert::Infallible;
@@ -26,9 +28,9 @@ use sglang::engine::EngineHandle;
 use sglang::metrics::Metrics;
 
 use crate::args::ServerArgs;
-use crate::health::Health;
 pub use admin::sha256_file as admin_sha256_file;
 pub use error::ApiError;
+use health::Health;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -211,18 +213,6 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     }
 }
 
-/// Parses a JSON body into `T`; errors name the field path.
-pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::bad_request(
-            "body",
-            "the request body is empty (JSON expected)",
-        ));
-    }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(error::json_error)
-}
-
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(value.to_string()));
     *resp.status_mut() = status;
@@ -287,9 +277,9 @@ async fn dispatch(
         return Err(ApiError::unauthorized());
     }
     match route {
-        Route::Health => return Ok(crate::health::health(state)),
-        Route::HealthGenerate => return Ok(crate::health::health_generate(state).await),
-        Route::Metrics => return Ok(crate::health::metrics(state)),
+        Route::Health => return Ok(health::health(state)),
+        Route::HealthGenerate => return Ok(health::health_generate(state).await),
+        Route::Metrics => return Ok(health::metrics(state)),
         _ => {}
     }
     let limit = state.args.max_request_bytes;

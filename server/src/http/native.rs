@@ -20,8 +20,10 @@ use sglang::engine::{Event, FinishReason, GenerateRequest, Matched, Output, Toke
 use sglang::sampling::SamplingParams;
 use sglang::tokenizer::Tokenizer;
 
-use super::jobs::{self, StreamFormatter};
-use super::{ok_json, parse_json, ApiError, AppState, Body};
+use super::jobs::{self, log_outputs, new_id};
+use super::parse::{parse_ids, parse_json};
+use super::sse::{self, StreamFormatter};
+use super::{ok_json, ApiError, AppState, Body};
 
 #[derive(Debug, Deserialize)]
 struct GenerateBody {
@@ -55,31 +57,6 @@ struct Prompt {
     logprob_start_len: Option<usize>,
     top_logprobs_num: usize,
     rid: String,
-}
-
-pub fn new_id() -> String {
-    let mut rng = sglang::sampling::Rng::new(sglang::sampling::Rng::entropy_seed());
-    format!("{:016x}{:016x}", rng.next_u64(), rng.next_u64())
-}
-
-/// Token ids from JSON: a list of non-negative integers.
-pub fn parse_ids(v: &Value, field: &str) -> Result<Vec<u32>, ApiError> {
-    let list = v.as_array().ok_or_else(|| {
-        ApiError::bad_request(field, format!("`{field}` must be a list of token ids"))
-    })?;
-    list.iter()
-        .map(|x| {
-            x.as_u64()
-                .filter(|&i| i <= u32::MAX as u64)
-                .map(|i| i as u32)
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        field,
-                        format!("`{field}` must hold non-negative integer token ids, got {x}"),
-                    )
-                })
-        })
-        .collect()
 }
 
 /// `v` as one value or as a list of `count` values (per prompt).
@@ -312,35 +289,30 @@ impl OutputView<'_> {
             ),
             None => (Value::Null, 0),
         };
-        let job = self.job;
+        let (rid, req) = (&self.job.rid, &self.job.req);
+        let top = req.top_logprobs_num > 0;
         let mut meta = json!({
-            "id": job.rid,
+            "id": rid,
             "finish_reason": reason,
-            "prompt_tokens": job.prompt_ids.len(),
+            "prompt_tokens": req.input_ids.len(),
             "completion_tokens": out.token_ids.len(),
             "cached_tokens": cached,
             "e2e_latency": self.started.elapsed().as_secs_f64(),
         });
-        if job.return_logprob || job.top {
-            let (chosen, tops) =
-                logprobs_json(self.tok, self.with_text, None, &out.logprobs, job.top);
+        if req.return_logprob || top {
+            let (chosen, tops) = logprobs_json(self.tok, self.with_text, None, &out.logprobs, top);
             meta["output_token_logprobs"] = chosen;
-            if job.top {
+            if top {
                 meta["output_top_logprobs"] = tops;
             }
         }
-        if let Some(start) = job.logprob_start_len {
+        if let Some(start) = req.logprob_start_len {
             // rendered only after an event: the first chunk has brought the prompt's logprobs
-            let first = job.prompt_ids.first().copied().filter(|_| start == 0);
-            let (chosen, tops) = logprobs_json(
-                self.tok,
-                self.with_text,
-                first,
-                &out.prompt_logprobs,
-                job.top,
-            );
+            let first = req.input_ids.first().copied().filter(|_| start == 0);
+            let (chosen, tops) =
+                logprobs_json(self.tok, self.with_text, first, &out.prompt_logprobs, top);
             meta["input_token_logprobs"] = chosen;
-            if job.top {
+            if top {
                 meta["input_top_logprobs"] = tops;
             }
         }
@@ -348,12 +320,10 @@ impl OutputView<'_> {
     }
 }
 
+/// One generation of the request: the id it is reported under and what was asked.
 struct Job {
     rid: String,
-    prompt_ids: Vec<u32>,
-    return_logprob: bool,
-    logprob_start_len: Option<usize>,
-    top: bool,
+    req: GenerateRequest,
 }
 
 pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
@@ -362,7 +332,6 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
     let body: GenerateBody = parse_json(body)?;
     let tok = engine.tokenizer().clone();
     let (prompts, batch) = parse_prompts(&tok, &body)?;
-    let mut reqs = Vec::new();
     let mut jobs = Vec::new();
     for p in &prompts {
         for k in 0..p.n {
@@ -374,23 +343,17 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
             } else {
                 p.rid.clone()
             };
-            reqs.push(GenerateRequest {
+            let req = GenerateRequest {
                 input_ids: p.ids.clone(),
                 params,
                 return_logprob: p.return_logprob,
                 top_logprobs_num: p.top_logprobs_num,
                 logprob_start_len: p.logprob_start_len,
-            });
-            jobs.push(Job {
-                rid,
-                prompt_ids: p.ids.clone(),
-                return_logprob: p.return_logprob,
-                logprob_start_len: p.logprob_start_len,
-                top: p.top_logprobs_num > 0,
-            });
+            };
+            jobs.push(Job { rid, req });
         }
     }
-    let streams = jobs::submit_all(engine, reqs)?;
+    let streams = jobs::submit_all(engine, jobs.iter().map(|j| j.req.clone()))?;
     let with_text = body.return_text_in_logprobs;
     let many = batch || jobs.len() > 1;
     if body.stream {
@@ -402,7 +365,7 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
             many,
             started,
         };
-        return Ok(jobs::stream(state, engine, streams, fmt));
+        return Ok(sse::stream(state, engine, streams, fmt));
     }
     let outputs = jobs::collect_all(state, engine, streams).await?;
     let mut results: Vec<Value> = Vec::with_capacity(outputs.len());
@@ -415,16 +378,7 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
         };
         results.push(view.json(out));
     }
-    log_outputs(
-        "/generate",
-        &jobs
-            .iter()
-            .map(|j| (j.rid.as_str(), j.prompt_ids.len()))
-            .collect::<Vec<_>>(),
-        &outputs,
-        "ok",
-        started,
-    );
+    log_outputs("/generate", &log_jobs(&jobs), &outputs, "ok", started);
     Ok(ok_json(&if many {
         Value::Array(results)
     } else {
@@ -432,42 +386,11 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
     }))
 }
 
-/// One structured log line per request.
-pub fn log_outputs(
-    endpoint: &str,
-    jobs: &[(&str, usize)],
-    outputs: &[Output],
-    status: &str,
-    started: Instant,
-) {
-    let prompt: usize = jobs.iter().map(|j| j.1).sum();
-    let completion: usize = outputs.iter().map(|o| o.token_ids.len()).sum();
-    let cached: usize = outputs
-        .iter()
-        .filter_map(|o| o.finish.as_ref())
-        .map(|f| f.usage.cached_tokens)
-        .sum();
-    let ttft = outputs
-        .iter()
-        .filter_map(|o| o.finish.as_ref()?.time_to_first_token)
-        .fold(f64::NAN, f64::min);
-    let finish: Vec<&str> = outputs
-        .iter()
-        .map(|o| o.finish.as_ref().map_or("none", |f| f.reason.as_str()))
-        .collect();
-    tracing::info!(
-        target: "sglang::request",
-        id = jobs.first().map_or("", |j| j.0),
-        endpoint,
-        prompt_tokens = prompt,
-        completion_tokens = completion,
-        cached_tokens = cached,
-        ttft_ms = if ttft.is_nan() { -1.0 } else { (ttft * 1000.0).round() },
-        total_ms = started.elapsed().as_millis() as u64,
-        status,
-        finish = finish.join(","),
-        "request done"
-    );
+/// Each generation's (id, prompt tokens), for the request's log line.
+fn log_jobs(jobs: &[Job]) -> Vec<(&str, usize)> {
+    jobs.iter()
+        .map(|j| (j.rid.as_str(), j.req.input_ids.len()))
+        .collect()
 }
 
 struct NativeStream {
@@ -505,11 +428,12 @@ impl StreamFormatter for NativeStream {
     }
 
     fn log(&self, status: &str, started: Instant) {
-        let jobs: Vec<(&str, usize)> = self
-            .jobs
-            .iter()
-            .map(|j| (j.rid.as_str(), j.prompt_ids.len()))
-            .collect();
-        log_outputs("/generate", &jobs, &self.outputs, status, started);
+        log_outputs(
+            "/generate",
+            &log_jobs(&self.jobs),
+            &self.outputs,
+            status,
+            started,
+        );
     }
 }

@@ -1,24 +1,127 @@
-//! A response body fed by a channel: server-sent events as they are produced. When the client
-//! goes away hyper drops the body, which closes the channel and stops the producer.
+//! Server-sent events straight from the engine. The response body polls the generations'
+//! event streams itself and formats each event as it arrives, so a streamed response costs no
+//! task and no channel besides the engine's own event channel, whatever the number of
+//! generations it merges. When the client goes away hyper drops the body, which drops the
+//! streams and so aborts the generations in the engine.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
-use tokio::sync::mpsc;
+use sglang::engine::{AbortReason, EngineHandle, Event, RequestError, RequestStream};
 
-use super::Body;
+use super::{ActiveGuard, ApiError, AppState, Body};
 
-struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+/// What an SSE stream formats: each event becomes zero or more `data:` payloads.
+pub trait StreamFormatter: Send + Sync + 'static {
+    fn event(&mut self, index: usize, event: &Event) -> Vec<String>;
+    /// Payloads after every generation finished (usage chunks), before `[DONE]`.
+    fn finish(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Called once at the end with the outcome, for the request log line.
+    fn log(&self, status: &str, started: Instant);
 }
 
-impl http_body::Body for ChannelBody {
+/// The body of a streamed response: `streams[i]`'s events become payloads through `fmt`,
+/// then (unless the client left) `data: [DONE]`.
+struct EventBody<F: StreamFormatter> {
+    streams: Vec<RequestStream>,
+    /// Which streams have ended (finished, failed).
+    ended: Vec<bool>,
+    live: usize,
+    /// The stream polled first next time (round robin, so none starves the others).
+    next: usize,
+    fmt: F,
+    /// Payloads formatted but not yet handed to hyper.
+    out: VecDeque<Bytes>,
+    /// The request's time limit, and its length for the message.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    timeout_secs: f64,
+    engine: EngineHandle,
+    /// "ok", "failed" or "timeout"; a body dropped before its end logs "client_disconnected".
+    status: &'static str,
+    /// `[DONE]` is queued: nothing more is polled.
+    done: bool,
+    logged: bool,
+    started: Instant,
+    _active: ActiveGuard,
+}
+
+impl<F: StreamFormatter> EventBody<F> {
+    fn push(&mut self, payload: String) {
+        self.out
+            .push_back(Bytes::from(format!("data: {payload}\n\n")));
+    }
+
+    fn on_event(&mut self, i: usize, event: Event) {
+        for p in self.fmt.event(i, &event) {
+            self.push(p);
+        }
+        match event {
+            Event::Chunk(_) => return,
+            Event::Finished(_) => {}
+            Event::Failed(e) => {
+                self.push(ApiError::from(e).body_json().to_string());
+                self.status = "failed";
+            }
+        }
+        self.ended[i] = true;
+        self.live -= 1;
+        if self.live == 0 {
+            self.end();
+        }
+    }
+
+    /// Queues what follows the last event: the formatter's closing payloads when everything
+    /// went well, then `[DONE]`.
+    fn end(&mut self) {
+        if self.status == "ok" {
+            for p in self.fmt.finish() {
+                self.push(p);
+            }
+        }
+        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        self.done = true;
+    }
+
+    /// The next event of any live stream; `Ready(None)` when the engine stopped.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Event)>> {
+        let n = self.streams.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            if self.ended[i] {
+                continue;
+            }
+            if let Poll::Ready(ev) = self.streams[i].poll_next(cx) {
+                self.next = (i + 1) % n;
+                return Poll::Ready(ev.map(|ev| (i, ev)));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn log_once(&mut self, status: &str) {
+        if !self.logged {
+            self.logged = true;
+            self.fmt.log(status, self.started);
+        }
+    }
+}
+
+// Nothing is pinned in place: the timer is boxed, so moving the body is fine.
+impl<F: StreamFormatter> Unpin for EventBody<F> {}
+
+impl<F: StreamFormatter> http_body::Body for EventBody<F> {
     type Data = Bytes;
     type Error = Infallible;
 
@@ -26,12 +129,85 @@ impl http_body::Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        let this = &mut *self;
+        loop {
+            if let Some(b) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if this.done {
+                let status = this.status;
+                this.log_once(status);
+                return Poll::Ready(None);
+            }
+            match this.poll_streams(cx) {
+                Poll::Ready(Some((i, ev))) => {
+                    this.on_event(i, ev);
+                    continue;
+                }
+                Poll::Ready(None) => {
+                    let e = ApiError::from(RequestError::EngineStopped);
+                    this.push(e.body_json().to_string());
+                    this.status = "failed";
+                    this.end();
+                    continue;
+                }
+                Poll::Pending => {}
+            }
+            let timed_out = this
+                .deadline
+                .as_mut()
+                .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+            if !timed_out {
+                return Poll::Pending;
+            }
+            for s in &this.streams {
+                this.engine.abort_with(s.id(), AbortReason::Timeout);
+            }
+            this.push(ApiError::timeout(this.timeout_secs).body_json().to_string());
+            this.status = "timeout";
+            this.end();
+        }
     }
 }
 
-pub fn sse_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
-    let mut resp = Response::new(ChannelBody { rx }.boxed());
+impl<F: StreamFormatter> Drop for EventBody<F> {
+    fn drop(&mut self) {
+        // dropped before its end: hyper gave up on the connection
+        self.log_once("client_disconnected");
+    }
+}
+
+/// Streams the generations as server-sent events ending with `data: [DONE]`.
+pub fn stream<F: StreamFormatter>(
+    state: &Arc<AppState>,
+    engine: &EngineHandle,
+    streams: Vec<RequestStream>,
+    fmt: F,
+) -> Response<Body> {
+    let timeout_secs = state.args.request_timeout.unwrap_or_default();
+    let mut body = EventBody {
+        ended: vec![false; streams.len()],
+        live: streams.len(),
+        next: 0,
+        fmt,
+        out: VecDeque::new(),
+        deadline: state
+            .args
+            .request_timeout
+            .map(|s| Box::pin(tokio::time::sleep(Duration::from_secs_f64(s)))),
+        timeout_secs,
+        engine: engine.clone(),
+        status: "ok",
+        done: false,
+        logged: false,
+        started: Instant::now(),
+        _active: ActiveGuard::new(state),
+        streams,
+    };
+    if body.live == 0 {
+        body.end();
+    }
+    let mut resp = Response::new(body.boxed());
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

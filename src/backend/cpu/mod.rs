@@ -15,11 +15,12 @@ use parking_lot::Mutex;
 use self::attention::{AttnInput, KvLayout};
 use self::kernels::{Isa, OutPtr};
 use self::pool::ThreadPool;
-use super::{Backend, BackendError, RopeTable, StepBatch};
+use super::{Backend, BackendError, RopeTable};
+use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::loader::{Elems, Tensor};
 use crate::parallel::Communicator;
-use crate::sampling::{SampleBatch, Sampled, Sampler};
+use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
 /// A weight on the CPU: the loader's view (no copy).
 pub struct CpuWeight {
@@ -522,8 +523,7 @@ impl Backend for CpuBackend {
         buf: &mut Vec<f32>,
         len: usize,
     ) -> Result<(), BackendError> {
-        comm.all_reduce_sum(&mut buf[..len])
-            .map_err(|e| BackendError::Device(e.to_string()))
+        Ok(comm.all_reduce_sum(&mut buf[..len])?)
     }
 
     fn all_gather(
@@ -534,8 +534,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         total: usize,
     ) -> Result<(), BackendError> {
-        comm.all_gather(&local[..len], &mut out[..total])
-            .map_err(|e| BackendError::Device(e.to_string()))
+        Ok(comm.all_gather(&local[..len], &mut out[..total])?)
     }
 
     fn upload(&self, data: &[f32], out: &mut Vec<f32>) -> Result<(), BackendError> {
@@ -556,7 +555,7 @@ impl Backend for CpuBackend {
         logits: &Vec<f32>,
         vocab: usize,
         samples: &SampleBatch,
-    ) -> Result<Vec<Sampled>, BackendError> {
+    ) -> Result<Vec<TokenInfo>, BackendError> {
         let mut sampler = self.sampler.lock();
         Ok(logits
             .chunks_exact(vocab)

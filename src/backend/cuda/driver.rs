@@ -24,7 +24,10 @@ use super::super::BackendError;
 pub const EMULATOR_ENV: &str = "SGLANG_CUDA_EMULATOR";
 
 fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
-    BackendError::Device(format!("{what}: {e:?}"))
+    BackendError::Device {
+        call: what.to_string(),
+        message: format!("{e:?}"),
+    }
 }
 
 /// A kernel: its handle in the loaded module (real GPU) and its name (emulator).
@@ -313,10 +316,10 @@ impl Driver {
                     params.as_mut_ptr(),
                 );
                 if rc != 0 {
-                    return Err(BackendError::Device(format!(
-                        "kernel {:?} failed in the emulator ({rc})",
-                        f.name
-                    )));
+                    return Err(BackendError::Device {
+                        call: format!("kernel {:?} (emulator)", f.name),
+                        message: format!("failed with status {rc}"),
+                    });
                 }
                 Ok(())
             }

@@ -25,11 +25,12 @@ mod driver;
 pub use driver::EMULATOR_ENV;
 use driver::{Driver, Func};
 
-use super::{Backend, BackendError, RopeTable, StepBatch};
+use super::{Backend, BackendError, RopeTable};
+use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::loader::{f32_to_bf16, Elems, Tensor};
 use crate::parallel::Communicator;
-use crate::sampling::{SampleBatch, Sampled, TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::sampling::{SampleBatch, TokenInfo, TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// The kernels of `csrc/` (fatbin built by nvcc in build.rs); public for the per-kernel
 /// tests (`tests/kernels.rs`), which launch them one by one.
@@ -210,11 +211,11 @@ impl CudaBackend {
     /// emulation, see [`EMULATOR_ENV`]).
     pub fn new(ordinal: usize) -> Result<Self, BackendError> {
         if !driver_available() {
-            return Err(BackendError::Device(unavailable_reason()));
+            return Err(BackendError::Unavailable(unavailable_reason()));
         }
         // SAFETY: checks that libcublas can be loaded before cudarc touches it.
         if std::env::var_os(EMULATOR_ENV).is_none() && !unsafe { blas_sys::is_culib_present() } {
-            return Err(BackendError::Device(
+            return Err(BackendError::Unavailable(
                 "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 runtime libraries"
                     .into(),
             ));
@@ -348,7 +349,7 @@ impl CudaBackend {
     fn htod<T>(&self, dst: &DevMem, data: &[T]) -> Result<(), BackendError> {
         let bytes = std::mem::size_of_val(data);
         if bytes > dst.bytes {
-            return Err(BackendError::Device(format!(
+            return Err(BackendError::Internal(format!(
                 "upload of {bytes} bytes into {}",
                 dst.bytes
             )));
@@ -509,8 +510,12 @@ impl Backend for CudaBackend {
             }
             // SAFETY: the destination range lies inside `mem`; the source is pinned and is
             // not touched again until the stream has finished this copy.
-            unsafe { self.drv.htod(mem.ptr + (at * 2) as u64, &staging[..len]) }
-                .map_err(|e| BackendError::Device(format!("upload of `{name}`: {e}")))?;
+            unsafe { self.drv.htod(mem.ptr + (at * 2) as u64, &staging[..len]) }.map_err(|e| {
+                BackendError::Weight {
+                    name: name.to_string(),
+                    message: format!("upload: {e}"),
+                }
+            })?;
             self.sync()?;
             at += len;
         }
@@ -764,7 +769,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         let group = cfg.num_heads / cfg.num_kv_heads.max(1);
         if group > MAX_GROUP || cfg.head_dim > MAX_HEAD_DIM || cfg.head_dim % 2 != 0 {
-            return Err(BackendError::Device(format!(
+            return Err(BackendError::Unsupported(format!(
                 "the CUDA attention kernel handles up to {MAX_GROUP} query heads per KV head \
                  and head_dim <= {MAX_HEAD_DIM} (this model: {group}, {})",
                 cfg.head_dim
@@ -857,7 +862,7 @@ impl Backend for CudaBackend {
         _buf: &mut CudaBuf,
         _len: usize,
     ) -> Result<(), BackendError> {
-        Err(BackendError::Device(
+        Err(BackendError::Unsupported(
             "tensor parallelism on the GPU needs the NCCL communicator, which is not built yet"
                 .into(),
         ))
@@ -883,7 +888,7 @@ impl Backend for CudaBackend {
         logits: &CudaBuf,
         vocab: usize,
         samples: &SampleBatch,
-    ) -> Result<Vec<Sampled>, BackendError> {
+    ) -> Result<Vec<TokenInfo>, BackendError> {
         self.bind()?;
         let rows = samples.len();
         if rows == 0 {
@@ -940,7 +945,7 @@ impl Backend for CudaBackend {
         Ok((0..rows)
             .map(|i| {
                 let n = samples.rows[i].n_top as usize;
-                Sampled {
+                TokenInfo {
                     token_id: tokens[i],
                     logprob: if samples.want_logprob[i] { lps[i] } else { 0.0 },
                     top_logprobs: (0..n)

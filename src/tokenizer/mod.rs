@@ -1,17 +1,19 @@
-//! Tokenizer, chat template and incremental detokenizer.
+//! Tokenizer, chat template, and the text of a generation as it streams.
 //!
 //! Tokenization is the `tokenizers` crate on the model's `tokenizer.json`. Chat templates are
 //! the Jinja templates of `tokenizer_config.json`, rendered with minijinja configured like
 //! Hugging Face's renderer (`trim_blocks`, `lstrip_blocks`, Python string methods,
-//! `raise_exception`). [`IncrementalDecoder`] turns a growing list of token ids into text
-//! deltas without ever emitting half of a multi-byte UTF-8 character (the algorithm of TGI and
-//! vLLM: decode a short window twice and emit only the stable, complete suffix).
+//! `raise_exception`). Generated text as it streams (the incremental detokenizer and the
+//! stop strings) is in [`streaming`].
 
 use std::collections::HashSet;
 use std::path::Path;
 
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
+
+mod streaming;
+pub use streaming::{IncrementalDecoder, StopCheck, StopMatcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -232,64 +234,6 @@ fn render_template(template: &str, ctx: minijinja::Value) -> Result<String, Toke
         .map_err(|e| TokenizerError::Template(e.to_string()))?;
     tpl.render(ctx)
         .map_err(|e| TokenizerError::Template(e.to_string()))
-}
-
-/// Streams text for a growing list of ids, never splitting a UTF-8 character.
-///
-/// Keeps two offsets into `ids`: text up to `read_offset` has been emitted; decoding starts at
-/// `prefix_offset` (a few tokens earlier) so byte-level merges across the boundary decode the
-/// same way both times.
-#[derive(Debug, Clone)]
-pub struct IncrementalDecoder {
-    ids: Vec<u32>,
-    prefix_offset: usize,
-    read_offset: usize,
-    skip_special_tokens: bool,
-}
-
-impl IncrementalDecoder {
-    pub fn new(skip_special_tokens: bool) -> Self {
-        Self {
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-            skip_special_tokens,
-        }
-    }
-
-    /// Adds one token; returns the text that became complete (possibly empty).
-    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
-        self.ids.push(id);
-        let prefix = tok.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            if let Some(delta) = full.get(prefix.len()..) {
-                if full.starts_with(&prefix) {
-                    let delta = delta.to_string();
-                    self.prefix_offset = self.read_offset;
-                    self.read_offset = self.ids.len();
-                    return Ok(delta);
-                }
-            }
-        }
-        Ok(String::new())
-    }
-
-    /// Text held back at the end (an incomplete character at the end of generation decodes to
-    /// U+FFFD, as a full decode would).
-    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String, TokenizerError> {
-        let prefix = tok.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
-        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
-    }
 }
 
 #[cfg(test)]

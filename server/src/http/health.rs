@@ -93,7 +93,7 @@ pub fn probe(state: &AppState) {
         "low"
     };
     let in_flight = engine.in_flight();
-    let heartbeat_ms = stats.heartbeat_unix_ms.load(Ordering::Relaxed);
+    let heartbeat_ms = stats.heartbeat_unix_ms;
     let heartbeat_age = if heartbeat_ms == 0 {
         None
     } else {
@@ -102,8 +102,8 @@ pub fn probe(state: &AppState) {
     let stalled = in_flight > 0 && heartbeat_age.is_some_and(|a| a > STALL_AFTER.as_secs_f64());
     let alive = !engine.is_stopped();
     let fatal = engine.fatal_error();
-    let steps = stats.steps.load(Ordering::Relaxed);
-    let forward = stats.forward_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    let steps = stats.steps;
+    let forward = stats.forward_nanos as f64 / 1e9;
     let hist = &state.metrics.request_duration_seconds;
     let (count, sum) = (hist.get_sample_count(), hist.get_sample_sum());
     let checks = json!({
@@ -119,14 +119,14 @@ pub fn probe(state: &AppState) {
             "system_total_bytes": total,
             "weights_bytes": info.weight_bytes,
             "kv_cache_bytes": info.kv_capacity_tokens * info.kv_bytes_per_token,
-            "kv_cache_used_tokens": stats.kv_used_tokens.load(Ordering::Relaxed),
-            "kv_cache_available_tokens": stats.kv_available_tokens.load(Ordering::Relaxed),
+            "kv_cache_used_tokens": stats.kv_used_tokens,
+            "kv_cache_available_tokens": stats.kv_available_tokens,
             "memory_pressure": pressure,
         },
         "gpu": gpu_check(state, info.backend),
         "parallel": {
             "tp_size": info.tp_size,
-            "ranks_ready": stats.tp_ranks_ready.load(Ordering::Relaxed),
+            "ranks_ready": stats.tp_ranks_ready,
             "error": fatal,
         },
         "model": {
@@ -142,7 +142,7 @@ pub fn probe(state: &AppState) {
             "average_latency_ms": if count > 0 { sum / count as f64 * 1000.0 } else { 0.0 },
             "forward_steps": steps,
             "average_step_ms": if steps > 0 { forward / steps as f64 * 1000.0 } else { 0.0 },
-            "generated_tokens": stats.generated_tokens.load(Ordering::Relaxed),
+            "generated_tokens": stats.generated_tokens,
         },
     });
     let status = if !alive || stalled || fatal.is_some() {
@@ -258,7 +258,7 @@ async fn one_token(engine: &EngineHandle) -> Result<(), String> {
     loop {
         match stream.next().await {
             Some(sglang::engine::Event::Finished(_)) => return Ok(()),
-            Some(sglang::engine::Event::Failed(e)) => return Err(e),
+            Some(sglang::engine::Event::Failed(e)) => return Err(e.to_string()),
             Some(_) => continue,
             None => return Err("the engine stopped".into()),
         }

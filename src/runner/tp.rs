@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::{thread_group, CommError, Communicator, Shard};
-use crate::backend::{BackendError, SeqSlice, StepBatch};
+use super::{LoadModelError, ModelRunner, ParallelState};
+use crate::backend::BackendError;
+use crate::batch::{SeqSlice, StepBatch};
 use crate::config::ModelConfig;
-use crate::model::{ModelRunner, ParallelState};
+use crate::parallel::{thread_group, CommError, Communicator, Shard};
 
 /// The first word of a broadcast message.
 const STEP: u32 = 0x5354_4550;
@@ -54,15 +55,19 @@ pub fn encode_step(batch: &StepBatch, out: &mut Vec<u8>) {
 }
 
 /// The inverse of [`encode_step`]: `Ok(true)` with `batch` filled, `Ok(false)` for "stop".
-pub fn decode_step(bytes: &[u8], batch: &mut StepBatch) -> Result<bool, String> {
+pub fn decode_step(bytes: &[u8], batch: &mut StepBatch) -> Result<bool, CommError> {
     let mut words = bytes
         .chunks_exact(4)
         .map(|c| u32::from_ne_bytes(c.try_into().expect("4 bytes")));
-    let mut next = || words.next().ok_or("truncated step message");
+    let mut next = || {
+        words
+            .next()
+            .ok_or_else(|| CommError::Invalid("truncated step message".into()))
+    };
     match next()? {
         STOP => return Ok(false),
         STEP => {}
-        other => return Err(format!("unknown message {other:#x}")),
+        other => return Err(CommError::Invalid(format!("unknown message {other:#x}"))),
     }
     batch.clear();
     batch.page_size = next()? as usize;
@@ -130,9 +135,9 @@ pub fn start<F>(
     world: usize,
     timeout: Duration,
     build: F,
-) -> Result<TpRunner, String>
+) -> Result<TpRunner, CommError>
 where
-    F: Fn(Shard, Arc<dyn Communicator>) -> Result<Box<dyn ModelRunner>, String>
+    F: Fn(Shard, Arc<dyn Communicator>) -> Result<Box<dyn ModelRunner>, LoadModelError>
         + Send
         + Sync
         + 'static,
@@ -179,12 +184,12 @@ where
         None => Err(CommError::Aborted(String::new())),
     };
     if let Err(e) = ready {
-        comm0.abort(&e.to_string());
+        comm0.abort(e.reason());
         for w in workers {
             let _ = w.join();
         }
         let failed = health.failed.lock().clone();
-        return Err(failed.unwrap_or_else(|| e.to_string()));
+        return Err(failed.map_or(e, CommError::Aborted));
     }
     // every rank passed the barrier (a rank that stops later takes itself off)
     health.ready.fetch_add(world, Ordering::SeqCst);
@@ -215,22 +220,23 @@ fn worker(
     rank: usize,
     shard: Shard,
     comm: Arc<dyn Communicator>,
-    build: &(dyn Fn(Shard, Arc<dyn Communicator>) -> Result<Box<dyn ModelRunner>, String>
+    build: &(dyn Fn(Shard, Arc<dyn Communicator>) -> Result<Box<dyn ModelRunner>, LoadModelError>
           + Send
           + Sync),
     health: &Health,
 ) {
     let counted = AtomicBool::new(false);
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), String> {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut runner = build(shard, comm.clone())
-            .map_err(|e| format!("rank {rank} failed at start-up: {e}"))?;
-        comm.barrier().map_err(|e| e.to_string())?;
+            .map_err(|e| CommError::Aborted(format!("rank {rank} failed at start-up: {e}")))?;
+        comm.barrier()?;
         counted.store(true, Ordering::SeqCst);
         serve_steps(rank, runner.as_mut(), comm.as_ref())
     }));
+    // the reason other ranks and the engine will see (the first one recorded wins)
     let failure = match run {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(e),
+        Ok(Err(e)) => Some(e.reason().to_string()),
         Err(_) => Some(format!("rank {rank} panicked")),
     };
     if let Some(reason) = failure {
@@ -245,22 +251,23 @@ fn worker(
 }
 
 /// The loop of every rank but 0: take the next step from rank 0's broadcast and run it,
-/// until rank 0 says stop (`Ok`) or the group fails (`Err` with the reason).
+/// until rank 0 says stop (`Ok`) or the group fails (`Err` with the reason; a step that fails
+/// on this rank stops the group, so it is reported as the group's reason too).
 pub fn serve_steps(
     rank: usize,
     runner: &mut dyn ModelRunner,
     comm: &dyn Communicator,
-) -> Result<(), String> {
+) -> Result<(), CommError> {
     let mut message = Vec::new();
     let mut batch = StepBatch::default();
     loop {
-        comm.broadcast(&mut message, 0).map_err(|e| e.to_string())?;
-        if !decode_step(&message, &mut batch).map_err(|e| format!("rank {rank}: {e}"))? {
+        comm.broadcast(&mut message, 0)?;
+        if !decode_step(&message, &mut batch)? {
             return Ok(());
         }
-        runner
-            .forward(&batch)
-            .map_err(|e| format!("rank {rank} step failed: {e}"))?;
+        if let Err(e) = runner.forward(&batch) {
+            return Err(CommError::Aborted(format!("rank {rank} step failed: {e}")));
+        }
     }
 }
 
@@ -288,7 +295,7 @@ fn fail(health: &Health, comm: &dyn Communicator, reason: String) -> BackendErro
     health.fail(reason);
     let reason = health.failed.lock().clone().unwrap_or_default();
     comm.abort(&reason);
-    BackendError::Device(format!("tensor parallelism: {reason}"))
+    BackendError::Collective(CommError::Aborted(reason))
 }
 
 impl ModelRunner for TpRunner {
@@ -298,13 +305,15 @@ impl ModelRunner for TpRunner {
 
     fn forward(&mut self, batch: &StepBatch) -> Result<std::borrow::Cow<'_, [f32]>, BackendError> {
         if let Some(reason) = self.health.failed.lock().clone() {
-            return Err(BackendError::Device(format!(
-                "tensor parallelism: {reason}"
-            )));
+            return Err(BackendError::Collective(CommError::Aborted(reason)));
         }
         encode_step(batch, &mut self.message);
         if let Err(e) = self.comm.broadcast(&mut self.message, 0) {
-            return Err(fail(&self.health, self.comm.as_ref(), e.to_string()));
+            return Err(fail(
+                &self.health,
+                self.comm.as_ref(),
+                e.reason().to_string(),
+            ));
         }
         let (health, comm) = (&self.health, self.comm.as_ref());
         self.rank0.forward(batch).map_err(|e| {
