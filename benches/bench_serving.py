@@ -12,6 +12,8 @@ engine's step counters, at concurrency 1).
 Examples:
   .venv/bin/python benches/bench_serving.py --launch --num-prompts 64 --request-rate 4
   .venv/bin/python benches/bench_serving.py --base-url http://127.0.0.1:30000 --max-concurrency 16
+  .venv/bin/python benches/bench_serving.py --launch --overhead-only --overhead-requests 16 \
+      --overhead-output-len 128
 """
 
 import argparse
@@ -174,9 +176,9 @@ async def overhead(args, host, port, headers):
     info0 = await get_json(host, port, "/get_server_info", headers)
     rng = random.Random(args.seed + 2)
     results = []
-    for _ in range(4):
+    for _ in range(args.overhead_requests):
         ids = [rng.randrange(100, 49000) for _ in range(32)]
-        results.append(await one_request(host, port, headers, ids, 64))
+        results.append(await one_request(host, port, headers, ids, args.overhead_output_len))
     info1 = await get_json(host, port, "/get_server_info", headers)
     # decode-only steps: their forward time is the model's share of an inter-token gap
     steps = info1["stats"]["decode_steps"] - info0["stats"]["decode_steps"]
@@ -244,6 +246,9 @@ def main():
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     ap.add_argument("--max-concurrency", type=int, default=0)
     ap.add_argument("--no-overhead", action="store_true")
+    ap.add_argument("--overhead-only", action="store_true", help="skip the load, measure the overhead only")
+    ap.add_argument("--overhead-requests", type=int, default=4, help="requests of the concurrency-1 overhead run")
+    ap.add_argument("--overhead-output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     proc = None
@@ -253,6 +258,14 @@ def main():
     host, port = u.hostname, u.port or 80
     headers = {"Authorization": f"Bearer {args.admin_api_key}"} if args.admin_api_key else {}
     try:
+        if args.overhead_only:
+            # one short request first, so the measured ones find the server warm
+            asyncio.run(one_request(host, port, headers, [100 + i for i in range(32)], 16))
+            ovh = asyncio.run(overhead(args, host, port, headers))
+            print(f"\n| concurrency 1, {args.overhead_requests} x {args.overhead_output_len} tokens | value |\n|---|---:|")
+            print(f"| mean ITL / model step (ms) | {ovh['mean_itl_ms']:.3f} / {ovh['mean_step_ms']:.3f} |")
+            print(f"| server overhead per token (fraction of step) | {ovh['overhead_per_token_ms']:.3f} ms ({ovh['overhead_fraction_of_step']:.1%}) |")
+            return
         results, duration = asyncio.run(run_load(args, host, port, headers, make_prompts(args)))
         s = summarize(results, duration)
         ovh = None if args.no_overhead else asyncio.run(overhead(args, host, port, headers))

@@ -1,10 +1,11 @@
 // Kernels of the CUDA backend (src/backend/cuda). Storage is bf16 (weights, KV cache),
 // activations and accumulation are f32. Every kernel is `extern "C"` (looked up by name from
 // the embedded fatbin) and takes plain pointers and sizes, so the launches can be captured
-// in a CUDA graph later. Layouts match the CPU backend:
-//   activations   row-major [tokens][width]
-//   weights       HF layout [out_features][in_features]
-//   KV cache      per layer, [slot][kv_head][head_dim], slot = page * page_size + offset
+// in a CUDA graph later. Layouts:
+//   activations   row-major [tokens][width] (as on the CPU)
+//   weights       HF layout [out_features][in_features] (as on the CPU)
+//   KV cache      per layer, bf16 [slot][kv_head][head_dim], slot = page * page_size + offset
+//                 (the CPU's is f32 [page][kv_head][offset][head_dim]; the slot numbers agree)
 //   RoPE          Hugging Face half rotation, cos/sin precomputed per token [token][dim/2]
 
 #include "common.cuh"

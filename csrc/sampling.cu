@@ -1,8 +1,8 @@
 // Sampling on the device: logits processing, the choice of each row's token, and the logprobs
 // asked for, so a decode step copies back a few numbers per sequence instead of its whole
-// logits row. The rules are the host sampler's (src/sampling.rs), in its order: banned tokens
-// (EOS before min_new_tokens), repetition penalty (HF's divide/multiply, prompt and output
-// tokens), frequency and presence penalties (output tokens), then greedy argmax, or
+// logits row. The rules are the host sampler's (src/sampling/sampler.rs), in its order:
+// banned tokens (EOS before min_new_tokens), repetition penalty (HF's divide/multiply, prompt
+// and output tokens), frequency and presence penalties (output tokens), then greedy argmax, or
 // temperature, top-k, top-p, min-p and a draw. The uniform number of the draw comes from the
 // request's own generator on the host (one per sampled token, as the host sampler draws), so
 // a seed gives the same tokens on either path except where a draw falls within rounding of

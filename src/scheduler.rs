@@ -821,22 +821,29 @@ mod tests {
     /// when idle every page is either free or held by the prefix cache alone.
     #[test]
     fn randomized_shared_prefixes_leak_nothing() {
-        let mut rng = crate::sampling::Rng::new(5);
+        // Knuth's MMIX LCG, high bits: enough for workload shapes
+        let mut state = 5u64;
+        let mut rng = std::iter::from_fn(|| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            Some(state >> 33)
+        });
         for round in 0..40 {
             let page_size = [1, 2, 4][round % 3];
-            let pages = 24 + (rng.next_u64() % 24) as usize;
+            let pages = 24 + (rng.next().unwrap() % 24) as usize;
             let mut s = radix_sched(
                 pages,
                 page_size,
-                1 + (rng.next_u64() % 6) as usize,
-                8 + (rng.next_u64() % 24) as usize,
+                1 + (rng.next().unwrap() % 6) as usize,
+                8 + (rng.next().unwrap() % 24) as usize,
             );
-            let n = 3 + (rng.next_u64() % 8) as usize;
+            let n = 3 + (rng.next().unwrap() % 8) as usize;
             for id in 0..n as u64 {
-                let shared = (rng.next_u64() % 12) as usize;
-                let own = 1 + (rng.next_u64() % 8) as usize;
+                let shared = (rng.next().unwrap() % 12) as usize;
+                let own = 1 + (rng.next().unwrap() % 8) as usize;
                 let mut toks: Vec<u32> = (0..shared as u32).collect();
-                toks.extend((0..own).map(|_| 100 + (rng.next_u64() % 50) as u32));
+                toks.extend((0..own).map(|_| 100 + (rng.next().unwrap() % 50) as u32));
                 s.add(Seq::new(id, toks, ()));
             }
             let target = 22.min(pages * page_size / 2);
@@ -850,7 +857,7 @@ mod tests {
                     s.get_mut(item.id)
                         .unwrap()
                         .tokens
-                        .push((rng.next_u64() % 7) as u32);
+                        .push((rng.next().unwrap() % 7) as u32);
                     if s.get(item.id).unwrap().tokens.len() >= target {
                         s.remove(item.id);
                     }

@@ -1,6 +1,5 @@
-//! `sglang-server backup create|restore|list|delete`: the seed's backup manager, with its
-//! mistakes corrected (it printed "Failed ..." and still recorded the backup as made, wrote its
-//! metadata in place, sent no key).
+//! `sglang-server backup create|restore|list|delete`: backups of a running server, made
+//! through its admin routes (with the admin key).
 //!
 //! A backup is a directory `BACKUP_DIR/NAME/` with the server's configuration (`GET /config`,
 //! keys redacted by the server), the model's identity (`POST /admin/checkpoint`: path, config,
@@ -57,7 +56,7 @@ pub enum Action {
     Create {
         #[command(flatten)]
         common: Common,
-        /// Name of the backup (default: backup_<unix time>).
+        /// Name of the backup (default: backup_ and the Unix time in seconds).
         #[arg(long)]
         backup_name: Option<String>,
         /// Also copy the model files (the server's model directory must be readable here).

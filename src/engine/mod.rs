@@ -1,11 +1,12 @@
 //! The engine thread and [`EngineHandle`], the only way in.
 //!
 //! One thread owns the model, the KV cache, the scheduler and every request's state (its
-//! tokens, sampling and detokenization, in one scheduler `Seq` each); nothing else touches them
-//! (TGI's actor pattern). Callers (the HTTP
-//! server, the C ABI, the CLI) hold a cloneable `EngineHandle`: `submit` validates a request
-//! and returns a [`RequestStream`] of [`Event`]s; dropping the stream (a client that went away)
-//! or calling `abort` cancels the request, and its pages are freed on the next step.
+//! tokens, sampling and detokenization, in one scheduler `Seq` each); nothing else touches
+//! them (TGI's actor pattern). Callers (the HTTP server, the C ABI, the CLI) hold a cloneable
+//! `EngineHandle`: `submit` validates a request and returns a [`RequestStream`] of
+//! [`Event`]s; dropping the stream (a client that went away) or calling `abort` cancels the
+//! request, and its pages are freed on the next step. The engine's live numbers are written
+//! once, into the metrics registry, and [`EngineHandle::stats`] reads them back.
 //!
 //! Each loop iteration: take new messages, ask the scheduler for a step, run the model once on
 //! the mixed batch, sample a token for every sequence that reached the end of its known

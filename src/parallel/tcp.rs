@@ -309,7 +309,7 @@ impl TcpComm {
     fn with_links<T>(
         &self,
         blocking_wait: bool,
-        f: impl FnOnce(&mut Links, usize) -> Result<T, String>,
+        f: impl FnOnce(&mut Links, usize) -> Result<T, CommError>,
     ) -> Result<T, CommError> {
         let mut l = self.links.lock();
         if let Some(a) = &l.aborted {
@@ -322,14 +322,15 @@ impl TcpComm {
         }
         match f(&mut l, self.rank) {
             Ok(v) => Ok(v),
-            Err(reason) => {
-                l.aborted = Some(reason.clone());
+            Err(e) => {
+                let reason = e.reason().to_string();
                 let abort_msg = reason.as_bytes().to_vec();
+                l.aborted = Some(reason);
                 for s in &mut l.peers {
                     let _ = write_frame(s, ABORT, &abort_msg);
                     let _ = s.shutdown(Shutdown::Both);
                 }
-                Err(CommError::Aborted(reason))
+                Err(e)
             }
         }
     }
@@ -337,13 +338,16 @@ impl TcpComm {
 
 /// Reads a DATA frame from `peer` (rank `from`), turning an ABORT or a closed connection into
 /// the group's failure reason.
-fn recv(s: &mut TcpStream, buf: &mut Vec<u8>, from: usize) -> Result<(), String> {
+fn recv(s: &mut TcpStream, buf: &mut Vec<u8>, from: usize) -> Result<(), CommError> {
+    let aborted = |reason: String| Err(CommError::Aborted(reason));
     match read_frame(s, buf, MAX_FRAME) {
         Ok(DATA) => Ok(()),
-        Ok(ABORT) => Err(String::from_utf8_lossy(buf).into_owned()),
-        Ok(tag) => Err(format!("rank {from} sent an unexpected frame {tag:#x}")),
+        Ok(ABORT) => aborted(String::from_utf8_lossy(buf).into_owned()),
+        Ok(tag) => Err(CommError::Invalid(format!(
+            "rank {from} sent an unexpected frame {tag:#x}"
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(format!("rank {from} is gone (connection closed)"))
+            aborted(format!("rank {from} is gone (connection closed)"))
         }
         Err(e)
             if matches!(
@@ -351,18 +355,23 @@ fn recv(s: &mut TcpStream, buf: &mut Vec<u8>, from: usize) -> Result<(), String>
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            Err(format!("rank {from} did not answer in time"))
+            aborted(format!("rank {from} did not answer in time"))
         }
-        Err(e) => Err(format!("rank {from}: {e}")),
+        Err(e) => aborted(format!("rank {from}: {e}")),
     }
 }
 
-fn send(s: &mut TcpStream, payload: &[u8], to: usize) -> Result<(), String> {
-    write_frame(s, DATA, payload).map_err(|e| format!("sending to rank {to}: {e}"))
+fn send(s: &mut TcpStream, payload: &[u8], to: usize) -> Result<(), CommError> {
+    write_frame(s, DATA, payload)
+        .map_err(|e| CommError::Aborted(format!("sending to rank {to}: {e}")))
 }
 
 /// Rank 0's last move in a collective: `values` to every other rank.
-fn send_all(peers: &mut [TcpStream], values: &[f32], scratch: &mut Vec<u8>) -> Result<(), String> {
+fn send_all(
+    peers: &mut [TcpStream],
+    values: &[f32],
+    scratch: &mut Vec<u8>,
+) -> Result<(), CommError> {
     f32s_to_bytes(values, scratch);
     for (i, s) in peers.iter_mut().enumerate() {
         send(s, scratch, i + 1)?;
@@ -371,7 +380,7 @@ fn send_all(peers: &mut [TcpStream], values: &[f32], scratch: &mut Vec<u8>) -> R
 }
 
 /// Another rank's part of a collective, sent to rank 0.
-fn to_root(root: &mut TcpStream, local: &[f32], scratch: &mut Vec<u8>) -> Result<(), String> {
+fn to_root(root: &mut TcpStream, local: &[f32], scratch: &mut Vec<u8>) -> Result<(), CommError> {
     f32s_to_bytes(local, scratch);
     send(root, scratch, 0)
 }
@@ -382,10 +391,12 @@ fn from_root(
     out: &mut [f32],
     rx: &mut Vec<u8>,
     what: &str,
-) -> Result<(), String> {
+) -> Result<(), CommError> {
     recv(root, rx, 0)?;
     if rx.len() != out.len() * 4 {
-        return Err(format!("{what}: rank 0 sent another length"));
+        return Err(CommError::Invalid(format!(
+            "{what}: rank 0 sent another length"
+        )));
     }
     out.iter_mut()
         .zip(bytes_to_f32s(rx))
@@ -417,7 +428,10 @@ impl Communicator for TcpComm {
             for (i, s) in peers.iter_mut().enumerate() {
                 recv(s, rx, i + 1)?;
                 if rx.len() != buf.len() * 4 {
-                    return Err(format!("all_reduce: rank {} sent another length", i + 1));
+                    return Err(CommError::Invalid(format!(
+                        "all_reduce: rank {} sent another length",
+                        i + 1
+                    )));
                 }
                 buf.iter_mut()
                     .zip(bytes_to_f32s(rx))
@@ -445,7 +459,10 @@ impl Communicator for TcpComm {
                 recv(s, rx, i + 1)?;
                 let n = rx.len() / 4;
                 if at + n > out.len() {
-                    return Err(format!("all_gather: rank {} sent too much", i + 1));
+                    return Err(CommError::Invalid(format!(
+                        "all_gather: rank {} sent too much",
+                        i + 1
+                    )));
                 }
                 out[at..at + n]
                     .iter_mut()
@@ -454,7 +471,10 @@ impl Communicator for TcpComm {
                 at += n;
             }
             if at != out.len() {
-                return Err(format!("all_gather: {at} values for {}", out.len()));
+                return Err(CommError::Invalid(format!(
+                    "all_gather: {at} values for {}",
+                    out.len()
+                )));
             }
             send_all(peers, out, scratch)
         })

@@ -4,7 +4,7 @@
 //! [`ModelRunner`] is what the engine thread drives: one forward step over a [`StepBatch`],
 //! returning logits (or, where the backend samples on the device, only the sampled tokens).
 //! [`Runner`] is that for one model on one backend with its KV cache; [`tp::TpRunner`] is rank
-//! 0 of a tensor-parallel group, which broadcasts each step to the other ranks. [`load`] reads
+//! 0 of a tensor-parallel group, which broadcasts each step to the other ranks. [`load()`] reads
 //! the configuration and the weights, chooses the device, sizes the KV pool and builds one of
 //! the two; [`serve_rank`] is the loop of a rank other than 0 in a group of processes.
 //!

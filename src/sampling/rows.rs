@@ -44,7 +44,7 @@ impl SampleRow {
 
 /// A step's sampling for a device that samples itself: one [`SampleRow`] per logits row and
 /// the penalty and ban lists the rows index. Built from the same parameters and state as
-/// [`Sampler::sample`], drawing the same random number from the request's generator.
+/// [`Sampler::sample`](super::Sampler::sample), drawing the same random number from the request's generator.
 #[derive(Debug, Clone, Default)]
 pub struct SampleBatch {
     pub rows: Vec<SampleRow>,

@@ -4,7 +4,7 @@
 //! the Jinja templates of `tokenizer_config.json`, rendered with minijinja configured like
 //! Hugging Face's renderer (`trim_blocks`, `lstrip_blocks`, Python string methods,
 //! `raise_exception`). Generated text as it streams (the incremental detokenizer and the
-//! stop strings) is in [`streaming`].
+//! stop strings) is in `streaming.rs`.
 
 use std::collections::HashSet;
 use std::path::Path;

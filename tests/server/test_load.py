@@ -141,3 +141,35 @@ def test_queue_full_is_429_and_timeouts_abort():
         assert ok[0] == 200
     finally:
         assert s.stop() == 0
+
+
+def stream_socket(server, body):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_a_client_leaving_a_queued_stream_frees_its_place_at_once():
+    # the queued stream has sent nothing yet: only the connection's close says it is gone
+    s = Server("--max-running-requests", "1")
+    try:
+        running = stream_socket(s, {"text": "Count:", "stream": True, "sampling_params": {
+            "max_new_tokens": 100000, "ignore_eos": True, "temperature": 0}})
+        running.recv(4096)
+        queued = stream_socket(s, {"text": "Other:", "stream": True, "sampling_params": {"max_new_tokens": 4}})
+        deadline = time.time() + 10
+        while s.metric("sglang_request_queue_length") != 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert s.metric("sglang_request_queue_length") == 1
+        queued.close()
+        deadline = time.time() + 5
+        while s.metric("sglang_request_queue_length") != 0 and time.time() < deadline:
+            time.sleep(0.02)
+        assert s.metric("sglang_request_queue_length") == 0, "the queued request outlived its client"
+        assert s.metric("sglang_aborted_requests_total", {"reason": "client_disconnected"}) == 1
+        assert s.metric("sglang_num_running_requests") == 1, "the running stream goes on"
+        running.close()
+    finally:
+        assert s.stop() == 0

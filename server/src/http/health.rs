@@ -2,11 +2,10 @@
 //! model), `/health_generate` pushes a one-token generation through the scheduler (the
 //! readiness probe), `/metrics` renders the Prometheus registry.
 //!
-//! The seed's JSON shape is kept (`status`, `timestamp`, `uptime`, `version`, `checks`: basic,
-//! memory, gpu, model, performance), with two of its mistakes corrected: its model check ran
-//! an inference on every call, and it reported a missing GPU as a critical failure even for a
-//! server that runs on the CPU by design. Status: `starting`, `draining` and `unhealthy`
-//! answer 503; `healthy` and `degraded` answer 200.
+//! `/health` answers `{status, timestamp, uptime, version, checks}` with the checks `basic`
+//! (engine alive, heartbeat), `memory`, `gpu` (NVML, or why there is nothing to report: a CPU
+//! server is not unhealthy for lacking a GPU), `parallel`, `model` and `performance`. Status:
+//! `starting`, `draining` and `unhealthy` answer 503; `healthy` and `degraded` answer 200.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -48,24 +47,6 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// (resident bytes of this process, available system memory, total system memory)
-fn memory() -> (Option<u64>, Option<u64>, Option<u64>) {
-    let page = 4096u64;
-    let rss = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map(|p| p * page);
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    };
-    (rss, field("MemAvailable:"), field("MemTotal:"))
-}
-
 /// Runs every probe once and stores the results.
 pub fn probe(state: &AppState) {
     let Some(engine) = state.engine.get() else {
@@ -73,7 +54,9 @@ pub fn probe(state: &AppState) {
     };
     let stats = engine.stats();
     let info = engine.info();
-    let (rss, avail, total) = memory();
+    let rss = sglang::sys::resident_bytes();
+    let mem = sglang::sys::MemInfo::read();
+    let (avail, total) = (mem.available_bytes, mem.total_bytes);
     if let Some(rss) = rss {
         state
             .metrics

@@ -3,8 +3,8 @@
 //!
 //! This is the embedded default and the reference the CUDA kernels are compared against.
 
-pub mod attention;
-pub mod kernels;
+mod attention;
+mod kernels;
 pub mod pool;
 
 use std::borrow::Cow;
@@ -39,7 +39,7 @@ impl CpuWeight {
     }
 }
 
-/// K and V of every layer: `[page][kv_head][slot][head_dim]` f32 (see [`KvLayout`]).
+/// K and V of every layer: `[page][kv_head][slot][head_dim]` f32 (see `KvLayout`).
 pub struct CpuKv {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,

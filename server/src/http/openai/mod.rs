@@ -1,4 +1,4 @@
-//! The OpenAI API: `POST /v1/completions` ([`completions`]), `POST /v1/chat/completions`
+//! The OpenAI API: `POST /v1/completions` ([`completions()`]), `POST /v1/chat/completions`
 //! ([`chat`]), both as JSON or SSE ending with `data: [DONE]` (`n`, `stop`, `seed`, `logprobs`,
 //! `stream_options.include_usage`, `usage` with `prompt_tokens_details.cached_tokens`), and
 //! `GET /v1/models`. This module holds what the two share: the sampling fields, the choices of
