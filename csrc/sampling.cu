@@ -1,12 +1,12 @@
 // Sampling on the device: logits processing, the choice of each row's token, and the logprobs
 // asked for, so a decode step copies back a few numbers per sequence instead of its whole
-// logits row. The rules are the host sampler's (src/sampling/sampler.rs), in its order:
-// banned tokens (EOS before min_new_tokens), repetition penalty (HF's divide/multiply, prompt
-// and output tokens), frequency and presence penalties (output tokens), then greedy argmax, or
-// temperature, top-k, top-p, min-p and a draw. The uniform number of the draw comes from the
-// request's own generator on the host (one per sampled token, as the host sampler draws), so
-// a seed gives the same tokens on either path except where a draw falls within rounding of
-// the boundary between two candidates.
+// logits row. The rules are the host sampler's (src/sampling/sampler.rs), in its order: a
+// constraint's allowed-token bitmask, banned tokens (EOS before min_new_tokens), repetition
+// penalty (HF's divide/multiply, prompt and output tokens), frequency and presence penalties
+// (output tokens), then greedy argmax, or temperature, top-k, top-p, min-p and a draw. The
+// uniform number of the draw comes from the request's own generator on the host (one per
+// sampled token, as the host sampler draws), so a seed gives the same tokens on either path
+// except where a draw falls within rounding of the boundary between two candidates.
 //
 // The host sorts the candidates; here the same order is a 64-bit key per token,
 // (bits of its probability) << 32 | (0xffffffff - id): larger key = earlier (more likely
@@ -18,7 +18,7 @@
 // Threads per block the backend launches sg_sample with (SAMPLE_THREADS in
 // src/backend/cuda): __launch_bounds__ makes the compiler keep it launchable (<= 64 registers).
 
-// One row's parameters; matches `SampleRow` in src/backend/cuda (repr(C), 64 bytes).
+// One row's parameters; matches `SampleRow` in src/sampling/rows.rs (repr(C), 64 bytes).
 struct SampleRow {
     float temperature, top_p, min_p, repetition_penalty;
     float frequency_penalty, presence_penalty;
@@ -28,7 +28,7 @@ struct SampleRow {
     int pen_start, pen_end;  // penalty entries of this row
     int ban_start, ban_end;  // banned tokens of this row
     int n_top;               // top logprobs wanted (<= max_top)
-    int pad;
+    int mask_start;          // first word of the allowed-token bitmask in `masks`; -1: none
 };
 
 __device__ __forceinline__ unsigned long long sample_key(float p, int i) {
@@ -128,14 +128,16 @@ __device__ void block_best(const float* x, int vocab, float after_v, int after_i
 
 // One block per row. logits [rows][vocab] (raw, left unchanged); work [rows][vocab] scratch.
 // pen_tokens/pen_counts/pen_seen: per entry a token, its count among the output tokens and
-// whether it was seen at all (prompt or output); banned: token ids.
+// whether it was seen at all (prompt or output); banned: token ids; masks: allowed-token
+// bitmasks (bit t % 32 of word t / 32 allows token t) where a row's mask_start >= 0.
 // Out: the chosen token, its logprob under the raw distribution, and the n_top most likely
 // tokens with theirs ([rows][max_top], most likely first, lower id first on ties).
 extern "C" __global__ void __launch_bounds__(1024)
     sg_sample(const float* __restrict__ logits, float* __restrict__ work,
               const SampleRow* __restrict__ rows, const uint32_t* __restrict__ pen_tokens,
               const uint32_t* __restrict__ pen_counts, const uint32_t* __restrict__ pen_seen,
-              const uint32_t* __restrict__ banned, int vocab, int max_top,
+              const uint32_t* __restrict__ banned, const uint32_t* __restrict__ masks,
+              int vocab, int max_top,
               uint32_t* __restrict__ out_token, float* __restrict__ out_logprob,
               uint32_t* __restrict__ out_top_ids, float* __restrict__ out_top_logprobs) {
     const int row = blockIdx.x;
@@ -144,7 +146,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     float* w = work + (long)row * vocab;
 
     // 1. processed logits
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) w[i] = x[i];
+    const uint32_t* mask = P.mask_start >= 0 ? masks + P.mask_start : nullptr;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        w[i] = (mask == nullptr || ((mask[i >> 5] >> (i & 31)) & 1u)) ? x[i] : -INFINITY;
     __syncthreads();
     for (int e = P.ban_start + threadIdx.x; e < P.ban_end; e += blockDim.x)
         if (banned[e] < (uint32_t)vocab) w[banned[e]] = -INFINITY;

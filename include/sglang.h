@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 #define SGLANG_VERSION_MAJOR 1
-#define SGLANG_VERSION_MINOR 1
+#define SGLANG_VERSION_MINOR 2
 #define SGLANG_VERSION_PATCH 0
 
 /* Checks at run time that the library can serve a caller compiled against this header:
@@ -114,6 +114,13 @@ typedef struct sglang_request_params {
     size_t n_stop;
     const int32_t *stop_token_ids; /* may be NULL */
     size_t n_stop_token_ids;
+    /* Since ABI 1.2 (a caller built against an older header passes a struct that ends before
+     * these: no constraint). Structured output: the generated text is constrained to match
+     * at most one of these (UTF-8, NULL: none; more than one: SGLANG_ERR_INVALID_ARGUMENT,
+     * as is one that does not compile, with the compiler's message). */
+    const char *json_schema;    /* a JSON schema, as JSON text */
+    const char *regex;          /* a regular expression the whole output must match */
+    const char *grammar;        /* a grammar in llguidance's Lark dialect */
 } sglang_request_params;
 
 /* The outcome of a generation. Owned by the caller; free with sglang_result_free(). */
@@ -123,7 +130,8 @@ typedef struct sglang_result {
     int32_t *tokens;            /* generated token ids (a stop token included) */
     size_t n_tokens;
     sglang_finish_reason finish_reason;
-    int32_t matched_token;      /* the stop token when it ended generation, else -1 */
+    int32_t matched_token;      /* the stop token when it ended generation, else -1 (also
+                                   when a complete constraint ended it) */
     char *matched_text;         /* the stop string when it ended generation, else NULL */
     size_t prompt_tokens;
     size_t completion_tokens;

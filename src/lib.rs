@@ -37,6 +37,7 @@
 //! from the docs.
 
 pub mod config;
+pub mod constraint;
 pub mod engine;
 pub mod gpu;
 pub mod metrics;

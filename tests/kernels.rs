@@ -973,6 +973,25 @@ fn check_sampling(
             vec![]
         };
         let n_top = [0, 1, 5, MAX_TOP_LOGPROBS][i % 4];
+        // a constraint's bitmask on some rows: about a third of the vocabulary, or one token
+        let words = vocab.div_ceil(32);
+        let mask: Option<Vec<u32>> = match i % 5 {
+            2 => Some(
+                (0..words)
+                    .map(|_| r.u64() as u32 & r.u64() as u32)
+                    .collect(),
+            ),
+            4 => {
+                let mut m = vec![0u32; words];
+                let mut t = r.below(vocab);
+                while banned.contains(&(t as u32)) {
+                    t = r.below(vocab);
+                }
+                m[t / 32] |= 1 << (t % 32);
+                Some(m)
+            }
+            _ => None,
+        };
         let mut host_state = state.clone();
         let spec = |state| SampleSpec {
             params,
@@ -980,6 +999,7 @@ fn check_sampling(
             top_logprobs: n_top,
             want_logprob: true,
             banned: &banned,
+            allowed: mask.as_deref(),
         };
         sb.push(spec(&mut state));
         want.push(sampler.sample(&row, spec(&mut host_state)));
@@ -1004,11 +1024,12 @@ fn check_sampling(
             put(d, v)
         }
     };
-    let (pt, pc, ps, bp) = (
+    let (pt, pc, ps, bp, mk) = (
         list(d, &sb.pen_tokens),
         list(d, &sb.pen_counts),
         list(d, &sb.pen_seen),
         list(d, &sb.banned),
+        list(d, &sb.masks),
     );
     let (ot, ol) = (out::<u32>(d, rows), out::<f32>(d, rows));
     let (oti, otl) = (
@@ -1020,7 +1041,7 @@ fn check_sampling(
         (rows as u32, 1, 1),
         threads,
         0,
-        &mut args![lp, work, rp, pt, pc, ps, bp, v, max_top, ot, ol, oti, otl],
+        &mut args![lp, work, rp, pt, pc, ps, bp, mk, v, max_top, ot, ol, oti, otl],
     );
     let tokens: Vec<u32> = get(d, ot, rows);
     let lps: Vec<f32> = get(d, ol, rows);

@@ -15,6 +15,7 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("gpu", &[]),
     ("metrics", &[]),
     ("parallel", &["config"]),
+    ("constraint", &["tokenizer"]),
     (
         "backend",
         &["config", "loader", "sampling", "batch", "parallel"],
@@ -40,6 +41,7 @@ const FLOORS: &[(&str, &[&str])] = &[
             "batch",
             "kv",
             "metrics",
+            "constraint",
             "backend",
             "scheduler",
             "runner",

@@ -60,7 +60,7 @@ fn invalid<T>(message: impl Into<String>) -> Result<T, Failure> {
 impl From<SubmitError> for Failure {
     fn from(e: SubmitError) -> Self {
         let status = match &e {
-            SubmitError::Invalid(_) => SGLANG_ERR_INVALID_ARGUMENT,
+            SubmitError::Invalid(_) | SubmitError::Constraint(_) => SGLANG_ERR_INVALID_ARGUMENT,
             SubmitError::QueueFull(_) => SGLANG_ERR_QUEUE_FULL,
             SubmitError::Stopped | SubmitError::Draining => SGLANG_ERR_ENGINE_STOPPED,
         };
@@ -78,6 +78,7 @@ impl From<RequestError> for Failure {
             RequestError::EngineFailed(_) | RequestError::EngineStopped => {
                 SGLANG_ERR_ENGINE_STOPPED
             }
+            RequestError::Constraint { .. } => SGLANG_ERR_INVALID_ARGUMENT,
         };
         Failure {
             status,
@@ -147,6 +148,17 @@ unsafe fn read_params<T: Copy>(p: *const T, defaults: T, name: &str) -> Result<T
     let mut out = defaults;
     std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size);
     Ok(out)
+}
+
+/// An optional UTF-8 string argument (NULL: none).
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string.
+unsafe fn opt_str_arg(p: *const c_char, name: &str) -> Result<Option<String>, Failure> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(str_arg(p, name)?.to_string()))
 }
 
 fn out_ptr<T>(out: *mut *mut T, name: &str) -> Result<(), Failure> {
@@ -506,6 +518,9 @@ pub extern "C" fn sglang_request_default_params() -> sglang_request_params {
         n_stop: 0,
         stop_token_ids: std::ptr::null(),
         n_stop_token_ids: 0,
+        json_schema: std::ptr::null(),
+        regex: std::ptr::null(),
+        grammar: std::ptr::null(),
     }
 }
 
@@ -560,6 +575,9 @@ unsafe fn build_request(
             p.n_stop_token_ids,
             "params.stop_token_ids",
         )?,
+        json_schema: opt_str_arg(p.json_schema, "params.json_schema")?,
+        regex: opt_str_arg(p.regex, "params.regex")?,
+        ebnf: opt_str_arg(p.grammar, "params.grammar")?,
         ..SamplingParams::default()
     };
     Ok(GenerateRequest {
@@ -680,7 +698,7 @@ fn new_result(o: &Output) -> *mut sglang_result {
             let (mt, ms) = match f.reason.matched() {
                 Some(Matched::Token(t)) => (*t as i32, std::ptr::null_mut()),
                 Some(Matched::Text(s)) => (-1, new_c_string(s)),
-                None => (-1, std::ptr::null_mut()),
+                Some(Matched::Constraint) | None => (-1, std::ptr::null_mut()),
             };
             (finish_code(&f.reason), mt, ms, f.usage)
         }

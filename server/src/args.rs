@@ -287,6 +287,15 @@ pub struct SamplingArgs {
     /// Do not stop at the model's EOS token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Constrain the output to this JSON schema (JSON text).
+    #[arg(long, conflicts_with_all = ["regex", "grammar"])]
+    pub json_schema: Option<String>,
+    /// Constrain the output to fully match this regular expression.
+    #[arg(long, conflicts_with = "grammar")]
+    pub regex: Option<String>,
+    /// Constrain the output to this grammar (llguidance's Lark dialect).
+    #[arg(long)]
+    pub grammar: Option<String>,
 }
 
 impl SamplingArgs {
@@ -304,6 +313,9 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_id.clone(),
             ignore_eos: self.ignore_eos,
+            json_schema: self.json_schema.clone(),
+            regex: self.regex.clone(),
+            ebnf: self.grammar.clone(),
             ..SamplingParams::default()
         }
     }

@@ -76,6 +76,7 @@ pub fn run(args: GenerateArgs) -> Result<(), String> {
         let matched = match finish.reason.matched() {
             Some(Matched::Token(t)) => serde_json::json!(t),
             Some(Matched::Text(s)) => serde_json::json!(s),
+            Some(Matched::Constraint) => serde_json::Value::Null,
             None => serde_json::Value::Null,
         };
         let mut obj = serde_json::json!({

@@ -25,6 +25,7 @@ use tokio::sync::mpsc as tmpsc;
 
 use crate::backend::BackendError;
 use crate::config::{EngineConfig, ModelConfig};
+use crate::constraint::{Constraint, ConstraintCompiler, ConstraintError, ConstraintSpec};
 use crate::kv::PagePool;
 use crate::metrics::Metrics;
 use crate::runner::{self, LoadModelError, ModelRunner};
@@ -54,6 +55,9 @@ pub struct GenerateRequest {
 pub enum Matched {
     Token(u32),
     Text(String),
+    /// The request's constraint is complete: nothing but the end of the output may follow
+    /// (serialized as null).
+    Constraint,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -135,6 +139,10 @@ pub enum RequestError {
     /// The engine thread ended before the request finished (shut down or gone).
     #[error("the engine stopped before the request finished")]
     EngineStopped,
+    /// The request's constraint allowed no token, or llguidance gave up on it; its pages are
+    /// freed and the engine goes on.
+    #[error("structured output failed after {generated} tokens: {message}")]
+    Constraint { generated: usize, message: String },
 }
 
 /// Why [`EngineHandle::generate_text`] gave no output.
@@ -153,6 +161,9 @@ pub enum GenerateError {
 pub enum SubmitError {
     #[error(transparent)]
     Invalid(#[from] ParamError),
+    /// Its constraint (`json_schema`, `regex`, `ebnf`) does not compile within the limits.
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
     #[error("the request queue is full ({0} waiting)")]
     QueueFull(usize),
     #[error("the engine has stopped")]
@@ -200,6 +211,8 @@ pub(super) enum Msg {
     Submit {
         id: u64,
         req: Box<GenerateRequest>,
+        /// Its constraint, compiled by `submit`.
+        constraint: Option<Box<Constraint>>,
         tx: tmpsc::UnboundedSender<Event>,
         submitted: Instant,
     },
@@ -277,6 +290,7 @@ pub(super) struct Shared {
     /// The engine thread, joined by `shutdown_and_join`.
     thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     tokenizer: Arc<Tokenizer>,
+    constraints: ConstraintCompiler,
     info: EngineInfo,
     counters: Counters,
     metrics: Arc<Metrics>,
@@ -441,9 +455,16 @@ impl EngineHandle {
             .set((info.kv_capacity_tokens * info.kv_bytes_per_token) as i64);
         metrics.tp_ranks.set(parallel.ranks as i64);
         metrics.tp_ranks_ready.set(parallel.ready as i64);
+        let tokenizer = Arc::new(tokenizer);
+        let constraints = ConstraintCompiler::new(
+            tokenizer.clone(),
+            info.model_config.vocab_size,
+            &info.model_config.eos_token_ids,
+        );
         let shared = Arc::new(Shared {
             thread: parking_lot::Mutex::new(None),
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
+            constraints,
             info,
             counters: Counters::default(),
             metrics,
@@ -590,7 +611,9 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// Validates and queues a request.
+    /// Validates and queues a request. A constraint (`json_schema`, `regex`, `ebnf`) is
+    /// compiled here, on the calling thread (at most [`crate::constraint::COMPILE_TIMEOUT`]):
+    /// callers on an async runtime submit constrained requests from a blocking thread.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, SubmitError> {
         if self.is_stopped() {
             return Err(SubmitError::Stopped);
@@ -599,6 +622,10 @@ impl EngineHandle {
             return Err(SubmitError::Draining);
         }
         self.validate(&req)?;
+        let constraint = match constraint_spec(&req.params) {
+            Some(spec) => Some(Box::new(self.shared.constraints.compile(&spec)?)),
+            None => None,
+        };
         let queue = &self.shared.metrics.request_queue_length;
         if let Some(max) = self.shared.max_queued {
             let waiting = queue.get().max(0) as usize;
@@ -614,6 +641,7 @@ impl EngineHandle {
             .send(Msg::Submit {
                 id,
                 req: Box::new(req),
+                constraint,
                 tx: etx,
                 submitted: Instant::now(),
             })
@@ -665,4 +693,15 @@ impl EngineHandle {
         })?;
         Ok(stream.collect_blocking()?)
     }
+}
+
+/// The constraint `params` asks for (validation allows at most one).
+pub fn constraint_spec(params: &SamplingParams) -> Option<ConstraintSpec> {
+    if let Some(s) = &params.json_schema {
+        return Some(ConstraintSpec::JsonSchema(s.clone()));
+    }
+    if let Some(r) = &params.regex {
+        return Some(ConstraintSpec::Regex(r.clone()));
+    }
+    params.ebnf.clone().map(ConstraintSpec::Grammar)
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Event, FinishReason, GenerateRequest, Matched};
+use crate::constraint::Constraint;
 use crate::sampling::{SampleSpec, SamplerState, SamplingParams, TokenInfo};
 use crate::tokenizer::{IncrementalDecoder, StopCheck, StopMatcher, Tokenizer};
 
@@ -22,6 +23,8 @@ pub(super) struct Request {
     stop_ids: Vec<u32>,
     /// The request's `max_new_tokens`, capped by the room the context length leaves.
     pub max_new_tokens: usize,
+    /// Where its output is in its constraint's grammar (structured output).
+    pub constraint: Option<Constraint>,
     return_logprob: bool,
     pub top_logprobs_num: usize,
     /// Prompt logprobs computed so far (sent with the first chunk); from where is the
@@ -38,6 +41,7 @@ impl Request {
     /// model's end-of-sequence tokens.
     pub fn new(
         req: &GenerateRequest,
+        constraint: Option<Constraint>,
         room: usize,
         eos: &[u32],
         tx: UnboundedSender<Event>,
@@ -56,6 +60,7 @@ impl Request {
             stop: StopMatcher::new(&params.stop),
             stop_ids,
             max_new_tokens: params.max_new_tokens.min(room),
+            constraint,
             return_logprob: req.return_logprob,
             top_logprobs_num: req.top_logprobs_num,
             prompt_logprobs: Vec::new(),
@@ -68,8 +73,9 @@ impl Request {
     }
 
     /// What sampling this request's next token takes, with `generated` tokens so far: its
-    /// parameters, its generator and penalty state, the logprobs it wants, and the tokens
-    /// banned now (the stop tokens until `min_new_tokens` are out).
+    /// parameters, its generator and penalty state, the logprobs it wants, the tokens banned
+    /// now (the stop tokens until `min_new_tokens` are out) and its constraint's mask (as
+    /// last computed).
     pub fn spec(&mut self, generated: usize) -> SampleSpec<'_> {
         let banned: &[u32] = if generated < self.params.min_new_tokens {
             &self.stop_ids
@@ -82,6 +88,7 @@ impl Request {
             top_logprobs: self.top_logprobs_num,
             want_logprob: self.return_logprob,
             banned,
+            allowed: self.constraint.as_ref().map(Constraint::mask),
         }
     }
 
@@ -90,14 +97,19 @@ impl Request {
         self.return_logprob || self.top_logprobs_num > 0
     }
 
-    /// Takes the request's newest token (its `generated`-th): detokenizes it, applies the stop
-    /// rules, and returns the text that may now be sent and why the request ends, if it does.
+    /// Takes the request's newest token (its `generated`-th, already followed by its
+    /// constraint): detokenizes it, applies the stop rules, and returns the text that may now
+    /// be sent and why the request ends, if it does.
     pub fn accept(
         &mut self,
         tok: &Tokenizer,
         token_id: u32,
         generated: usize,
     ) -> (String, Option<FinishReason>) {
+        let complete = self
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_complete);
         self.sampler.observe(&self.params, token_id);
         let mut finish = None;
         let mut text_end;
@@ -114,7 +126,7 @@ impl Request {
                 Ok(delta) => self.text.push_str(&delta),
                 Err(e) => tracing::warn!("detokenization failed: {e}"),
             }
-            let at_limit = generated >= self.max_new_tokens;
+            let at_limit = generated >= self.max_new_tokens || complete;
             if at_limit {
                 if let Ok(rest) = self.detok.finish(tok) {
                     self.text.push_str(&rest);
@@ -133,7 +145,11 @@ impl Request {
                     text_end = safe_len;
                     if at_limit {
                         text_end = self.text.len();
-                        finish = Some(FinishReason::Length);
+                        finish = Some(if complete {
+                            FinishReason::Stop(Matched::Constraint)
+                        } else {
+                            FinishReason::Length
+                        });
                     }
                 }
             }

@@ -16,6 +16,7 @@ use super::{
 };
 use crate::backend::BackendError;
 use crate::batch::StepBatch;
+use crate::constraint::Constraint;
 use crate::runner::ModelRunner;
 use crate::sampling::{logprobs_of, SampleBatch, Sampler, TokenInfo};
 use crate::scheduler::{Plan, PlanItem, Scheduler};
@@ -109,9 +110,10 @@ impl EngineLoop {
             Msg::Submit {
                 id,
                 req,
+                constraint,
                 tx,
                 submitted,
-            } => self.admit(id, *req, tx, submitted),
+            } => self.admit(id, *req, constraint, tx, submitted),
             Msg::Abort { id, reason } => self.abort(id, reason),
             Msg::FlushCache { reply } => {
                 let pages = self.sched.radix().map_or(0, |r| r.cached_pages());
@@ -130,6 +132,7 @@ impl EngineLoop {
         &mut self,
         id: u64,
         req: GenerateRequest,
+        constraint: Option<Box<Constraint>>,
         tx: tmpsc::UnboundedSender<Event>,
         submitted: Instant,
     ) {
@@ -137,7 +140,8 @@ impl EngineLoop {
         let prompt_len = req.input_ids.len();
         // The context length and the pool bound the output (finish reason "length").
         let room = info.context_length.saturating_sub(prompt_len);
-        let state = Request::new(&req, room, &info.model_config.eos_token_ids, tx, submitted);
+        let eos = &info.model_config.eos_token_ids;
+        let state = Request::new(&req, constraint.map(|c| *c), room, eos, tx, submitted);
         self.shared
             .metrics
             .prompt_tokens_total
@@ -221,27 +225,43 @@ impl EngineLoop {
         // Sampling on the device when the backend can and no item needs whole logits rows
         // (prompt logprobs): only tokens and logprobs are copied back.
         let on_device = self.runner.samples_on_device() && !plan.items.iter().any(|i| i.all_logits);
-        if on_device {
-            self.build_samples(&plan);
-        }
+        // the constrained items' masks are computed beside the forward pass
+        let constrained: Vec<u64> = plan
+            .items
+            .iter()
+            .filter(|i| i.sample)
+            .filter(|i| {
+                self.sched
+                    .get(i.id)
+                    .is_some_and(|s| s.req.constraint.is_some() && s.req.max_new_tokens > 0)
+            })
+            .map(|i| i.id)
+            .collect();
         let runner = &mut self.runner;
         let batch = &self.batch;
-        let samples = &self.samples;
-        // what device sampling chose, one per row of `samples`
-        let mut sampled = Vec::new();
+        let sched = &mut self.sched;
         // reused across steps: no allocation for the logits in steady state
         let mut logits = std::mem::take(&mut self.logits);
         let started = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            if on_device {
-                runner.forward_sampled(batch, samples).map(|s| sampled = s)
-            } else {
-                runner.forward(batch).map(|l| {
-                    logits.clear();
-                    logits.extend_from_slice(&l);
-                })
-            }
-        }));
+        let (result, mask_failures) = std::thread::scope(|scope| {
+            let masker = (!constrained.is_empty())
+                .then(|| scope.spawn(|| compute_masks(sched, &constrained)));
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                if on_device {
+                    runner.forward_kept(batch).map(|_| ())
+                } else {
+                    runner.forward(batch).map(|l| {
+                        logits.clear();
+                        logits.extend_from_slice(&l);
+                    })
+                }
+            }));
+            let failures = masker.map_or_else(Vec::new, |h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![(0, "mask computation panicked".into())])
+            });
+            (result, failures)
+        });
         let nanos = started.elapsed().as_nanos() as u64;
         let counters = &self.shared.counters;
         counters.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -272,7 +292,27 @@ impl EngineLoop {
         }
         self.sched.step_done(&plan);
         counters.steps.fetch_add(1, Ordering::Relaxed);
+        for (id, message) in mask_failures {
+            self.fail_constraint(id, message);
+        }
         if on_device {
+            self.build_samples(&plan);
+            let sampled = catch_unwind(AssertUnwindSafe(|| self.runner.sample_kept(&self.samples)));
+            let sampled = match sampled {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::error!("sampling failed: {e}");
+                    self.fail_items(&plan, RequestError::Model(e));
+                    self.logits = logits;
+                    return;
+                }
+                Err(_) => {
+                    tracing::error!("sampling panicked");
+                    self.fail_items(&plan, RequestError::Panicked);
+                    self.logits = logits;
+                    return;
+                }
+            };
             let ids = plan.items.iter().filter(|i| i.sample).map(|i| i.id);
             for (id, s) in ids.zip(sampled) {
                 self.on_sampled(id, Some(s));
@@ -304,6 +344,17 @@ impl EngineLoop {
         *self.shared.fatal.lock() = Some(reason);
         self.stop = true;
         self.publish_stats();
+    }
+
+    /// Ends a request whose constraint failed (no token allowed, a llguidance limit).
+    fn fail_constraint(&mut self, id: u64, message: String) {
+        if let Some(seq) = self.sched.remove(id) {
+            let generated = seq.generated();
+            tracing::info!("request {id}: constraint failed: {message}");
+            let error = RequestError::Constraint { generated, message };
+            let _ = seq.req.tx.send(Event::Failed(error));
+            self.publish_stats();
+        }
     }
 
     fn fail_items(&mut self, plan: &Plan, error: RequestError) {
@@ -398,6 +449,12 @@ impl EngineLoop {
             self.deliver(id, chunk, Some(FinishReason::Length));
             return;
         };
+        if let Some(c) = seq.req.constraint.as_mut() {
+            if let Err(message) = c.advance(info.token_id) {
+                self.fail_constraint(id, message);
+                return;
+            }
+        }
         seq.tokens.push(info.token_id);
         let generated = seq.generated();
         let r = &mut seq.req;
@@ -473,4 +530,19 @@ impl EngineLoop {
         self.publish_stats();
         let _ = r.tx.send(Event::Finished(finish));
     }
+}
+
+/// Computes the next mask of each constrained sequence in `ids` (on a helper thread, while
+/// the engine thread runs the model); returns the ones whose constraint failed.
+fn compute_masks(sched: &mut Scheduler<Request>, ids: &[u64]) -> Vec<(u64, String)> {
+    let mut failed = Vec::new();
+    for &id in ids {
+        let Some(c) = sched.get_mut(id).and_then(|s| s.req.constraint.as_mut()) else {
+            continue;
+        };
+        if let Err(e) = c.compute_mask() {
+            failed.push((id, e));
+        }
+    }
+    failed
 }

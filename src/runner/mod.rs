@@ -41,21 +41,21 @@ pub trait ModelRunner: Send {
     /// One forward step; returns the logits of `batch.logit_rows`, `[rows][vocab]`.
     fn forward(&mut self, batch: &StepBatch) -> Result<Cow<'_, [f32]>, BackendError>;
     fn backend_name(&self) -> &'static str;
-    /// Whether [`ModelRunner::forward_sampled`] can run (the backend samples on the device).
+    /// Whether [`ModelRunner::forward_kept`] and [`ModelRunner::sample_kept`] can run (the
+    /// backend samples on the device).
     fn samples_on_device(&self) -> bool {
         false
     }
-    /// One forward step whose logits rows (one per row of `samples`) are sampled where they
-    /// were computed; only the tokens and logprobs come back.
-    fn forward_sampled(
-        &mut self,
-        _batch: &StepBatch,
-        _samples: &SampleBatch,
-    ) -> Result<Vec<TokenInfo>, BackendError> {
-        Err(BackendError::Internal(format!(
-            "the {} backend samples on the host",
-            self.backend_name()
-        )))
+    /// One forward step whose logits stay where they were computed, for
+    /// [`ModelRunner::sample_kept`]; returns how many rows there are. The host may prepare the
+    /// sampling (constraint masks) while the device computes.
+    fn forward_kept(&mut self, _batch: &StepBatch) -> Result<usize, BackendError> {
+        Err(samples_on_host(self.backend_name()))
+    }
+    /// Chooses a token for each logits row the last [`ModelRunner::forward_kept`] left (one
+    /// row of `samples` each) where they are; only the tokens and logprobs come back.
+    fn sample_kept(&mut self, _samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        Err(samples_on_host(self.backend_name()))
     }
     /// Pages in the KV pool and tokens per page.
     fn kv_pages(&self) -> (usize, usize);
@@ -73,6 +73,11 @@ pub trait ModelRunner: Send {
     }
 }
 
+/// What a runner whose backend samples on the host answers to the device-sampling calls.
+fn samples_on_host(backend: &str) -> BackendError {
+    BackendError::Internal(format!("the {backend} backend samples on the host"))
+}
+
 /// One model (or one rank's shard of it) on backend `B`, with its KV cache and the activation
 /// buffers of a step.
 pub struct Runner<B: Backend> {
@@ -85,6 +90,8 @@ pub struct Runner<B: Backend> {
     weight_bytes: usize,
     /// This rank's group (tensor parallelism only).
     comm: Option<Arc<dyn Communicator>>,
+    /// Logits rows the last `forward_kept` left in the workspace.
+    kept_rows: usize,
 }
 
 impl<B: Backend + 'static> Runner<B> {
@@ -108,6 +115,7 @@ impl<B: Backend + 'static> Runner<B> {
             page_size,
             weight_bytes,
             comm,
+            kept_rows: 0,
         })
     }
 
@@ -138,15 +146,16 @@ impl<B: Backend + 'static> ModelRunner for Runner<B> {
     fn samples_on_device(&self) -> bool {
         self.backend.samples_on_device()
     }
-    fn forward_sampled(
-        &mut self,
-        batch: &StepBatch,
-        samples: &SampleBatch,
-    ) -> Result<Vec<TokenInfo>, BackendError> {
-        let rows = self.step(batch)?;
-        if rows != samples.len() {
+    fn forward_kept(&mut self, batch: &StepBatch) -> Result<usize, BackendError> {
+        self.kept_rows = 0;
+        self.kept_rows = self.step(batch)?;
+        Ok(self.kept_rows)
+    }
+    fn sample_kept(&mut self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        if self.kept_rows != samples.len() {
             return Err(BackendError::Internal(format!(
-                "{rows} logits rows for {} sampling rows",
+                "{} logits rows for {} sampling rows",
+                self.kept_rows,
                 samples.len()
             )));
         }

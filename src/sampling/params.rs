@@ -46,6 +46,12 @@ pub struct SamplingParams {
     /// Keep the matched stop string at the end of the text.
     pub no_stop_trim: bool,
     pub seed: Option<u64>,
+    /// Structured output: the text must match this JSON schema (given as a JSON string)...
+    pub json_schema: Option<String>,
+    /// ... or fully match this regular expression ...
+    pub regex: Option<String>,
+    /// ... or this grammar (llguidance's Lark dialect). At most one of the three.
+    pub ebnf: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -66,6 +72,9 @@ impl Default for SamplingParams {
             skip_special_tokens: true,
             no_stop_trim: false,
             seed: None,
+            json_schema: None,
+            regex: None,
+            ebnf: None,
         }
     }
 }
@@ -165,6 +174,21 @@ impl SamplingParams {
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(ParamError::new("stop", "stop strings must not be empty"));
         }
+        let constraints: Vec<&str> = [
+            ("json_schema", &self.json_schema),
+            ("regex", &self.regex),
+            ("ebnf", &self.ebnf),
+        ]
+        .iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(name, _)| *name)
+        .collect();
+        if let [first, second, ..] = constraints[..] {
+            return Err(ParamError::new(
+                second,
+                format!("cannot be given with `{first}`: a request takes at most one constraint"),
+            ));
+        }
         if let Some(&id) = self
             .stop_token_ids
             .iter()
@@ -217,5 +241,14 @@ mod tests {
         });
         assert!(e.contains("`temperature`"), "{e}");
         assert!(SamplingParams::default().validate(1000).is_ok());
+        let e = check(SamplingParams {
+            json_schema: Some("{}".into()),
+            regex: Some("a+".into()),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("`regex` cannot be given with `json_schema`"),
+            "{e}"
+        );
     }
 }

@@ -26,7 +26,9 @@ pub struct SampleRow {
     pub ban_start: i32,
     pub ban_end: i32,
     pub n_top: i32,
-    pub pad: i32,
+    /// First word of this row's allowed-token bitmask in [`SampleBatch::masks`] (bit `t % 32`
+    /// of word `t / 32` allows token `t`); -1: every token is allowed.
+    pub mask_start: i32,
 }
 
 impl SampleRow {
@@ -43,8 +45,9 @@ impl SampleRow {
 }
 
 /// A step's sampling for a device that samples itself: one [`SampleRow`] per logits row and
-/// the penalty and ban lists the rows index. Built from the same parameters and state as
-/// [`Sampler::sample`](super::Sampler::sample), drawing the same random number from the request's generator.
+/// the penalty, ban and mask lists the rows index. Built from the same parameters and state
+/// as [`Sampler::sample`](super::Sampler::sample), drawing the same random number from the
+/// request's generator.
 #[derive(Debug, Clone, Default)]
 pub struct SampleBatch {
     pub rows: Vec<SampleRow>,
@@ -54,6 +57,8 @@ pub struct SampleBatch {
     pub pen_counts: Vec<u32>,
     pub pen_seen: Vec<u32>,
     pub banned: Vec<u32>,
+    /// Allowed-token bitmasks of the constrained rows (see `SampleRow::mask_start`).
+    pub masks: Vec<u32>,
     /// Whether each row's caller wants the chosen token's logprob (else it is reported as 0,
     /// as the host sampler does).
     pub want_logprob: Vec<bool>,
@@ -66,6 +71,7 @@ impl SampleBatch {
         self.pen_counts.clear();
         self.pen_seen.clear();
         self.banned.clear();
+        self.masks.clear();
         self.want_logprob.clear();
     }
 
@@ -86,6 +92,7 @@ impl SampleBatch {
             top_logprobs,
             want_logprob,
             banned,
+            allowed,
         } = spec;
         let greedy = params.is_greedy();
         let pen_start = self.pen_tokens.len() as i32;
@@ -108,6 +115,14 @@ impl SampleBatch {
         }
         let ban_start = self.banned.len() as i32;
         self.banned.extend_from_slice(banned);
+        let mask_start = match allowed {
+            Some(mask) => {
+                let at = self.masks.len() as i32;
+                self.masks.extend_from_slice(mask);
+                at
+            }
+            None => -1,
+        };
         self.rows.push(SampleRow {
             repetition_penalty: params.repetition_penalty,
             frequency_penalty: params.frequency_penalty,
@@ -119,6 +134,7 @@ impl SampleBatch {
             ban_start,
             ban_end: self.banned.len() as i32,
             n_top: top_logprobs.min(MAX_TOP_LOGPROBS) as i32,
+            mask_start,
             ..SampleRow::filters(params)
         });
         self.want_logprob.push(want_logprob || top_logprobs > 0);
@@ -137,6 +153,7 @@ impl SampleBatch {
             pen_end: p,
             ban_start: b,
             ban_end: b,
+            mask_start: -1,
             ..SampleRow::default()
         });
         self.want_logprob.push(false);

@@ -1,8 +1,9 @@
 //! The host sampler: penalties, temperature, the candidate filters and the draw, with each
 //! request's own seeded generator, and the logprobs of the model's distribution.
 //!
-//! Order of logit processing, as in vLLM and SGLang: repetition penalty (prompt and output
-//! tokens, HF's divide/multiply rule), frequency and presence penalties (output tokens, OpenAI's
+//! Order of logit processing, as in vLLM and SGLang: a constraint's allowed-token mask and the
+//! banned tokens first, then repetition penalty (prompt and output tokens, HF's
+//! divide/multiply rule), frequency and presence penalties (output tokens, OpenAI's
 //! subtractive rule), temperature, then the candidate filters top-k, top-p and min-p, then a
 //! draw from the renormalised candidates with the request's own generator (xoshiro256**,
 //! seeded: the same seed gives the same tokens). Temperature 0 (or top_k 1) is greedy.
@@ -102,6 +103,9 @@ pub struct SampleSpec<'a> {
     pub want_logprob: bool,
     /// Tokens that may not be chosen now (the stop tokens until `min_new_tokens` are out).
     pub banned: &'a [u32],
+    /// The only tokens that may be chosen (a constraint's bitmask: bit `t % 32` of word
+    /// `t / 32` allows token `t`), applied before everything else; `None`: any token.
+    pub allowed: Option<&'a [u32]>,
 }
 
 /// Per-request sampler state: the generator and the counts the penalties need.
@@ -171,7 +175,20 @@ impl Sampler {
         let row = &samples.rows[i];
         let work = &mut self.work;
         work.clear();
-        work.extend_from_slice(logits);
+        match row.mask_start {
+            m if m >= 0 => {
+                let mask = &samples.masks[m as usize..];
+                work.extend(logits.iter().enumerate().map(|(t, &v)| {
+                    let allowed = mask.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+                    if allowed {
+                        v
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+            _ => work.extend_from_slice(logits),
+        }
         for &b in &samples.banned[row.ban_start as usize..row.ban_end as usize] {
             if let Some(v) = work.get_mut(b as usize) {
                 *v = f32::NEG_INFINITY;
@@ -339,6 +356,7 @@ mod tests {
             top_logprobs,
             want_logprob,
             banned,
+            allowed: None,
         }
     }
 

@@ -146,6 +146,11 @@ impl Tokenizer {
     }
 
     /// Vocabulary size including added tokens.
+    /// The `tokenizers` tokenizer underneath (for llguidance's token trie).
+    pub(crate) fn hf_tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }

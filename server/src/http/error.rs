@@ -38,6 +38,11 @@ impl ApiError {
         }
     }
 
+    /// 400 about the request as a whole (no single field to name).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -147,6 +152,10 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Invalid(p) => p.into(),
+            SubmitError::Constraint(c) => match c.field() {
+                Some(field) => ApiError::bad_request(field, c.to_string()),
+                None => ApiError::invalid(c.to_string()),
+            },
             SubmitError::QueueFull(n) => ApiError::queue_full(n),
             SubmitError::Stopped => ApiError::unavailable("the engine has stopped"),
             SubmitError::Draining => ApiError::unavailable("the server is shutting down"),
@@ -161,6 +170,8 @@ impl From<RequestError> for ApiError {
             RequestError::EngineFailed(_) | RequestError::EngineStopped => {
                 ApiError::unavailable(e.to_string())
             }
+            // the request's own constraint led nowhere: its input, not the server
+            RequestError::Constraint { .. } => ApiError::invalid(e.to_string()),
         }
     }
 }

@@ -6,17 +6,31 @@
 use std::time::{Duration, Instant};
 
 use sglang::engine::{
-    AbortReason, EngineHandle, Event, GenerateRequest, Output, RequestError, RequestStream,
+    constraint_spec, AbortReason, EngineHandle, Event, GenerateRequest, Output, RequestError,
+    RequestStream,
 };
 
 use super::{ApiError, AppState};
 
 /// Submits every request or none (a refusal drops, and so aborts, those already queued).
-pub fn submit_all(
+/// Requests with a constraint are submitted from a blocking thread: their grammar compiles
+/// there (up to seconds), not on the async threads that serve every connection.
+pub async fn submit_all(
     engine: &EngineHandle,
-    reqs: impl IntoIterator<Item = GenerateRequest>,
+    reqs: Vec<GenerateRequest>,
 ) -> Result<Vec<RequestStream>, ApiError> {
-    reqs.into_iter().map(|r| Ok(engine.submit(r)?)).collect()
+    let submit = |engine: &EngineHandle, reqs: Vec<GenerateRequest>| {
+        reqs.into_iter()
+            .map(|r| Ok(engine.submit(r)?))
+            .collect::<Result<Vec<_>, ApiError>>()
+    };
+    if !reqs.iter().any(|r| constraint_spec(&r.params).is_some()) {
+        return submit(engine, reqs);
+    }
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || submit(&engine, reqs))
+        .await
+        .map_err(|e| ApiError::internal(format!("submitting the request failed: {e}")))?
 }
 
 async fn next_before(

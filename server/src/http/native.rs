@@ -228,6 +228,7 @@ pub fn finish_json(reason: &FinishReason, completion_tokens: usize) -> Value {
     match reason {
         FinishReason::Stop(Matched::Token(t)) => json!({"type": "stop", "matched": t}),
         FinishReason::Stop(Matched::Text(s)) => json!({"type": "stop", "matched": s}),
+        FinishReason::Stop(Matched::Constraint) => json!({"type": "stop", "matched": null}),
         FinishReason::Length => json!({"type": "length", "length": completion_tokens}),
         FinishReason::Abort(m) => json!({"type": "abort", "message": m}),
     }
@@ -353,7 +354,7 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
             jobs.push(Job { rid, req });
         }
     }
-    let streams = jobs::submit_all(engine, jobs.iter().map(|j| j.req.clone()))?;
+    let streams = jobs::submit_all(engine, jobs.iter().map(|j| j.req.clone()).collect()).await?;
     let with_text = body.return_text_in_logprobs;
     let many = batch || jobs.len() > 1;
     if body.stream {

@@ -168,6 +168,7 @@ struct SampleBufs {
     pen_counts: Option<DevMem>,
     pen_seen: Option<DevMem>,
     banned: Option<DevMem>,
+    masks: Option<DevMem>,
     work: Option<DevMem>,
     token: Option<DevMem>,
     logprob: Option<DevMem>,
@@ -901,6 +902,7 @@ impl Backend for CudaBackend {
         let pen_counts = self.put_slot(&mut b.pen_counts, &samples.pen_counts)?;
         let pen_seen = self.put_slot(&mut b.pen_seen, &samples.pen_seen)?;
         let banned = self.put_slot(&mut b.banned, &samples.banned)?;
+        let masks = self.put_slot(&mut b.masks, &samples.masks)?;
         self.ensure(&mut b.work, rows * vocab * 4)?;
         self.ensure(&mut b.token, rows * 4)?;
         self.ensure(&mut b.logprob, rows * 4)?;
@@ -923,6 +925,7 @@ impl Backend for CudaBackend {
                 pen_counts,
                 pen_seen,
                 banned,
+                masks,
                 v,
                 max_top,
                 token,

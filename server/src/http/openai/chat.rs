@@ -11,7 +11,8 @@ use sglang::engine::{Event, Output, TokenInfo};
 use sglang::tokenizer::Tokenizer;
 
 use super::{
-    check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead, Common,
+    api_names, check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead,
+    Common,
 };
 use crate::http::jobs::{self, log_outputs, new_id};
 use crate::http::parse::parse_json;
@@ -63,8 +64,6 @@ struct ChatBody {
     logprobs: bool,
     #[serde(default)]
     top_logprobs: Option<usize>,
-    #[serde(default)]
-    response_format: Option<Value>,
     #[serde(default)]
     tools: Option<Value>,
     #[serde(default)]
@@ -130,14 +129,6 @@ pub async fn chat_completions(
             "tool calling is not supported",
         ));
     }
-    if let Some(rf) = &body.response_format {
-        if rf.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::bad_request(
-                "response_format",
-                "only `{\"type\": \"text\"}` is supported",
-            ));
-        }
-    }
     let top = body.top_logprobs.unwrap_or(0);
     check_top(top, "top_logprobs")?;
     if top > 0 && !body.logprobs {
@@ -160,13 +151,9 @@ pub async fn chat_completions(
         .max_completion_tokens
         .or(body.max_tokens)
         .unwrap_or(usize::MAX / 2);
-    let params = body
-        .common
-        .params(max_tokens)
-        .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
+    let params = body.common.params(max_tokens).map_err(api_names)?;
     let reqs = choices(&ids, &params, n, top, body.logprobs, false);
-    let streams = jobs::submit_all(engine, reqs)
-        .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
+    let streams = jobs::submit_all(engine, reqs).await.map_err(api_names)?;
     let id = format!("chatcmpl-{}", new_id());
     let model = state.served_model_name.clone();
     if body.common.stream {

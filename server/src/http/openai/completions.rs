@@ -12,7 +12,8 @@ use sglang::engine::{Event, Output, TokenInfo};
 use sglang::tokenizer::Tokenizer;
 
 use super::{
-    check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead, Common,
+    api_names, check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead,
+    Common,
 };
 use crate::http::jobs::{self, log_outputs, new_id};
 use crate::http::parse::{parse_ids, parse_json};
@@ -149,14 +150,13 @@ pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<
     let params = body
         .common
         .params(body.max_tokens.unwrap_or(16))
-        .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
+        .map_err(api_names)?;
     let mut reqs = Vec::new();
     for (_, ids) in &prompts {
         reqs.extend(choices(ids, &params, n, top, logprobs, echo_logprobs));
     }
     let prompt_tokens: usize = prompts.iter().map(|p| p.1.len()).sum();
-    let streams = jobs::submit_all(engine, reqs)
-        .map_err(|e| e.rename_param("max_new_tokens", "max_tokens"))?;
+    let streams = jobs::submit_all(engine, reqs).await.map_err(api_names)?;
     let id = format!("cmpl-{}", new_id());
     let model = state.served_model_name.clone();
     let echo: Vec<String> = prompts

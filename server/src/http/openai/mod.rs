@@ -76,6 +76,14 @@ pub(super) struct Common {
     min_tokens: Option<usize>,
     #[serde(default)]
     no_stop_trim: bool,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema", ...}}`
+    #[serde(default)]
+    response_format: Option<Value>,
+    // SGLang's structured-output extensions
+    #[serde(default)]
+    regex: Option<String>,
+    #[serde(default)]
+    ebnf: Option<String>,
 }
 
 impl Common {
@@ -147,7 +155,43 @@ impl Common {
             skip_special_tokens: self.skip_special_tokens.unwrap_or(d.skip_special_tokens),
             no_stop_trim: self.no_stop_trim,
             seed: self.seed,
+            json_schema: self.json_schema()?,
+            regex: self.regex.clone(),
+            ebnf: self.ebnf.clone(),
         })
+    }
+
+    /// The JSON schema `response_format` asks for: `json_object` is any object.
+    fn json_schema(&self) -> Result<Option<String>, ApiError> {
+        let Some(rf) = self.response_format.as_ref().filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let bad = |field: &str, msg: &str| ApiError::bad_request(field, format!("`{field}` {msg}"));
+        match rf.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(r#"{"type": "object"}"#.to_string())),
+            Some("json_schema") => {
+                let spec = rf
+                    .get("json_schema")
+                    .filter(|v| v.is_object())
+                    .ok_or_else(|| {
+                        bad(
+                            "response_format.json_schema",
+                            "must be an object with a `schema`",
+                        )
+                    })?;
+                let schema = spec
+                    .get("schema")
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "object"}));
+                Ok(Some(schema.to_string()))
+            }
+            Some(other) => Err(bad(
+                "response_format.type",
+                &format!("{other:?} is not supported (text, json_object, json_schema)"),
+            )),
+            None => Err(bad("response_format.type", "is required")),
+        }
     }
 
     pub(super) fn include_usage(&self) -> bool {
@@ -155,6 +199,13 @@ impl Common {
             .as_ref()
             .is_some_and(|o| o.include_usage)
     }
+}
+
+/// An engine error in the OpenAI API's own field names.
+pub(super) fn api_names(e: ApiError) -> ApiError {
+    e.rename_param("max_new_tokens", "max_tokens")
+        .rename_param("min_new_tokens", "min_tokens")
+        .rename_param("json_schema", "response_format")
 }
 
 /// `n` requests for one prompt (seeded choices differ: seed + choice index);
