@@ -209,6 +209,11 @@ pub struct ServerArgs {
     /// Also append the log (one line per request) to this file.
     #[arg(long, env = "SGLANG_LOG_FILE")]
     pub log_file: Option<PathBuf>,
+
+    /// How tool calls are read from free output (`tool_choice: "auto"`): hermes (the
+    /// `<tool_call>` form of Hermes and Qwen models), llama, mistral, pythonic, json, ...
+    #[arg(long, env = "SGLANG_TOOL_CALL_PARSER", default_value = "hermes")]
+    pub tool_call_parser: String,
 }
 
 impl ServerArgs {
@@ -244,6 +249,14 @@ impl ServerArgs {
             if key.as_deref() == Some("") {
                 return Err(format!("invalid option `{name}`: the key is empty"));
             }
+        }
+        let parsers = crate::http::openai::tools::parser_names();
+        if !parsers.contains(&self.tool_call_parser) {
+            return Err(format!(
+                "invalid option `tool-call-parser`: {:?} (one of {})",
+                self.tool_call_parser,
+                parsers.join(", ")
+            ));
         }
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return Err(format!(

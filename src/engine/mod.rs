@@ -12,6 +12,7 @@
 //! the mixed batch, sample a token for every sequence that reached the end of its known
 //! tokens, detokenize incrementally, apply stop conditions, and send the events.
 
+mod masks;
 mod request;
 mod worker;
 

@@ -24,7 +24,7 @@ pub(super) struct Request {
     /// The request's `max_new_tokens`, capped by the room the context length leaves.
     pub max_new_tokens: usize,
     /// Where its output is in its constraint's grammar (structured output).
-    pub constraint: Option<Constraint>,
+    pub constraint: Option<Box<Constraint>>,
     return_logprob: bool,
     pub top_logprobs_num: usize,
     /// Prompt logprobs computed so far (sent with the first chunk); from where is the
@@ -41,7 +41,7 @@ impl Request {
     /// model's end-of-sequence tokens.
     pub fn new(
         req: &GenerateRequest,
-        constraint: Option<Constraint>,
+        constraint: Option<Box<Constraint>>,
         room: usize,
         eos: &[u32],
         tx: UnboundedSender<Event>,
@@ -88,7 +88,7 @@ impl Request {
             top_logprobs: self.top_logprobs_num,
             want_logprob: self.return_logprob,
             banned,
-            allowed: self.constraint.as_ref().map(Constraint::mask),
+            allowed: self.constraint.as_deref().map(Constraint::mask),
         }
     }
 
@@ -108,7 +108,7 @@ impl Request {
     ) -> (String, Option<FinishReason>) {
         let complete = self
             .constraint
-            .as_ref()
+            .as_deref()
             .is_some_and(Constraint::is_complete);
         self.sampler.observe(&self.params, token_id);
         let mut finish = None;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc as tmpsc;
 
+use super::masks::{Done, Job, Masker};
 use super::request::Request;
 use super::{
     AbortReason, Chunk, Event, Finish, FinishReason, GenerateRequest, Msg, RequestError, Shared,
@@ -39,6 +40,10 @@ pub(super) struct EngineLoop {
     logits: Vec<f32>,
     /// The step's sampling when the backend samples on the device (reused).
     samples: SampleBatch,
+    /// The helper thread computing constraint masks during the forward pass.
+    masker: Option<Masker>,
+    /// Masks computed on this thread when the helper is not there.
+    mask_results: Vec<Done>,
 }
 
 impl EngineLoop {
@@ -58,6 +63,8 @@ impl EngineLoop {
             stop: false,
             logits: Vec::new(),
             samples: SampleBatch::default(),
+            masker: None,
+            mask_results: Vec::new(),
         }
     }
 
@@ -141,7 +148,7 @@ impl EngineLoop {
         // The context length and the pool bound the output (finish reason "length").
         let room = info.context_length.saturating_sub(prompt_len);
         let eos = &info.model_config.eos_token_ids;
-        let state = Request::new(&req, constraint.map(|c| *c), room, eos, tx, submitted);
+        let state = Request::new(&req, constraint, room, eos, tx, submitted);
         self.shared
             .metrics
             .prompt_tokens_total
@@ -237,31 +244,23 @@ impl EngineLoop {
             })
             .map(|i| i.id)
             .collect();
+        let masking = self.start_masks(&constrained);
         let runner = &mut self.runner;
         let batch = &self.batch;
-        let sched = &mut self.sched;
         // reused across steps: no allocation for the logits in steady state
         let mut logits = std::mem::take(&mut self.logits);
         let started = Instant::now();
-        let (result, mask_failures) = std::thread::scope(|scope| {
-            let masker = (!constrained.is_empty())
-                .then(|| scope.spawn(|| compute_masks(sched, &constrained)));
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                if on_device {
-                    runner.forward_kept(batch).map(|_| ())
-                } else {
-                    runner.forward(batch).map(|l| {
-                        logits.clear();
-                        logits.extend_from_slice(&l);
-                    })
-                }
-            }));
-            let failures = masker.map_or_else(Vec::new, |h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![(0, "mask computation panicked".into())])
-            });
-            (result, failures)
-        });
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if on_device {
+                runner.forward_kept(batch).map(|_| ())
+            } else {
+                runner.forward(batch).map(|l| {
+                    logits.clear();
+                    logits.extend_from_slice(&l);
+                })
+            }
+        }));
+        let mask_failures = self.finish_masks(masking);
         let nanos = started.elapsed().as_nanos() as u64;
         let counters = &self.shared.counters;
         counters.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -344,6 +343,68 @@ impl EngineLoop {
         *self.shared.fatal.lock() = Some(reason);
         self.stop = true;
         self.publish_stats();
+    }
+
+    /// Sends the constraints of the sequences `ids` to the mask helper (started on first
+    /// use); returns the ids sent, whose constraints `finish_masks` puts back.
+    fn start_masks(&mut self, ids: &[u64]) -> Vec<u64> {
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        if self.masker.is_none() {
+            match Masker::start() {
+                Ok(m) => self.masker = Some(m),
+                Err(e) => tracing::error!("cannot start the mask thread: {e}"),
+            }
+        }
+        let jobs: Vec<Job> = ids
+            .iter()
+            .filter_map(|&id| Some((id, self.sched.get_mut(id)?.req.constraint.take()?)))
+            .collect();
+        let sent: Vec<u64> = jobs.iter().map(|j| j.0).collect();
+        let outcome = match &self.masker {
+            Some(m) => m.submit(jobs),
+            None => Err(jobs),
+        };
+        match outcome {
+            Ok(()) => sent,
+            Err(jobs) => {
+                // no helper: the masks are computed here, after all
+                for (id, mut c) in jobs {
+                    let r = c.compute_mask();
+                    self.mask_results.push((id, c, r));
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Waits for the masks `start_masks` sent, puts the constraints back, and returns the
+    /// requests whose constraint failed.
+    fn finish_masks(&mut self, sent: Vec<u64>) -> Vec<(u64, String)> {
+        let mut done = std::mem::take(&mut self.mask_results);
+        if !sent.is_empty() {
+            match self.masker.as_ref().and_then(Masker::collect) {
+                Some(back) => done.extend(back),
+                None => {
+                    self.masker = None;
+                    return sent
+                        .into_iter()
+                        .map(|id| (id, "the mask thread stopped".to_string()))
+                        .collect();
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        for (id, c, r) in done {
+            if let Some(seq) = self.sched.get_mut(id) {
+                seq.req.constraint = Some(c);
+            }
+            if let Err(e) = r {
+                failed.push((id, e));
+            }
+        }
+        failed
     }
 
     /// Ends a request whose constraint failed (no token allowed, a llguidance limit).
@@ -530,19 +591,4 @@ impl EngineLoop {
         self.publish_stats();
         let _ = r.tx.send(Event::Finished(finish));
     }
-}
-
-/// Computes the next mask of each constrained sequence in `ids` (on a helper thread, while
-/// the engine thread runs the model); returns the ones whose constraint failed.
-fn compute_masks(sched: &mut Scheduler<Request>, ids: &[u64]) -> Vec<(u64, String)> {
-    let mut failed = Vec::new();
-    for &id in ids {
-        let Some(c) = sched.get_mut(id).and_then(|s| s.req.constraint.as_mut()) else {
-            continue;
-        };
-        if let Err(e) = c.compute_mask() {
-            failed.push((id, e));
-        }
-    }
-    failed
 }

@@ -203,6 +203,17 @@ impl Tokenizer {
         messages: &[M],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.apply_chat_template_with_tools::<M, ()>(messages, None, add_generation_prompt)
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with the template's `tools` variable set (OpenAI's
+    /// tool objects), for templates that render tools ([`Tokenizer::template_uses_tools`]).
+    pub fn apply_chat_template_with_tools<M: Serialize, T: Serialize>(
+        &self,
+        messages: &[M],
+        tools: Option<&[T]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let template = self
             .chat_template
             .as_deref()
@@ -211,11 +222,20 @@ impl Tokenizer {
             template,
             minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             },
         )
+    }
+
+    /// Whether the chat template reads a `tools` variable (else tools must be described to
+    /// the model some other way).
+    pub fn template_uses_tools(&self) -> bool {
+        self.chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("tools"))
     }
 }
 

@@ -9,7 +9,7 @@ pub mod error;
 pub mod health;
 mod jobs;
 mod native;
-mod openai;
+pub mod openai;
 mod parse;
 mod sse;
 

@@ -1,5 +1,6 @@
 //! `POST /v1/chat/completions`: messages rendered through the model's chat template, the
-//! assistant's reply as `message` (or `delta` chunks), `logprobs` in the chat shape.
+//! assistant's reply as `message` (or `delta` chunks), `logprobs` in the chat shape, and tool
+//! calls (`tools`, `tool_choice`, `parallel_tool_calls`; see [`super::tools`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,7 +10,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sglang::engine::{Event, Output, TokenInfo};
 use sglang::tokenizer::Tokenizer;
+use tool_parser::ToolParser;
 
+use super::tools::{self, ToolSet};
 use super::{
     api_names, check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead,
     Common,
@@ -48,6 +51,8 @@ struct ChatMessageIn {
     content: Option<Value>,
     #[serde(default)]
     tool_calls: Option<Value>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,15 +72,50 @@ struct ChatBody {
     #[serde(default)]
     tools: Option<Value>,
     #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
+    #[serde(default)]
     add_generation_prompt: Option<bool>,
     #[serde(flatten)]
     common: Common,
 }
 
-/// Messages as the template sees them: `{role, content}` with text parts joined.
-fn chat_messages(
-    messages: &[ChatMessageIn],
-) -> Result<Vec<sglang::tokenizer::ChatMessage>, ApiError> {
+/// A message's text: a string, or text parts joined.
+fn message_text(field: &str, content: &Option<Value>) -> Result<String, ApiError> {
+    Ok(match content {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(|t| t.as_str());
+                match (kind, p.get("text").and_then(|t| t.as_str())) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => {
+                        let f = format!("{field}.content[{j}]");
+                        return Err(ApiError::bad_request(
+                            &f,
+                            format!("`{f}`: only text parts are supported"),
+                        ));
+                    }
+                }
+            }
+            text
+        }
+        Some(_) => {
+            let f = format!("{field}.content");
+            return Err(ApiError::bad_request(
+                &f,
+                format!("`{f}` must be a string or a list of text parts"),
+            ));
+        }
+    })
+}
+
+/// Messages as the template sees them: `role`, `content` (text parts joined), and the
+/// assistant's `tool_calls` and the tool results' `tool_call_id`.
+fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages", "`messages` is empty"));
     }
@@ -85,31 +125,61 @@ fn chat_messages(
         .map(|(i, m)| {
             let field = format!("messages[{i}]");
             let role = match m.role.as_str() {
-                "system" | "user" | "assistant" => m.role.clone(),
-                "developer" => "system".to_string(),
-                other => return Err(ApiError::bad_request(&format!("{field}.role"), format!("`{field}.role` {other:?} is not supported (system, developer, user, assistant)"))),
-            };
-            if m.tool_calls.as_ref().is_some_and(|t| !t.is_null()) {
-                return Err(ApiError::bad_request(&format!("{field}.tool_calls"), "tool calls are not supported"));
-            }
-            let content = match &m.content {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => {
-                    let mut text = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        match (p.get("type").and_then(|t| t.as_str()), p.get("text").and_then(|t| t.as_str())) {
-                            (Some("text"), Some(t)) => text.push_str(t),
-                            _ => return Err(ApiError::bad_request(&format!("{field}.content[{j}]"), format!("`{field}.content[{j}]`: only text parts are supported"))),
-                        }
-                    }
-                    text
+                "system" | "user" | "assistant" | "tool" => m.role.as_str(),
+                "developer" => "system",
+                other => {
+                    let f = format!("{field}.role");
+                    return Err(ApiError::bad_request(
+                        &f,
+                        format!("`{f}` {other:?} is not supported (system, developer, user, assistant, tool)"),
+                    ));
                 }
-                Some(_) => return Err(ApiError::bad_request(&format!("{field}.content"), format!("`{field}.content` must be a string or a list of text parts"))),
             };
-            Ok(sglang::tokenizer::ChatMessage { role, content })
+            let content = message_text(&field, &m.content)?;
+            tools::message_value(i, role, content, m.tool_calls.as_ref(), m.tool_call_id.as_deref())
         })
         .collect()
+}
+
+/// The prompt: messages (and tools) through the chat template, or with the tools and tool
+/// history written into the messages for a template that does not render them.
+fn render(
+    tok: &Tokenizer,
+    messages: Vec<Value>,
+    tools: Option<&ToolSet>,
+    add_generation_prompt: bool,
+) -> Result<String, ApiError> {
+    let shown = tools.and_then(ToolSet::for_prompt);
+    let rendered = if tok.template_uses_tools() {
+        tok.apply_chat_template_with_tools(&messages, shown, add_generation_prompt)
+    } else {
+        let messages = tools::inline_tools(messages, shown);
+        tok.apply_chat_template(&messages, add_generation_prompt)
+    };
+    rendered.map_err(|e| ApiError::bad_request("messages", e.to_string()))
+}
+
+/// The assistant message of a finished choice: its text, or the calls parsed from it.
+fn message_json(o: &Output, tools: Option<&ToolSet>) -> (Value, Value) {
+    if let Some(t) = tools.filter(|t| t.parses()) {
+        let (normal, calls) = t.parse(&o.text);
+        if !calls.is_empty() {
+            let content = if normal.trim().is_empty() {
+                Value::Null
+            } else {
+                json!(normal)
+            };
+            let calls: Vec<Value> = calls.iter().map(tools::call_json).collect();
+            return (
+                json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                json!("tool_calls"),
+            );
+        }
+    }
+    (
+        json!({"role": "assistant", "content": o.text}),
+        finish_reason(o),
+    )
 }
 
 pub async fn chat_completions(
@@ -119,16 +189,6 @@ pub async fn chat_completions(
     let started = Instant::now();
     let engine = state.engine()?;
     let body: ChatBody = parse_json(body)?;
-    if body
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::bad_request(
-            "tools",
-            "tool calling is not supported",
-        ));
-    }
     let top = body.top_logprobs.unwrap_or(0);
     check_top(top, "top_logprobs")?;
     if top > 0 && !body.logprobs {
@@ -138,11 +198,21 @@ pub async fn chat_completions(
         ));
     }
     let n = body.common.n()?;
+    let tools = ToolSet::from_request(
+        body.tools.as_ref(),
+        body.tool_choice.as_ref(),
+        body.parallel_tool_calls,
+        &state.args.tool_call_parser,
+    )?
+    .map(Arc::new);
     let tok = engine.tokenizer().clone();
     let messages = chat_messages(&body.messages)?;
-    let text = tok
-        .apply_chat_template(&messages, body.add_generation_prompt.unwrap_or(true))
-        .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+    let text = render(
+        &tok,
+        messages,
+        tools.as_deref(),
+        body.add_generation_prompt.unwrap_or(true),
+    )?;
     let ids = tok
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
@@ -151,12 +221,24 @@ pub async fn chat_completions(
         .max_completion_tokens
         .or(body.max_tokens)
         .unwrap_or(usize::MAX / 2);
-    let params = body.common.params(max_tokens).map_err(api_names)?;
+    let mut params = body.common.params(max_tokens).map_err(api_names)?;
+    if let Some(schema) = tools.as_ref().and_then(|t| t.forced_schema()) {
+        if sglang::engine::constraint_spec(&params).is_some() {
+            return Err(ApiError::bad_request(
+                "tool_choice",
+                "`tool_choice` that forces a call cannot be combined with `response_format`, `regex` or `ebnf`",
+            ));
+        }
+        params.json_schema = Some(schema);
+    }
     let reqs = choices(&ids, &params, n, top, body.logprobs, false);
     let streams = jobs::submit_all(engine, reqs).await.map_err(api_names)?;
     let id = format!("chatcmpl-{}", new_id());
     let model = state.served_model_name.clone();
     if body.common.stream {
+        let parsers = (0..n)
+            .map(|_| tools.as_ref().filter(|t| t.parses()).map(|t| t.parser()))
+            .collect();
         let fmt = ChatStream {
             head: ChunkHead::new(id, model, "chat.completion.chunk", &body.common),
             tok,
@@ -164,6 +246,9 @@ pub async fn chat_completions(
             started_roles: vec![false; n],
             outputs: vec![Output::default(); n],
             prompt_tokens: ids.len(),
+            tools,
+            parsers,
+            call_ids: vec![Vec::new(); n],
         };
         return Ok(sse::stream(state, engine, streams, fmt));
     }
@@ -172,8 +257,13 @@ pub async fn chat_completions(
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            let logprobs = if body.logprobs { chat_logprobs(&tok, &o.logprobs) } else { Value::Null };
-            json!({"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": logprobs, "finish_reason": finish_reason(o)})
+            let logprobs = if body.logprobs {
+                chat_logprobs(&tok, &o.logprobs)
+            } else {
+                Value::Null
+            };
+            let (message, finish) = message_json(o, tools.as_deref());
+            json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         })
         .collect();
     log_outputs(
@@ -196,6 +286,56 @@ struct ChatStream {
     started_roles: Vec<bool>,
     outputs: Vec<Output>,
     prompt_tokens: usize,
+    tools: Option<Arc<ToolSet>>,
+    /// Each choice's tool-call parser (when its output is read for calls).
+    parsers: Vec<Option<Box<dyn ToolParser>>>,
+    /// Each choice's calls so far, by the parser's index: their ids.
+    call_ids: Vec<Vec<String>>,
+}
+
+impl ChatStream {
+    /// The deltas of one piece of a choice's text: content, and tool calls by index.
+    fn deltas(&mut self, i: usize, text: &str, last: bool) -> Vec<Value> {
+        let Some(parser) = self.parsers[i].as_mut() else {
+            return if text.is_empty() {
+                Vec::new()
+            } else {
+                vec![json!({"content": text})]
+            };
+        };
+        let tools = self.tools.as_deref().map_or(&[][..], ToolSet::tools);
+        let mut normal = String::new();
+        let mut items = Vec::new();
+        if let Some(Ok(r)) = tools::ready(parser.parse_incremental(text, tools)) {
+            normal.push_str(&r.normal_text);
+            items.extend(r.calls);
+        }
+        if last {
+            items.extend(parser.get_unstreamed_tool_args().unwrap_or_default());
+            normal.push_str(&parser.take_unstreamed_normal_text());
+        }
+        let mut out = Vec::new();
+        if !normal.is_empty() {
+            out.push(json!({"content": normal}));
+        }
+        let ids = &mut self.call_ids[i];
+        for item in items {
+            let k = item.tool_index;
+            let call = match item.name {
+                Some(name) => {
+                    while ids.len() <= k {
+                        ids.push(tools::call_id());
+                    }
+                    json!({"index": k, "id": ids[k], "type": "function",
+                           "function": {"name": name, "arguments": item.parameters}})
+                }
+                None if item.parameters.is_empty() => continue,
+                None => json!({"index": k, "function": {"arguments": item.parameters}}),
+            };
+            out.push(json!({"tool_calls": [call]}));
+        }
+        out
+    }
 }
 
 impl StreamFormatter for ChatStream {
@@ -208,18 +348,36 @@ impl StreamFormatter for ChatStream {
         match event {
             Event::Chunk(c) => {
                 self.outputs[i].push(c.clone());
-                if !c.text.is_empty() || self.logprobs {
-                    let logprobs = if self.logprobs {
-                        chat_logprobs(&self.tok, &c.logprobs)
-                    } else {
-                        Value::Null
-                    };
-                    out.push(self.head.chunk(json!({"index": i, "delta": {"content": c.text}, "logprobs": logprobs, "finish_reason": null})));
+                let mut logprobs = if self.logprobs {
+                    chat_logprobs(&self.tok, &c.logprobs)
+                } else {
+                    Value::Null
+                };
+                let mut deltas = self.deltas(i, &c.text, false);
+                if deltas.is_empty() && self.logprobs {
+                    deltas.push(json!({"content": ""}));
+                }
+                for delta in deltas {
+                    // the event's logprobs travel with its first chunk
+                    let lp = std::mem::replace(&mut logprobs, Value::Null);
+                    out.push(self.head.chunk(
+                        json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}),
+                    ));
                 }
             }
             Event::Finished(f) => {
                 self.outputs[i].finish = Some(f.clone());
-                out.push(self.head.chunk(json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&self.outputs[i])})));
+                for delta in self.deltas(i, "", true) {
+                    out.push(self.head.chunk(json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": null})));
+                }
+                let finish = if self.call_ids[i].is_empty() {
+                    finish_reason(&self.outputs[i])
+                } else {
+                    json!("tool_calls")
+                };
+                out.push(self.head.chunk(
+                    json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}),
+                ));
             }
             Event::Failed(_) => {}
         }

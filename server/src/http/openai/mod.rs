@@ -6,12 +6,13 @@
 //!
 //! Besides OpenAI's fields, the sampling extensions of vLLM and SGLang are accepted: `top_k`,
 //! `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
-//! `min_tokens`, `no_stop_trim`. Fields this server cannot honour (tools, logit_bias,
-//! response formats other than text, images, `suffix`, `best_of` > `n`) are refused with 400
-//! rather than ignored. The `model` field is not checked, as in SGLang.
+//! `min_tokens`, `no_stop_trim`, and SGLang's `regex` and `ebnf` constraints. Fields this server
+//! cannot honour (logit_bias, images, `suffix`, `best_of` > `n`) are refused with 400 rather
+//! than ignored. The `model` field is not checked, as in SGLang.
 
 mod chat;
 mod completions;
+pub mod tools;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
