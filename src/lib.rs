@@ -28,8 +28,9 @@
 //!
 //! The crate's floors, from the bottom; each imports only floors below it (`tests/layers.rs`
 //! checks): `config`, `loader` (zero-copy safetensors), `tokenizer`, `sampling`, `batch` (what
-//! one forward step computes), `kv` (paged KV pool, radix cache), `parallel` (tensor-parallel
-//! shards and collectives), `backend` (the ops a model needs, on the CPU and CUDA), `model`
+//! one forward step computes), `kv` (paged KV pool, radix cache), `constraint` (structured
+//! output through llguidance), `parallel` (tensor-parallel shards and collectives), `backend`
+//! (the ops a model needs, on the CPU and CUDA), `model`
 //! (Llama written against the backend trait), `scheduler` (pure policy), `runner` (loading a
 //! model and driving its steps, alone or as a tensor-parallel group), `engine` (the thread
 //! that owns them all). Only the engine's handle and the types it speaks are the supported

@@ -353,6 +353,58 @@ fn tensor_parallel_engine_gives_the_same_tokens() {
     assert_eq!(tokens(2), one);
 }
 
+/// ABI 1.2: a regex, a JSON schema or a grammar constrains the output; two at once, or one
+/// that does not compile, is an invalid argument naming the field; a struct from the 1.1
+/// header (ending before them) generates unconstrained whatever lies beyond it.
+#[test]
+fn constrained_generation() {
+    let e = engine();
+    let text = CString::new("Today's date is").unwrap();
+    let date = CString::new("[0-9]{4}-[0-9]{2}-[0-9]{2}").unwrap();
+    let schema = CString::new(
+        r#"{"type": "object", "properties": {"n": {"type": "integer", "maximum": 999}},
+            "required": ["n"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    let bad_regex = CString::new("(open").unwrap();
+    unsafe {
+        let generate = |p: &sglang_request_params| {
+            let mut r = std::ptr::null_mut();
+            let status = sglang_generate(e, p, &mut r);
+            if status != SGLANG_OK {
+                return Err(status);
+            }
+            let out = CStr::from_ptr((*r).text).to_string_lossy().into_owned();
+            let finish = (*r).finish_reason;
+            sglang_result_free(r);
+            Ok((out, finish))
+        };
+        let mut p = greedy(&text, 20);
+        p.regex = date.as_ptr();
+        let (out, finish) = generate(&p).unwrap();
+        let b = out.as_bytes();
+        assert!(b.len() == 10 && b[4] == b'-' && b[7] == b'-', "{out:?}");
+        assert_eq!(finish, SGLANG_FINISH_STOP);
+        let mut p = greedy(&text, 40);
+        p.json_schema = schema.as_ptr();
+        let (out, _) = generate(&p).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+        assert!(v["n"].is_i64(), "{out}");
+        p.regex = date.as_ptr();
+        assert_eq!(generate(&p), Err(SGLANG_ERR_INVALID_ARGUMENT));
+        assert!(last_error().contains("regex"), "{}", last_error());
+        let mut p = greedy(&text, 4);
+        p.regex = bad_regex.as_ptr();
+        assert_eq!(generate(&p), Err(SGLANG_ERR_INVALID_ARGUMENT));
+        assert!(last_error().contains("`regex`"), "{}", last_error());
+        // the 1.1 header's struct ends at n_stop_token_ids
+        p.struct_size = std::mem::offset_of!(sglang_request_params, json_schema);
+        let (out, finish) = generate(&p).unwrap();
+        assert_eq!(finish, SGLANG_FINISH_LENGTH, "{out:?}");
+        sglang_engine_free(e);
+    }
+}
+
 #[test]
 fn generate_stream_cancel_and_abort() {
     let e = engine();

@@ -9,7 +9,7 @@
 //!   back in that form and tool results are user turns inside `<tool_response></tool_response>`.
 //! - **`"required"` or a named function.** The output is constrained (a JSON schema through
 //!   the engine's structured output) to a JSON array of `{"name", "parameters"}` objects
-//!   whose parameters validate against the declared schema: one call, or several with
+//!   whose parameters validate against the declared schema: one call, or up to eight with
 //!   `parallel_tool_calls`. This works with any model, however small.
 //! - **`"auto"`.** The output is free; calls are parsed from it by the parser chosen with
 //!   `--tool-call-parser` (the SGLang gateway's `tool-parser` crate: `hermes` (default),
@@ -57,6 +57,9 @@ XML tags:\n<tools>";
 const TOOLS_PROMPT_TAIL: &str = "</tools>\n\nFor each function call, return a json object with \
 function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
 {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
+
+/// Most calls a forced answer may hold with `parallel_tool_calls`.
+pub(super) const MAX_PARALLEL_CALLS: usize = 8;
 
 /// The `--tool-call-parser` names this server knows (the `tool-parser` crate's, with `hermes`
 /// for its Qwen parser, which reads the Hermes `<tool_call>` form).
@@ -171,7 +174,8 @@ impl ToolSet {
 
     /// The JSON schema forcing calls (`"required"`, a named function): an array of
     /// `{"name", "parameters"}` objects, at least one, one only without `parallel_tool_calls`
-    /// or for a named function.
+    /// or for a named function, at most [`MAX_PARALLEL_CALLS`] (small models repeat a call
+    /// until the tokens run out otherwise).
     pub(super) fn forced_schema(&self) -> Option<String> {
         let (candidates, one): (Vec<&Tool>, bool) = match &self.choice {
             Choice::None | Choice::Auto => return None,
@@ -198,10 +202,9 @@ impl ToolSet {
                 })
             })
             .collect();
-        let mut schema = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
-        if one {
-            schema["maxItems"] = json!(1);
-        }
+        let most = if one { 1 } else { MAX_PARALLEL_CALLS };
+        let schema =
+            json!({"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": calls}});
         Some(schema.to_string())
     }
 
