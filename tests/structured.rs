@@ -269,3 +269,27 @@ fn a_constraint_that_leaves_no_token_fails_its_request_and_frees_its_pages() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn constrained_requests_survive_retraction() {
+    // 160 KV slots hold two prompts but not their outputs: requests are retracted and
+    // recomputed, and their constraints carry on from where they were
+    let mut cfg = EngineConfig::new(common::model_dir());
+    cfg.max_total_tokens = Some(160);
+    cfg.page_size = 4;
+    cfg.chunked_prefill_size = 64;
+    let tight = EngineHandle::start(cfg).unwrap();
+    let roomy = engine(1);
+    let reqs: Vec<_> = (0..8)
+        .map(|i| {
+            request(&roomy, "Describe a person as JSON.", json_params(0.7, i))
+        })
+        .collect();
+    let alone: Vec<Output> = reqs.iter().map(|r| run(&roomy, r.clone())).collect();
+    let streams: Vec<_> = reqs.iter().map(|r| tight.submit(r.clone()).unwrap()).collect();
+    for (i, (s, a)) in streams.into_iter().zip(&alone).enumerate() {
+        let out = s.collect_blocking().unwrap();
+        assert_eq!(out.token_ids, a.token_ids, "request {i}");
+    }
+    assert!(tight.stats().retractions > 0, "the pool was meant to run dry");
+}
