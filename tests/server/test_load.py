@@ -158,16 +158,18 @@ def test_a_client_leaving_a_queued_stream_frees_its_place_at_once():
         running = stream_socket(s, {"text": "Count:", "stream": True, "sampling_params": {
             "max_new_tokens": 100000, "ignore_eos": True, "temperature": 0}})
         running.recv(4096)
+
+        def wait_for(name, value):
+            deadline = time.time() + 10
+            while s.metric(name) != value and time.time() < deadline:
+                time.sleep(0.02)
+            assert s.metric(name) == value, name
+
+        wait_for("sglang_num_running_requests", 1)
         queued = stream_socket(s, {"text": "Other:", "stream": True, "sampling_params": {"max_new_tokens": 4}})
-        deadline = time.time() + 10
-        while s.metric("sglang_request_queue_length") != 1 and time.time() < deadline:
-            time.sleep(0.02)
-        assert s.metric("sglang_request_queue_length") == 1
+        wait_for("sglang_request_queue_length", 1)
         queued.close()
-        deadline = time.time() + 5
-        while s.metric("sglang_request_queue_length") != 0 and time.time() < deadline:
-            time.sleep(0.02)
-        assert s.metric("sglang_request_queue_length") == 0, "the queued request outlived its client"
+        wait_for("sglang_request_queue_length", 0)  # else the queued request outlived its client
         assert s.metric("sglang_aborted_requests_total", {"reason": "client_disconnected"}) == 1
         assert s.metric("sglang_num_running_requests") == 1, "the running stream goes on"
         running.close()
