@@ -281,15 +281,19 @@ fn constrained_requests_survive_retraction() {
     let tight = EngineHandle::start(cfg).unwrap();
     let roomy = engine(1);
     let reqs: Vec<_> = (0..8)
-        .map(|i| {
-            request(&roomy, "Describe a person as JSON.", json_params(0.7, i))
-        })
+        .map(|i| request(&roomy, "Describe a person as JSON.", json_params(0.7, i)))
         .collect();
     let alone: Vec<Output> = reqs.iter().map(|r| run(&roomy, r.clone())).collect();
-    let streams: Vec<_> = reqs.iter().map(|r| tight.submit(r.clone()).unwrap()).collect();
+    let streams: Vec<_> = reqs
+        .iter()
+        .map(|r| tight.submit(r.clone()).unwrap())
+        .collect();
     for (i, (s, a)) in streams.into_iter().zip(&alone).enumerate() {
         let out = s.collect_blocking().unwrap();
         assert_eq!(out.token_ids, a.token_ids, "request {i}");
     }
-    assert!(tight.stats().retractions > 0, "the pool was meant to run dry");
+    assert!(
+        tight.stats().retractions > 0,
+        "the pool was meant to run dry"
+    );
 }
