@@ -214,6 +214,11 @@ pub struct ServerArgs {
     /// `<tool_call>` form of Hermes and Qwen models), llama, mistral, pythonic, json, ...
     #[arg(long, env = "SGLANG_TOOL_CALL_PARSER", default_value = "hermes")]
     pub tool_call_parser: String,
+
+    /// Split the model's reasoning from its answer: deepseek_r1, qwen3, kimi, glm45, ... (the
+    /// `<think>...</think>` forms); default: no split.
+    #[arg(long, env = "SGLANG_REASONING_PARSER")]
+    pub reasoning_parser: Option<String>,
 }
 
 impl ServerArgs {
@@ -250,7 +255,16 @@ impl ServerArgs {
                 return Err(format!("invalid option `{name}`: the key is empty"));
             }
         }
-        let parsers = crate::http::openai::tools::parser_names();
+        if let Some(name) = &self.reasoning_parser {
+            let names = crate::http::reasoning_parser_names();
+            if !names.contains(name) {
+                return Err(format!(
+                    "invalid option `reasoning-parser`: {name:?} (one of {})",
+                    names.join(", ")
+                ));
+            }
+        }
+        let parsers = crate::http::tools::parser_names();
         if !parsers.contains(&self.tool_call_parser) {
             return Err(format!(
                 "invalid option `tool-call-parser`: {:?} (one of {})",

@@ -56,6 +56,7 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            responses: Default::default(),
         });
         // Load the model off the async threads; /health answers "starting" meanwhile.
         let loader_state = state.clone();

@@ -130,8 +130,36 @@ impl ApiError {
         }})
     }
 
+    /// The error in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`, the
+    /// type named by status as Anthropic names it.
+    pub fn anthropic_json(&self) -> serde_json::Value {
+        let kind = match self.status.as_u16() {
+            400 | 405 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            504 => "timeout_error",
+            _ => "api_error",
+        };
+        serde_json::json!({"type": "error", "error": {"type": kind, "message": self.message}})
+    }
+
     pub fn into_response(self) -> Response<Body> {
-        let mut resp = Response::new(full(Bytes::from(self.body_json().to_string())));
+        let body = self.body_json();
+        self.respond(body)
+    }
+
+    /// As [`Self::into_response`], with the body in Anthropic's shape.
+    pub fn into_anthropic_response(self) -> Response<Body> {
+        let body = self.anthropic_json();
+        self.respond(body)
+    }
+
+    fn respond(self, body: serde_json::Value) -> Response<Body> {
+        let mut resp = Response::new(full(Bytes::from(body.to_string())));
         *resp.status_mut() = self.status;
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -5,6 +5,7 @@
 //! cache), and `crate::health`.
 
 mod admin;
+mod anthropic;
 pub mod error;
 pub mod health;
 mod jobs;
@@ -12,6 +13,8 @@ mod native;
 pub mod openai;
 mod parse;
 mod sse;
+pub mod tools;
+mod turn;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +34,7 @@ use crate::args::ServerArgs;
 pub use admin::sha256_file as admin_sha256_file;
 pub use error::ApiError;
 use health::Health;
+pub use turn::reasoning_parser_names;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -50,6 +54,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Inference requests whose response is not finished yet (drained on shutdown).
     pub active: AtomicUsize,
+    /// Stored `/v1/responses` results, for `GET` and `previous_response_id`.
+    pub responses: openai::ResponseStore,
 }
 
 impl AppState {
@@ -95,6 +101,11 @@ enum Route {
     Generate,
     Completions,
     ChatCompletions,
+    Responses,
+    /// `/v1/responses/{id}`: the id is read from the path.
+    ResponseById,
+    Messages,
+    CountTokens,
     Models,
     Tokenize,
     Detokenize,
@@ -115,10 +126,17 @@ impl Route {
         const GET: &[Method] = &[Method::GET];
         const POST: &[Method] = &[Method::POST];
         const BOTH: &[Method] = &[Method::GET, Method::POST];
+        const GET_DELETE: &[Method] = &[Method::GET, Method::DELETE];
+        if response_id(path).is_some() {
+            return Some((Route::ResponseById, GET_DELETE));
+        }
         Some(match path {
             "/generate" => (Route::Generate, POST),
             "/v1/completions" => (Route::Completions, POST),
             "/v1/chat/completions" => (Route::ChatCompletions, POST),
+            "/v1/responses" => (Route::Responses, POST),
+            "/v1/messages" => (Route::Messages, POST),
+            "/v1/messages/count_tokens" => (Route::CountTokens, POST),
             "/v1/models" => (Route::Models, GET),
             "/tokenize" => (Route::Tokenize, POST),
             "/detokenize" => (Route::Detokenize, POST),
@@ -151,9 +169,32 @@ impl Route {
     fn is_inference(self) -> bool {
         matches!(
             self,
-            Route::Generate | Route::Completions | Route::ChatCompletions
+            Route::Generate
+                | Route::Completions
+                | Route::ChatCompletions
+                | Route::Responses
+                | Route::Messages
         )
     }
+
+    /// Anthropic's routes answer errors in Anthropic's shape.
+    fn is_anthropic(self) -> bool {
+        matches!(self, Route::Messages | Route::CountTokens)
+    }
+
+    /// The path as a metrics label: the template, not the id, for `/v1/responses/{id}`.
+    fn label(self, path: &str) -> &str {
+        match self {
+            Route::ResponseById => "/v1/responses/{id}",
+            _ => path,
+        }
+    }
+}
+
+/// The id in `/v1/responses/{id}`.
+fn response_id(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/responses/")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
 /// Constant-time comparison, so response timing does not reveal how much of a key matched.
@@ -179,6 +220,7 @@ fn authorized(state: &AppState, access: Access, req: &Request<Incoming>) -> bool
             .or(state.args.api_key.as_deref()),
     };
     let Some(key) = key else { return true };
+    // `Authorization: Bearer <key>` (OpenAI, SGLang) or `x-api-key: <key>` (Anthropic)
     let given = req
         .headers()
         .get(AUTHORIZATION)
@@ -187,6 +229,7 @@ fn authorized(state: &AppState, access: Access, req: &Request<Incoming>) -> bool
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("");
     keys_match(given.trim().as_bytes(), key.as_bytes())
 }
@@ -242,12 +285,16 @@ pub async fn handle(
         return Ok(ApiError::not_found(&path).into_response());
     };
     let outcome = dispatch(&state, route, methods, req).await;
-    let resp = outcome.unwrap_or_else(ApiError::into_response);
+    let resp = match outcome {
+        Ok(r) => r,
+        Err(e) if route.is_anthropic() => e.into_anthropic_response(),
+        Err(e) => e.into_response(),
+    };
     let status = resp.status();
     state
         .metrics
         .requests_total
-        .with_label_values(&[path.as_str(), status.as_str()])
+        .with_label_values(&[route.label(&path), status.as_str()])
         .inc();
     if route.is_inference() {
         state
@@ -285,6 +332,8 @@ async fn dispatch(
     let limit = state.args.max_request_bytes;
     let _active = route.is_inference().then(|| ActiveGuard::new(state));
     let is_post = req.method() == Method::POST;
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let body = if is_post {
         read_body(req, limit).await?
     } else {
@@ -294,6 +343,17 @@ async fn dispatch(
         Route::Generate => native::generate(state, &body).await,
         Route::Completions => openai::completions(state, &body).await,
         Route::ChatCompletions => openai::chat_completions(state, &body).await,
+        Route::Responses => openai::create_response(state, &body).await,
+        Route::ResponseById => {
+            let id = response_id(&path).unwrap_or_default();
+            if method == Method::DELETE {
+                openai::delete_response(state, id)
+            } else {
+                openai::get_response(state, id)
+            }
+        }
+        Route::Messages => anthropic::create(state, &body).await,
+        Route::CountTokens => anthropic::count_tokens(state, &body),
         Route::Models => openai::models(state),
         Route::Tokenize => admin::tokenize(state, &body),
         Route::Detokenize => admin::detokenize(state, &body),

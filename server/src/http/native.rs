@@ -22,7 +22,7 @@ use sglang::tokenizer::Tokenizer;
 
 use super::jobs::{self, log_outputs, new_id};
 use super::parse::{parse_ids, parse_json};
-use super::sse::{self, StreamFormatter};
+use super::sse::{self, SseEvent, StreamFormatter};
 use super::{ok_json, ApiError, AppState, Body};
 
 #[derive(Debug, Deserialize)]
@@ -404,7 +404,7 @@ struct NativeStream {
 }
 
 impl StreamFormatter for NativeStream {
-    fn event(&mut self, index: usize, event: &Event) -> Vec<String> {
+    fn event(&mut self, index: usize, event: &Event) -> Vec<SseEvent> {
         if self.outputs.len() < self.jobs.len() {
             self.outputs.resize(self.jobs.len(), Output::default());
         }
@@ -425,7 +425,7 @@ impl StreamFormatter for NativeStream {
         if self.many {
             v["index"] = json!(index);
         }
-        vec![v.to_string()]
+        vec![v.to_string().into()]
     }
 
     fn log(&self, status: &str, started: Instant) {

@@ -1,7 +1,8 @@
 //! Reading request bodies: JSON into the route's type with errors that name the field path,
-//! and the token-id lists several routes accept.
+//! the token-id lists several routes accept, and typed optional fields of a JSON object (the
+//! Responses and Messages routes read their bodies field by field).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::error::{self, ApiError};
 
@@ -35,4 +36,45 @@ pub fn parse_ids(v: &Value, field: &str) -> Result<Vec<u32>, ApiError> {
                 })
         })
         .collect()
+}
+
+/// 400 naming `field`, the message starting with it.
+pub fn bad(field: &str, message: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(field, format!("`{field}` {message}"))
+}
+
+/// A field that is present and not `null`.
+pub fn opt<'a>(body: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    body.get(key).filter(|v| !v.is_null())
+}
+
+fn typed<T>(
+    body: &Map<String, Value>,
+    key: &str,
+    get: impl FnOnce(&Value) -> Option<T>,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
+    opt(body, key)
+        .map(|v| get(v).ok_or_else(|| bad(key, format!("must be {what}"))))
+        .transpose()
+}
+
+pub fn opt_f32(body: &Map<String, Value>, key: &str) -> Result<Option<f32>, ApiError> {
+    typed(body, key, |v| v.as_f64().map(|x| x as f32), "a number")
+}
+
+pub fn opt_u64(body: &Map<String, Value>, key: &str) -> Result<Option<u64>, ApiError> {
+    typed(body, key, Value::as_u64, "a non-negative integer")
+}
+
+pub fn opt_i64(body: &Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
+    typed(body, key, Value::as_i64, "an integer")
+}
+
+pub fn opt_bool(body: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    typed(body, key, Value::as_bool, "true or false")
+}
+
+pub fn opt_string(body: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    typed(body, key, |v| v.as_str().map(str::to_string), "a string")
 }

@@ -21,19 +21,56 @@ use sglang::engine::{AbortReason, EngineHandle, Event, RequestError, RequestStre
 
 use super::{ActiveGuard, ApiError, AppState, Body};
 
-/// What an SSE stream formats: each event becomes zero or more `data:` payloads.
+/// One server-sent event: an optional `event:` name (the Responses and Messages protocols
+/// name theirs) and its `data:`.
+pub struct SseEvent {
+    pub name: Option<&'static str>,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn named(name: &'static str, data: String) -> Self {
+        Self {
+            name: Some(name),
+            data,
+        }
+    }
+
+    fn bytes(&self) -> Bytes {
+        Bytes::from(match self.name {
+            Some(n) => format!("event: {n}\ndata: {}\n\n", self.data),
+            None => format!("data: {}\n\n", self.data),
+        })
+    }
+}
+
+impl From<String> for SseEvent {
+    fn from(data: String) -> Self {
+        Self { name: None, data }
+    }
+}
+
+/// What an SSE stream formats: each event becomes zero or more server-sent events.
 pub trait StreamFormatter: Send + Sync + 'static {
-    fn event(&mut self, index: usize, event: &Event) -> Vec<String>;
-    /// Payloads after every generation finished (usage chunks), before `[DONE]`.
-    fn finish(&mut self) -> Vec<String> {
+    fn event(&mut self, index: usize, event: &Event) -> Vec<SseEvent>;
+    /// Events after every generation finished (usage chunks, a closing event).
+    fn finish(&mut self) -> Vec<SseEvent> {
         Vec::new()
+    }
+    /// How a failure is told mid-stream (OpenAI's error object by default).
+    fn error(&self, e: &ApiError) -> SseEvent {
+        e.body_json().to_string().into()
+    }
+    /// Whether the stream ends with `data: [DONE]` (OpenAI's chat and completions do).
+    fn done_marker(&self) -> bool {
+        true
     }
     /// Called once at the end with the outcome, for the request log line.
     fn log(&self, status: &str, started: Instant);
 }
 
-/// The body of a streamed response: `streams[i]`'s events become payloads through `fmt`,
-/// then (unless the client left) `data: [DONE]`.
+/// The body of a streamed response: `streams[i]`'s events become server-sent events through
+/// `fmt`, then (unless the client left, and where the protocol has it) `data: [DONE]`.
 struct EventBody<F: StreamFormatter> {
     streams: Vec<RequestStream>,
     /// Which streams have ended (finished, failed).
@@ -58,9 +95,13 @@ struct EventBody<F: StreamFormatter> {
 }
 
 impl<F: StreamFormatter> EventBody<F> {
-    fn push(&mut self, payload: String) {
-        self.out
-            .push_back(Bytes::from(format!("data: {payload}\n\n")));
+    fn push(&mut self, event: SseEvent) {
+        self.out.push_back(event.bytes());
+    }
+
+    fn push_error(&mut self, e: ApiError) {
+        let event = self.fmt.error(&e);
+        self.push(event);
     }
 
     fn on_event(&mut self, i: usize, event: Event) {
@@ -71,7 +112,7 @@ impl<F: StreamFormatter> EventBody<F> {
             Event::Chunk(_) => return,
             Event::Finished(_) => {}
             Event::Failed(e) => {
-                self.push(ApiError::from(e).body_json().to_string());
+                self.push_error(ApiError::from(e));
                 self.status = "failed";
             }
         }
@@ -82,15 +123,17 @@ impl<F: StreamFormatter> EventBody<F> {
         }
     }
 
-    /// Queues what follows the last event: the formatter's closing payloads when everything
-    /// went well, then `[DONE]`.
+    /// Queues what follows the last event: the formatter's closing events when everything
+    /// went well, then `[DONE]` where the protocol has it.
     fn end(&mut self) {
         if self.status == "ok" {
             for p in self.fmt.finish() {
                 self.push(p);
             }
         }
-        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        if self.fmt.done_marker() {
+            self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        }
         self.done = true;
     }
 
@@ -145,8 +188,7 @@ impl<F: StreamFormatter> http_body::Body for EventBody<F> {
                     continue;
                 }
                 Poll::Ready(None) => {
-                    let e = ApiError::from(RequestError::EngineStopped);
-                    this.push(e.body_json().to_string());
+                    this.push_error(ApiError::from(RequestError::EngineStopped));
                     this.status = "failed";
                     this.end();
                     continue;
@@ -163,7 +205,7 @@ impl<F: StreamFormatter> http_body::Body for EventBody<F> {
             for s in &this.streams {
                 this.engine.abort_with(s.id(), AbortReason::Timeout);
             }
-            this.push(ApiError::timeout(this.timeout_secs).body_json().to_string());
+            this.push_error(ApiError::timeout(this.timeout_secs));
             this.status = "timeout";
             this.end();
         }

@@ -1,6 +1,8 @@
 //! `POST /v1/chat/completions`: messages rendered through the model's chat template, the
-//! assistant's reply as `message` (or `delta` chunks), `logprobs` in the chat shape, and tool
-//! calls (`tools`, `tool_choice`, `parallel_tool_calls`; see [`super::tools`]).
+//! assistant's reply as `message` (or `delta` chunks), `logprobs` in the chat shape, tool calls
+//! (`tools`, `tool_choice`, `parallel_tool_calls`; see `http/tools.rs`) and, with
+//! `--reasoning-parser`, `reasoning_content`. The pipeline is the one `http/turn.rs` shares
+//! with the Responses and Messages APIs.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,16 +12,13 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sglang::engine::{Event, Output, TokenInfo};
 use sglang::tokenizer::Tokenizer;
-use tool_parser::ToolParser;
 
-use super::tools::{self, ToolSet};
-use super::{
-    api_names, check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead,
-    Common,
-};
+use super::{api_names, check_top, choices, now_secs, token_text, usage_json, ChunkHead, Common};
 use crate::http::jobs::{self, log_outputs, new_id};
 use crate::http::parse::parse_json;
-use crate::http::sse::{self, StreamFormatter};
+use crate::http::sse::{self, SseEvent, StreamFormatter};
+use crate::http::tools::{self, ToolSet};
+use crate::http::turn::{self, Conversation, Delta, TurnEnd, TurnStream};
 use crate::http::{ok_json, ApiError, AppState, Body};
 
 /// Chat logprobs: `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`.
@@ -45,7 +44,7 @@ fn chat_logprobs(tok: &Tokenizer, infos: &[TokenInfo]) -> Value {
 }
 
 #[derive(Debug, Deserialize)]
-struct ChatMessageIn {
+pub(super) struct ChatMessageIn {
     role: String,
     #[serde(default)]
     content: Option<Value>,
@@ -115,7 +114,7 @@ fn message_text(field: &str, content: &Option<Value>) -> Result<String, ApiError
 
 /// Messages as the template sees them: `role`, `content` (text parts joined), and the
 /// assistant's `tool_calls` and the tool results' `tool_call_id`.
-fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<Value>, ApiError> {
+pub(super) fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages", "`messages` is empty"));
     }
@@ -141,45 +140,29 @@ fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<Value>, ApiError> {
         .collect()
 }
 
-/// The prompt: messages (and tools) through the chat template, or with the tools and tool
-/// history written into the messages for a template that does not render them.
-fn render(
-    tok: &Tokenizer,
-    messages: Vec<Value>,
-    tools: Option<&ToolSet>,
-    add_generation_prompt: bool,
-) -> Result<String, ApiError> {
-    let shown = tools.and_then(ToolSet::for_prompt);
-    let rendered = if tok.template_uses_tools() {
-        tok.apply_chat_template_with_tools(&messages, shown, add_generation_prompt)
-    } else {
-        let messages = tools::inline_tools(messages, shown);
-        tok.apply_chat_template(&messages, add_generation_prompt)
-    };
-    rendered.map_err(|e| ApiError::bad_request("messages", e.to_string()))
+/// Chat's `finish_reason`.
+fn finish_str(end: &TurnEnd) -> &'static str {
+    match end {
+        TurnEnd::Stop | TurnEnd::StopSequence(_) => "stop",
+        TurnEnd::Length => "length",
+        TurnEnd::ToolCalls => "tool_calls",
+        TurnEnd::Abort => "abort",
+    }
 }
 
-/// The assistant message of a finished choice: its text, or the calls parsed from it.
-fn message_json(o: &Output, tools: Option<&ToolSet>) -> (Value, Value) {
-    if let Some(t) = tools.filter(|t| t.parses()) {
-        let (normal, calls) = t.parse(&o.text);
-        if !calls.is_empty() {
-            let content = if normal.trim().is_empty() {
-                Value::Null
-            } else {
-                json!(normal)
-            };
-            let calls: Vec<Value> = calls.iter().map(tools::call_json).collect();
-            return (
-                json!({"role": "assistant", "content": content, "tool_calls": calls}),
-                json!("tool_calls"),
-            );
-        }
+/// `completion_tokens_details.reasoning_tokens` where reasoning was split off.
+fn usage_with_reasoning(
+    tok: &Tokenizer,
+    prompt: usize,
+    outputs: &[Output],
+    reasoning: &[&str],
+) -> Value {
+    let mut usage = usage_json(prompt, outputs);
+    if reasoning.iter().any(|r| !r.is_empty()) {
+        let tokens: usize = reasoning.iter().map(|r| turn::count(tok, r)).sum();
+        usage["completion_tokens_details"] = json!({"reasoning_tokens": tokens});
     }
-    (
-        json!({"role": "assistant", "content": o.text}),
-        finish_reason(o),
-    )
+    usage
 }
 
 pub async fn chat_completions(
@@ -206,39 +189,25 @@ pub async fn chat_completions(
     )?
     .map(Arc::new);
     let tok = engine.tokenizer().clone();
-    let messages = chat_messages(&body.messages)?;
-    let text = render(
-        &tok,
-        messages,
-        tools.as_deref(),
-        body.add_generation_prompt.unwrap_or(true),
-    )?;
-    let ids = tok
-        .encode(&text, false)
-        .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+    let conv = Conversation {
+        messages: chat_messages(&body.messages)?,
+        tools,
+        add_generation_prompt: body.add_generation_prompt.unwrap_or(true),
+    };
     // default: as long as the context allows (the engine caps it there)
     let max_tokens = body
         .max_completion_tokens
         .or(body.max_tokens)
         .unwrap_or(usize::MAX / 2);
-    let mut params = body.common.params(max_tokens).map_err(api_names)?;
-    if let Some(schema) = tools.as_ref().and_then(|t| t.forced_schema()) {
-        if sglang::engine::constraint_spec(&params).is_some() {
-            return Err(ApiError::bad_request(
-                "tool_choice",
-                "`tool_choice` that forces a call cannot be combined with `response_format`, `regex` or `ebnf`",
-            ));
-        }
-        params.json_schema = Some(schema);
-    }
-    let reqs = choices(&ids, &params, n, top, body.logprobs, false);
+    let params = body.common.params(max_tokens).map_err(api_names)?;
+    let prepared = turn::prepare(&tok, &conv, params)?;
+    let ids = prepared.ids;
+    let reqs = choices(&ids, &prepared.params, n, top, body.logprobs, false);
     let streams = jobs::submit_all(engine, reqs).await.map_err(api_names)?;
     let id = format!("chatcmpl-{}", new_id());
     let model = state.served_model_name.clone();
+    let reasoning = state.args.reasoning_parser.as_deref();
     if body.common.stream {
-        let parsers = (0..n)
-            .map(|_| tools.as_ref().filter(|t| t.parses()).map(|t| t.parser()))
-            .collect();
         let fmt = ChatStream {
             head: ChunkHead::new(id, model, "chat.completion.chunk", &body.common),
             tok,
@@ -246,13 +215,14 @@ pub async fn chat_completions(
             started_roles: vec![false; n],
             outputs: vec![Output::default(); n],
             prompt_tokens: ids.len(),
-            tools,
-            parsers,
-            call_ids: vec![Vec::new(); n],
+            turns: (0..n)
+                .map(|_| TurnStream::new(conv.tools.as_ref(), reasoning))
+                .collect(),
         };
         return Ok(sse::stream(state, engine, streams, fmt));
     }
     let outputs = jobs::collect_all(state, engine, streams).await?;
+    let mut reasonings = Vec::new();
     let choices: Vec<Value> = outputs
         .iter()
         .enumerate()
@@ -262,8 +232,19 @@ pub async fn chat_completions(
             } else {
                 Value::Null
             };
-            let (message, finish) = message_json(o, tools.as_deref());
-            json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            let (t, end) = turn::finished_turn(o, conv.tools.as_deref(), reasoning);
+            let mut message = json!({"role": "assistant", "content": t.content});
+            if !t.calls.is_empty() {
+                if t.content.trim().is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = t.calls.iter().map(tools::call_json).collect();
+            }
+            if let Some(r) = &t.reasoning {
+                message["reasoning_content"] = json!(r);
+            }
+            reasonings.push(t.reasoning.unwrap_or_default());
+            json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish_str(&end)})
         })
         .collect();
     log_outputs(
@@ -273,9 +254,11 @@ pub async fn chat_completions(
         "ok",
         started,
     );
+    let reasoning_refs: Vec<&str> = reasonings.iter().map(String::as_str).collect();
     Ok(ok_json(&json!({
         "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
-        "choices": choices, "usage": usage_json(ids.len(), &outputs),
+        "choices": choices,
+        "usage": usage_with_reasoning(&tok, ids.len(), &outputs, &reasoning_refs),
     })))
 }
 
@@ -286,60 +269,30 @@ struct ChatStream {
     started_roles: Vec<bool>,
     outputs: Vec<Output>,
     prompt_tokens: usize,
-    tools: Option<Arc<ToolSet>>,
-    /// Each choice's tool-call parser (when its output is read for calls).
-    parsers: Vec<Option<Box<dyn ToolParser>>>,
-    /// Each choice's calls so far, by the parser's index: their ids.
-    call_ids: Vec<Vec<String>>,
+    /// Each choice's reasoning and tool-call split.
+    turns: Vec<TurnStream>,
 }
 
-impl ChatStream {
-    /// The deltas of one piece of a choice's text: content, and tool calls by index.
-    fn deltas(&mut self, i: usize, text: &str, last: bool) -> Vec<Value> {
-        let Some(parser) = self.parsers[i].as_mut() else {
-            return if text.is_empty() {
-                Vec::new()
-            } else {
-                vec![json!({"content": text})]
-            };
-        };
-        let tools = self.tools.as_deref().map_or(&[][..], ToolSet::tools);
-        let mut normal = String::new();
-        let mut items = Vec::new();
-        if let Some(Ok(r)) = tools::ready(parser.parse_incremental(text, tools)) {
-            normal.push_str(&r.normal_text);
-            items.extend(r.calls);
+/// A chat `delta` object.
+fn delta_json(d: Delta) -> Value {
+    match d {
+        Delta::Reasoning(r) => json!({"reasoning_content": r}),
+        Delta::Content(c) => json!({"content": c}),
+        Delta::CallStart {
+            index,
+            id,
+            name,
+            arguments,
+        } => json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                                     "function": {"name": name, "arguments": arguments}}]}),
+        Delta::CallArguments { index, arguments } => {
+            json!({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
         }
-        if last {
-            items.extend(parser.get_unstreamed_tool_args().unwrap_or_default());
-            normal.push_str(&parser.take_unstreamed_normal_text());
-        }
-        let mut out = Vec::new();
-        if !normal.is_empty() {
-            out.push(json!({"content": normal}));
-        }
-        let ids = &mut self.call_ids[i];
-        for item in items {
-            let k = item.tool_index;
-            let call = match item.name {
-                Some(name) => {
-                    while ids.len() <= k {
-                        ids.push(tools::call_id());
-                    }
-                    json!({"index": k, "id": ids[k], "type": "function",
-                           "function": {"name": name, "arguments": item.parameters}})
-                }
-                None if item.parameters.is_empty() => continue,
-                None => json!({"index": k, "function": {"arguments": item.parameters}}),
-            };
-            out.push(json!({"tool_calls": [call]}));
-        }
-        out
     }
 }
 
 impl StreamFormatter for ChatStream {
-    fn event(&mut self, i: usize, event: &Event) -> Vec<String> {
+    fn event(&mut self, i: usize, event: &Event) -> Vec<SseEvent> {
         let mut out = Vec::new();
         if !self.started_roles[i] {
             self.started_roles[i] = true;
@@ -353,7 +306,11 @@ impl StreamFormatter for ChatStream {
                 } else {
                     Value::Null
                 };
-                let mut deltas = self.deltas(i, &c.text, false);
+                let mut deltas: Vec<Value> = self.turns[i]
+                    .push(&c.text, false)
+                    .into_iter()
+                    .map(delta_json)
+                    .collect();
                 if deltas.is_empty() && self.logprobs {
                     deltas.push(json!({"content": ""}));
                 }
@@ -367,25 +324,25 @@ impl StreamFormatter for ChatStream {
             }
             Event::Finished(f) => {
                 self.outputs[i].finish = Some(f.clone());
-                for delta in self.deltas(i, "", true) {
-                    out.push(self.head.chunk(json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": null})));
+                for delta in self.turns[i].push("", true) {
+                    out.push(self.head.chunk(json!({"index": i, "delta": delta_json(delta), "logprobs": null, "finish_reason": null})));
                 }
-                let finish = if self.call_ids[i].is_empty() {
-                    finish_reason(&self.outputs[i])
-                } else {
-                    json!("tool_calls")
-                };
-                out.push(self.head.chunk(
-                    json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}),
-                ));
+                let end = self.turns[i].end(&self.outputs[i]);
+                out.push(self.head.chunk(json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_str(&end)})));
             }
             Event::Failed(_) => {}
         }
-        out
+        out.into_iter().map(Into::into).collect()
     }
 
-    fn finish(&mut self) -> Vec<String> {
-        self.head.usage(self.prompt_tokens, &self.outputs)
+    fn finish(&mut self) -> Vec<SseEvent> {
+        let reasoning: Vec<&str> = self.turns.iter().map(TurnStream::reasoning).collect();
+        let usage = usage_with_reasoning(&self.tok, self.prompt_tokens, &self.outputs, &reasoning);
+        self.head
+            .usage_value(usage)
+            .into_iter()
+            .map(Into::into)
+            .collect()
     }
 
     fn log(&self, status: &str, started: Instant) {

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::http::jobs::{self, log_outputs, new_id};
 use crate::http::parse::{parse_ids, parse_json};
-use crate::http::sse::{self, StreamFormatter};
+use crate::http::sse::{self, SseEvent, StreamFormatter};
 use crate::http::{ok_json, ApiError, AppState, Body};
 
 /// The echoed prompt of a completion with `echo` and `logprobs`.
@@ -229,7 +229,33 @@ struct CompletionStream {
 }
 
 impl StreamFormatter for CompletionStream {
-    fn event(&mut self, i: usize, event: &Event) -> Vec<String> {
+    fn event(&mut self, i: usize, event: &Event) -> Vec<SseEvent> {
+        self.payloads(i, event)
+            .into_iter()
+            .map(Into::into)
+            .collect()
+    }
+
+    fn finish(&mut self) -> Vec<SseEvent> {
+        self.head
+            .usage(self.prompt_tokens, &self.outputs)
+            .into_iter()
+            .map(Into::into)
+            .collect()
+    }
+
+    fn log(&self, status: &str, started: Instant) {
+        let jobs: Vec<(&str, usize)> = self
+            .rid_prompts
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n((self.head.id.as_str(), p), self.n))
+            .collect();
+        log_outputs("/v1/completions", &jobs, &self.outputs, status, started);
+    }
+}
+
+impl CompletionStream {
+    fn payloads(&mut self, i: usize, event: &Event) -> Vec<String> {
         let count = self.echo.len();
         if self.outputs.len() < count {
             self.outputs.resize(count, Output::default());
@@ -270,18 +296,5 @@ impl StreamFormatter for CompletionStream {
             }
             Event::Failed(_) => Vec::new(),
         }
-    }
-
-    fn finish(&mut self) -> Vec<String> {
-        self.head.usage(self.prompt_tokens, &self.outputs)
-    }
-
-    fn log(&self, status: &str, started: Instant) {
-        let jobs: Vec<(&str, usize)> = self
-            .rid_prompts
-            .iter()
-            .flat_map(|&p| std::iter::repeat_n((self.head.id.as_str(), p), self.n))
-            .collect();
-        log_outputs("/v1/completions", &jobs, &self.outputs, status, started);
     }
 }

@@ -12,7 +12,7 @@
 
 mod chat;
 mod completions;
-pub mod tools;
+mod responses;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +28,9 @@ use super::{ok_json, ApiError, AppState, Body};
 
 pub use chat::chat_completions;
 pub use completions::completions;
+pub use responses::{
+    create as create_response, delete as delete_response, get as get_response, ResponseStore,
+};
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct StreamOptions {
@@ -309,10 +312,15 @@ impl ChunkHead {
 
     /// The final usage chunk, when asked for.
     pub(super) fn usage(&self, prompt_tokens: usize, outputs: &[Output]) -> Vec<String> {
+        self.usage_value(usage_json(prompt_tokens, outputs))
+    }
+
+    /// The final chunk carrying `usage`, when asked for.
+    pub(super) fn usage_value(&self, usage: Value) -> Vec<String> {
         if !self.include_usage {
             return Vec::new();
         }
-        let v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [], "usage": usage_json(prompt_tokens, outputs)});
+        let v = json!({"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [], "usage": usage});
         vec![v.to_string()]
     }
 }

@@ -1,5 +1,7 @@
-//! Tool calling for `/v1/chat/completions`: the request's `tools`, `tool_choice` and
-//! `parallel_tool_calls`, how tools and tool history reach the model, and how calls come back.
+//! Tool calling for every chat-style protocol (chat completions, Responses, Messages): the
+//! request's tools, tool choice and parallel calls (in chat completions' shapes, into which the
+//! other protocols translate theirs), how tools and tool history reach the model, and how calls
+//! come back.
 //!
 //! - **Prompt.** Where the model's chat template uses a `tools` variable, the tools and the
 //!   history (assistant `tool_calls`, `role: "tool"` results) go to the template as they are.
@@ -30,7 +32,7 @@ use crate::http::ApiError;
 
 /// What `tool_choice` allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Choice {
+pub enum Choice {
     None,
     Auto,
     Required,
@@ -38,11 +40,11 @@ pub(super) enum Choice {
 }
 
 /// The request's tools and what it asks of them.
-pub(super) struct ToolSet {
+pub struct ToolSet {
     tools: Vec<Tool>,
     /// The tools as the request gave them (what the prompt shows).
     raw: Vec<Value>,
-    pub(super) choice: Choice,
+    pub choice: Choice,
     parallel: bool,
     /// The `--tool-call-parser` for `"auto"`.
     parser: String,
@@ -51,7 +53,7 @@ pub(super) struct ToolSet {
 /// The system prompt's tool section for templates that do not render tools themselves (the
 /// wording of Qwen 2.5's template, which Hermes-style models follow); the tools' JSON, one per
 /// line, goes between the two parts.
-pub(super) const TOOLS_PROMPT_HEAD: &str = "# Tools\n\nYou may call one or more functions to \
+pub const TOOLS_PROMPT_HEAD: &str = "# Tools\n\nYou may call one or more functions to \
 assist with the user query.\n\nYou are provided with function signatures within <tools></tools> \
 XML tags:\n<tools>";
 const TOOLS_PROMPT_TAIL: &str = "</tools>\n\nFor each function call, return a json object with \
@@ -59,7 +61,7 @@ function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call
 {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
 
 /// Most calls a forced answer may hold with `parallel_tool_calls`.
-pub(super) const MAX_PARALLEL_CALLS: usize = 8;
+pub const MAX_PARALLEL_CALLS: usize = 8;
 
 /// The `--tool-call-parser` names this server knows (the `tool-parser` crate's, with `hermes`
 /// for its Qwen parser, which reads the Hermes `<tool_call>` form).
@@ -76,7 +78,7 @@ fn create_parser(name: &str) -> Option<Box<dyn ToolParser>> {
 }
 
 /// The output of a future that never waits (the tool parsers): polled once.
-pub(super) fn ready<F: Future>(f: F) -> Option<F::Output> {
+pub fn ready<F: Future>(f: F) -> Option<F::Output> {
     let mut f = std::pin::pin!(f);
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(v) => Some(v),
@@ -90,7 +92,7 @@ fn bad(field: &str, message: impl std::fmt::Display) -> ApiError {
 
 impl ToolSet {
     /// The tools of a request (`None` when it declares none and forces none).
-    pub(super) fn from_request(
+    pub fn from_request(
         tools: Option<&Value>,
         tool_choice: Option<&Value>,
         parallel: Option<bool>,
@@ -158,17 +160,17 @@ impl ToolSet {
         }))
     }
 
-    pub(super) fn tools(&self) -> &[Tool] {
+    pub fn tools(&self) -> &[Tool] {
         &self.tools
     }
 
     /// Whether outputs are read for calls (every choice but `"none"`).
-    pub(super) fn parses(&self) -> bool {
+    pub fn parses(&self) -> bool {
         self.choice != Choice::None
     }
 
     /// The tools as the prompt shows them (`None` with `tool_choice: "none"`).
-    pub(super) fn for_prompt(&self) -> Option<&[Value]> {
+    pub fn for_prompt(&self) -> Option<&[Value]> {
         (self.choice != Choice::None).then_some(&self.raw[..])
     }
 
@@ -176,7 +178,7 @@ impl ToolSet {
     /// `{"name", "parameters"}` objects, at least one, one only without `parallel_tool_calls`
     /// or for a named function, at most [`MAX_PARALLEL_CALLS`] (small models repeat a call
     /// until the tokens run out otherwise).
-    pub(super) fn forced_schema(&self) -> Option<String> {
+    pub fn forced_schema(&self) -> Option<String> {
         let (candidates, one): (Vec<&Tool>, bool) = match &self.choice {
             Choice::None | Choice::Auto => return None,
             Choice::Required => (self.tools.iter().collect(), !self.parallel),
@@ -209,7 +211,7 @@ impl ToolSet {
     }
 
     /// A fresh parser for one choice's output.
-    pub(super) fn parser(&self) -> Box<dyn ToolParser> {
+    pub fn parser(&self) -> Box<dyn ToolParser> {
         match self.choice {
             Choice::Required | Choice::Named(_) => Box::new(JsonParser::new()),
             _ => create_parser(&self.parser).unwrap_or_else(|| Box::new(JsonParser::new())),
@@ -217,7 +219,7 @@ impl ToolSet {
     }
 
     /// The calls in a finished output and the text around them.
-    pub(super) fn parse(&self, text: &str) -> (String, Vec<ToolCall>) {
+    pub fn parse(&self, text: &str) -> (String, Vec<ToolCall>) {
         let parser = self.parser();
         match ready(parser.parse_complete_with_tools(text, &self.tools)) {
             Some(Ok((normal, calls))) => (normal, calls),
@@ -266,7 +268,7 @@ fn parse_tool(i: usize, v: &Value) -> Result<Tool, ApiError> {
 
 /// A call as the API returns it: `{"id", "type": "function", "function": {"name",
 /// "arguments"}}`.
-pub(super) fn call_json(call: &ToolCall) -> Value {
+pub fn call_json(call: &ToolCall) -> Value {
     json!({
         "id": call_id(),
         "type": "function",
@@ -274,13 +276,13 @@ pub(super) fn call_json(call: &ToolCall) -> Value {
     })
 }
 
-pub(super) fn call_id() -> String {
+pub fn call_id() -> String {
     format!("call_{}", &new_id()[..24])
 }
 
 /// A chat message as the template sees it (`role`, `content`, and `tool_calls` /
 /// `tool_call_id` where there are some); `index` names it in errors.
-pub(super) fn message_value(
+pub fn message_value(
     index: usize,
     role: &str,
     content: String,
@@ -334,7 +336,7 @@ pub(super) fn message_value(
 
 /// `messages` for a template that does not render tools: the tools in the system message,
 /// earlier calls as `<tool_call>` blocks, tool results as `<tool_response>` user turns.
-pub(super) fn inline_tools(messages: Vec<Value>, tools: Option<&[Value]>) -> Vec<Value> {
+pub fn inline_tools(messages: Vec<Value>, tools: Option<&[Value]>) -> Vec<Value> {
     let mut out: Vec<Value> = messages
         .into_iter()
         .map(|mut m| {
