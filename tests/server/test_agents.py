@@ -382,6 +382,13 @@ def test_reasoning_split_the_same_in_every_api(thinker):
     assert reasoning and reasoning.strip() and "<think>" not in reasoning and "</think>" not in reasoning
     assert content and "</think>" not in content
     assert c.usage.completion_tokens_details.reasoning_tokens > 0
+    # streamed: reasoning_content deltas first, then content deltas
+    chunks = list(chat(oa, [{"role": "user", "content": q}], max_tokens=80, stream=True, **GREEDY,
+                       extra_body={"regex": THINK}))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    streamed_r = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    streamed_c = "".join(d.content or "" for d in deltas)
+    assert (streamed_r, streamed_c) == (reasoning, content)
     # Responses: a reasoning item, then the message
     r = oa.responses.create(model="m", input=q, max_output_tokens=80, extra_body={"regex": THINK, **GREEDY})
     assert [o.type for o in r.output] == ["reasoning", "message"]
@@ -411,3 +418,15 @@ def test_reasoning_split_the_same_in_every_api(thinker):
         {"role": "user", "content": q}, {"role": "assistant", "content": content},
         {"role": "user", "content": "Why?"}])
     assert n1.input_tokens == n2.input_tokens
+
+
+def test_without_reasoning_parser_thinking_stays_in_the_answer(oa, an):
+    q = [{"role": "user", "content": "Is the sky blue?"}]
+    c = chat(oa, q, max_tokens=80, **GREEDY, extra_body={"regex": THINK})
+    msg = c.choices[0].message
+    assert msg.content.startswith("<think>") and getattr(msg, "reasoning_content", None) is None
+    r = oa.responses.create(model="m", input=q[0]["content"], max_output_tokens=80,
+                            extra_body={"regex": THINK, **GREEDY})
+    assert [o.type for o in r.output] == ["message"] and r.output_text == msg.content
+    m = an.messages.create(model="m", max_tokens=80, messages=q, extra_body={"regex": THINK, **GREEDY})
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == msg.content
