@@ -898,3 +898,39 @@ impl StreamFormatter for ResponseStream {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_drops_the_oldest_past_its_count() {
+        let store = ResponseStore::default();
+        for i in 0..STORE_MAX_RESPONSES + 2 {
+            store.put(format!("r{i}"), json!({"n": i}), Vec::new());
+        }
+        assert!(store.get("r0").is_none() && store.get("r1").is_none());
+        assert_eq!(store.get("r2").unwrap().0, json!({"n": 2}));
+        let last = format!("r{}", STORE_MAX_RESPONSES + 1);
+        assert!(store.get(&last).is_some());
+        assert!(store.delete(&last) && !store.delete(&last));
+        assert!(store.get(&last).is_none());
+    }
+
+    #[test]
+    fn store_drops_the_oldest_past_its_bytes() {
+        let store = ResponseStore::default();
+        let big = json!({"role": "user", "content": "x".repeat(STORE_MAX_BYTES / 3)});
+        for i in 0..4 {
+            store.put(format!("r{i}"), json!({}), vec![big.clone()]);
+        }
+        // three of them exceed the bound: only the two newest stay
+        assert!(store.get("r0").is_none() && store.get("r1").is_none());
+        assert!(store.get("r2").is_some() && store.get("r3").is_some());
+        assert!(store.entries.lock().1 <= STORE_MAX_BYTES);
+        // one larger than the whole bound is still kept (alone) so its GET works
+        let huge = json!({"content": "y".repeat(STORE_MAX_BYTES + 1)});
+        store.put("huge".into(), json!({}), vec![huge]);
+        assert!(store.get("huge").is_some() && store.get("r3").is_none());
+    }
+}
