@@ -6,16 +6,27 @@
  *
  * Conventions
  *   - Every function that can fail returns an sglang_status; on failure,
- *     sglang_last_error() describes it (a thread-local string).
+ *     sglang_last_error() describes it (a thread-local string), and each such call that
+ *     succeeds clears it to "".
  *   - Parameter structs start with `size_t struct_size`: fill them with the matching
  *     sglang_*_default_params() and change fields after. A struct from an older header
  *     (smaller struct_size) works, missing fields taking their defaults; one from a newer
- *     header than the library (larger struct_size) is refused with SGLANG_ERR_VERSION.
+ *     header than the library (larger struct_size) is refused with SGLANG_ERR_VERSION. A
+ *     struct_size must end at the end of a field (as every header version's sizeof does);
+ *     one that ends inside a field is refused with SGLANG_ERR_INVALID_ARGUMENT.
  *   - Ownership: every pointer the library returns says who frees it and with what.
  *     Strings the library allocates are freed with sglang_string_free().
  *   - Text is UTF-8. Invalid UTF-8 input is refused with SGLANG_ERR_INVALID_ARGUMENT.
  *   - No function crashes on NULL pointers, bad sizes or out-of-range values, and no Rust
  *     panic crosses this boundary (it becomes SGLANG_ERR_INTERNAL).
+ *   - Callbacks (sglang_stream_callback) must return normally: a C++ exception thrown
+ *     through the library, or a longjmp() out of a callback, is undefined behaviour (locks
+ *     stay held, the request leaks). Catch inside the callback and return non-zero to cancel.
+ *   - fork(): an engine does not survive it. Its threads exist only in the process that
+ *     created it, so in a forked child every call on an inherited engine or request returns
+ *     SGLANG_ERR_ENGINE_STOPPED (sglang_tokenize: SGLANG_TOKENIZE_ERROR) instead of blocking,
+ *     and sglang_engine_free / sglang_request_free return without freeing. Create engines
+ *     after forking (or in the child).
  *
  * Version: SGLANG_VERSION_MAJOR changes only with incompatible ABI changes (and the soname,
  * libsglang.so.MAJOR); MINOR adds functions or struct fields at the end.
@@ -81,7 +92,9 @@ typedef struct sglang_engine_params {
     int32_t max_running_requests; /* >= 1; default 256 */
     int32_t enable_radix_cache; /* 1 (default) or 0 */
     int32_t page_size;          /* tokens per KV page, 1..1024; default 16 */
-    int64_t max_total_tokens;   /* KV pool size in tokens on the CPU; 0 = default */
+    int64_t max_total_tokens;   /* KV pool size in tokens on the CPU; 0 = default. A pool
+                                   larger than the machine's memory (or the address space) is
+                                   SGLANG_ERR_INVALID_ARGUMENT */
     int32_t num_threads;        /* CPU threads; 0 = all cores */
     /* Since ABI 1.1. A caller built against 1.0 passes a struct that ends before these:
      * they take their defaults. */
@@ -92,7 +105,8 @@ typedef struct sglang_engine_params {
 
 typedef struct sglang_request_params {
     size_t struct_size;         /* sizeof(sglang_request_params) */
-    /* The prompt: either UTF-8 text or token ids (not both). */
+    /* The prompt: either UTF-8 text (tokens NULL) or token ids (text NULL), not both: a
+     * non-NULL tokens beside text is SGLANG_ERR_INVALID_ARGUMENT even when n_tokens is 0. */
     const char *text;
     const int32_t *tokens;
     size_t n_tokens;
@@ -102,7 +116,7 @@ typedef struct sglang_request_params {
     int32_t max_new_tokens;     /* >= 0; default 128 */
     float temperature;          /* >= 0; 0 is greedy; default 1 */
     float top_p;                /* (0, 1]; default 1 */
-    int32_t top_k;              /* -1 (default) or >= 1 */
+    int32_t top_k;              /* -1 (default) or 0: disabled; or >= 1 */
     float min_p;                /* [0, 1]; default 0 */
     float repetition_penalty;   /* (0, 2]; default 1 */
     float frequency_penalty;    /* [-2, 2]; default 0 */
@@ -141,7 +155,8 @@ typedef struct sglang_result {
 /* A piece of a streamed generation. Owned by the library; valid only during the callback
  * (or until the next sglang_request_next / sglang_request_free). */
 typedef struct sglang_chunk {
-    const char *text;           /* new text, NUL-terminated (may be empty) */
+    const char *text;           /* new text, NUL-terminated (may be empty; may hold a NUL:
+                                   use text_len) */
     size_t text_len;            /* bytes of `text` */
     const int32_t *tokens;      /* new token ids */
     size_t n_tokens;
@@ -171,7 +186,8 @@ const char *sglang_version_string(void);
  * SGLANG_ERR_VERSION if the major versions differ or the caller's minor is newer. */
 sglang_status sglang_check_version(uint32_t major, uint32_t minor);
 
-/* The message of the last failed call on this thread ("" if none). Owned by the library;
+/* The message of the last failed call on this thread; "" if none, or if a later call that
+ * reports a status (or sglang_tokenize / sglang_detokenize) succeeded. Owned by the library;
  * valid until the next sglang_* call on the same thread. Never NULL. */
 const char *sglang_last_error(void);
 
@@ -185,13 +201,15 @@ sglang_engine_params sglang_engine_default_params(void);
 
 /* Loads the model and starts the engine.
  * Returns SGLANG_OK and sets *out (free with sglang_engine_free);
- * SGLANG_ERR_INVALID_ARGUMENT (NULL params or out, missing model_path, a value out of range);
+ * SGLANG_ERR_INVALID_ARGUMENT (NULL params or out, missing model_path, a value out of range,
+ * a struct_size inside a field, a KV pool the machine cannot hold);
  * SGLANG_ERR_VERSION (params->struct_size larger than this library knows);
  * SGLANG_ERR_LOAD (the model directory is missing or damaged). *out is NULL on failure. */
 sglang_status sglang_engine_create(const sglang_engine_params *params, sglang_engine **out);
 
 /* Stops the engine and frees it. Requests still running end with SGLANG_FINISH_ABORT; their
- * sglang_request objects stay valid until freed. NULL is ignored. */
+ * sglang_request objects stay valid until freed. NULL is ignored. In a forked child it returns
+ * without doing anything (see fork() above). */
 void sglang_engine_free(sglang_engine *engine);
 
 /* ------------------------------------------------------------------ tokenizer */

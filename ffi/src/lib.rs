@@ -21,13 +21,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bindings::*;
-use engine::config::{Device, EngineConfig};
+use engine::config::{ConfigError, Device, EngineConfig};
 use engine::engine::{
-    EngineHandle, Event, FinishReason, GenerateRequest, Matched, Output, RequestError,
+    EngineError, EngineHandle, Event, FinishReason, GenerateRequest, Matched, Output, RequestError,
     RequestStream, SubmitError,
 };
 use engine::sampling::SamplingParams;
 use engine::tokenizer::ChatMessage;
+use engine::LoadModelError;
 
 // ---------------------------------------------------------------- errors
 
@@ -124,11 +125,18 @@ unsafe fn str_arg<'a>(p: *const c_char, name: &str) -> Result<&'a str, Failure> 
 }
 
 /// Reads a parameter struct whose first field is `struct_size`: fields the caller's (older)
-/// header lacks keep the defaults; a struct from a newer header is refused.
+/// header lacks keep the defaults; a struct from a newer header is refused, and so is a size
+/// that is not the end of one of the struct's fields (or its whole size), since copying it
+/// would tear a field in two.
 ///
 /// # Safety
 /// `p` is NULL or points to at least `struct_size` readable bytes.
-unsafe fn read_params<T: Copy>(p: *const T, defaults: T, name: &str) -> Result<T, Failure> {
+unsafe fn read_params<T: Copy>(
+    p: *const T,
+    defaults: T,
+    field_ends: &[usize],
+    name: &str,
+) -> Result<T, Failure> {
     if p.is_null() {
         return invalid(format!("`{name}` is NULL"));
     }
@@ -140,14 +148,41 @@ unsafe fn read_params<T: Copy>(p: *const T, defaults: T, name: &str) -> Result<T
             format!("`{name}.struct_size` is {size}, larger than this library's {ours}: the caller was built against a newer sglang.h"),
         );
     }
-    if size < std::mem::size_of::<usize>() {
+    if size != ours && !field_ends.contains(&size) {
         return invalid(format!(
-            "`{name}.struct_size` is {size}; set it with the default params function"
+            "`{name}.struct_size` is {size}, which ends inside a field; set it with the default params function"
         ));
     }
     let mut out = defaults;
     std::ptr::copy_nonoverlapping(p as *const u8, &mut out as *mut T as *mut u8, size);
     Ok(out)
+}
+
+/// The size of a field, for [`field_ends!`].
+fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
+    std::mem::size_of::<F>()
+}
+
+/// The byte offsets at which the named fields of a struct end: the `struct_size` values a
+/// caller of any header version can pass (1.0's `sglang_engine_params` ended at `reserved0`,
+/// then padding; `sglang_request_params` at `n_stop_token_ids`).
+macro_rules! field_ends {
+    ($t:ty; $($f:ident),+ $(,)?) => {
+        [$(std::mem::offset_of!($t, $f) + field_size(|s: &$t| &s.$f)),+]
+    };
+}
+
+fn engine_params_ends() -> [usize; 11] {
+    field_ends!(sglang_engine_params; struct_size, model_path, device, mem_fraction_static,
+        max_running_requests, enable_radix_cache, page_size, max_total_tokens, num_threads,
+        reserved0, tp_size)
+}
+
+fn request_params_ends() -> [usize; 23] {
+    field_ends!(sglang_request_params; struct_size, text, tokens, n_tokens, add_special_tokens,
+        max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, frequency_penalty,
+        presence_penalty, use_seed, seed, ignore_eos, stop, n_stop, stop_token_ids,
+        n_stop_token_ids, json_schema, regex, grammar)
 }
 
 /// An optional UTF-8 string argument (NULL: none).
@@ -231,6 +266,21 @@ fn new_c_string(s: &str) -> *mut c_char {
 /// What an `sglang_engine*` points to.
 struct Engine {
     handle: EngineHandle,
+    /// The process that created it: its threads do not exist in a `fork()`ed child.
+    pid: u32,
+}
+
+/// Refuses an object used in a process forked from the one that made it: the engine's
+/// threads were not copied, so waiting on them would block forever.
+fn same_process(pid: u32) -> Result<(), Failure> {
+    let here = std::process::id();
+    if here != pid {
+        return fail(
+            SGLANG_ERR_ENGINE_STOPPED,
+            format!("the engine was created in process {pid}; engines do not survive fork() (this is process {here}): create one in the child"),
+        );
+    }
+    Ok(())
 }
 
 /// # Safety
@@ -239,7 +289,9 @@ unsafe fn engine_ref<'a>(p: *const sglang_engine) -> Result<&'a Engine, Failure>
     if p.is_null() {
         return invalid("`engine` is NULL");
     }
-    Ok(&*(p as *const Engine))
+    let e = &*(p as *const Engine);
+    same_process(e.pid)?;
+    Ok(e)
 }
 
 #[no_mangle]
@@ -270,7 +322,12 @@ pub unsafe extern "C" fn sglang_engine_create(
     guard(|| {
         out_ptr(out, "out")?;
         *out = std::ptr::null_mut();
-        let p = read_params(params, sglang_engine_default_params(), "params")?;
+        let p = read_params(
+            params,
+            sglang_engine_default_params(),
+            &engine_params_ends(),
+            "params",
+        )?;
         let path = str_arg(p.model_path, "params.model_path")?;
         let mut cfg = EngineConfig::new(PathBuf::from(path));
         if !p.device.is_null() {
@@ -329,8 +386,20 @@ pub unsafe extern "C" fn sglang_engine_create(
                 ),
             );
         }
-        let handle = EngineHandle::start(cfg).or_else(|e| fail(SGLANG_ERR_LOAD, e.to_string()))?;
-        *out = Box::into_raw(Box::new(Engine { handle })) as *mut sglang_engine;
+        let handle = EngineHandle::start(cfg).or_else(|e| {
+            // an option the model makes impossible (a KV pool beyond memory) is the caller's
+            let status = match &e {
+                EngineError::Load(LoadModelError::Config(ConfigError::Option { .. })) => {
+                    SGLANG_ERR_INVALID_ARGUMENT
+                }
+                _ => SGLANG_ERR_LOAD,
+            };
+            fail(status, e.to_string())
+        })?;
+        *out = Box::into_raw(Box::new(Engine {
+            handle,
+            pid: std::process::id(),
+        })) as *mut sglang_engine;
         Ok(())
     })
 }
@@ -344,6 +413,11 @@ pub unsafe extern "C" fn sglang_engine_free(engine: *mut sglang_engine) {
     }
     let _ = guard(|| {
         let e = Box::from_raw(engine as *mut Engine);
+        if e.pid != std::process::id() {
+            // a forked child: there are no threads to stop, and the parent owns the memory
+            std::mem::forget(e);
+            return Ok(());
+        }
         e.handle.shutdown_and_join();
         Ok(())
     });
@@ -532,7 +606,15 @@ unsafe fn build_request(
     e: &Engine,
     params: *const sglang_request_params,
 ) -> Result<GenerateRequest, Failure> {
-    let p = read_params(params, sglang_request_default_params(), "params")?;
+    let p = read_params(
+        params,
+        sglang_request_default_params(),
+        &request_params_ends(),
+        "params",
+    )?;
+    if !p.text.is_null() && !p.tokens.is_null() {
+        return invalid("give either `params.text` or `params.tokens`, not both");
+    }
     let input_ids = match (p.text.is_null(), p.n_tokens) {
         (false, 0) => {
             let text = str_arg(p.text, "params.text")?;
@@ -592,6 +674,7 @@ unsafe fn build_request(
 struct Request {
     handle: EngineHandle,
     id: u64,
+    pid: u32,
     finished: AtomicBool,
     inner: Mutex<RequestInner>,
 }
@@ -599,8 +682,8 @@ struct Request {
 struct RequestInner {
     stream: RequestStream,
     output: Output,
-    /// Storage of the last chunk handed to C.
-    text: CString,
+    /// Storage of the last chunk handed to C (its text NUL-terminated, NULs inside kept).
+    text: Vec<u8>,
     tokens: Vec<i32>,
     delivered_last: bool,
 }
@@ -619,11 +702,12 @@ impl Request {
         Ok(Request {
             handle: e.handle.clone(),
             id: stream.id(),
+            pid: e.pid,
             finished: AtomicBool::new(false),
             inner: Mutex::new(RequestInner {
                 stream,
                 output: Output::default(),
-                text: CString::default(),
+                text: vec![0],
                 tokens: Vec::new(),
                 delivered_last: false,
             }),
@@ -632,6 +716,7 @@ impl Request {
 
     /// The next chunk, stored in `inner` and described in `out`.
     fn next(&self, out: &mut sglang_chunk) -> Result<(), Failure> {
+        same_process(self.pid)?;
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let inner = &mut *guard;
         if inner.delivered_last {
@@ -662,11 +747,11 @@ impl Request {
                 .into());
             }
         };
-        inner.text = CString::new(text.replace('\0', "\u{FFFD}")).unwrap_or_default();
+        inner.text = nul_terminated(&text).into_vec();
         inner.tokens = ids.iter().map(|&t| t as i32).collect();
         *out = sglang_chunk {
-            text: inner.text.as_ptr(),
-            text_len: inner.text.as_bytes().len(),
+            text: inner.text.as_ptr() as *const c_char,
+            text_len: text.len(),
             tokens: inner.tokens.as_ptr(),
             n_tokens: inner.tokens.len(),
             finish_reason: reason,
@@ -675,6 +760,7 @@ impl Request {
     }
 
     fn abort(&self) -> Result<(), Failure> {
+        same_process(self.pid)?;
         if self.finished.load(Ordering::Acquire) {
             return fail(SGLANG_ERR_FINISHED, "the request has already finished");
         }
@@ -688,9 +774,17 @@ impl Request {
     }
 }
 
+/// `text` and a terminating NUL (a NUL inside the text is kept: `text_len` covers it).
+fn nul_terminated(text: &str) -> Box<[u8]> {
+    let mut v = Vec::with_capacity(text.len() + 1);
+    v.extend_from_slice(text.as_bytes());
+    v.push(0);
+    v.into_boxed_slice()
+}
+
 fn new_result(o: &Output) -> *mut sglang_result {
-    let text = CString::new(o.text.replace('\0', "\u{FFFD}")).unwrap_or_default();
-    let text_len = text.as_bytes().len();
+    let text_len = o.text.len();
+    let text = Box::into_raw(nul_terminated(&o.text)) as *mut u8 as *mut c_char;
     let tokens: Box<[i32]> = o.token_ids.iter().map(|&t| t as i32).collect();
     let n_tokens = tokens.len();
     let (reason, matched_token, matched_text, usage) = match &o.finish {
@@ -710,7 +804,7 @@ fn new_result(o: &Output) -> *mut sglang_result {
         ),
     };
     Box::into_raw(Box::new(sglang_result {
-        text: text.into_raw(),
+        text,
         text_len,
         tokens: Box::into_raw(tokens) as *mut i32,
         n_tokens,
@@ -809,7 +903,10 @@ pub unsafe extern "C" fn sglang_result_free(result: *mut sglang_result) {
     }
     let r = Box::from_raw(result);
     if !r.text.is_null() {
-        drop(CString::from_raw(r.text));
+        drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+            r.text as *mut u8,
+            r.text_len + 1,
+        )));
     }
     if !r.matched_text.is_null() {
         drop(CString::from_raw(r.matched_text));
@@ -875,8 +972,14 @@ pub unsafe extern "C" fn sglang_request_free(request: *mut sglang_request) {
         return;
     }
     let _ = guard(|| {
+        let req = Box::from_raw(request as *mut Request);
+        if req.pid != std::process::id() {
+            // a forked child: dropping would signal threads that are not there
+            std::mem::forget(req);
+            return Ok(());
+        }
         // dropping the stream cancels a request that still runs
-        drop(Box::from_raw(request as *mut Request));
+        drop(req);
         Ok(())
     });
 }

@@ -553,3 +553,55 @@ fn many_threads_share_one_engine() {
     assert_eq!(together, alone);
     unsafe { sglang_engine_free(e as *mut sglang_engine) };
 }
+
+#[test]
+fn struct_sizes_must_end_at_a_field() {
+    // every field of the current structs is listed, so a field added to the header without
+    // joining the list is caught here (its struct's size would not be the list's end)
+    let round = |n: usize| n.next_multiple_of(8);
+    let e = engine_params_ends();
+    assert_eq!(
+        round(*e.last().unwrap()),
+        std::mem::size_of::<sglang_engine_params>()
+    );
+    let r = request_params_ends();
+    assert_eq!(
+        round(*r.last().unwrap()),
+        std::mem::size_of::<sglang_request_params>()
+    );
+    assert!(e.windows(2).all(|w| w[0] < w[1]) && r.windows(2).all(|w| w[0] < w[1]));
+    // the 1.0 and 1.1 sizes are among them
+    assert!(e.contains(&std::mem::offset_of!(sglang_engine_params, tp_size)));
+    assert!(r.contains(&std::mem::offset_of!(sglang_request_params, json_schema)));
+    // sizes inside a field are refused before anything is read past them
+    for size in [9, 12, 20, 26, 50] {
+        let mut p = sglang_engine_default_params();
+        p.struct_size = size;
+        let mut out = std::ptr::null_mut();
+        assert_eq!(
+            unsafe { sglang_engine_create(&p, &mut out) },
+            SGLANG_ERR_INVALID_ARGUMENT,
+            "{size}"
+        );
+        assert!(
+            last_error().contains("ends inside a field"),
+            "{}",
+            last_error()
+        );
+    }
+}
+
+#[test]
+fn result_text_keeps_an_inner_nul() {
+    let o = Output {
+        text: "a\0b".into(),
+        ..Default::default()
+    };
+    let r = new_result(&o);
+    unsafe {
+        assert_eq!((*r).text_len, 3);
+        let bytes = std::slice::from_raw_parts((*r).text as *const u8, 4);
+        assert_eq!(bytes, b"a\0b\0");
+        sglang_result_free(r);
+    }
+}

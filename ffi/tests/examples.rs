@@ -234,3 +234,126 @@ fn c_example_has_no_leaks_under_valgrind() {
         "{log}"
     );
 }
+
+#[test]
+fn abi_edges_hold_from_c() {
+    let lib = lib_dir();
+    let work = tempfile::tempdir().unwrap();
+    let bin = work.path().join("abi_edges");
+    run(Command::new("gcc")
+        .args([
+            "-std=c11",
+            "-D_POSIX_C_SOURCE=200809L",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-g",
+        ])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(root().join("ffi/tests/abi_edges.c"))
+        .arg("-o")
+        .arg(&bin)
+        .arg("-L")
+        .arg(lib.path())
+        .arg("-lsglang")
+        .arg(format!("-Wl,-rpath,{}", lib.path().display())));
+    let out = run(Command::new(&bin).arg(model()));
+    assert!(!out.contains("FAILED"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok: ")).count(),
+        14,
+        "{out}"
+    );
+}
+
+/// Global symbols an object file defines (readelf, which needs no linker plugin).
+fn defined_globals(object: &Path) -> Vec<String> {
+    let out = run(Command::new("readelf").arg("-sW").arg(object));
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 8 && matches!(f[4], "GLOBAL" | "WEAK") && f[6] != "UND")
+                .then(|| f[7].to_string())
+        })
+        .collect()
+}
+
+/// The README's install step and build line: a program linked with `-lsglang` against the
+/// installed tree starts (its `libsglang.so.1` exists), and the installed static library
+/// exports only `sglang_*`, so a program defining names that oniguruma also defines links.
+#[test]
+fn installed_library_links_dynamically_and_statically() {
+    let work = tempfile::tempdir().unwrap();
+    let prefix = work.path().join("prefix");
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    run(Command::new(root().join("scripts/install-libsglang.sh"))
+        .arg(&prefix)
+        .env("SGLANG_LIB_DIR", profile_dir));
+    let (inc, lib) = (prefix.join("include"), prefix.join("lib"));
+    assert!(lib.join("libsglang.so.1").exists());
+
+    let bin = work.path().join("c_example");
+    run(Command::new("gcc")
+        .arg(root().join("ffi/examples/c/main.c"))
+        .arg(format!("-I{}", inc.display()))
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lsglang")
+        .arg("-o")
+        .arg(&bin));
+    let (tokens, text, _) = parse(&run(Command::new(&bin).arg(model()).arg("Hi").arg("3")));
+    assert_eq!(tokens.len(), 3, "{text}");
+
+    let extract = work.path().join("extract");
+    std::fs::create_dir(&extract).unwrap();
+    run(Command::new("ar")
+        .current_dir(&extract)
+        .arg("x")
+        .arg(lib.join("libsglang.a")));
+    let members: Vec<_> = std::fs::read_dir(&extract)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(members.len(), 1, "{members:?}");
+    let globals = defined_globals(&members[0]);
+    assert!(globals.contains(&"sglang_generate".to_string()));
+    let foreign: Vec<_> = globals
+        .iter()
+        .filter(|s| !s.starts_with("sglang_"))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "{} foreign globals: {:?}",
+        foreign.len(),
+        &foreign[..foreign.len().min(20)]
+    );
+
+    let clash = work.path().join("clash.c");
+    std::fs::write(
+        &clash,
+        "#include <stdio.h>\n#include \"sglang.h\"\n\
+         int onig_new(void) { return 42; }\nint re_search(void) { return 7; }\n\
+         int main(void) { printf(\"%d %d %u\\n\", onig_new(), re_search(), sglang_abi_version()); return 0; }\n",
+    )
+    .unwrap();
+    let static_bin = work.path().join("clash");
+    run(Command::new("gcc")
+        .arg(&clash)
+        .arg(format!("-I{}", inc.display()))
+        .arg(lib.join("libsglang.a"))
+        .args([
+            "-lstdc++",
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+        ])
+        .arg("-o")
+        .arg(&static_bin));
+    let out = run(&mut Command::new(&static_bin));
+    assert!(out.starts_with("42 7 "), "{out}");
+}

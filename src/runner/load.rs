@@ -69,6 +69,7 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     let total_tokens = cfg
         .max_total_tokens
         .unwrap_or_else(|| default_kv_tokens(per_token, cfg.page_size));
+    kv_pool_bytes(total_tokens, per_token)?;
     Ok(Prepared {
         num_pages: (total_tokens / cfg.page_size).max(1),
         model_cfg,
@@ -187,6 +188,24 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
         return build_cuda(cfg, p);
     }
     let (num_pages, page_size) = (p.num_pages, cfg.page_size);
+    // the CPU pool lives in host memory (all of it in this process unless the group spans
+    // processes): a size beyond it would fail, or be killed, later
+    let per_token = p
+        .model_cfg
+        .kv_bytes_per_token(crate::backend::cpu::KV_ELEM_BYTES);
+    let bytes = kv_pool_bytes(num_pages * page_size, per_token)?;
+    if let (1, Some(total)) = (cfg.world_size, crate::sys::MemInfo::read().total_bytes) {
+        if bytes as u64 > total {
+            return Err(ConfigError::Option {
+                option: "max-total-tokens",
+                message: format!(
+                    "{} tokens of KV cache need {bytes} bytes, more than this machine's {total} bytes of memory",
+                    num_pages * page_size
+                ),
+            }
+            .into());
+        }
+    }
     let runner: Box<dyn ModelRunner> = if p.group == 1 {
         build_rank(
             &p.model_cfg,
@@ -392,6 +411,20 @@ pub fn build_rank(
     let model = LlamaModel::new_shard(&backend, model_cfg.clone(), weights, shard)?;
     let runner = Runner::new(backend, model, num_pages, page_size, weight_bytes, comm)?;
     Ok(Box::new(runner))
+}
+
+/// Bytes of a KV pool of `tokens` tokens; an error naming the option when the size cannot
+/// be represented (a `--max-total-tokens` of 2^58 would otherwise wrap to a tiny allocation).
+fn kv_pool_bytes(tokens: usize, per_token: usize) -> Result<usize, ConfigError> {
+    tokens
+        .checked_mul(per_token)
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| ConfigError::Option {
+            option: "max-total-tokens",
+            message: format!(
+                "{tokens} tokens of KV cache at {per_token} bytes each overflow the address space"
+            ),
+        })
 }
 
 /// Default CPU KV pool: a quarter of the available memory, at most 65536 tokens, at least 64
