@@ -44,6 +44,8 @@ pub struct Metrics {
     pub cuda_graph_replays_total: IntCounter,
     pub tp_ranks: IntGauge,
     pub tp_ranks_ready: IntGauge,
+    pub http_connections: IntGauge,
+    pub http_connections_closed_total: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -114,7 +116,22 @@ impl Metrics {
         for reason in ABORT_REASONS {
             aborted_requests_total.with_label_values(&[reason]);
         }
+        let http_connections_closed_total = IntCounterVec::new(
+            Opts::new(
+                "sglang_http_connections_closed_total",
+                "Connections the server closed, by reason: idle (keep-alive timeout), header_timeout, evicted (idlest, to make room at the cap), refused (at the cap, none idle)",
+            ),
+            &["reason"],
+        )
+        .expect("valid counter");
+        r.register(Box::new(http_connections_closed_total.clone()))
+            .expect("unique metric");
+        for reason in ["idle", "header_timeout", "evicted", "refused"] {
+            http_connections_closed_total.with_label_values(&[reason]);
+        }
         Self {
+            http_connections: gauge(&r, "sglang_http_connections", "Open HTTP connections"),
+            http_connections_closed_total,
             request_duration_seconds: histogram(
                 &r,
                 "sglang_request_duration_seconds",

@@ -202,6 +202,39 @@ pub struct ServerArgs {
     #[arg(long, env = "SGLANG_MAX_REQUEST_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_request_bytes: usize,
 
+    /// Most sequences one request may create (prompts times `n`); more: 400 naming the field.
+    #[arg(long, env = "SGLANG_MAX_SEQUENCES_PER_REQUEST", default_value_t = 256)]
+    pub max_sequences_per_request: usize,
+
+    /// Seconds an open connection may wait for its next request before it is closed.
+    #[arg(long, env = "SGLANG_TIMEOUT_KEEP_ALIVE", default_value_t = 5.0)]
+    pub timeout_keep_alive: f64,
+
+    /// Seconds to receive a request's headers, counted from when the connection starts
+    /// waiting for the request (a client that trickles its headers is closed then).
+    #[arg(long, env = "SGLANG_HEADER_READ_TIMEOUT", default_value_t = 10.0)]
+    pub header_read_timeout: f64,
+
+    /// Seconds to receive a request's body once its headers are in (slower: 408).
+    #[arg(long, env = "SGLANG_BODY_READ_TIMEOUT", default_value_t = 60.0)]
+    pub body_read_timeout: f64,
+
+    /// Most open connections (default: what the open-file limit allows, less a reserve). At
+    /// the cap, the connection idle longest is closed to make room for a new one.
+    #[arg(long, env = "SGLANG_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Let chat message content produce the model's special tokens (`<|im_start|>` typed by a
+    /// user becomes the control token). Off by default: only the chat template's own markup
+    /// yields special tokens, content is tokenized as plain text.
+    #[arg(long, env = "SGLANG_PARSE_SPECIAL_TOKENS_IN_MESSAGES")]
+    pub parse_special_tokens_in_messages: bool,
+
+    /// Streamed `/generate` events carry only what is new (text, ids, logprobs), as SGLang's
+    /// flag of the same name; by default each event carries the whole text so far.
+    #[arg(long, env = "SGLANG_INCREMENTAL_STREAMING_OUTPUT")]
+    pub incremental_streaming_output: bool,
+
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, env = "SGLANG_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -238,6 +271,15 @@ impl ServerArgs {
         }
         positive("shutdown-timeout", self.shutdown_timeout)?;
         positive("health-generate-timeout", self.health_generate_timeout)?;
+        positive("timeout-keep-alive", self.timeout_keep_alive)?;
+        positive("header-read-timeout", self.header_read_timeout)?;
+        positive("body-read-timeout", self.body_read_timeout)?;
+        if self.max_sequences_per_request == 0 {
+            return Err("invalid option `max-sequences-per-request`: must be >= 1".into());
+        }
+        if self.max_connections == Some(0) {
+            return Err("invalid option `max-connections`: must be >= 1".into());
+        }
         if self.max_request_bytes < 1024 {
             return Err(format!(
                 "invalid option `max-request-bytes`: {} must be at least 1024",

@@ -34,10 +34,12 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // tokenizing, templating and grammar compilation run here, off the async threads
+        .max_blocking_threads(64)
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -47,6 +49,8 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
             cfg.model_path.display()
         );
         let metrics = Arc::new(Metrics::new());
+        let cap = http::connection_cap(args.max_connections);
+        tracing::info!("at most {cap} open connections");
         let state = Arc::new(AppState {
             args,
             engine: OnceLock::new(),
@@ -57,6 +61,7 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             responses: Default::default(),
+            connections: http::Connections::new(cap),
         });
         // Load the model off the async threads; /health answers "starting" meanwhile.
         let loader_state = state.clone();
@@ -92,7 +97,11 @@ pub fn run(args: ServerArgs) -> Result<(), String> {
         }
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    // Blocking work still running (a runaway template, say) must not keep the process alive
+    // past the drain: give it a moment, then exit regardless.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn drain_on_signal(state: Arc<AppState>, stop: tokio::sync::oneshot::Sender<()>) {

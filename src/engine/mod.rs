@@ -485,6 +485,8 @@ impl EngineHandle {
             PagePool::new(pages, page_size),
         );
         let mut engine = worker::EngineLoop::new(rx, runner, shared.clone(), scheduler);
+        // the KV and queue gauges read true from the start, not 0 until the first request
+        engine.publish_stats();
         let thread = std::thread::Builder::new()
             .name("sglang-engine".into())
             .spawn(move || engine.run())

@@ -179,7 +179,7 @@ impl EngineLoop {
 
     /// Writes the scheduler's state into the metrics registry (which
     /// [`EngineHandle::stats`](super::EngineHandle::stats) reads back) and the heartbeat.
-    fn publish_stats(&self) {
+    pub(super) fn publish_stats(&self) {
         let m = &self.shared.metrics;
         let pool = self.sched.pool();
         let ps = pool.page_size();

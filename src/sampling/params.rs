@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_TOP_LOGPROBS: usize = 20;
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string in bytes: each is looked for at every step, so its length bounds the
+/// engine thread's work per token.
+pub const MAX_STOP_STRING_BYTES: usize = 512;
 
 /// A parameter outside its bound; `param` is the field name as the API spells it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -126,7 +129,7 @@ impl SamplingParams {
         if self.top_k < -1 {
             return Err(ParamError::new(
                 "top_k",
-                format!("must be -1 (disabled) or >= 1, got {}", self.top_k),
+                format!("must be -1 or 0 (disabled) or >= 1, got {}", self.top_k),
             ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
@@ -173,6 +176,15 @@ impl SamplingParams {
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(ParamError::new("stop", "stop strings must not be empty"));
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return Err(ParamError::new(
+                "stop",
+                format!(
+                    "stop strings are at most {MAX_STOP_STRING_BYTES} bytes, got one of {}",
+                    s.len()
+                ),
+            ));
         }
         let constraints: Vec<&str> = [
             ("json_schema", &self.json_schema),

@@ -31,6 +31,25 @@ pub enum TokenizerError {
     Template(String),
 }
 
+/// Starts the mark of an escaped special token in chat content (a private-use character,
+/// followed by [`mark_char`] of the token's index).
+const CONTENT_MARK: char = '\u{E000}';
+/// Base of the second character of a mark: index `i` is `MARK_BASE + i`.
+const MARK_BASE: u32 = 0xE100;
+/// Special tokens that can be marked (the rest of the private-use area).
+const MAX_MARKED_SPECIALS: usize = 0xF8FF - 0xE100;
+
+fn mark_char(index: usize) -> char {
+    char::from_u32(MARK_BASE + index as u32).unwrap_or(CONTENT_MARK)
+}
+
+fn mark_index(c: char) -> Option<usize> {
+    let v = c as u32;
+    (MARK_BASE..=0xF8FF)
+        .contains(&v)
+        .then(|| (v - MARK_BASE) as usize)
+}
+
 /// One chat message as the template sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
@@ -49,6 +68,13 @@ impl ChatMessage {
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens' texts read as plain text (chat content).
+    plain: tokenizers::Tokenizer,
+    /// The special tokens' texts and ids, and a matcher for them (index = position).
+    specials: Vec<(String, u32)>,
+    special_matcher: Option<aho_corasick::AhoCorasick>,
+    /// `special_matcher` plus [`CONTENT_MARK`] itself (last pattern), for escaping content.
+    escape_matcher: Option<aho_corasick::AhoCorasick>,
     chat_template: Option<String>,
     bos_token: String,
     eos_token: String,
@@ -119,14 +145,39 @@ impl Tokenizer {
         bos_token: String,
         eos_token: String,
     ) -> Self {
-        let special_ids = inner
+        let mut specials: Vec<(String, u32)> = inner
             .get_added_tokens_decoder()
             .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| id)
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
             .collect();
+        specials.sort_by_key(|s| s.1);
+        // ids are a 16-bit offset from a private-use base in the escape marks
+        specials.truncate(MAX_MARKED_SPECIALS);
+        let special_ids = specials.iter().map(|s| s.1).collect();
+        let texts: Vec<&str> = specials.iter().map(|s| s.0.as_str()).collect();
+        let matcher = |extra: Option<&str>| {
+            let mut pats = texts.clone();
+            pats.extend(extra);
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(pats)
+                .ok()
+        };
+        let mark = CONTENT_MARK.to_string();
+        let (special_matcher, escape_matcher) = if specials.is_empty() {
+            (None, None)
+        } else {
+            (matcher(None), matcher(Some(&mark)))
+        };
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         let vocab_size = inner.get_vocab_size(true);
         Self {
+            plain,
+            specials,
+            special_matcher,
+            escape_matcher,
             inner,
             chat_template,
             bos_token,
@@ -176,6 +227,99 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Escapes the special tokens' texts in `text` (chat content), so that templated they come
+    /// back as plain text from [`Tokenizer::encode_chat`] rather than as control tokens.
+    /// `None` when there is nothing to escape.
+    pub fn escape_specials(&self, text: &str) -> Option<String> {
+        let m = self.escape_matcher.as_ref()?;
+        if !m.is_match(text) {
+            return None;
+        }
+        let mut out = String::with_capacity(text.len() + 8);
+        m.replace_all_with(text, &mut out, |hit, _, out| {
+            out.push(CONTENT_MARK);
+            // the pattern after the specials is CONTENT_MARK itself
+            out.push(mark_char(hit.pattern().as_usize()));
+            true
+        });
+        Some(out)
+    }
+
+    /// Escapes every string inside `v` (message contents, tool arguments, tool definitions).
+    pub fn escape_specials_in(&self, v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => {
+                if let Some(e) = self.escape_specials(s) {
+                    *s = e;
+                }
+            }
+            serde_json::Value::Array(list) => {
+                list.iter_mut().for_each(|x| self.escape_specials_in(x))
+            }
+            serde_json::Value::Object(map) => {
+                map.values_mut().for_each(|x| self.escape_specials_in(x))
+            }
+            _ => {}
+        }
+    }
+
+    /// Token ids of a rendered chat prompt. Without escaped content this is
+    /// `encode(text, false)`. Where content was escaped ([`Tokenizer::escape_specials`]), the
+    /// text is split at the template's own special tokens (as the tokenizer itself splits at
+    /// added tokens) and each piece, its escapes restored, is encoded with special tokens read
+    /// as plain text: only the template's markup yields control tokens.
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let Some(m) = self
+            .special_matcher
+            .as_ref()
+            .filter(|_| text.contains(CONTENT_MARK))
+        else {
+            return self.encode(text, false);
+        };
+        let mut ids = Vec::new();
+        let piece = |s: &str, ids: &mut Vec<u32>| -> Result<(), TokenizerError> {
+            if s.is_empty() {
+                return Ok(());
+            }
+            let restored = self.unescape(s);
+            let enc = self
+                .plain
+                .encode(restored.as_str(), false)
+                .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+            ids.extend_from_slice(enc.get_ids());
+            Ok(())
+        };
+        let mut at = 0;
+        for hit in m.find_iter(text) {
+            piece(&text[at..hit.start()], &mut ids)?;
+            ids.push(self.specials[hit.pattern().as_usize()].1);
+            at = hit.end();
+        }
+        piece(&text[at..], &mut ids)?;
+        Ok(ids)
+    }
+
+    /// `text` with the marks of [`Tokenizer::escape_specials`] turned back into their texts.
+    fn unescape(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            let index = (c == CONTENT_MARK)
+                .then(|| chars.peek().and_then(|&n| mark_index(n)))
+                .flatten();
+            match index {
+                Some(i) if i < self.specials.len() => out.push_str(&self.specials[i].0),
+                Some(_) => out.push(CONTENT_MARK),
+                None => {
+                    out.push(c);
+                    continue;
+                }
+            }
+            chars.next();
+        }
+        out
     }
 
     /// Checks that every id is inside the vocabulary.
@@ -239,9 +383,14 @@ impl Tokenizer {
     }
 }
 
+/// Instructions a chat template may run per rendering (minijinja's fuel).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// Renders a Hugging Face chat template with HF's Jinja settings.
 fn render_template(template: &str, ctx: minijinja::Value) -> Result<String, TokenizerError> {
     let mut env = Environment::new();
+    // about a second of instructions: real templates use a few per message
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -278,6 +427,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, "USER:hi\nA:");
+    }
+
+    #[test]
+    fn a_runaway_template_runs_out_of_fuel() {
+        let started = std::time::Instant::now();
+        let err = render_template(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            minijinja::context! {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
+        assert!(started.elapsed().as_secs() < 30);
     }
 
     #[test]

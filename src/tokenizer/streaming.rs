@@ -121,14 +121,15 @@ impl StopMatcher {
                 matched: s.to_string(),
             };
         }
-        // Hold back the longest suffix of `text` that is a proper prefix of some stop string.
+        // Hold back the longest suffix of `text` that is a proper prefix of some stop string:
+        // only suffixes no longer than the text (and than the stop) are candidates, tried
+        // longest first, each ruled out at its first differing byte.
         let mut hold = 0;
         for s in &self.stops {
-            for len in (1..s.len()).rev() {
-                if len <= hold || len > text.len() {
-                    continue;
-                }
-                if s.is_char_boundary(len) && text.ends_with(&s[..len]) {
+            let longest = (s.len() - 1).min(text.len());
+            for len in (hold + 1..=longest).rev() {
+                let tail = &text.as_bytes()[text.len() - len..];
+                if s.as_bytes().starts_with(tail) && s.is_char_boundary(len) {
                     hold = len;
                     break;
                 }

@@ -5,6 +5,7 @@ sockets exactly, e.g. to disconnect mid-stream)."""
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -24,7 +25,9 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *args, env=None, wait=True, model=MODEL):
+    def __init__(self, *args, env=None, wait=True, model=MODEL, nofile=None):
+        """`nofile`: the server's open-file limit (soft and hard), to test descriptor
+        exhaustion."""
         assert BINARY.exists(), f"build the server first: {BINARY}"
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log", delete=False)
@@ -33,7 +36,8 @@ class Server:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [str(BINARY), "--model-path", str(model), "--host", "127.0.0.1", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None)
         if wait:
             self.wait_ready()
 

@@ -5,13 +5,16 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use hyper::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sglang::tokenizer::ChatMessage;
+use sglang::tokenizer::Tokenizer;
 
+use super::openai::{chat_messages, ChatMessageIn};
 use super::parse::{parse_ids, parse_json};
-use super::{ok_json, ApiError, AppState, Body};
+use super::turn::{self, Conversation};
+use super::{blocking, ok_json, ApiError, AppState, Body};
 use sglang::engine::{GenerateRequest, SubmitError};
 use sglang::sampling::SamplingParams;
 
@@ -25,7 +28,7 @@ struct TokenizeBody {
     #[serde(default)]
     text: Option<String>,
     #[serde(default)]
-    messages: Option<Vec<ChatMessage>>,
+    messages: Option<Vec<ChatMessageIn>>,
     #[serde(default)]
     add_special_tokens: Option<bool>,
     #[serde(default)]
@@ -33,38 +36,48 @@ struct TokenizeBody {
 }
 
 /// `{"prompt" | "text" | "messages"}` -> `{"tokens", "count", "max_model_len"}` (vLLM's shape).
-pub fn tokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+/// Messages are checked and templated as chat completions does, so the count is the prompt
+/// chat would run.
+pub async fn tokenize(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
     let engine = state.engine()?;
-    let b: TokenizeBody = parse_json(body)?;
-    let _ = b.model;
-    let tok = engine.tokenizer();
-    let ids = match (b.prompt.or(b.text), b.messages) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "prompt",
-                "give either `prompt` or `messages`, not both",
-            ))
-        }
-        (Some(t), None) => tok
-            .encode(&t, b.add_special_tokens.unwrap_or(true))
-            .map_err(|e| ApiError::bad_request("prompt", e.to_string()))?,
-        (None, Some(m)) => {
-            let text = tok
-                .apply_chat_template(&m, b.add_generation_prompt.unwrap_or(true))
-                .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
-            tok.encode(&text, b.add_special_tokens.unwrap_or(false))
-                .map_err(|e| ApiError::bad_request("messages", e.to_string()))?
-        }
-        (None, None) => {
-            return Err(ApiError::bad_request(
-                "prompt",
-                "`prompt` (or `messages`) is required",
-            ))
-        }
-    };
+    let (state2, tok) = (state.clone(), engine.tokenizer().clone());
+    let ids = blocking(move || tokenize_body(&state2, &tok, &body)).await?;
     Ok(ok_json(
         &json!({"tokens": ids, "count": ids.len(), "max_model_len": engine.info().context_length}),
     ))
+}
+
+fn tokenize_body(state: &AppState, tok: &Tokenizer, body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let b: TokenizeBody = parse_json(body)?;
+    let _ = b.model;
+    match (b.prompt.or(b.text), b.messages) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "prompt",
+            "give either `prompt` or `messages`, not both",
+        )),
+        (Some(t), None) => tok
+            .encode(&t, b.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::bad_request("prompt", e.to_string())),
+        (None, Some(m)) => {
+            let conv = Conversation {
+                messages: chat_messages(&m)?,
+                tools: None,
+                add_generation_prompt: b.add_generation_prompt.unwrap_or(true),
+            };
+            let text = turn::render(tok, &conv, state.args.parse_special_tokens_in_messages)?;
+            let mut ids = turn::encode(tok, &text)?;
+            if b.add_special_tokens == Some(true) {
+                // the post-processor's tokens (a BOS) around the templated prompt
+                let bare = tok.encode("", true).unwrap_or_default();
+                ids.splice(0..0, bare);
+            }
+            Ok(ids)
+        }
+        (None, None) => Err(ApiError::bad_request(
+            "prompt",
+            "`prompt` (or `messages`) is required",
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,15 +91,18 @@ struct DetokenizeBody {
 }
 
 /// `{"tokens": [ids]}` -> `{"prompt": text}` (vLLM's shape; also as `text`).
-pub fn detokenize(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+pub async fn detokenize(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
     let engine = state.engine()?;
-    let b: DetokenizeBody = parse_json(body)?;
-    let _ = b.model;
-    let ids = parse_ids(&b.tokens, "tokens")?;
-    let text = engine
-        .tokenizer()
-        .decode(&ids, b.skip_special_tokens.unwrap_or(false))
-        .map_err(|e| ApiError::bad_request("tokens", e.to_string()))?;
+    let tok = engine.tokenizer().clone();
+    // a long id list decodes on the blocking pool
+    let text = blocking(move || {
+        let b: DetokenizeBody = parse_json(&body)?;
+        let _ = b.model;
+        let ids = parse_ids(&b.tokens, "tokens")?;
+        tok.decode(&ids, b.skip_special_tokens.unwrap_or(false))
+            .map_err(|e| ApiError::bad_request("tokens", e.to_string()))
+    })
+    .await?;
     Ok(ok_json(&json!({"prompt": text, "text": text})))
 }
 
@@ -149,6 +165,13 @@ fn config_json(state: &AppState) -> Value {
         "shutdown_timeout": a.shutdown_timeout,
         "health_generate_timeout": a.health_generate_timeout,
         "max_request_bytes": a.max_request_bytes,
+        "max_sequences_per_request": a.max_sequences_per_request,
+        "timeout_keep_alive": a.timeout_keep_alive,
+        "header_read_timeout": a.header_read_timeout,
+        "body_read_timeout": a.body_read_timeout,
+        "max_connections": state.connections.cap(),
+        "parse_special_tokens_in_messages": a.parse_special_tokens_in_messages,
+        "incremental_streaming_output": a.incremental_streaming_output,
         "log_level": a.log_level,
         "log_file": a.log_file.as_ref().map(|p| p.display().to_string()),
     })

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use hyper::Response;
 use serde_json::{json, Map, Value};
 use sglang::engine::{Event, GenerateRequest, Output};
@@ -22,7 +23,7 @@ use super::parse::{bad, opt, opt_bool, opt_f32, opt_i64, opt_string, parse_json}
 use super::sse::{self, SseEvent, StreamFormatter};
 use super::tools::{self, ToolSet};
 use super::turn::{self, Conversation, Delta, Turn, TurnEnd, TurnStream};
-use super::{ok_json, ApiError, AppState, Body};
+use super::{blocking, ok_json, ApiError, AppState, Body};
 
 /// The request fields this server reads; any other is refused, naming it.
 const FIELDS: &[&str] = &[
@@ -325,13 +326,16 @@ fn output_format(config: Option<&Value>) -> Result<Option<String>, ApiError> {
     Ok(Some(schema.to_string()))
 }
 
-pub fn count_tokens(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+pub async fn count_tokens(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
     let engine = state.engine()?;
-    let (_, conv) = read(state, body)?;
-    let text = turn::render(engine.tokenizer(), &conv)?;
-    Ok(ok_json(
-        &json!({"input_tokens": turn::count(engine.tokenizer(), &text)}),
-    ))
+    let (state, tok) = (state.clone(), engine.tokenizer().clone());
+    let count = blocking(move || {
+        let (_, conv) = read(&state, &body)?;
+        let text = turn::render(&tok, &conv, state.args.parse_special_tokens_in_messages)?;
+        Ok(turn::encode(&tok, &text)?.len())
+    })
+    .await?;
+    Ok(ok_json(&json!({"input_tokens": count})))
 }
 
 fn stop_reason(end: &TurnEnd) -> (&'static str, Value) {
@@ -375,12 +379,20 @@ fn content_blocks(t: &Turn) -> Vec<Value> {
     blocks
 }
 
-pub async fn create(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+pub async fn create(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let engine = state.engine()?;
-    let (body, conv) = read(state, body)?;
+    let (body, conv, prepared) = {
+        let (state, tok) = (state.clone(), engine.tokenizer().clone());
+        blocking(move || {
+            let (body, conv) = read(&state, &body)?;
+            let special = state.args.parse_special_tokens_in_messages;
+            let prepared = turn::prepare(&tok, &conv, params(&body)?, special)?;
+            Ok((body, conv, prepared))
+        })
+        .await?
+    };
     let stream = opt_bool(&body, "stream")?.unwrap_or(false);
-    let prepared = turn::prepare(engine.tokenizer(), &conv, params(&body)?)?;
     let ids = prepared.ids;
     let gen = GenerateRequest {
         input_ids: ids.clone(),

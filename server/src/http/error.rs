@@ -2,7 +2,7 @@
 //! `{"error": {"message", "type", "param", "code"}}` with the status that fits.
 
 use bytes::Bytes;
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 use sglang::engine::{RequestError, SubmitError};
 use sglang::sampling::ParamError;
@@ -72,6 +72,15 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             format!("the request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(seconds: f64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body did not arrive within {seconds} s"),
         )
     }
 
@@ -163,6 +172,10 @@ impl ApiError {
         *resp.status_mut() = self.status;
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
         }

@@ -12,6 +12,26 @@ use sglang::engine::{
 
 use super::{ApiError, AppState};
 
+/// Refuses (400, naming `field`) a request that would create more sequences than one request
+/// may (`--max-sequences-per-request`), or more than the queue can ever hold
+/// (`--max-queued-requests`: such a request would get 429 however long it waited).
+pub fn check_fan_out(state: &AppState, sequences: usize, field: &str) -> Result<(), ApiError> {
+    let max = state.args.max_sequences_per_request;
+    if sequences > max {
+        return Err(ApiError::bad_request(
+            field,
+            format!("`{field}`: the request makes {sequences} sequences (prompts times `n`), more than the limit of {max} per request"),
+        ));
+    }
+    if let Some(q) = state.args.max_queued_requests.filter(|&q| sequences > q) {
+        return Err(ApiError::bad_request(
+            field,
+            format!("`{field}`: the request makes {sequences} sequences (prompts times `n`), more than the queue holds ({q})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Submits every request or none (a refusal drops, and so aborts, those already queued).
 /// Requests with a constraint are submitted from a blocking thread: their grammar compiles
 /// there (up to seconds), not on the async threads that serve every connection.

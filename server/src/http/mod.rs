@@ -6,6 +6,7 @@
 
 mod admin;
 mod anthropic;
+mod conn;
 pub mod error;
 pub mod health;
 mod jobs;
@@ -17,7 +18,6 @@ pub mod tools;
 mod turn;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -32,6 +32,7 @@ use sglang::metrics::Metrics;
 
 use crate::args::ServerArgs;
 pub use admin::sha256_file as admin_sha256_file;
+pub use conn::{connection_cap, serve, Connections};
 pub use error::ApiError;
 use health::Health;
 pub use turn::reasoning_parser_names;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub active: AtomicUsize,
     /// Stored `/v1/responses` results, for `GET` and `previous_response_id`.
     pub responses: openai::ResponseStore,
+    /// Open connections under the cap.
+    pub connections: conn::Connections,
 }
 
 impl AppState {
@@ -118,44 +121,57 @@ enum Route {
     Health,
     HealthGenerate,
     Metrics,
+    OpenApi,
 }
+
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const BOTH: &[Method] = &[Method::GET, Method::POST];
+const GET_DELETE: &[Method] = &[Method::GET, Method::DELETE];
+
+/// Every route: its path (a template for `/v1/responses/{id}`) and methods. `openapi.json`
+/// describes exactly these (a test keeps them equal).
+const ROUTES: &[(&str, Route, &[Method])] = &[
+    ("/generate", Route::Generate, POST),
+    ("/v1/completions", Route::Completions, POST),
+    ("/v1/chat/completions", Route::ChatCompletions, POST),
+    ("/v1/responses", Route::Responses, POST),
+    ("/v1/responses/{id}", Route::ResponseById, GET_DELETE),
+    ("/v1/messages", Route::Messages, POST),
+    ("/v1/messages/count_tokens", Route::CountTokens, POST),
+    ("/v1/models", Route::Models, GET),
+    ("/tokenize", Route::Tokenize, POST),
+    ("/detokenize", Route::Detokenize, POST),
+    ("/get_model_info", Route::ModelInfo, GET),
+    ("/get_server_info", Route::ServerInfo, GET),
+    ("/config", Route::Config, GET),
+    ("/flush_cache", Route::FlushCache, BOTH),
+    ("/admin/checkpoint", Route::Checkpoint, POST),
+    ("/admin/cache/state", Route::CacheState, BOTH),
+    ("/health", Route::Health, GET),
+    ("/health_generate", Route::HealthGenerate, GET),
+    ("/metrics", Route::Metrics, GET),
+    ("/openapi.json", Route::OpenApi, GET),
+];
+
+/// The OpenAPI 3.1 description of `ROUTES`, served at `GET /openapi.json`.
+const OPENAPI: &str = include_str!("openapi.json");
 
 impl Route {
     /// The route for a path and the methods it takes.
     fn find(path: &str) -> Option<(Route, &'static [Method])> {
-        const GET: &[Method] = &[Method::GET];
-        const POST: &[Method] = &[Method::POST];
-        const BOTH: &[Method] = &[Method::GET, Method::POST];
-        const GET_DELETE: &[Method] = &[Method::GET, Method::DELETE];
         if response_id(path).is_some() {
             return Some((Route::ResponseById, GET_DELETE));
         }
-        Some(match path {
-            "/generate" => (Route::Generate, POST),
-            "/v1/completions" => (Route::Completions, POST),
-            "/v1/chat/completions" => (Route::ChatCompletions, POST),
-            "/v1/responses" => (Route::Responses, POST),
-            "/v1/messages" => (Route::Messages, POST),
-            "/v1/messages/count_tokens" => (Route::CountTokens, POST),
-            "/v1/models" => (Route::Models, GET),
-            "/tokenize" => (Route::Tokenize, POST),
-            "/detokenize" => (Route::Detokenize, POST),
-            "/get_model_info" => (Route::ModelInfo, GET),
-            "/get_server_info" => (Route::ServerInfo, GET),
-            "/config" => (Route::Config, GET),
-            "/flush_cache" => (Route::FlushCache, BOTH),
-            "/admin/checkpoint" => (Route::Checkpoint, POST),
-            "/admin/cache/state" => (Route::CacheState, BOTH),
-            "/health" => (Route::Health, GET),
-            "/health_generate" => (Route::HealthGenerate, GET),
-            "/metrics" => (Route::Metrics, GET),
-            _ => return None,
-        })
+        ROUTES
+            .iter()
+            .find(|(p, r, _)| *p == path && *r != Route::ResponseById)
+            .map(|&(_, r, m)| (r, m))
     }
 
     fn access(self) -> Access {
         match self {
-            Route::Health | Route::HealthGenerate | Route::Metrics => Access::Open,
+            Route::Health | Route::HealthGenerate | Route::Metrics | Route::OpenApi => Access::Open,
             Route::ServerInfo
             | Route::Config
             | Route::FlushCache
@@ -220,22 +236,30 @@ fn authorized(state: &AppState, access: Access, req: &Request<Incoming>) -> bool
             .or(state.args.api_key.as_deref()),
     };
     let Some(key) = key else { return true };
-    // `Authorization: Bearer <key>` (OpenAI, SGLang) or `x-api-key: <key>` (Anthropic)
+    // `Authorization: Bearer <key>` (OpenAI, SGLang; the scheme in any case, RFC 9110) or
+    // `x-api-key: <key>` (Anthropic)
     let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(bearer_token)
         .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("");
     keys_match(given.trim().as_bytes(), key.as_bytes())
 }
 
-/// Reads the whole body, refusing (413) one over `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+/// The credentials of `Authorization: Bearer <token>`, the scheme matched in any case.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// Reads the whole body, refusing one over `limit` bytes (413) or slower than `timeout` (408).
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     if let Some(len) = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -246,7 +270,11 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
             return Err(ApiError::too_large(limit));
         }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect());
+    let Ok(read) = read.await else {
+        return Err(ApiError::body_timeout(timeout.as_secs_f64()));
+    };
+    match read {
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
         Err(e) => Err(ApiError::bad_request(
@@ -254,6 +282,17 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
             format!("cannot read the body: {e}"),
         )),
     }
+}
+
+/// Runs a request's CPU-heavy preparation (JSON parsing, chat templating, tokenizing) on the
+/// blocking pool, so that the two async threads keep answering `/health` and streaming while
+/// a large prompt is read.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("preparing the request failed: {e}")))?
 }
 
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
@@ -327,6 +366,12 @@ async fn dispatch(
         Route::Health => return Ok(health::health(state)),
         Route::HealthGenerate => return Ok(health::health_generate(state).await),
         Route::Metrics => return Ok(health::metrics(state)),
+        Route::OpenApi => {
+            return Ok(Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(full(Bytes::from_static(OPENAPI.as_bytes())))
+                .expect("static response"))
+        }
         _ => {}
     }
     let limit = state.args.max_request_bytes;
@@ -335,15 +380,16 @@ async fn dispatch(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let body = if is_post {
-        read_body(req, limit).await?
+        let timeout = std::time::Duration::from_secs_f64(state.args.body_read_timeout);
+        read_body(req, limit, timeout).await?
     } else {
         Bytes::new()
     };
     match route {
-        Route::Generate => native::generate(state, &body).await,
-        Route::Completions => openai::completions(state, &body).await,
-        Route::ChatCompletions => openai::chat_completions(state, &body).await,
-        Route::Responses => openai::create_response(state, &body).await,
+        Route::Generate => native::generate(state, body).await,
+        Route::Completions => openai::completions(state, body).await,
+        Route::ChatCompletions => openai::chat_completions(state, body).await,
+        Route::Responses => openai::create_response(state, body).await,
         Route::ResponseById => {
             let id = response_id(&path).unwrap_or_default();
             if method == Method::DELETE {
@@ -352,11 +398,11 @@ async fn dispatch(
                 openai::get_response(state, id)
             }
         }
-        Route::Messages => anthropic::create(state, &body).await,
-        Route::CountTokens => anthropic::count_tokens(state, &body),
+        Route::Messages => anthropic::create(state, body).await,
+        Route::CountTokens => anthropic::count_tokens(state, body).await,
         Route::Models => openai::models(state),
-        Route::Tokenize => admin::tokenize(state, &body),
-        Route::Detokenize => admin::detokenize(state, &body),
+        Route::Tokenize => admin::tokenize(state, body).await,
+        Route::Detokenize => admin::detokenize(state, body).await,
         Route::ModelInfo => admin::model_info(state),
         Route::ServerInfo => admin::server_info(state),
         Route::Config => admin::config(state),
@@ -364,41 +410,9 @@ async fn dispatch(
         Route::Checkpoint => admin::checkpoint(state).await,
         Route::CacheState if is_post => admin::warm_cache(state, &body).await,
         Route::CacheState => admin::cache_state(state).await,
-        Route::Health | Route::HealthGenerate | Route::Metrics => unreachable!("handled above"),
-    }
-}
-
-/// Accepts connections until `stop` resolves; each connection is served on its own task.
-pub async fn serve(
-    state: Arc<AppState>,
-    listener: tokio::net::TcpListener,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = &mut stop => return,
-            accepted = listener.accept() => match accepted {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!("connection from {peer}: {e}");
-            }
-        });
+        Route::Health | Route::HealthGenerate | Route::Metrics | Route::OpenApi => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -415,6 +429,15 @@ mod tests {
     }
 
     #[test]
+    fn bearer_scheme_in_any_case() {
+        for h in ["Bearer k1", "bearer k1", "BEARER k1", "  bEaReR k1"] {
+            assert_eq!(bearer_token(h), Some("k1"), "{h}");
+        }
+        assert_eq!(bearer_token("Basic k1"), None);
+        assert_eq!(bearer_token("Bearerk1"), None);
+    }
+
+    #[test]
     fn routes_and_their_access() {
         assert_eq!(
             Route::find("/v1/chat/completions").unwrap().0.access(),
@@ -426,5 +449,39 @@ mod tests {
         );
         assert_eq!(Route::find("/metrics").unwrap().0.access(), Access::Open);
         assert!(Route::find("/nope").is_none());
+        assert_eq!(Route::find("/v1/responses/{id}").unwrap().1, GET_DELETE);
+    }
+
+    /// `openapi.json` describes every route with exactly its methods, and nothing else.
+    #[test]
+    fn openapi_describes_every_route() {
+        let spec: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(spec["openapi"], "3.1.0");
+        let paths = spec["paths"].as_object().unwrap();
+        let mut described: Vec<(String, String)> = paths
+            .iter()
+            .flat_map(|(p, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| *k != "parameters")
+                    .map(move |m| (p.clone(), m.to_uppercase()))
+            })
+            .collect();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .flat_map(|(p, _, ms)| ms.iter().map(move |m| (p.to_string(), m.to_string())))
+            .collect();
+        described.sort();
+        served.sort();
+        assert_eq!(described, served);
+        for (p, r, _) in ROUTES {
+            let open = spec["paths"][p]
+                .as_object()
+                .unwrap()
+                .values()
+                .all(|op| op.get("security").is_none());
+            assert_eq!(open, r.access() == Access::Open, "{p}: security");
+        }
     }
 }

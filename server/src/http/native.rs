@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use hyper::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,7 +24,7 @@ use sglang::tokenizer::Tokenizer;
 use super::jobs::{self, log_outputs, new_id};
 use super::parse::{parse_ids, parse_json};
 use super::sse::{self, SseEvent, StreamFormatter};
-use super::{ok_json, ApiError, AppState, Body};
+use super::{blocking, ok_json, ApiError, AppState, Body};
 
 #[derive(Debug, Deserialize)]
 struct GenerateBody {
@@ -281,8 +282,25 @@ struct OutputView<'a> {
     started: Instant,
 }
 
+/// Where a streamed event starts: what earlier events of the same generation already sent.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent {
+    tokens: usize,
+    text_bytes: usize,
+    prompt_logprobs: bool,
+}
+
 impl OutputView<'_> {
+    /// The whole generation (non-streaming responses).
     fn json(&self, out: &Output) -> Value {
+        self.json_since(out, Sent::default(), false)
+    }
+
+    /// A streamed event. Logprobs (and the prompt's, once) cover only the tokens new since
+    /// `sent`, so a stream's bytes grow linearly with its tokens; `text` and `output_ids` are
+    /// the whole generation so far (SGLang's default), or also only the new part with
+    /// `incremental` (`--incremental-streaming-output`).
+    fn json_since(&self, out: &Output, sent: Sent, incremental: bool) -> Value {
         let (reason, cached) = match &out.finish {
             Some(f) => (
                 finish_json(&f.reason, f.usage.completion_tokens),
@@ -301,13 +319,14 @@ impl OutputView<'_> {
             "e2e_latency": self.started.elapsed().as_secs_f64(),
         });
         if req.return_logprob || top {
-            let (chosen, tops) = logprobs_json(self.tok, self.with_text, None, &out.logprobs, top);
+            let new = out.logprobs.get(sent.tokens..).unwrap_or_default();
+            let (chosen, tops) = logprobs_json(self.tok, self.with_text, None, new, top);
             meta["output_token_logprobs"] = chosen;
             if top {
                 meta["output_top_logprobs"] = tops;
             }
         }
-        if let Some(start) = req.logprob_start_len {
+        if let Some(start) = req.logprob_start_len.filter(|_| !sent.prompt_logprobs) {
             // rendered only after an event: the first chunk has brought the prompt's logprobs
             let first = req.input_ids.first().copied().filter(|_| start == 0);
             let (chosen, tops) =
@@ -317,7 +336,13 @@ impl OutputView<'_> {
                 meta["input_top_logprobs"] = tops;
             }
         }
-        json!({"text": out.text, "output_ids": out.token_ids, "meta_info": meta})
+        if incremental {
+            let text = out.text.get(sent.text_bytes..).unwrap_or_default();
+            let ids = out.token_ids.get(sent.tokens..).unwrap_or_default();
+            json!({"text": text, "output_ids": ids, "meta_info": meta})
+        } else {
+            json!({"text": out.text, "output_ids": out.token_ids, "meta_info": meta})
+        }
     }
 }
 
@@ -327,12 +352,28 @@ struct Job {
     req: GenerateRequest,
 }
 
-pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+pub async fn generate(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let engine = state.engine()?;
-    let body: GenerateBody = parse_json(body)?;
     let tok = engine.tokenizer().clone();
-    let (prompts, batch) = parse_prompts(&tok, &body)?;
+    // parsing and tokenizing on the blocking pool, not the async threads
+    let (body, prompts, batch) = {
+        let tok = tok.clone();
+        blocking(move || {
+            let body: GenerateBody = parse_json(&body)?;
+            let (prompts, batch) = parse_prompts(&tok, &body)?;
+            Ok((body, prompts, batch))
+        })
+        .await?
+    };
+    let field = if prompts.iter().any(|p| p.n > 1) {
+        "sampling_params.n"
+    } else if body.text.is_some() {
+        "text"
+    } else {
+        "input_ids"
+    };
+    jobs::check_fan_out(state, prompts.iter().map(|p| p.n).sum(), field)?;
     let mut jobs = Vec::new();
     for p in &prompts {
         for k in 0..p.n {
@@ -362,6 +403,8 @@ pub async fn generate(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Bod
             tok,
             jobs,
             outputs: Vec::new(),
+            sent: Vec::new(),
+            incremental: state.args.incremental_streaming_output,
             with_text,
             many,
             started,
@@ -398,6 +441,9 @@ struct NativeStream {
     tok: Arc<Tokenizer>,
     jobs: Vec<Job>,
     outputs: Vec<Output>,
+    /// Per generation, what earlier events sent.
+    sent: Vec<Sent>,
+    incremental: bool,
     with_text: bool,
     many: bool,
     started: Instant,
@@ -407,6 +453,7 @@ impl StreamFormatter for NativeStream {
     fn event(&mut self, index: usize, event: &Event) -> Vec<SseEvent> {
         if self.outputs.len() < self.jobs.len() {
             self.outputs.resize(self.jobs.len(), Output::default());
+            self.sent.resize(self.jobs.len(), Sent::default());
         }
         let out = &mut self.outputs[index];
         match event {
@@ -421,7 +468,13 @@ impl StreamFormatter for NativeStream {
             with_text: self.with_text,
             started: self.started,
         };
-        let mut v = view.json(out);
+        let sent = self.sent[index];
+        let mut v = view.json_since(out, sent, self.incremental);
+        self.sent[index] = Sent {
+            tokens: out.logprobs.len().max(out.token_ids.len()),
+            text_bytes: out.text.len(),
+            prompt_logprobs: sent.prompt_logprobs || !out.prompt_logprobs.is_empty(),
+        };
         if self.many {
             v["index"] = json!(index);
         }

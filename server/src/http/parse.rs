@@ -8,14 +8,34 @@ use super::error::{self, ApiError};
 
 /// Parses a JSON body into `T`; errors name the field path.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    from_value(&parse_object(body)?)
+}
+
+/// A request body: exactly one JSON object. Bytes after it (`{..} xx`) and any other
+/// top-level value (an array would otherwise be read positionally as the fields) are 400s.
+pub fn parse_object(body: &[u8]) -> Result<Value, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::bad_request(
             "body",
             "the request body is empty (JSON expected)",
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(error::json_error)
+    // `from_slice` (unlike a bare `Deserializer`) refuses trailing characters
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("body", format!("malformed JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request(
+            "body",
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(v)
+}
+
+/// Reads `T` from a parsed body; errors name the field path. Structs that share fields read
+/// them each from the same value rather than through `#[serde(flatten)]`, which loses the path.
+pub fn from_value<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(error::json_error)
 }
 
 /// Token ids from JSON: a list of non-negative integers.

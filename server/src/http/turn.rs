@@ -36,16 +36,42 @@ pub struct Prepared {
 }
 
 /// The prompt of `conv`: messages (and tools) through the chat template, or with the tools and
-/// tool history written into the messages for a template that does not render them.
-pub fn render(tok: &Tokenizer, conv: &Conversation) -> Result<String, ApiError> {
-    let shown = conv.tools.as_deref().and_then(ToolSet::for_prompt);
+/// tool history written into the messages for a template that does not render them. Unless
+/// `parse_special` (`--parse-special-tokens-in-messages`), special tokens' texts in the
+/// messages and tools are escaped, so that [`encode`] reads them as plain text.
+pub fn render(
+    tok: &Tokenizer,
+    conv: &Conversation,
+    parse_special: bool,
+) -> Result<String, ApiError> {
+    let escape = |list: &[Value]| {
+        let mut list = list.to_vec();
+        if !parse_special {
+            list.iter_mut().for_each(|v| tok.escape_specials_in(v));
+        }
+        list
+    };
+    let messages = escape(&conv.messages);
+    let shown = conv
+        .tools
+        .as_deref()
+        .and_then(ToolSet::for_prompt)
+        .map(escape);
+    let shown = shown.as_deref();
     let rendered = if tok.template_uses_tools() {
-        tok.apply_chat_template_with_tools(&conv.messages, shown, conv.add_generation_prompt)
+        tok.apply_chat_template_with_tools(&messages, shown, conv.add_generation_prompt)
     } else {
-        let messages = tools::inline_tools(conv.messages.clone(), shown);
+        let messages = tools::inline_tools(messages, shown);
         tok.apply_chat_template(&messages, conv.add_generation_prompt)
     };
     rendered.map_err(|e| ApiError::bad_request("messages", e.to_string()))
+}
+
+/// The tokens of a rendered prompt: the template's markup as control tokens, escaped content
+/// as text.
+pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+    tok.encode_chat(text)
+        .map_err(|e| ApiError::bad_request("messages", e.to_string()))
 }
 
 /// The prompt's tokens and the sampling parameters, with a forced tool call's constraint.
@@ -53,11 +79,10 @@ pub fn prepare(
     tok: &Tokenizer,
     conv: &Conversation,
     mut params: SamplingParams,
+    parse_special: bool,
 ) -> Result<Prepared, ApiError> {
-    let text = render(tok, conv)?;
-    let ids = tok
-        .encode(&text, false)
-        .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
+    let text = render(tok, conv, parse_special)?;
+    let ids = encode(tok, &text)?;
     if let Some(schema) = conv.tools.as_ref().and_then(|t| t.forced_schema()) {
         if sglang::engine::constraint_spec(&params).is_some() {
             return Err(ApiError::bad_request(
@@ -292,5 +317,5 @@ pub fn count(tok: &Tokenizer, text: &str) -> usize {
     if text.is_empty() {
         return 0;
     }
-    tok.encode(text, false).map_or(0, |ids| ids.len())
+    tok.encode_chat(text).map_or(0, |ids| ids.len())
 }

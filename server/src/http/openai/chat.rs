@@ -7,15 +7,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use hyper::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sglang::engine::{Event, Output, TokenInfo};
+use sglang::sampling::SamplingParams;
 use sglang::tokenizer::Tokenizer;
 
 use super::{api_names, check_top, choices, now_secs, token_text, usage_json, ChunkHead, Common};
+use crate::http::blocking;
 use crate::http::jobs::{self, log_outputs, new_id};
-use crate::http::parse::parse_json;
+use crate::http::parse::{from_value, parse_object};
 use crate::http::sse::{self, SseEvent, StreamFormatter};
 use crate::http::tools::{self, ToolSet};
 use crate::http::turn::{self, Conversation, Delta, TurnEnd, TurnStream};
@@ -44,7 +47,7 @@ fn chat_logprobs(tok: &Tokenizer, infos: &[TokenInfo]) -> Value {
 }
 
 #[derive(Debug, Deserialize)]
-pub(super) struct ChatMessageIn {
+pub(crate) struct ChatMessageIn {
     role: String,
     #[serde(default)]
     content: Option<Value>,
@@ -76,7 +79,8 @@ struct ChatBody {
     parallel_tool_calls: Option<bool>,
     #[serde(default)]
     add_generation_prompt: Option<bool>,
-    #[serde(flatten)]
+    /// Read from the same body by `Common`'s own pass, so its errors keep their field.
+    #[serde(skip)]
     common: Common,
 }
 
@@ -114,7 +118,7 @@ fn message_text(field: &str, content: &Option<Value>) -> Result<String, ApiError
 
 /// Messages as the template sees them: `role`, `content` (text parts joined), and the
 /// assistant's `tool_calls` and the tool results' `tool_call_id`.
-pub(super) fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<Value>, ApiError> {
+pub(crate) fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<Value>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages", "`messages` is empty"));
     }
@@ -165,13 +169,14 @@ fn usage_with_reasoning(
     usage
 }
 
-pub async fn chat_completions(
-    state: &Arc<AppState>,
-    body: &[u8],
-) -> Result<Response<Body>, ApiError> {
-    let started = Instant::now();
-    let engine = state.engine()?;
-    let body: ChatBody = parse_json(body)?;
+type Prepared = (ChatBody, Conversation, usize, Vec<u32>, SamplingParams);
+
+/// Everything before the engine: the body read and checked, the conversation templated and
+/// tokenized (on the blocking pool).
+fn prepare(state: &AppState, tok: &Tokenizer, body: &[u8]) -> Result<Prepared, ApiError> {
+    let v = parse_object(body)?;
+    let mut body: ChatBody = from_value(&v)?;
+    body.common = from_value(&v)?;
     let top = body.top_logprobs.unwrap_or(0);
     check_top(top, "top_logprobs")?;
     if top > 0 && !body.logprobs {
@@ -181,6 +186,7 @@ pub async fn chat_completions(
         ));
     }
     let n = body.common.n()?;
+    jobs::check_fan_out(state, n, "n")?;
     let tools = ToolSet::from_request(
         body.tools.as_ref(),
         body.tool_choice.as_ref(),
@@ -188,7 +194,6 @@ pub async fn chat_completions(
         &state.args.tool_call_parser,
     )?
     .map(Arc::new);
-    let tok = engine.tokenizer().clone();
     let conv = Conversation {
         messages: chat_messages(&body.messages)?,
         tools,
@@ -200,9 +205,28 @@ pub async fn chat_completions(
         .or(body.max_tokens)
         .unwrap_or(usize::MAX / 2);
     let params = body.common.params(max_tokens).map_err(api_names)?;
-    let prepared = turn::prepare(&tok, &conv, params)?;
-    let ids = prepared.ids;
-    let reqs = choices(&ids, &prepared.params, n, top, body.logprobs, false);
+    let prepared = turn::prepare(
+        tok,
+        &conv,
+        params,
+        state.args.parse_special_tokens_in_messages,
+    )?;
+    Ok((body, conv, n, prepared.ids, prepared.params))
+}
+
+pub async fn chat_completions(
+    state: &Arc<AppState>,
+    body: Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let engine = state.engine()?;
+    let tok = engine.tokenizer().clone();
+    let (body, conv, n, ids, params) = {
+        let (state, tok) = (state.clone(), tok.clone());
+        blocking(move || prepare(&state, &tok, &body)).await?
+    };
+    let top = body.top_logprobs.unwrap_or(0);
+    let reqs = choices(&ids, &params, n, top, body.logprobs, false);
     let streams = jobs::submit_all(engine, reqs).await.map_err(api_names)?;
     let id = format!("chatcmpl-{}", new_id());
     let model = state.served_model_name.clone();

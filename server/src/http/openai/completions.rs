@@ -5,18 +5,21 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use hyper::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sglang::engine::{Event, Output, TokenInfo};
+use sglang::sampling::SamplingParams;
 use sglang::tokenizer::Tokenizer;
 
 use super::{
     api_names, check_top, choices, finish_reason, now_secs, token_text, usage_json, ChunkHead,
     Common,
 };
+use crate::http::blocking;
 use crate::http::jobs::{self, log_outputs, new_id};
-use crate::http::parse::{parse_ids, parse_json};
+use crate::http::parse::{from_value, parse_ids, parse_object};
 use crate::http::sse::{self, SseEvent, StreamFormatter};
 use crate::http::{ok_json, ApiError, AppState, Body};
 
@@ -88,7 +91,8 @@ struct CompletionBody {
     echo: bool,
     #[serde(default)]
     suffix: Option<String>,
-    #[serde(flatten)]
+    /// Read from the same body by `Common`'s own pass, so its errors keep their field.
+    #[serde(skip)]
     common: Common,
 }
 
@@ -131,26 +135,46 @@ fn completion_prompts(tok: &Tokenizer, v: &Value) -> Result<Vec<(String, Vec<u32
     }
 }
 
-pub async fn completions(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let started = Instant::now();
-    let engine = state.engine()?;
-    let body: CompletionBody = parse_json(body)?;
+type Prepared = (
+    CompletionBody,
+    usize,
+    Vec<(String, Vec<u32>)>,
+    SamplingParams,
+);
+
+/// Everything before the engine: the body read and checked, the prompts tokenized (on the
+/// blocking pool).
+fn prepare(state: &AppState, tok: &Tokenizer, body: &[u8]) -> Result<Prepared, ApiError> {
+    let v = parse_object(body)?;
+    let mut body: CompletionBody = from_value(&v)?;
+    body.common = from_value(&v)?;
     if body.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix", "`suffix` is not supported"));
     }
-    let top = body.logprobs.unwrap_or(0);
-    check_top(top, "logprobs")?;
-    let logprobs = body.logprobs.is_some();
-    // `echo` with `logprobs`: the prompt's tokens and logprobs come first (scoring a text,
-    // with `max_tokens` 0, is how evaluation harnesses use it)
-    let echo_logprobs = body.echo && logprobs;
+    check_top(body.logprobs.unwrap_or(0), "logprobs")?;
     let n = body.common.n()?;
-    let tok = engine.tokenizer().clone();
-    let prompts = completion_prompts(&tok, &body.prompt)?;
+    let prompts = completion_prompts(tok, &body.prompt)?;
+    jobs::check_fan_out(state, prompts.len() * n, if n > 1 { "n" } else { "prompt" })?;
     let params = body
         .common
         .params(body.max_tokens.unwrap_or(16))
         .map_err(api_names)?;
+    Ok((body, n, prompts, params))
+}
+
+pub async fn completions(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let engine = state.engine()?;
+    let tok = engine.tokenizer().clone();
+    let (body, n, prompts, params) = {
+        let (state, tok) = (state.clone(), tok.clone());
+        blocking(move || prepare(&state, &tok, &body)).await?
+    };
+    let top = body.logprobs.unwrap_or(0);
+    let logprobs = body.logprobs.is_some();
+    // `echo` with `logprobs`: the prompt's tokens and logprobs come first (scoring a text,
+    // with `max_tokens` 0, is how evaluation harnesses use it)
+    let echo_logprobs = body.echo && logprobs;
     let mut reqs = Vec::new();
     for (_, ids) in &prompts {
         reqs.extend(choices(ids, &params, n, top, logprobs, echo_logprobs));

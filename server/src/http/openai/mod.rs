@@ -27,6 +27,7 @@ use sglang::tokenizer::Tokenizer;
 use super::{ok_json, ApiError, AppState, Body};
 
 pub use chat::chat_completions;
+pub(crate) use chat::{chat_messages, ChatMessageIn};
 pub use completions::completions;
 pub use responses::{
     create as create_response, delete as delete_response, get as get_response, ResponseStore,

@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use hyper::Response;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
@@ -30,7 +31,7 @@ use crate::http::parse::{bad, opt, opt_bool, opt_f32, opt_i64, opt_string, opt_u
 use crate::http::sse::{self, SseEvent, StreamFormatter};
 use crate::http::tools::{self, ToolSet};
 use crate::http::turn::{self, Conversation, Delta, Turn, TurnEnd, TurnStream};
-use crate::http::{json_response, ok_json, ApiError, AppState, Body};
+use crate::http::{blocking, json_response, ok_json, ApiError, AppState, Body};
 
 /// Most responses kept for `previous_response_id` and `GET`.
 pub const STORE_MAX_RESPONSES: usize = 1024;
@@ -525,12 +526,21 @@ impl Head {
     }
 }
 
-pub async fn create(state: &Arc<AppState>, body: &[u8]) -> Result<Response<Body>, ApiError> {
+pub async fn create(state: &Arc<AppState>, body: Bytes) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let engine = state.engine()?;
-    let req = read_request(state, body)?;
     let tok = engine.tokenizer().clone();
-    let prepared = turn::prepare(&tok, &req.conv, req.params).map_err(text_names)?;
+    let (req, prepared) = {
+        let (state, tok) = (state.clone(), tok.clone());
+        blocking(move || {
+            let mut req = read_request(&state, &body)?;
+            let special = state.args.parse_special_tokens_in_messages;
+            let params = std::mem::take(&mut req.params);
+            let prepared = turn::prepare(&tok, &req.conv, params, special).map_err(text_names)?;
+            Ok((req, prepared))
+        })
+        .await?
+    };
     let ids = prepared.ids;
     let gen = sglang::engine::GenerateRequest {
         input_ids: ids.clone(),
