@@ -195,18 +195,7 @@ fn c_example_has_no_leaks_under_valgrind() {
     let lib = lib_dir();
     let work = tempfile::tempdir().unwrap();
     let bin = work.path().join("c_example");
-    let mut cc = Command::new("gcc");
-    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"])
-        .arg("-I")
-        .arg(root().join("include"))
-        .arg(root().join("ffi/examples/c/main.c"))
-        .arg("-o")
-        .arg(&bin)
-        .arg("-L")
-        .arg(lib.path())
-        .arg("-lsglang")
-        .arg(format!("-Wl,-rpath,{}", lib.path().display()));
-    run(&mut cc);
+    compile_c_against(&lib, &root().join("ffi/examples/c/main.c"), &bin, &[]);
     let out = Command::new("valgrind")
         .args([
             "--leak-check=full",
@@ -240,24 +229,8 @@ fn abi_edges_hold_from_c() {
     let lib = lib_dir();
     let work = tempfile::tempdir().unwrap();
     let bin = work.path().join("abi_edges");
-    run(Command::new("gcc")
-        .args([
-            "-std=c11",
-            "-D_POSIX_C_SOURCE=200809L",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-g",
-        ])
-        .arg("-I")
-        .arg(root().join("include"))
-        .arg(root().join("ffi/tests/abi_edges.c"))
-        .arg("-o")
-        .arg(&bin)
-        .arg("-L")
-        .arg(lib.path())
-        .arg("-lsglang")
-        .arg(format!("-Wl,-rpath,{}", lib.path().display())));
+    let source = root().join("ffi/tests/abi_edges.c");
+    compile_c_against(&lib, &source, &bin, &["-D_POSIX_C_SOURCE=200809L"]);
     let out = run(Command::new(&bin).arg(model()));
     assert!(!out.contains("FAILED"), "{out}");
     assert_eq!(
@@ -265,6 +238,22 @@ fn abi_edges_hold_from_c() {
         14,
         "{out}"
     );
+}
+
+/// Compiles one C11 source with warnings as errors, linked to the libsglang.so in `lib`.
+fn compile_c_against(lib: &tempfile::TempDir, source: &Path, bin: &Path, extra: &[&str]) {
+    run(Command::new("gcc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"])
+        .args(extra)
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg(source)
+        .arg("-o")
+        .arg(bin)
+        .arg("-L")
+        .arg(lib.path())
+        .arg("-lsglang")
+        .arg(format!("-Wl,-rpath,{}", lib.path().display())));
 }
 
 /// Global symbols an object file defines (readelf, which needs no linker plugin).
