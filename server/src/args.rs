@@ -255,6 +255,27 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// An empty `SGLANG_API_KEY` or `SGLANG_ADMIN_API_KEY` in the environment means no key, as
+    /// an empty key does in SGLang and vLLM: it is what compose's `${SGLANG_API_KEY:-}` passes
+    /// when the operator sets none. An empty key on the command line stays an error.
+    pub fn drop_empty_keys_from_env(&mut self) {
+        let given_as_flag =
+            |flag: &str| std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        for (flag, var, key) in [
+            ("--api-key", "SGLANG_API_KEY", &mut self.api_key),
+            (
+                "--admin-api-key",
+                "SGLANG_ADMIN_API_KEY",
+                &mut self.admin_api_key,
+            ),
+        ] {
+            let empty_in_env = std::env::var_os(var).is_some_and(|v| v.is_empty());
+            if key.as_deref() == Some("") && empty_in_env && !given_as_flag(flag) {
+                *key = None;
+            }
+        }
+    }
+
     /// Checks the server's own options; the error names the option.
     pub fn validate(&self) -> Result<(), String> {
         let positive = |name: &str, v: f64| {

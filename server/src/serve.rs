@@ -18,7 +18,8 @@ use crate::args::ServerArgs;
 use crate::http::health::{self, Health};
 use crate::http::{self, AppState};
 
-pub fn run(args: ServerArgs) -> Result<(), String> {
+pub fn run(mut args: ServerArgs) -> Result<(), String> {
+    args.drop_empty_keys_from_env();
     args.validate()?;
     let mut cfg = args.engine.to_config()?;
     cfg.max_queued_requests = args.max_queued_requests;

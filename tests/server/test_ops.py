@@ -101,6 +101,18 @@ def test_keys():
         s.stop()
 
 
+def test_empty_keys_in_the_environment_mean_no_key():
+    # compose passes `SGLANG_API_KEY: ${SGLANG_API_KEY:-}`: empty when the operator sets none
+    s = Server(env={"SGLANG_API_KEY": "", "SGLANG_ADMIN_API_KEY": ""})
+    try:
+        body = {"text": "Hi", "sampling_params": {"max_new_tokens": 1}}
+        assert s.post("/generate", body)[0] == 200
+        # as without the variables: no key at all, admin routes open too
+        assert s.request("GET", "/config")[0] == 200
+    finally:
+        s.stop()
+
+
 def test_health_and_metrics(server):
     status, _, h = server.request("GET", "/health")
     assert status == 200 and h["status"] in ("healthy", "degraded")
@@ -208,6 +220,8 @@ def test_invalid_options_stop_start_up_naming_them():
         (["--rank", "3"], {}, "rank"),
         (["--world-size", "2", "--tp-size", "3", "--master-addr", "h"], {}, "tp-size"),
         (["--dist-timeout", "0"], {}, "dist-timeout"),
+        (["--api-key", ""], {}, "api-key"),
+        (["--admin-api-key="], {"SGLANG_ADMIN_API_KEY": ""}, "admin-api-key"),
     ]
     for args, env, needle in cases:
         out = subprocess.run([str(BINARY), "--model-path", str(MODEL), *args], capture_output=True, text=True,
