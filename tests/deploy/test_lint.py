@@ -34,7 +34,8 @@ def load(path):
 
 
 def test_hadolint():
-    run(VENV / "hadolint", "--config", DEPLOY / ".hadolint.yaml", DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cpu")
+    run(VENV / "hadolint", "--config", DEPLOY / ".hadolint.yaml", DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cpu",
+        DEPLOY / "Dockerfile.cpu-prebuilt")
 
 
 def test_dockerfiles_have_what_operations_need():
@@ -45,6 +46,13 @@ def test_dockerfiles_have_what_operations_need():
         assert 'HEALTHCHECK' in text and '"sglang-server", "probe"' in text, name
         assert "SGLANG_MODEL_PATH" in text, name
         assert text.count("FROM ") >= 2, f"{name} is multi-stage"
+    # the image built from host artefacts (tests/deploy/test_container.py builds and runs it)
+    # runs the same way as the multi-stage CPU image's final stage
+    prebuilt = (DEPLOY / "Dockerfile.cpu-prebuilt").read_text()
+    final_cpu_stage = (DEPLOY / "Dockerfile.cpu").read_text().split("FROM debian:bookworm-slim", 1)[1]
+    for line in final_cpu_stage.splitlines():
+        if line.startswith(("USER", "EXPOSE", "HEALTHCHECK", "ENTRYPOINT", "ENV", "    SGLANG_", "    && ")):
+            assert line in prebuilt, f"Dockerfile.cpu-prebuilt lacks {line!r}"
     assert "--features sglang/cuda" in (DEPLOY / "Dockerfile").read_text()
     assert "nvidia/cuda" in (DEPLOY / "Dockerfile").read_text()
 

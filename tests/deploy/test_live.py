@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from sglang_testing import ROOT, Server, free_port
+from sglang_testing import ROOT, Server, free_port, prometheus_value
 
 DEPLOY = ROOT / "deploy"
 # Registered only by a backend with a GPU (checked in src/metrics.rs tests); this server has none.
@@ -55,38 +55,13 @@ def test_every_used_metric_is_exported():
 
 def test_prometheus_scrapes_the_server():
     s = Server()
-    prom = None
     try:
-        d = Path(tempfile.mkdtemp())
-        cfg = yaml.safe_load((DEPLOY / "monitoring" / "prometheus.yml").read_text())
-        cfg["global"]["scrape_interval"] = "1s"
-        cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{s.port}"]
-        cfg["rule_files"] = [str(DEPLOY / "monitoring" / "alerts.yml")]
-        (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-        port = free_port()
-        prom = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
-                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(3):
             assert s.post("/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})[0] == 200
-        deadline = time.time() + 60
-        value = 0.0
-        while time.time() < deadline:
-            try:
-                q = urllib.request.quote('sum(sglang_requests_total{job="sglang",endpoint="/generate"})')
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={q}", timeout=5) as r:
-                    res = json.loads(r.read())["data"]["result"]
-                if res:
-                    value = float(res[0]["value"][1])
-                    if value > 0:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        query = 'sum(sglang_requests_total{job="sglang",endpoint="/generate"})'
+        value = prometheus_value(DEPLOY / "monitoring" / "prometheus.yml", f"127.0.0.1:{s.port}", query, 3)
         assert value >= 3, value
     finally:
-        if prom:
-            prom.terminate()
-            prom.wait(10)
         s.stop()
 
 

@@ -138,3 +138,76 @@ def cli_generate(prompt, max_new_tokens, chat=False):
         args.append("--chat")
     out = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, SGLANG_LOG="warn"), check=True)
     return json.loads(out.stdout)
+
+
+class Endpoint(Server):
+    """A server this test did not start (in a container, a pod) at 127.0.0.1:`port`: the same
+    request helpers, no process."""
+
+    def __init__(self, port):  # noqa: super().__init__ starts a process; this one exists
+        self.port = port
+        self.proc = None
+
+    def wait_ready(self, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.request("GET", "/health", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"nothing healthy at 127.0.0.1:{self.port} after {timeout} s")
+
+    def logs(self):
+        return ""
+
+    def stop(self, *_args, **_kw):
+        return None
+
+
+def reference_greedy(prompt, steps, chat=False):
+    """The numpy reference's (scripts/reference.py) greedy continuation of `prompt`."""
+    with tempfile.TemporaryDirectory() as d:
+        out = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "scripts" / "reference.py"), "--model", str(MODEL),
+             "golden", "--prompts", json.dumps([{"text": prompt, "chat": chat}]), "--steps", str(steps),
+             "--out-dir", d], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["results"][0]
+
+
+def prometheus_value(config_file, target, query, minimum, timeout=60):
+    """Runs Debian's Prometheus with deploy/'s `config_file` (alert rules loaded, scraping every
+    second) pointed at `target` until `query` reaches `minimum`; returns the last value."""
+    import urllib.parse
+    import urllib.request
+
+    import yaml
+
+    d = Path(tempfile.mkdtemp())
+    cfg = yaml.safe_load(Path(config_file).read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["scrape_configs"][0]["static_configs"][0]["targets"] = [target]
+    cfg["rule_files"] = [str(ROOT / "deploy" / "monitoring" / "alerts.yml")]
+    (d / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    prom = subprocess.Popen(["prometheus", f"--config.file={d / 'prometheus.yml'}", f"--storage.tsdb.path={d / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    value = 0.0
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and value < minimum:
+            try:
+                url = f"http://127.0.0.1:{port}/api/v1/query?query={urllib.parse.quote(query)}"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    res = json.loads(r.read())["data"]["result"]
+                if res:
+                    value = float(res[0]["value"][1])
+            except OSError:
+                pass
+            time.sleep(0.5)
+    finally:
+        prom.terminate()
+        prom.wait(10)
+    return value
