@@ -8,6 +8,9 @@ Output (models/SmolLM2-135M-Instruct/):
   generation_config.json
   tokenizer.json          byte-level BPE built from the GGUF's tokens, merges and token types
   tokenizer_config.json   ChatML chat template, special tokens
+  SmolLM2-135M-Instruct.Q4_1.gguf   the original file, kept (a hard link to models/.cache's
+                          copy where possible) so both formats are at hand:
+                          `--load-format gguf` (or this file as --model-path) serves it quantized
 
 Two pitfalls handled here:
   * llama.cpp's converter permutes the rows of attn_q / attn_k so that its "adjacent pairs"
@@ -219,6 +222,7 @@ def main():
     models_dir = Path(args.models_dir)
     model_dir = models_dir / MODEL_NAME
     if is_complete(model_dir) and not args.force:
+        keep_gguf(model_dir, fetch_gguf(models_dir / ".cache"))
         log(f"{model_dir} is complete; nothing to do")
         print(model_dir)
         return
@@ -300,8 +304,23 @@ def main():
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    keep_gguf(model_dir, gguf_path)
     log(f"done: {model_dir}")
     print(model_dir)
+
+
+def keep_gguf(model_dir: Path, gguf_path: Path):
+    """The original GGUF beside the safetensors (a hard link when on the same file system)."""
+    dst = model_dir / gguf_path.name
+    if dst.is_file() and dst.stat().st_size == gguf_path.stat().st_size:
+        return
+    tmp = dst.with_suffix(".part")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(gguf_path, tmp)
+    except OSError:
+        shutil.copyfile(gguf_path, tmp)
+    os.replace(tmp, dst)
 
 
 if __name__ == "__main__":

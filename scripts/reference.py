@@ -348,6 +348,16 @@ def dequant_q4_1(data, rows, cols):
     return (q * d + m).reshape(rows, cols)
 
 
+def dequant_q4_0(data, rows, cols):
+    # 18-byte blocks: f16 scale d, 16 bytes of nibbles (low nibbles: values 0..15, high: 16..31);
+    # value = d * (nibble - 8)
+    blocks = data.reshape(rows, cols // 32, 18)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    qs = blocks[..., 2:18]
+    q = np.concatenate([(qs & 0x0F), (qs >> 4)], axis=-1).astype(np.float32) - 8.0
+    return (q * d).reshape(rows, cols)
+
+
 def dequant_q8_0(data, rows, cols):
     blocks = data.reshape(rows, cols // 32, 34)
     d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
@@ -374,6 +384,13 @@ def load_gguf_weights(path):
             arr = dequant_q4_1(raw.view(np.uint8), dims[1], dims[0])
         elif t.tensor_type.name == "Q8_0":
             arr = dequant_q8_0(raw.view(np.uint8), dims[1], dims[0])
+        elif t.tensor_type.name == "Q4_0":
+            arr = dequant_q4_0(raw.view(np.uint8), dims[1], dims[0])
+        elif t.tensor_type.name in ("F16", "BF16"):
+            bits = raw.view(np.uint16).astype(np.uint32)
+            arr = (bits << 16).view(np.float32) if t.tensor_type.name == "BF16" else \
+                raw.view(np.float16).astype(np.float32)
+            arr = arr.reshape(list(reversed(dims)))
         else:
             raise SystemExit(f"reference: GGUF type {t.tensor_type.name} not handled")
         parts = t.name.split(".")
@@ -409,7 +426,11 @@ def prompt_ids(tok, tok_cfg, prompt):
 
 def cmd_golden(args):
     model_dir, cfg, tok_cfg = model_paths(args.model)
-    w = Weights(cfg, load_safetensors(model_dir / "model.safetensors"))
+    if args.gguf_weights:
+        # the GGUF's own weights, dequantized here, in llama.cpp's row order (RoPE on pairs)
+        w = Weights(cfg, load_gguf_weights(args.gguf_weights), rope_style="pairs")
+    else:
+        w = Weights(cfg, load_safetensors(model_dir / "model.safetensors"))
     tok = BpeTokenizer(args.gguf or default_gguf(model_dir))
     prompts = json.loads(args.prompts)
     eos = cfg["eos_token_id"]
@@ -468,6 +489,8 @@ def main():
     g.add_argument("--prompts", required=True, help='JSON list of {"text", "chat"}')
     g.add_argument("--steps", type=int, default=32)
     g.add_argument("--out-dir", required=True)
+    g.add_argument("--gguf-weights", default=None,
+                   help="run on this GGUF's weights (dequantized in numpy) instead of the safetensors")
     c = sub.add_parser("check-gguf")
     c.add_argument("--tolerance", type=float, default=0.05)
     c.add_argument("texts", nargs="+")

@@ -357,8 +357,14 @@ fn parse_rope_scaling(v: Option<&serde_json::Value>) -> Result<Option<RopeScalin
 /// Where the weights come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadFormat {
+    /// GGUF when the model path is a `.gguf` file, or a directory with a `.gguf` file and no
+    /// safetensors; otherwise safetensors.
+    Auto,
     /// `model.safetensors` or shards listed in `model.safetensors.index.json`.
     Safetensors,
+    /// A GGUF file (the model path, or the one `.gguf` file in the model directory), served
+    /// in place: F32/F16/BF16, Q8_0, Q4_0, Q4_1.
+    Gguf,
     /// Deterministic random weights with the shapes of `config.json` (benchmarks of large shapes).
     Dummy,
 }
@@ -367,10 +373,12 @@ impl std::str::FromStr for LoadFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "auto" | "safetensors" => Ok(Self::Safetensors),
+            "auto" => Ok(Self::Auto),
+            "safetensors" => Ok(Self::Safetensors),
+            "gguf" => Ok(Self::Gguf),
             "dummy" => Ok(Self::Dummy),
             other => Err(format!(
-                "{other:?} is not a load format (auto, safetensors, dummy)"
+                "{other:?} is not a load format (auto, safetensors, gguf, dummy)"
             )),
         }
     }
@@ -437,6 +445,43 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// The model directory (config.json, tokenizer): the model path, or the directory holding
+    /// it when it names a `.gguf` file.
+    pub fn model_dir(&self) -> &Path {
+        if self.model_path.is_file() {
+            self.model_path.parent().unwrap_or(Path::new("."))
+        } else {
+            &self.model_path
+        }
+    }
+
+    /// The load format `Auto` stands for with this model path.
+    pub fn resolved_load_format(&self) -> LoadFormat {
+        if self.load_format != LoadFormat::Auto {
+            return self.load_format;
+        }
+        let p = &self.model_path;
+        if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
+            return LoadFormat::Gguf;
+        }
+        let has = |pred: &dyn Fn(&Path) -> bool| {
+            std::fs::read_dir(p)
+                .map(|d| d.filter_map(Result::ok).any(|e| pred(&e.path())))
+                .unwrap_or(false)
+        };
+        if !has(&|f| {
+            f.extension()
+                .is_some_and(|e| e == "safetensors" || e == "json")
+                && f.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("model.safetensors"))
+        }) && has(&|f| f.extension().is_some_and(|e| e == "gguf"))
+        {
+            LoadFormat::Gguf
+        } else {
+            LoadFormat::Safetensors
+        }
+    }
+
     pub fn new(model_path: impl Into<PathBuf>) -> Self {
         Self {
             model_path: model_path.into(),

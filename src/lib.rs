@@ -59,6 +59,8 @@ pub mod loader;
 pub mod model;
 #[doc(hidden)]
 pub mod parallel;
+/// GGUF block-quantized formats and their integer dot products.
+pub mod quant;
 #[doc(hidden)]
 pub mod runner;
 #[doc(hidden)]

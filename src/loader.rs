@@ -16,6 +16,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
+
+use crate::quant::{QuantType, BLOCK};
+
+#[path = "loader_gguf.rs"]
+mod gguf;
+pub use gguf::{find_gguf, load_gguf};
 use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 
 /// Largest JSON header we accept (the format's own limit is 100 MB).
@@ -27,13 +33,17 @@ pub enum DType {
     BF16,
     F16,
     F32,
+    /// GGUF block-quantized (see `crate::quant`).
+    Quant(QuantType),
 }
 
 impl DType {
+    /// Bytes per element (float types only: a quantized type has bytes per block of 32).
     pub fn size(self) -> usize {
         match self {
             DType::BF16 | DType::F16 => 2,
             DType::F32 => 4,
+            DType::Quant(_) => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -41,6 +51,14 @@ impl DType {
             DType::BF16 => "BF16",
             DType::F16 => "F16",
             DType::F32 => "F32",
+            DType::Quant(q) => q.name(),
+        }
+    }
+    /// The block format, for a quantized type.
+    pub fn quant(self) -> Option<QuantType> {
+        match self {
+            DType::Quant(q) => Some(q),
+            _ => None,
         }
     }
 }
@@ -77,6 +95,7 @@ impl LoadError {
 /// Backing memory of tensors: a file mapping, or owned buffers for dummy / re-aligned weights.
 enum Storage {
     Mapped(Mmap),
+    OwnedU8(Vec<u8>),
     OwnedU16(Vec<u16>),
     OwnedF32(Vec<f32>),
 }
@@ -85,6 +104,7 @@ impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
             Storage::Mapped(m) => m,
+            Storage::OwnedU8(v) => v,
             // SAFETY: u16/f32 have no padding or invalid bit patterns as bytes.
             Storage::OwnedU16(v) => unsafe {
                 std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 2)
@@ -122,6 +142,8 @@ pub enum Elems<'a> {
     BF16(&'a [u16]),
     F16(&'a [u16]),
     F32(&'a [f32]),
+    /// Whole blocks of a quantized format, as raw bytes.
+    Quant(QuantType, &'a [u8]),
 }
 
 impl<'a> Elems<'a> {
@@ -129,6 +151,7 @@ impl<'a> Elems<'a> {
         match self {
             Elems::BF16(s) | Elems::F16(s) => s.len(),
             Elems::F32(s) => s.len(),
+            Elems::Quant(t, b) => b.len() / t.block_bytes() * BLOCK,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -141,6 +164,12 @@ impl<'a> Elems<'a> {
             Elems::BF16(s) => bf16_to_f32(s[i]),
             Elems::F16(s) => half::f16::from_bits(s[i]).to_f32(),
             Elems::F32(s) => s[i],
+            Elems::Quant(t, b) => {
+                let bb = t.block_bytes();
+                let mut block = [0.0f32; BLOCK];
+                t.dequantize_block(&b[i / BLOCK * bb..(i / BLOCK + 1) * bb], &mut block);
+                block[i % BLOCK]
+            }
         }
     }
     /// Elements `start..start + n` as a sub-view.
@@ -149,6 +178,16 @@ impl<'a> Elems<'a> {
             Elems::BF16(s) => Elems::BF16(&s[start..start + n]),
             Elems::F16(s) => Elems::F16(&s[start..start + n]),
             Elems::F32(s) => Elems::F32(&s[start..start + n]),
+            Elems::Quant(t, b) => {
+                assert!(
+                    start % BLOCK == 0 && n % BLOCK == 0,
+                    "{}: elements {start}..{} are not whole blocks",
+                    t.name(),
+                    start + n
+                );
+                let bb = t.block_bytes();
+                Elems::Quant(*t, &b[start / BLOCK * bb..(start + n) / BLOCK * bb])
+            }
         }
     }
     /// Converts into `out` (same length).
@@ -163,6 +202,12 @@ impl<'a> Elems<'a> {
                 .zip(*s)
                 .for_each(|(o, &b)| *o = half::f16::from_bits(b).to_f32()),
             Elems::F32(s) => out.copy_from_slice(s),
+            Elems::Quant(t, b) => {
+                let bb = t.block_bytes();
+                for (o, blk) in out.chunks_mut(BLOCK).zip(b.chunks(bb)) {
+                    t.dequantize_block(blk, o);
+                }
+            }
         }
     }
 }
@@ -215,6 +260,7 @@ impl Tensor {
                 DType::F32 => {
                     Elems::F32(std::slice::from_raw_parts(b.as_ptr().cast(), b.len() / 4))
                 }
+                DType::Quant(t) => Elems::Quant(t, b),
             }
         }
     }
@@ -262,6 +308,18 @@ impl Tensor {
                 }
                 (Storage::OwnedF32(v), rows * n * 4)
             }
+            Elems::Quant(t, _) => {
+                // whole blocks of each row (callers check that the shard is block-aligned)
+                let mut v = Vec::with_capacity(rows * n / BLOCK * t.block_bytes());
+                for r in 0..rows {
+                    let row = self.elems().slice(r * cols, cols);
+                    if let Elems::Quant(_, b) = row.slice(start, n) {
+                        v.extend_from_slice(b);
+                    }
+                }
+                let len = v.len();
+                (Storage::OwnedU8(v), len)
+            }
         };
         Tensor {
             storage: Arc::new(storage),
@@ -281,6 +339,22 @@ impl Tensor {
             offset: 0,
             len_bytes,
             dtype: DType::BF16,
+            shape,
+        }
+    }
+
+    /// An owned tensor of whole quantized blocks, `shape` `[rows, cols]` (GGUF rows that had
+    /// to be reordered; tests).
+    pub fn from_quant(t: QuantType, data: Vec<u8>, shape: Vec<usize>) -> Self {
+        let numel: usize = shape.iter().product();
+        assert_eq!(numel % BLOCK, 0);
+        assert_eq!(data.len(), numel / BLOCK * t.block_bytes());
+        let len_bytes = data.len();
+        Self {
+            storage: Arc::new(Storage::OwnedU8(data)),
+            offset: 0,
+            len_bytes,
+            dtype: DType::Quant(t),
             shape,
         }
     }
@@ -319,6 +393,10 @@ impl WeightMap {
     }
     pub fn files(&self) -> &[PathBuf] {
         &self.files
+    }
+    /// Whether any tensor is block-quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.tensors.values().any(|t| t.dtype.quant().is_some())
     }
     pub fn total_bytes(&self) -> usize {
         self.tensors.values().map(|t| t.size_bytes()).sum()

@@ -9,10 +9,8 @@
 
 mod common;
 
-use sglang::batch::{LogitsWanted, StepBatch};
 use sglang::config::EngineConfig;
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::kv::PagePool;
 use sglang::runner;
 use sglang::sampling::SamplingParams;
 use sglang::tokenizer::ChatMessage;
@@ -59,31 +57,14 @@ fn engine_matches_the_numpy_reference() {
         assert_eq!(ids, r.input_ids, "token ids differ for {text:?}");
 
         // 2. first-step logits
-        let (pages, page_size) = runner.kv_pages();
-        let mut pool = PagePool::new(pages, page_size);
-        let mut table = Vec::new();
-        assert!(pool.alloc_into(&mut table, pool.pages_for(ids.len())));
-        let mut batch = StepBatch {
-            page_size,
-            ..Default::default()
-        };
-        batch.push_seq(&ids, 0, &table, LogitsWanted::Last);
-        let logits = runner.forward(&batch).unwrap().to_vec();
+        let logits = common::first_step_logits(runner.as_mut(), &ids);
         let want = r.logits();
         let err = common::rel_err(&logits, &want);
         assert!(err < LOGITS_TOLERANCE, "{text:?}: logits rel err {err}");
         assert_eq!(common::argmax(&logits), common::argmax(&want));
 
         // 3. greedy tokens through the whole engine (scheduler, sampler, detokenizer)
-        let out = engine
-            .submit(GenerateRequest {
-                input_ids: ids.clone(),
-                params: SamplingParams::greedy(STEPS),
-                ..Default::default()
-            })
-            .unwrap()
-            .collect_blocking()
-            .unwrap();
+        let out = common::greedy(&engine, &ids, STEPS);
         assert!(r.greedy_ids.len() == STEPS || r.greedy_ids.last() == Some(&2));
         assert_eq!(
             out.token_ids, r.greedy_ids,

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 /// Each floor and the floors it may use, bottom to top.
 const FLOORS: &[(&str, &[&str])] = &[
     ("config", &[]),
-    ("loader", &[]),
+    ("quant", &[]),
+    ("loader", &["quant"]),
     ("tokenizer", &[]),
     ("sampling", &[]),
     ("batch", &[]),
@@ -18,7 +19,7 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("constraint", &["tokenizer"]),
     (
         "backend",
-        &["config", "loader", "sampling", "batch", "parallel"],
+        &["config", "quant", "loader", "sampling", "batch", "parallel"],
     ),
     (
         "model",

@@ -377,7 +377,7 @@ pub unsafe extern "C" fn sglang_engine_create(
         }
         cfg.tp_size = p.tp_size as usize;
         cfg.validate().or_else(|e| invalid(e.to_string()))?;
-        if !cfg.model_path.join("config.json").exists() {
+        if !cfg.model_dir().join("config.json").exists() {
             return fail(
                 SGLANG_ERR_LOAD,
                 format!(

@@ -19,8 +19,11 @@ pub struct EngineArgs {
     #[arg(long, env = "SGLANG_DEVICE", default_value = "auto")]
     pub device: Device,
 
-    /// Where weights come from: auto/safetensors, or dummy (random weights with the
-    /// config's shapes, for benchmarks).
+    /// Where weights come from: safetensors; gguf (the model path is a .gguf file, or a
+    /// directory with config.json, the tokenizer and one .gguf file; served in place,
+    /// quantized); auto (gguf for a .gguf path or a directory with a .gguf and no
+    /// safetensors, else safetensors); or dummy (random weights with the config's shapes, for
+    /// benchmarks).
     #[arg(long, env = "SGLANG_LOAD_FORMAT", default_value = "auto")]
     pub load_format: LoadFormat,
 
@@ -145,7 +148,7 @@ impl EngineArgs {
             c.chat_template = Some(text);
         }
         c.validate().map_err(|e| e.to_string())?;
-        if !c.model_path.join("config.json").exists() {
+        if !c.model_dir().join("config.json").exists() {
             return Err(format!(
                 "invalid option `model-path`: {} has no config.json (prepare the default model with scripts/prepare-model.sh)",
                 c.model_path.display()

@@ -410,7 +410,7 @@ impl EngineHandle {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
-        let tokenizer = Tokenizer::from_dir(&cfg.model_path)?;
+        let tokenizer = Tokenizer::from_dir(cfg.model_dir())?;
         let runner = runner::load(&cfg)?;
         Self::start_with(cfg, tokenizer, runner, metrics)
     }

@@ -45,7 +45,7 @@ struct Prepared {
 
 fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     cfg.validate()?;
-    let model_cfg = ModelConfig::from_dir(&cfg.model_path)?;
+    let model_cfg = ModelConfig::from_dir(cfg.model_dir())?;
     let group = cfg.group_size();
     Shard::check(&model_cfg, group).map_err(|message| ConfigError::Option {
         option: "tp-size",
@@ -53,10 +53,28 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     })?;
     let started = Instant::now();
     let specs = llama::tensor_specs(&model_cfg);
+    let mut cfg = cfg.clone();
+    cfg.load_format = cfg.resolved_load_format();
+    let cfg = &cfg;
     let weights = match cfg.load_format {
-        LoadFormat::Safetensors => loader::load_safetensors(&cfg.model_path, &specs)?,
+        LoadFormat::Safetensors | LoadFormat::Auto => {
+            loader::load_safetensors(&cfg.model_path, &specs)?
+        }
+        LoadFormat::Gguf => loader::load_gguf(
+            &loader::find_gguf(&cfg.model_path)?,
+            &specs,
+            model_cfg.num_heads,
+            model_cfg.num_kv_heads,
+        )?,
         LoadFormat::Dummy => loader::dummy_weights(&specs, cfg.dummy_seed),
     };
+    if group > 1 && weights.is_quantized() {
+        return Err(ConfigError::Option {
+            option: "tp-size",
+            message: "tensor parallelism over quantized (GGUF) weights is not supported yet".into(),
+        }
+        .into());
+    }
     tracing::info!(
         "loaded {} ({} parameters, {:.1} MB of weights, {} tensors) in {:.2}s",
         cfg.model_path.display(),
@@ -402,9 +420,9 @@ pub fn build_rank(
     let backend = CpuBackend::new(threads);
     if shard.rank == 0 {
         tracing::info!(
-            "CPU backend: {} threads, {} kernels",
+            "CPU backend: {} threads, kernels: {}",
             backend.num_threads(),
-            backend.isa().name()
+            crate::backend::cpu::kernel_set()
         );
     }
     let weight_bytes = weight_bytes(model_cfg, weights);

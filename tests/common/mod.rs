@@ -54,6 +54,16 @@ impl RefResult {
 
 /// Runs scripts/reference.py golden on `prompts` (`(text, chat)` pairs).
 pub fn reference(model: &Path, prompts: &[(&str, bool)], steps: usize) -> Vec<RefResult> {
+    reference_with(model, prompts, steps, &[])
+}
+
+/// [`reference`] with more arguments of the golden command (e.g. `--gguf-weights FILE`).
+pub fn reference_with(
+    model: &Path,
+    prompts: &[(&str, bool)],
+    steps: usize,
+    extra: &[&std::ffi::OsStr],
+) -> Vec<RefResult> {
     let out_dir = tempfile::tempdir().unwrap().keep();
     let prompts_json = serde_json::to_string(
         &prompts
@@ -73,6 +83,7 @@ pub fn reference(model: &Path, prompts: &[(&str, bool)], steps: usize) -> Vec<Re
         .arg(steps.to_string())
         .arg("--out-dir")
         .arg(&out_dir)
+        .args(extra)
         .output()
         .expect("running the reference");
     assert!(
@@ -86,6 +97,51 @@ pub fn reference(model: &Path, prompts: &[(&str, bool)], steps: usize) -> Vec<Re
     }
     let all: All = serde_json::from_slice(&out.stdout).expect("reference JSON");
     all.results
+}
+
+/// The logits of the last prompt token after one prefill step of `ids` on a fresh KV pool.
+pub fn first_step_logits(runner: &mut dyn sglang::runner::ModelRunner, ids: &[u32]) -> Vec<f32> {
+    use sglang::batch::{LogitsWanted, StepBatch};
+    let (pages, page_size) = runner.kv_pages();
+    let mut pool = sglang::kv::PagePool::new(pages, page_size);
+    let mut table = Vec::new();
+    assert!(pool.alloc_into(&mut table, pool.pages_for(ids.len())));
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    batch.push_seq(ids, 0, &table, LogitsWanted::Last);
+    runner.forward(&batch).unwrap().to_vec()
+}
+
+/// The prompt's token ids: raw text (with special tokens), or one user message through the
+/// chat template.
+pub fn prompt_ids(tok: &sglang::tokenizer::Tokenizer, text: &str, chat: bool) -> Vec<u32> {
+    if chat {
+        let rendered = tok
+            .apply_chat_template(&[sglang::tokenizer::ChatMessage::new("user", text)], true)
+            .unwrap();
+        tok.encode(&rendered, false).unwrap()
+    } else {
+        tok.encode(text, true).unwrap()
+    }
+}
+
+/// `steps` greedy tokens through the whole engine (scheduler, sampler, detokenizer).
+pub fn greedy(
+    engine: &sglang::engine::EngineHandle,
+    ids: &[u32],
+    steps: usize,
+) -> sglang::engine::Output {
+    engine
+        .submit(sglang::engine::GenerateRequest {
+            input_ids: ids.to_vec(),
+            params: sglang::sampling::SamplingParams::greedy(steps),
+            ..Default::default()
+        })
+        .unwrap()
+        .collect_blocking()
+        .unwrap()
 }
 
 /// ‖a − b‖ / ‖b‖

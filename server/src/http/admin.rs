@@ -191,6 +191,11 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
         let info = engine.info();
         let s = engine.stats();
         v["backend"] = json!(info.backend);
+        v["load_format"] =
+            json!(format!("{:?}", info.engine_config.resolved_load_format()).to_lowercase());
+        if info.backend == "cpu" {
+            v["cpu_kernels"] = json!(sglang::backend::cpu::kernel_set());
+        }
         v["context_length_effective"] = json!(info.context_length);
         v["kv_cache"] = json!({
             "capacity_tokens": info.kv_capacity_tokens,

@@ -20,6 +20,7 @@ use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::loader::{Elems, Tensor};
 use crate::parallel::Communicator;
+use crate::quant::QuantizedRows;
 use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
 /// A weight on the CPU: the loader's view (no copy).
@@ -64,6 +65,21 @@ pub struct CpuBackend {
     spare_step: Mutex<Option<CpuStep>>,
     /// Sampling in place (the logits are already in host memory: nothing is copied).
     sampler: Mutex<Sampler>,
+    /// The activations of a product with quantized weights, quantized once per product.
+    xq: Mutex<QuantizedRows>,
+}
+
+/// The CPU kernel set this machine runs (logged at start-up, in `/get_server_info` and the
+/// benchmarks): the float products' instruction set, and the quantized products'.
+pub fn kernel_set() -> String {
+    match Isa::detect() {
+        Isa::Scalar => "scalar (f32/bf16/f16 and Q8_0/Q4_0/Q4_1)".into(),
+        #[cfg(target_arch = "x86_64")]
+        isa => format!(
+            "{} (f32/bf16/f16), avx2 int8 maddubs (Q8_0/Q4_0/Q4_1)",
+            isa.name()
+        ),
+    }
 }
 
 /// Bytes of one cached K or V value: the CPU cache holds f32.
@@ -86,6 +102,7 @@ impl CpuBackend {
             panels: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
             spare_step: Mutex::new(None),
             sampler: Mutex::new(Sampler::new()),
+            xq: Mutex::new(QuantizedRows::default()),
         }
     }
 
@@ -115,6 +132,12 @@ impl CpuBackend {
             *o = (OutPtr(p.2.as_mut_ptr()), p.0.rows());
         }
         let isa = self.isa;
+        // products with quantized weights take the activations quantized to 8 bits, once
+        let mut xq = self.xq.lock();
+        if parts.iter().any(|p| p.0.tensor.dtype().quant().is_some()) {
+            xq.quantize(&x[..m * k], m, k);
+        }
+        let xq = &*xq;
         let job = |range: std::ops::Range<usize>, tid: usize| {
             let mut panel = self.panels[tid].lock();
             let mut base = 0;
@@ -127,18 +150,44 @@ impl CpuBackend {
                     // SAFETY: each thread gets disjoint row ranges of each output, whose
                     // buffers hold m * n values (checked by the callers via ensure_len).
                     unsafe {
-                        kernels::matmul_rows(
-                            isa,
-                            x,
-                            m,
-                            k,
-                            part.0.elems(),
-                            part.1.map(|u| u.elems()),
-                            lo - base..hi - base,
-                            out,
-                            ldo,
-                            &mut panel,
-                        );
+                        match (part.0.elems(), part.1.map(|u| u.elems())) {
+                            (Elems::Quant(t, w), None) => kernels::matmul_rows_quant(
+                                isa,
+                                xq,
+                                m,
+                                t,
+                                w,
+                                None,
+                                lo - base..hi - base,
+                                out,
+                                ldo,
+                            ),
+                            (Elems::Quant(t, w), Some(Elems::Quant(ut, u))) => {
+                                kernels::matmul_rows_quant(
+                                    isa,
+                                    xq,
+                                    m,
+                                    t,
+                                    w,
+                                    Some((ut, u)),
+                                    lo - base..hi - base,
+                                    out,
+                                    ldo,
+                                )
+                            }
+                            (w, up) => kernels::matmul_rows(
+                                isa,
+                                x,
+                                m,
+                                k,
+                                w,
+                                up,
+                                lo - base..hi - base,
+                                out,
+                                ldo,
+                                &mut panel,
+                            ),
+                        }
                     }
                 }
                 base += n;

@@ -503,9 +503,12 @@ impl Backend for CudaBackend {
             let len = chunk.min(n - at);
             match elems.slice(at, len) {
                 Elems::BF16(s) => staging[..len].copy_from_slice(s),
+                // f16, f32 and GGUF blocks (dequantized here: the CUDA kernels read bf16)
                 other => {
-                    for (i, o) in staging[..len].iter_mut().enumerate() {
-                        *o = f32_to_bf16(other.get(i));
+                    let mut f = vec![0.0f32; len];
+                    other.to_f32(&mut f);
+                    for (o, v) in staging[..len].iter_mut().zip(f) {
+                        *o = f32_to_bf16(v);
                     }
                 }
             }

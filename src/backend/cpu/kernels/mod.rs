@@ -14,6 +14,10 @@
 //! AVX2/FMA/F16C are missing and in tests as the reference the SIMD path is compared against.
 
 use crate::loader::{bf16_to_f32, Elems};
+use crate::quant::{self, QuantType, QuantizedRows, BLOCK};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2_quant;
 
 /// Instruction set chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +114,148 @@ pub(super) unsafe fn matmul_rows(
     let _ = panel;
 }
 
+/// Tokens per block of the quantized products: their 8-bit activations (64 × k bytes) stay in
+/// L1/L2 while every weight row of the thread's range passes over them.
+const QUANT_TOKEN_BLOCK: usize = 64;
+/// Tokens sharing one unpacked weight block in the SIMD kernel (prefill), and weight rows
+/// sharing one activation block (decode).
+const QUANT_MR: usize = 4;
+const QUANT_NR: usize = 4;
+
+/// Rows `rows` of `out = x · wᵀ` for a block-quantized `w` (format `t`), with `up` the second
+/// matrix of a SwiGLU pair, from the step's activations quantized once (`xq`, `m` rows).
+///
+/// # Safety
+/// As [`matmul_rows`]: `out` valid for writes at `out[i * ldo + r]`, those elements written by
+/// no other thread.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_rows_quant(
+    isa: Isa,
+    xq: &QuantizedRows,
+    m: usize,
+    t: QuantType,
+    w: &[u8],
+    up: Option<(QuantType, &[u8])>,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+    ldo: usize,
+) {
+    let nb = xq.k / BLOCK;
+    assert!(w.len() >= rows.end * nb * t.block_bytes());
+    if let Some((ut, u)) = up {
+        assert!(u.len() >= rows.end * nb * ut.block_bytes());
+    }
+    let mut g = [[0.0f32; QUANT_MR]; QUANT_NR];
+    let mut u = [[0.0f32; QUANT_MR]; QUANT_NR];
+    for i0 in (0..m).step_by(QUANT_TOKEN_BLOCK) {
+        let i1 = (i0 + QUANT_TOKEN_BLOCK).min(m);
+        let mut r = rows.start;
+        while r < rows.end {
+            let nr = (rows.end - r).min(QUANT_NR);
+            let mut i = i0;
+            while i < i1 {
+                let n = (i1 - i).min(QUANT_MR);
+                quant_tile(isa, t, w, r, nr, nb, xq, i, n, &mut g);
+                if let Some((ut, uw)) = up {
+                    quant_tile(isa, ut, uw, r, nr, nb, xq, i, n, &mut u);
+                }
+                for (rr, (gr, ur)) in g.iter().zip(&u).enumerate().take(nr) {
+                    for j in 0..n {
+                        let v = if up.is_some() {
+                            silu(gr[j]) * ur[j]
+                        } else {
+                            gr[j]
+                        };
+                        *out.get().add((i + j) * ldo + r + rr) = v;
+                    }
+                }
+                i += n;
+            }
+            r += nr;
+        }
+    }
+}
+
+/// Weight rows `r..r + nr` (`nb` blocks each) with activation rows `i..i + n` into
+/// `out[row][token]` (nr <= QUANT_NR, n <= QUANT_MR; the caller checked `w`'s length).
+#[allow(clippy::too_many_arguments)]
+fn quant_tile(
+    isa: Isa,
+    t: QuantType,
+    w: &[u8],
+    r: usize,
+    nr: usize,
+    nb: usize,
+    xq: &QuantizedRows,
+    i: usize,
+    n: usize,
+    out: &mut [[f32; QUANT_MR]; QUANT_NR],
+) {
+    let row_bytes = nb * t.block_bytes();
+    match isa {
+        Isa::Scalar => {
+            for (rr, o) in out.iter_mut().enumerate().take(nr) {
+                let wr = &w[(r + rr) * row_bytes..(r + rr + 1) * row_bytes];
+                for (j, v) in o.iter_mut().enumerate().take(n) {
+                    let (q, d, s) = xq.row(i + j);
+                    *v = quant::dot_row(t, wr, q, d, s);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            use avx2_quant::{tile, XRow, Q4_0, Q4_1, Q8_0};
+            let x = |j: usize| {
+                let (q, d, _) = xq.row(i + j);
+                XRow {
+                    q: q.as_ptr(),
+                    d: d.as_ptr(),
+                    ds: xq.row_ds(i + j).as_ptr(),
+                }
+            };
+            let wp = |rr: usize| w[(r + rr) * row_bytes..].as_ptr();
+            macro_rules! run {
+                ($nr:literal, $mr:literal, $rows:expr, $xs:expr) => {
+                    // SAFETY: Avx2 is chosen only when the CPU has AVX2, FMA and F16C; each
+                    // weight row holds nb blocks and each activation row nb blocks of values,
+                    // scales and scale-sums (checked by matmul_rows_quant and QuantizedRows).
+                    unsafe {
+                        match avx2_quant::code(t) {
+                            Q8_0 => tile::<Q8_0, $nr, $mr>($rows, nb, $xs),
+                            Q4_0 => tile::<Q4_0, $nr, $mr>($rows, nb, $xs),
+                            _ => tile::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                        }
+                    }
+                };
+            }
+            if n == 1 && nr == QUANT_NR {
+                let res = run!(4, 1, &[wp(0), wp(1), wp(2), wp(3)], &[x(0)]);
+                for (o, v) in out.iter_mut().zip(res) {
+                    o[0] = v[0];
+                }
+            } else if n == QUANT_MR {
+                let xs = [x(0), x(1), x(2), x(3)];
+                let mut rr = 0;
+                while rr + 2 <= nr {
+                    let res = run!(2, 4, &[wp(rr), wp(rr + 1)], &xs);
+                    out[rr] = res[0];
+                    out[rr + 1] = res[1];
+                    rr += 2;
+                }
+                if rr < nr {
+                    out[rr] = run!(1, 4, &[wp(rr)], &xs)[0];
+                }
+            } else {
+                for (rr, o) in out.iter_mut().enumerate().take(nr) {
+                    for (j, v) in o.iter_mut().enumerate().take(n) {
+                        *v = run!(1, 1, &[wp(rr)], &[x(j)])[0][0];
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -189,7 +335,7 @@ pub fn rms_norm_row(x: &[f32], w: Elems<'_>, eps: f32, out: &mut [f32]) {
                 *o = xv * inv * wv;
             }
         }
-        Elems::F16(_) => {
+        Elems::F16(_) | Elems::Quant(..) => {
             for (j, (o, &xv)) in out.iter_mut().zip(x).enumerate() {
                 *o = xv * inv * w.get(j);
             }
@@ -371,5 +517,98 @@ pub(crate) mod tests {
         rope_head(&mut x, &[0.0, 1.0], &[1.0, 0.0]);
         // pair (x0, x2) rotated by 90 degrees, pair (x1, x3) unchanged
         assert_eq!(x, vec![-3.0, 2.0, 1.0, 4.0]);
+    }
+
+    /// Random whole blocks of format `t` with small finite scales (`rows` rows of `k`).
+    fn rand_quant(t: QuantType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
+        let bb = t.block_bytes();
+        let vals = rand_vec(rows * k / BLOCK * bb, seed);
+        let mut out: Vec<u8> = vals.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for (b, blk) in out.chunks_mut(bb).enumerate() {
+            let d = half::f16::from_f32(0.002 + (b % 5) as f32 * 0.001)
+                .to_bits()
+                .to_le_bytes();
+            blk[..2].copy_from_slice(&d);
+            if t == QuantType::Q4_1 {
+                let m = half::f16::from_f32(-0.01 * (b % 3) as f32)
+                    .to_bits()
+                    .to_le_bytes();
+                blk[2..4].copy_from_slice(&m);
+            }
+        }
+        out
+    }
+
+    /// The quantized products: the chosen ISA against the scalar twin and against the
+    /// dequantized weights in f32 (the error int8 activations add), with and without SwiGLU,
+    /// and each token's result the same alone as in any batch (bitwise).
+    #[test]
+    fn quantized_matmul_matches_scalar_and_is_batch_invariant() {
+        let isa = Isa::detect();
+        let (n, k) = (19, 160);
+        for t in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+            let w = rand_quant(t, n, k, 3);
+            let u = rand_quant(t, n, k, 4);
+            for m in [1, 3, 4, 5, 9, 70] {
+                let x = rand_vec(m * k, 5 + m as u64);
+                let mut xq = QuantizedRows::default();
+                xq.quantize(&x, m, k);
+                for up in [None, Some((t, &u[..]))] {
+                    let run = |isa: Isa, xq: &QuantizedRows, m: usize| {
+                        let mut out = vec![0.0f32; m * n];
+                        // SAFETY: out holds m * n values; one thread writes them all.
+                        unsafe {
+                            matmul_rows_quant(
+                                isa,
+                                xq,
+                                m,
+                                t,
+                                &w,
+                                up,
+                                0..n,
+                                OutPtr(out.as_mut_ptr()),
+                                n,
+                            )
+                        };
+                        out
+                    };
+                    let got = run(isa, &xq, m);
+                    let want = run(Isa::Scalar, &xq, m);
+                    assert!(
+                        rel_err(&got, &want) < 1e-5,
+                        "{t:?} m={m} up={}",
+                        up.is_some()
+                    );
+                    // against f32 products with the dequantized weights
+                    let deq = |b: &[u8]| {
+                        let mut f = vec![0.0f32; n * k];
+                        Elems::Quant(t, b).to_f32(&mut f);
+                        f
+                    };
+                    let (wf, uf) = (deq(&w), deq(&u));
+                    let mut exact = vec![0.0f32; m * n];
+                    for i in 0..m {
+                        for r in 0..n {
+                            let dot = |f: &[f32]| -> f32 {
+                                (0..k).map(|j| x[i * k + j] * f[r * k + j]).sum()
+                            };
+                            exact[i * n + r] = match up {
+                                Some(_) => silu(dot(&wf)) * dot(&uf),
+                                None => dot(&wf),
+                            };
+                        }
+                    }
+                    let e = rel_err(&got, &exact);
+                    assert!(e < 0.02, "{t:?} m={m}: {e} from the f32 product");
+                    // batch invariance: token i alone gives the same bits
+                    for i in [0, m - 1] {
+                        let mut one = QuantizedRows::default();
+                        one.quantize(&x[i * k..(i + 1) * k], 1, k);
+                        let alone = run(isa, &one, 1);
+                        assert_eq!(alone[..], got[i * n..(i + 1) * n], "{t:?} m={m} token {i}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,466 @@
+//! Zero-copy GGUF loading (a child module of `loader`).
+//!
+//! The file is mapped once; every tensor is a view into the mapping with its GGUF type (F32,
+//! F16, BF16, Q8_0, Q4_0, Q4_1), under its Hugging Face name and shape (`[out, in]`, the
+//! reverse of GGUF's fastest-first dimensions). One exception is copied: llama.cpp's converter
+//! reorders the rows of `attn_q` and `attn_k` within each head (pairs of RoPE dimensions made
+//! adjacent), so those rows are put back in Hugging Face order, whole quantized rows at a time
+//! (about a tenth of the weights of a Llama model).
+//!
+//! Every problem (bad magic, truncated metadata or data, an unsupported type, a shape that
+//! does not match config.json) is a [`LoadError`] naming the file and the tensor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use super::{DType, LoadError, Storage, Tensor, TensorSpec, WeightMap};
+use crate::quant::{QuantType, BLOCK};
+
+/// GGUF's default data alignment (`general.alignment` overrides it).
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// A little-endian reader over the header, with errors that name the file.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+    file: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], LoadError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| {
+                LoadError::file(
+                    self.file,
+                    format!(
+                        "GGUF header is truncated at byte {} (needs {n} more)",
+                        self.at
+                    ),
+                )
+            })?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, LoadError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, LoadError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn string(&mut self) -> Result<String, LoadError> {
+        let n = self.u64()?;
+        if n > 1 << 24 {
+            return Err(LoadError::file(
+                self.file,
+                format!("GGUF string of {n} bytes"),
+            ));
+        }
+        let b = self.take(n as usize)?;
+        String::from_utf8(b.to_vec())
+            .map_err(|_| LoadError::file(self.file, "GGUF string is not UTF-8"))
+    }
+    /// Skips a metadata value of type `ty`, returning it when it is an unsigned integer.
+    fn value(&mut self, ty: u32) -> Result<Option<u64>, LoadError> {
+        let fixed = |ty: u32| match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        match ty {
+            4 => Ok(Some(self.u32()? as u64)),
+            10 => Ok(Some(self.u64()?)),
+            8 => self.string().map(|_| None),
+            9 => {
+                let inner = self.u32()?;
+                let count = self.u64()?;
+                match fixed(inner) {
+                    Some(size) => {
+                        let n = count
+                            .checked_mul(size)
+                            .filter(|&n| n <= self.b.len() as u64);
+                        let n = n.ok_or_else(|| {
+                            LoadError::file(self.file, format!("GGUF array of {count} values"))
+                        })?;
+                        self.take(n as usize)?;
+                    }
+                    None => {
+                        for _ in 0..count {
+                            self.value(inner)?;
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            t => match fixed(t) {
+                Some(size) => self.take(size as usize).map(|_| None),
+                None => Err(LoadError::file(
+                    self.file,
+                    format!("unknown GGUF value type {t}"),
+                )),
+            },
+        }
+    }
+}
+
+/// The ggml type `ty` as our dtype, or the error naming it.
+fn dtype_of(ty: u32) -> Result<DType, String> {
+    Ok(match ty {
+        0 => DType::F32,
+        1 => DType::F16,
+        30 => DType::BF16,
+        2 => DType::Quant(QuantType::Q4_0),
+        3 => DType::Quant(QuantType::Q4_1),
+        8 => DType::Quant(QuantType::Q8_0),
+        other => {
+            let name = match other {
+                6 => "Q5_0",
+                7 => "Q5_1",
+                10 => "Q2_K",
+                11 => "Q3_K",
+                12 => "Q4_K",
+                13 => "Q5_K",
+                14 => "Q6_K",
+                15 => "Q8_K",
+                _ => "",
+            };
+            return Err(format!(
+                "type {name}{} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                if name.is_empty() {
+                    format!("{other}")
+                } else {
+                    format!(" ({other})")
+                }
+            ));
+        }
+    })
+}
+
+/// The Hugging Face name of a GGUF tensor of a Llama model.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match rest.strip_suffix(".weight")? {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{part}.weight"))
+}
+
+/// Puts the rows of a GGUF `attn_q`/`attn_k` back in Hugging Face order: within each head
+/// of `head_dim` rows, GGUF row `2i + j` is HF row `j · head_dim/2 + i`.
+fn unpermute_rows(t: &Tensor, heads: usize) -> Tensor {
+    let rows = t.shape[0];
+    let row_bytes = t.len_bytes / rows;
+    let (hd, half) = (rows / heads, rows / heads / 2);
+    let src = t.bytes();
+    let mut out = vec![0u8; t.len_bytes];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                let from = h * hd + 2 * i + j;
+                let to = h * hd + j * half + i;
+                out[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&src[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = match t.dtype {
+        DType::F32 => Storage::OwnedF32(
+            out.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect(),
+        ),
+        DType::BF16 | DType::F16 => Storage::OwnedU16(
+            out.chunks_exact(2)
+                .map(|c| u16::from_le_bytes(c.try_into().expect("2")))
+                .collect(),
+        ),
+        DType::Quant(_) => Storage::OwnedU8(out),
+    };
+    Tensor {
+        storage: Arc::new(storage),
+        offset: 0,
+        len_bytes: t.len_bytes,
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+    }
+}
+
+/// Loads a Llama GGUF file and checks every tensor of `specs` (HF names and shapes) for
+/// presence and shape. `heads` and `kv_heads` undo the converter's q/k row order.
+pub fn load_gguf(
+    path: &Path,
+    specs: &[TensorSpec],
+    heads: usize,
+    kv_heads: usize,
+) -> Result<WeightMap, LoadError> {
+    let file = File::open(path).map_err(|e| LoadError::file(path, format!("cannot open: {e}")))?;
+    // SAFETY: the mapping is read-only; as with safetensors, the file must not be truncated
+    // while the engine runs (a documented requirement of serving from a mapped file).
+    let map = unsafe { Mmap::map(&file) }
+        .map_err(|e| LoadError::file(path, format!("cannot map: {e}")))?;
+    let storage = Arc::new(Storage::Mapped(map));
+    let bytes = storage.bytes();
+    let mut c = Cursor {
+        b: bytes,
+        at: 0,
+        file: path,
+    };
+    if c.take(4)? != b"GGUF" {
+        return Err(LoadError::file(path, "not a GGUF file (bad magic)"));
+    }
+    let version = c.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(LoadError::file(
+            path,
+            format!("GGUF version {version} is not supported (2, 3)"),
+        ));
+    }
+    let n_tensors = c.u64()?;
+    let n_kv = c.u64()?;
+    let mut alignment = DEFAULT_ALIGNMENT;
+    for _ in 0..n_kv {
+        let key = c.string()?;
+        let ty = c.u32()?;
+        let v = c.value(ty)?;
+        if key == "general.alignment" {
+            alignment = v
+                .filter(|&a| a > 0 && a.is_power_of_two())
+                .ok_or_else(|| LoadError::file(path, "general.alignment is not a power of two"))?;
+        }
+    }
+    struct Info {
+        name: String,
+        dims: Vec<usize>,
+        dtype: Result<DType, String>,
+        offset: u64,
+    }
+    let mut infos = Vec::new();
+    for _ in 0..n_tensors {
+        let name = c.string()?;
+        let n_dims = c.u32()?;
+        if n_dims > 4 {
+            return Err(LoadError::tensor(
+                path,
+                &name,
+                format!("{n_dims} dimensions"),
+            ));
+        }
+        let mut dims = Vec::new();
+        for _ in 0..n_dims {
+            dims.push(c.u64()? as usize);
+        }
+        let dtype = dtype_of(c.u32()?);
+        let offset = c.u64()?;
+        infos.push(Info {
+            name,
+            dims,
+            dtype,
+            offset,
+        });
+    }
+    let data_start = (c.at as u64).div_ceil(alignment) * alignment;
+    let data_len = (bytes.len() as u64).saturating_sub(data_start);
+
+    let mut tensors = HashMap::new();
+    for info in infos {
+        let Some(name) = hf_name(&info.name) else {
+            continue; // e.g. rope_freqs: not used by this model definition
+        };
+        let dtype = info
+            .dtype
+            .map_err(|m| LoadError::tensor(path, &info.name, m))?;
+        let numel = info
+            .dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| LoadError::tensor(path, &info.name, "shape overflows"))?;
+        let need = match dtype.quant() {
+            Some(q) => {
+                if info.dims.first().is_none_or(|d| d % BLOCK != 0) {
+                    return Err(LoadError::tensor(
+                        path,
+                        &info.name,
+                        format!(
+                            "{} rows of {:?} values are not whole blocks",
+                            q.name(),
+                            info.dims.first()
+                        ),
+                    ));
+                }
+                numel / BLOCK * q.block_bytes()
+            }
+            None => numel * dtype.size(),
+        } as u64;
+        if info.offset % alignment != 0 {
+            return Err(LoadError::tensor(
+                path,
+                &info.name,
+                format!("offset {} is not aligned to {alignment}", info.offset),
+            ));
+        }
+        if info
+            .offset
+            .checked_add(need)
+            .is_none_or(|end| end > data_len)
+        {
+            return Err(LoadError::tensor(
+                path,
+                &info.name,
+                format!(
+                    "file is truncated: the tensor needs bytes {}..{} of the data section, which has only {data_len}",
+                    info.offset,
+                    info.offset.saturating_add(need)
+                ),
+            ));
+        }
+        let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
+        let t = Tensor {
+            storage: storage.clone(),
+            offset: (data_start + info.offset) as usize,
+            len_bytes: need as usize,
+            dtype,
+            shape,
+        };
+        let t = if info.name.ends_with("attn_q.weight") {
+            check_heads(path, &info.name, &t, heads)?;
+            unpermute_rows(&t, heads)
+        } else if info.name.ends_with("attn_k.weight") {
+            check_heads(path, &info.name, &t, kv_heads)?;
+            unpermute_rows(&t, kv_heads)
+        } else {
+            t
+        };
+        tensors.insert(name, t);
+    }
+    for spec in specs {
+        let t = tensors
+            .get(&spec.name)
+            .ok_or_else(|| LoadError::tensor(path, &spec.name, "missing from the GGUF file"))?;
+        if t.shape != spec.shape {
+            return Err(LoadError::tensor(
+                path,
+                &spec.name,
+                format!(
+                    "shape {:?} does not match {:?} implied by config.json",
+                    t.shape, spec.shape
+                ),
+            ));
+        }
+        if t.shape.len() == 1 && t.dtype.quant().is_some() {
+            return Err(LoadError::tensor(
+                path,
+                &spec.name,
+                "a quantized vector is not supported",
+            ));
+        }
+    }
+    Ok(WeightMap {
+        tensors,
+        files: vec![path.to_path_buf()],
+    })
+}
+
+fn check_heads(path: &Path, name: &str, t: &Tensor, heads: usize) -> Result<(), LoadError> {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    if heads == 0 || t.shape.len() != 2 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(LoadError::tensor(
+            path,
+            name,
+            format!("{rows} rows cannot be {heads} heads of an even head size"),
+        ));
+    }
+    Ok(())
+}
+
+/// The GGUF file a model path names: the path itself when it is a file, else the one `.gguf`
+/// file in the directory.
+pub fn find_gguf(model_path: &Path) -> Result<std::path::PathBuf, LoadError> {
+    if model_path.is_file() {
+        return Ok(model_path.to_path_buf());
+    }
+    let mut found: Vec<_> = std::fs::read_dir(model_path)
+        .map_err(|e| LoadError::file(model_path, format!("cannot list: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(LoadError::file(
+            model_path,
+            "no .gguf file in the model directory",
+        )),
+        _ => Err(LoadError::file(
+            model_path,
+            format!("several .gguf files ({found:?}): name one with --model-path"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.12.ffn_down.weight").as_deref(),
+            Some("model.layers.12.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converters_order() {
+        // 2 heads of 4 rows, one f32 value per row = its HF index, stored in GGUF order
+        let hf: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut gguf = vec![0.0; 8];
+        for h in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    gguf[h * 4 + 2 * i + j] = hf[h * 4 + j * 2 + i];
+                }
+            }
+        }
+        let t = unpermute_rows(&Tensor::from_f32(gguf, vec![8, 1]), 2);
+        let mut out = vec![0.0; 8];
+        t.elems().to_f32(&mut out);
+        assert_eq!(out, hf);
+    }
+
+    #[test]
+    fn unsupported_types_are_named() {
+        assert!(dtype_of(12).unwrap_err().contains("Q4_K"));
+        assert_eq!(dtype_of(3).unwrap(), DType::Quant(QuantType::Q4_1));
+    }
+}
