@@ -9,6 +9,7 @@ use std::time::Instant;
 use sglang::backend::cpu::CpuBackend;
 use sglang::backend::Backend;
 use sglang::loader::{f32_to_bf16, Tensor};
+use sglang::quant::{self, QuantType};
 
 fn bandwidth(backend_threads: usize) -> f64 {
     let n = (1usize << 30) / 8;
@@ -51,32 +52,45 @@ fn main() {
         ("down 576x1536", 576, 1536),
         ("lm_head 49152x576", 49152, 576),
     ];
+    let formats: [Option<QuantType>; 4] = [
+        None,
+        Some(QuantType::Q8_0),
+        Some(QuantType::Q4_1),
+        Some(QuantType::Q4_0),
+    ];
     for &(name, n, k) in &shapes {
-        let w: Vec<u16> = (0..n * k)
-            .map(|i| f32_to_bf16(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
+        let wf: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
-        let t = Tensor::from_bf16(w, vec![n, k]);
-        let wt = backend.weight(name, &t).unwrap();
-        for m in [1usize, 8, 16, 32, 512] {
-            let x = vec![0.01f32; m * k];
-            let mut out = vec![0.0f32; m * n];
-            // enough repetitions to read ~2 GB of weights (or 0.5 s of work)
-            let reps = ((2e9 / (n * k * 2) as f64) as usize).clamp(3, 20000) / m.max(1) + 1;
-            let _ = backend.matmul(&x, m, &wt, &mut out);
-            let start = Instant::now();
-            for _ in 0..reps {
-                backend.matmul(&x, m, &wt, &mut out).unwrap();
+        for format in formats {
+            let t = match format {
+                None => Tensor::from_bf16(wf.iter().map(|&v| f32_to_bf16(v)).collect(), vec![n, k]),
+                Some(q) => Tensor::from_quant(q, quant::quantize(q, &wf), vec![n, k]),
+            };
+            let fname = format.map_or("bf16", |q| q.name());
+            let name = &format!("{name} {fname}");
+            let wt = backend.weight(name, &t).unwrap();
+            for m in [1usize, 8, 16, 32, 512] {
+                let x = vec![0.01f32; m * k];
+                let mut out = vec![0.0f32; m * n];
+                // enough repetitions to read ~2 GB of weights (or 0.5 s of work)
+                let bytes = t.size_bytes() as f64;
+                let reps = ((2e9 / bytes) as usize).clamp(3, 20000) / m.max(1) + 1;
+                let _ = backend.matmul(&x, m, &wt, &mut out);
+                let start = Instant::now();
+                for _ in 0..reps {
+                    backend.matmul(&x, m, &wt, &mut out).unwrap();
+                }
+                let dt = start.elapsed().as_secs_f64() / reps as f64;
+                println!(
+                    "| {name} | {m} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |",
+                    bytes / 1e6,
+                    dt * 1e6,
+                    bytes / dt / 1e9,
+                    bytes / dt / bw,
+                    2.0 * (m * n * k) as f64 / dt / 1e9
+                );
             }
-            let dt = start.elapsed().as_secs_f64() / reps as f64;
-            let bytes = (n * k * 2) as f64;
-            println!(
-                "| {name} | {m} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |",
-                bytes / 1e6,
-                dt * 1e6,
-                bytes / dt / 1e9,
-                bytes / dt / bw,
-                2.0 * (m * n * k) as f64 / dt / 1e9
-            );
         }
     }
 }

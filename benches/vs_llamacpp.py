@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""This engine beside llama.cpp on the same machine, model and precision (CPU, 2 threads).
+"""This engine beside llama.cpp on the same machine, model and file (CPU, 2 threads).
 
 llama.cpp comes from PyPI's llama-cpp-python (which builds llama.cpp from source, natively
-tuned) in ./.venv-bench; the model is a BF16 GGUF written from the prepared model's weights
-(benches/make_bf16_gguf.py), so both programs read the very same bf16 values. Each round runs
+tuned) in ./.venv-bench. Formats (--formats): bf16 (ours from the safetensors, llama.cpp from
+a BF16 GGUF of the same values written by scripts/make_gguf.py), and q8_0, q4_0 (GGUF files
+written by scripts/make_gguf.py) and q4_1 (the shipped file), which both programs read from
+the very same GGUF file. Each round runs
 both programs, in alternating order, each in a fresh process; the table shows medians of
 decode tokens/s at batch 1, prompt processing at 128 and 512 tokens, peak resident memory,
 the ratios ours / llama.cpp, and the memory-bandwidth floor measured in the same run.
 
-  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2]
+  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2] [--formats bf16,q8_0,q4_1,q4_0]
 
 The first run builds llama-cpp-python (about 15 minutes on 2 cores).
 """
@@ -26,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_VENV = ROOT / ".venv-bench"
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 PINS = ["numpy==2.4.6", "typing_extensions==4.16.0", "diskcache==5.6.3", "Jinja2==3.1.6", "MarkupSafe==3.0.4"]
-GGUF = ROOT / "models" / ".cache" / "SmolLM2-135M-Instruct.BF16.gguf"
 
 LLAMA_WORKER = r"""
 import json, resource, sys, time
@@ -72,10 +73,24 @@ def ensure_llama_cpp():
     return py
 
 
-def ensure_gguf():
-    if not GGUF.exists():
-        log("writing the BF16 GGUF of the prepared model")
-        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "benches" / "make_bf16_gguf.py")], check=True)
+def ensure_gguf(ty="BF16"):
+    path = ROOT / "models" / ".cache" / f"SmolLM2-135M-Instruct.{ty}.gguf"
+    if not path.exists():
+        log(f"writing the {ty} GGUF of the prepared model")
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "scripts" / "make_gguf.py"), "--type", ty],
+                       check=True)
+    return path
+
+
+def gguf_model_dir(gguf_path):
+    """A model directory with the prepared model's config and tokenizer and one GGUF file."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="vs-llamacpp-"))
+    src = ROOT / "models" / "SmolLM2-135M-Instruct"
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
+        (d / f).symlink_to(src / f)
+    (d / gguf_path.name).symlink_to(gguf_path)
+    return d
 
 
 def run_child(cmd):
@@ -97,23 +112,39 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--decode-context", type=int, default=32)
+    ap.add_argument("--formats", default="bf16,q8_0,q4_1,q4_0")
     args = ap.parse_args()
     py = ensure_llama_cpp()
-    ensure_gguf()
     ours_bin = ROOT / "target" / "release" / "sglang-server"
     if not ours_bin.exists():
         subprocess.run(["cargo", "build", "--release", "-p", "sglang-server"], cwd=ROOT, check=True)
+    print(f"CPU: {cpu_name()}; {args.threads} threads, {args.rounds} rounds (medians)")
+    for fmt in args.formats.split(","):
+        compare(fmt.strip().upper(), py, ours_bin, args)
+
+
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def compare(fmt, py, ours_bin, args):
+    gguf_path = ensure_gguf(fmt)
+    model = ROOT / "models" / "SmolLM2-135M-Instruct" if fmt == "BF16" else gguf_model_dir(gguf_path)
     ours_cmd = [str(ours_bin), "bench", "--json", "--threads", str(args.threads), "--prompt-lens", "128,512",
                 "--batch", "1", "--decode-steps", str(args.decode_steps), "--decode-context", str(args.decode_context),
-                "--bandwidth", "--model-path", str(ROOT / "models" / "SmolLM2-135M-Instruct")]
-    llama_cmd = [str(py), "-c", LLAMA_WORKER, str(GGUF), str(args.threads), str(args.decode_context), str(args.decode_steps)]
+                "--bandwidth", "--model-path", str(model)]
+    llama_cmd = [str(py), "-c", LLAMA_WORKER, str(gguf_path), str(args.threads), str(args.decode_context),
+                 str(args.decode_steps)]
     runs = {"ours": [], "llama.cpp": []}
     for r in range(args.rounds):
         order = [("ours", ours_cmd), ("llama.cpp", llama_cmd)]
         if r % 2:
             order.reverse()
         for name, cmd in order:
-            log(f"round {r + 1}/{args.rounds}: {name}")
+            log(f"{fmt} round {r + 1}/{args.rounds}: {name}")
             runs[name].append(run_child(cmd))
 
     def med(name, key, sub):
@@ -122,6 +153,7 @@ def main():
     bw = statistics.median(run["bandwidth_bytes_per_s"] for run in runs["ours"])
     weights = runs["ours"][0]["weight_bytes"]
     floor = bw / weights
+    kernels = runs["ours"][0].get("kernels", "?")
     rows = [
         ("decode, batch 1 (tokens/s)", med("ours", "decode_tokens_per_s", "1"), med("llama.cpp", "decode_tokens_per_s", "1")),
         ("prompt processing, 128 tokens (tokens/s)", med("ours", "prompt_tokens_per_s", "128"), med("llama.cpp", "prompt_tokens_per_s", "128")),
@@ -129,14 +161,15 @@ def main():
     ]
     mem_ours = statistics.median(r["peak_rss_bytes"] for r in runs["ours"]) / 1e6
     mem_llama = statistics.median(r["peak_rss_bytes"] for r in runs["llama.cpp"]) / 1e6
-    print(f"\n{args.threads} threads, {args.rounds} rounds (medians), BF16 weights {weights / 1e6:.1f} MB per decode step,")
-    print(f"streaming read bandwidth {bw / 1e9:.1f} GB/s -> decode floor {floor:.1f} tokens/s\n")
+    print(f"\n### {fmt} ({gguf_path.name if fmt != 'BF16' else 'ours: safetensors; llama.cpp: ' + gguf_path.name})")
+    print(f"our kernels: {kernels}; weights {weights / 1e6:.1f} MB per decode step; streaming read bandwidth "
+          f"{bw / 1e9:.1f} GB/s -> decode floor {floor:.1f} tokens/s\n")
     print("| metric | ours | llama.cpp | ours / llama.cpp |")
     print("|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a:.1f} | {b:.1f} | {a / b:.2f} |")
     print(f"| peak resident memory (MB) | {mem_ours:.0f} | {mem_llama:.0f} | {mem_ours / mem_llama:.2f} |")
-    print(f"| decode batch 1 / bandwidth floor | {rows[0][1] / floor:.2f} | {rows[0][2] / floor:.2f} | |")
+    print(f"| decode batch 1 / bandwidth floor | {rows[0][1] / floor:.2f} | {rows[0][2] / floor:.2f} | |", flush=True)
 
 
 if __name__ == "__main__":
