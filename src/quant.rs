@@ -7,8 +7,9 @@
 //! * Q4_1, 20 bytes: `d` (f16), `m` (f16), then the nibbles as in Q4_0; value = `d · q + m`.
 //!
 //! Products with these weights quantize the activations once per token to Q8 blocks
-//! ([`QuantizedRows`]: 32 × i8 with an f32 scale and the sum of the 32 integers), so that a
-//! block's dot product is an integer dot product and one or two multiplications:
+//! ([`QuantizedRows`](crate::quant::QuantizedRows): 32 × i8 with an f32 scale and the sum
+//! of the 32 integers), so that a block's dot product is an integer dot product and one or
+//! two multiplications:
 //! * Q8_0: `d_w · d_x · Σ q_w q_x`
 //! * Q4_0: `d_w · d_x · (Σ q_w q_x − 8 Σ q_x)`
 //! * Q4_1: `d_w · d_x · Σ q_w q_x + m_w · d_x · Σ q_x`
