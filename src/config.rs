@@ -369,6 +369,18 @@ pub enum LoadFormat {
     Dummy,
 }
 
+impl LoadFormat {
+    /// The option's value that names this format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Safetensors => "safetensors",
+            Self::Gguf => "gguf",
+            Self::Dummy => "dummy",
+        }
+    }
+}
+
 impl std::str::FromStr for LoadFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -464,18 +476,17 @@ impl EngineConfig {
         if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
             return LoadFormat::Gguf;
         }
-        let has = |pred: &dyn Fn(&Path) -> bool| {
-            std::fs::read_dir(p)
-                .map(|d| d.filter_map(Result::ok).any(|e| pred(&e.path())))
-                .unwrap_or(false)
-        };
-        if !has(&|f| {
-            f.extension()
-                .is_some_and(|e| e == "safetensors" || e == "json")
-                && f.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("model.safetensors"))
-        }) && has(&|f| f.extension().is_some_and(|e| e == "gguf"))
-        {
+        // the files load_safetensors reads; any .gguf file
+        let has_safetensors = ["model.safetensors", "model.safetensors.index.json"]
+            .iter()
+            .any(|f| p.join(f).is_file());
+        let has_gguf = std::fs::read_dir(p)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "gguf"))
+            })
+            .unwrap_or(false);
+        if has_gguf && !has_safetensors {
             LoadFormat::Gguf
         } else {
             LoadFormat::Safetensors

@@ -53,10 +53,7 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     })?;
     let started = Instant::now();
     let specs = llama::tensor_specs(&model_cfg);
-    let mut cfg = cfg.clone();
-    cfg.load_format = cfg.resolved_load_format();
-    let cfg = &cfg;
-    let weights = match cfg.load_format {
+    let weights = match cfg.resolved_load_format() {
         LoadFormat::Safetensors | LoadFormat::Auto => {
             loader::load_safetensors(&cfg.model_path, &specs)?
         }

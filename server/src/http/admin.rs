@@ -143,7 +143,7 @@ fn config_json(state: &AppState) -> Value {
         "model_path": e.model_path.as_ref().map(|p| p.display().to_string()),
         "served_model_name": state.served_model_name,
         "device": format!("{:?}", e.device).to_lowercase(),
-        "load_format": format!("{:?}", e.load_format).to_lowercase(),
+        "load_format": e.load_format.name(),
         "page_size": e.page_size,
         "max_total_tokens": e.max_total_tokens,
         "mem_fraction_static": e.mem_fraction_static,
@@ -191,8 +191,7 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
         let info = engine.info();
         let s = engine.stats();
         v["backend"] = json!(info.backend);
-        v["load_format"] =
-            json!(format!("{:?}", info.engine_config.resolved_load_format()).to_lowercase());
+        v["load_format"] = json!(info.engine_config.resolved_load_format().name());
         if info.backend == "cpu" {
             v["cpu_kernels"] = json!(sglang::backend::cpu::kernel_set());
         }
@@ -264,7 +263,7 @@ pub async fn checkpoint(state: &Arc<AppState>) -> Result<Response<Body>, ApiErro
     let info = engine.info();
     let dir = std::fs::canonicalize(&info.engine_config.model_path)
         .unwrap_or_else(|_| info.engine_config.model_path.clone());
-    let dummy = info.engine_config.load_format == sglang::config::LoadFormat::Dummy;
+    let load_format = info.engine_config.resolved_load_format().name();
     let served = state.served_model_name.clone();
     let files = tokio::task::spawn_blocking(move || -> Result<(Value, Value), String> {
         let mut files = Vec::new();
@@ -301,7 +300,7 @@ pub async fn checkpoint(state: &Arc<AppState>) -> Result<Response<Body>, ApiErro
     body["checkpoint_path"] = body["model_path"].clone();
     body["config"] = config;
     body["served_model_name"] = json!(served);
-    body["load_format"] = json!(if dummy { "dummy" } else { "safetensors" });
+    body["load_format"] = json!(load_format);
     body["version"] = json!(sglang::VERSION);
     body["created"] = json!(std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
