@@ -198,7 +198,7 @@ impl ModelConfig {
             "num_key_value_heads",
             raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
         )?;
-        if raw.num_attention_heads % num_kv_heads != 0 {
+        if !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(field(
                 "num_key_value_heads",
                 format!(
@@ -210,7 +210,7 @@ impl ModelConfig {
         let head_dim = match raw.head_dim {
             Some(d) => positive("head_dim", d)?,
             None => {
-                if raw.hidden_size % raw.num_attention_heads != 0 {
+                if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
                     return Err(field(
                         "hidden_size",
                         format!(

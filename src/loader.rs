@@ -180,7 +180,7 @@ impl<'a> Elems<'a> {
             Elems::F32(s) => Elems::F32(&s[start..start + n]),
             Elems::Quant(t, b) => {
                 assert!(
-                    start % BLOCK == 0 && n % BLOCK == 0,
+                    start.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK),
                     "{}: elements {start}..{} are not whole blocks",
                     t.name(),
                     start + n
@@ -598,7 +598,7 @@ fn aligned_view(
     shape: Vec<usize>,
 ) -> Tensor {
     let ptr = storage.bytes()[offset..].as_ptr() as usize;
-    if ptr % dtype.size() == 0 {
+    if ptr.is_multiple_of(dtype.size()) {
         return Tensor {
             storage: storage.clone(),
             offset,

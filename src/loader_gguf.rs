@@ -388,7 +388,7 @@ pub fn load_gguf(
 
 fn check_heads(path: &Path, name: &str, t: &Tensor, heads: usize) -> Result<(), LoadError> {
     let rows = t.shape.first().copied().unwrap_or(0);
-    if heads == 0 || t.shape.len() != 2 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || t.shape.len() != 2 || rows % heads != 0 || !(rows / heads).is_multiple_of(2) {
         return Err(LoadError::tensor(
             path,
             name,

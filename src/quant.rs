@@ -14,9 +14,9 @@
 //! * Q4_0: `d_w · d_x · (Σ q_w q_x − 8 Σ q_x)`
 //! * Q4_1: `d_w · d_x · Σ q_w q_x + m_w · d_x · Σ q_x`
 //!
-//! The integer sums are exact, and the blocks are summed in order, in f32, by the scalar
-//! kernel here and by the SIMD kernels alike: results do not depend on the instruction set
-//! or on how many tokens are in the batch.
+//! The integer sums are exact, and each kernel sums the blocks in a fixed order, in f32 (the
+//! scalar and AVX2 kernels block by block, the AVX-512 one in pairs): results do not depend
+//! on how many tokens are in the batch, and differ between instruction sets only by rounding.
 
 /// Values per block (every format here).
 pub const BLOCK: usize = 32;

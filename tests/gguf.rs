@@ -162,7 +162,7 @@ fn tiny_gguf(name: &str, ty: u32, rows: u64, cols: u64, data: &[u8]) -> Vec<u8> 
     b.extend(rows.to_le_bytes());
     b.extend(ty.to_le_bytes());
     b.extend(0u64.to_le_bytes());
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend(data);

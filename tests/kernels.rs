@@ -967,7 +967,7 @@ fn check_sampling(
         for _ in 0..15 {
             state.observe(params, r.below(vocab) as u32);
         }
-        let banned: Vec<u32> = if i % 3 == 0 {
+        let banned: Vec<u32> = if i.is_multiple_of(3) {
             vec![r.below(vocab) as u32, 7]
         } else {
             vec![]

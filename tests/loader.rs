@@ -80,7 +80,7 @@ fn write(path: &Path, tensors: &BTreeMap<String, T>) {
         offset += t.data.len();
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

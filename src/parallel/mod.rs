@@ -66,7 +66,7 @@ impl Shard {
                 "{world} is more than the model's {h} attention heads (each rank needs one)"
             ));
         }
-        if world > k && world % k != 0 {
+        if world > k && !world.is_multiple_of(k) {
             return Err(format!(
                 "{world} exceeds the model's {k} KV heads and is not a multiple of it \
                  (KV heads are replicated evenly across ranks)"

@@ -72,9 +72,12 @@ pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
         let qs = &q[h0 * hd..(h0 + nh) * hd];
         let os = &mut out[h0 * hd..(h0 + nh) * hd];
         match isa {
-            // SAFETY: Avx2 is chosen only when the CPU has AVX2 and FMA; head_dim % 8 == 0.
+            // SAFETY: Avx2 and Avx512 are chosen only when the CPU has AVX2 and FMA;
+            // head_dim % 8 == 0.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if hd % 8 == 0 => unsafe { avx2::attend_heads(a, qs, os) },
+            Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
+                avx2::attend_heads(a, qs, os)
+            },
             _ => attend_heads_portable(isa, a, qs, os),
         }
         h0 += nh;
@@ -347,7 +350,7 @@ mod tests {
             };
             let q = rand_vec(heads * hd, 6);
             let want = dense(&a, &q);
-            for isa in [Isa::Scalar, Isa::detect()] {
+            for isa in Isa::available() {
                 let mut out = vec![0.0; heads * hd];
                 attend(isa, &a, &q, &mut out);
                 let err: f32 = out

@@ -72,14 +72,12 @@ pub struct CpuBackend {
 /// The CPU kernel set this machine runs (logged at start-up, in `/get_server_info` and the
 /// benchmarks): the float products' instruction set, and the quantized products'.
 pub fn kernel_set() -> String {
-    match Isa::detect() {
-        Isa::Scalar => "scalar (f32/bf16/f16 and Q8_0/Q4_0/Q4_1)".into(),
-        #[cfg(target_arch = "x86_64")]
-        isa => format!(
-            "{} (f32/bf16/f16), avx2 int8 maddubs (Q8_0/Q4_0/Q4_1)",
-            isa.name()
-        ),
-    }
+    let isa = Isa::detect();
+    format!(
+        "{} (f32/bf16/f16), {} (Q8_0/Q4_0/Q4_1)",
+        isa.name(),
+        isa.quant_name()
+    )
 }
 
 /// Bytes of one cached K or V value: the CPU cache holds f32.

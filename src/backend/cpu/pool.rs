@@ -111,7 +111,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while sh.pending.load(Ordering::Acquire) != 0 {
             spins = spins.wrapping_add(1);
-            if spins % 4096 == 0 {
+            if spins.is_multiple_of(4096) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -168,7 +168,7 @@ fn worker(sh: Arc<Shared>, tid: usize) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 || started.elapsed() < sh.spin {
+            if !spins.is_multiple_of(256) || started.elapsed() < sh.spin {
                 std::hint::spin_loop();
                 continue;
             }

@@ -772,7 +772,7 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
         let group = cfg.num_heads / cfg.num_kv_heads.max(1);
-        if group > MAX_GROUP || cfg.head_dim > MAX_HEAD_DIM || cfg.head_dim % 2 != 0 {
+        if group > MAX_GROUP || cfg.head_dim > MAX_HEAD_DIM || !cfg.head_dim.is_multiple_of(2) {
             return Err(BackendError::Unsupported(format!(
                 "the CUDA attention kernel handles up to {MAX_GROUP} query heads per KV head \
                  and head_dim <= {MAX_HEAD_DIM} (this model: {group}, {})",

@@ -3,42 +3,78 @@
 //!
 //! Matrix products compute `out[m, n] = Σ_k x[m, k] · w[n, k]` (HF weight layout). Each
 //! thread takes a contiguous range of weight rows. A register tile of MR tokens × NR weight
-//! rows accumulates 8-wide f32 vectors along k:
+//! rows accumulates f32 vectors (8 wide with AVX2, 16 with AVX-512) along k:
 //! * few tokens (decode): weights are converted to f32 inside the tile as they stream in, so
 //!   every weight byte is read from memory exactly once per step;
 //! * many tokens (prefill, large batches): `PANEL_ROWS` weight rows at a time are converted
 //!   once into a per-thread f32 panel, and the tile sweeps blocks of tokens small enough to
 //!   stay in L2.
 //!
-//! Every SIMD kernel (in `avx2.rs`) has a plain scalar twin here (`Isa::Scalar`), used where
-//! AVX2/FMA/F16C are missing and in tests as the reference the SIMD path is compared against.
+//! Every SIMD kernel (`avx2.rs` and `avx512.rs`, generic over the vector width; the quantized
+//! products in `avx2_quant.rs` and `avx512_quant.rs`) has a plain scalar twin here
+//! (`Isa::Scalar`), used where AVX2/FMA/F16C are missing and in tests as the reference every
+//! SIMD path this CPU runs is compared against.
 
 use crate::loader::{bf16_to_f32, Elems};
 use crate::quant::{self, QuantType, QuantizedRows, BLOCK};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2_quant;
+#[cfg(target_arch = "x86_64")]
+mod avx512_quant;
 
-/// Instruction set chosen at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Instruction set chosen at run time (ordered: each includes the one before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
+    /// AVX2 + FMA + F16C: 8-wide f32 tiles, `maddubs` integer products.
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// Avx2 plus AVX-512 F/BW/VL/DQ and VNNI: 16-wide f32 tiles, `vpdpbusd` over two blocks.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
-    /// The best instruction set this CPU has (`SGLANG_CPU_ISA=scalar` forces the portable path).
+    /// The best instruction set this CPU has, capped by `SGLANG_CPU_ISA` (`scalar`, `avx2`,
+    /// `avx512`) to force a narrower path.
     pub fn detect() -> Self {
-        if std::env::var("SGLANG_CPU_ISA").as_deref() == Ok("scalar") {
-            return Isa::Scalar;
-        }
+        let best = Self::best();
+        let cap = match std::env::var("SGLANG_CPU_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Ok("avx2") => Isa::Avx2,
+            _ => best,
+        };
+        best.min(cap)
+    }
+
+    /// Every instruction set this CPU can run, narrowest first (the tests compare them all).
+    pub fn available() -> Vec<Isa> {
+        let best = Self::best();
+        Self::ALL.iter().copied().filter(|&i| i <= best).collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    const ALL: &'static [Isa] = &[Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    #[cfg(not(target_arch = "x86_64"))]
+    const ALL: &'static [Isa] = &[Isa::Scalar];
+
+    fn best() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vnni")
+                {
+                    return Isa::Avx512;
+                }
                 return Isa::Avx2;
             }
         }
@@ -50,6 +86,19 @@ impl Isa {
             Isa::Scalar => "scalar",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => "avx2+fma",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The integer dot product the quantized products use.
+    pub fn quant_name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar int8",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2 int8 maddubs",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512 vnni vpdpbusd",
         }
     }
 }
@@ -110,6 +159,8 @@ pub(super) unsafe fn matmul_rows(
         Isa::Scalar => scalar_rows(x, m, k, w, up, rows, out, ldo),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::rows(x, m, k, w, up, rows, out, ldo, panel),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::rows(x, m, k, w, up, rows, out, ldo, panel),
     }
     let _ = panel;
 }
@@ -203,8 +254,8 @@ fn quant_tile(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            use avx2_quant::{tile, XRow, Q4_0, Q4_1, Q8_0};
+        isa @ (Isa::Avx2 | Isa::Avx512) => {
+            use avx2_quant::{XRow, Q4_0, Q4_1, Q8_0};
             let x = |j: usize| {
                 let (q, d, _) = xq.row(i + j);
                 XRow {
@@ -216,14 +267,20 @@ fn quant_tile(
             let wp = |rr: usize| w[(r + rr) * row_bytes..].as_ptr();
             macro_rules! run {
                 ($nr:literal, $mr:literal, $rows:expr, $xs:expr) => {
-                    // SAFETY: Avx2 is chosen only when the CPU has AVX2, FMA and F16C; each
-                    // weight row holds nb blocks and each activation row nb blocks of values,
-                    // scales and scale-sums (checked by matmul_rows_quant and QuantizedRows).
+                    // SAFETY: Avx2 is chosen only when the CPU has AVX2, FMA and F16C, Avx512
+                    // only when it also has AVX-512 F/BW/VL/DQ/VNNI; each weight row holds nb
+                    // blocks and each activation row nb blocks of values, scales and
+                    // scale-sums (checked by matmul_rows_quant and QuantizedRows).
                     unsafe {
-                        match avx2_quant::code(t) {
-                            Q8_0 => tile::<Q8_0, $nr, $mr>($rows, nb, $xs),
-                            Q4_0 => tile::<Q4_0, $nr, $mr>($rows, nb, $xs),
-                            _ => tile::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                        use avx2_quant::tile as t2;
+                        use avx512_quant::tile as t5;
+                        match (isa, avx2_quant::code(t)) {
+                            (Isa::Avx512, Q8_0) => t5::<Q8_0, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q4_0) => t5::<Q4_0, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, _) => t5::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                            (_, Q8_0) => t2::<Q8_0, $nr, $mr>($rows, nb, $xs),
+                            (_, Q4_0) => t2::<Q4_0, $nr, $mr>($rows, nb, $xs),
+                            _ => t2::<Q4_1, $nr, $mr>($rows, nb, $xs),
                         }
                     }
                 };
@@ -294,14 +351,16 @@ unsafe fn scalar_rows(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// `Σ a[i] * b[i]`.
 #[inline]
 pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
-        // SAFETY: Avx2 is only chosen when the CPU has AVX2 and FMA.
+        // SAFETY: Avx2 and Avx512 are only chosen when the CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::dot(a, b) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::dot(a, b) },
         Isa::Scalar => a.iter().zip(b).map(|(x, y)| x * y).sum(),
     }
 }
@@ -310,9 +369,9 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 pub fn scale_axpy(isa: Isa, acc: &mut [f32], scale: f32, p: f32, v: &[f32]) {
     match isa {
-        // SAFETY: Avx2 is only chosen when the CPU has AVX2 and FMA.
+        // SAFETY: Avx2 and Avx512 are only chosen when the CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { avx2::scale_axpy(acc, scale, p, v) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { avx2::scale_axpy(acc, scale, p, v) },
         Isa::Scalar => acc
             .iter_mut()
             .zip(v)
@@ -381,7 +440,10 @@ pub(crate) mod tests {
     /// The chosen ISA against the scalar twin, every dtype, decode and prefill shapes.
     #[test]
     fn matmul_simd_matches_scalar() {
-        let isa = Isa::detect();
+        Isa::available().into_iter().for_each(matmul_matches_scalar);
+    }
+
+    fn matmul_matches_scalar(isa: Isa) {
         for &(m, n, k) in &[
             (1, 9, 24),
             (2, 13, 40),
@@ -440,7 +502,7 @@ pub(crate) mod tests {
                     }
                 }
                 let e = rel_err(&got, &want);
-                assert!(e < 1e-5, "m={m} n={n} k={k} rel err {e}");
+                assert!(e < 1e-5, "{isa:?} m={m} n={n} k={k} rel err {e}");
             }
         }
     }
@@ -449,7 +511,10 @@ pub(crate) mod tests {
     /// panel path, tails): batching and prefix caching cannot change the output.
     #[test]
     fn matmul_is_batch_invariant() {
-        let isa = Isa::detect();
+        Isa::available().into_iter().for_each(batch_invariant);
+    }
+
+    fn batch_invariant(isa: Isa) {
         for &(n, k) in &[(9usize, 40usize), (13, 72), (6, 576)] {
             let m = 53;
             let x = rand_vec(m * k, 11);
@@ -503,7 +568,7 @@ pub(crate) mod tests {
                             part.iter()
                                 .zip(want)
                                 .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "n={n} k={k} group={group} start={start}"
+                            "{isa:?} n={n} k={k} group={group} start={start}"
                         );
                     }
                 }
@@ -544,7 +609,10 @@ pub(crate) mod tests {
     /// and each token's result the same alone as in any batch (bitwise).
     #[test]
     fn quantized_matmul_matches_scalar_and_is_batch_invariant() {
-        let isa = Isa::detect();
+        Isa::available().into_iter().for_each(quantized_matmul);
+    }
+
+    fn quantized_matmul(isa: Isa) {
         let (n, k) = (19, 160);
         for t in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
             let w = rand_quant(t, n, k, 3);
@@ -576,7 +644,7 @@ pub(crate) mod tests {
                     let want = run(Isa::Scalar, &xq, m);
                     assert!(
                         rel_err(&got, &want) < 1e-5,
-                        "{t:?} m={m} up={}",
+                        "{isa:?} {t:?} m={m} up={}",
                         up.is_some()
                     );
                     // against f32 products with the dequantized weights
@@ -605,7 +673,11 @@ pub(crate) mod tests {
                         let mut one = QuantizedRows::default();
                         one.quantize(&x[i * k..(i + 1) * k], 1, k);
                         let alone = run(isa, &one, 1);
-                        assert_eq!(alone[..], got[i * n..(i + 1) * n], "{t:?} m={m} token {i}");
+                        assert_eq!(
+                            alone[..],
+                            got[i * n..(i + 1) * n],
+                            "{isa:?} {t:?} m={m} token {i}"
+                        );
                     }
                 }
             }
