@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Writes a GGUF of the prepared model: BF16 (for llama.cpp, the peer in benches/vs_llamacpp.py),
-or quantized to Q8_0 or Q4_0 by gguf-py's quantizers (test files of the formats the shipped
-Q4_1 file does not use; tests/gguf.rs).
+or quantized to Q8_0, Q4_0 or Q4_1 by gguf-py's quantizers (test files of the formats the
+shipped Q4_1 file does not use, and the reference bytes `--quantization` must reproduce;
+tests/gguf.rs). Q4_1 needs --out: its default name is the shipped file's.
 
 The tensors are the prepared model's bf16 weights (bit for bit in BF16), with llama.cpp's q/k row
 permutation re-applied (its LLAMA graph rotates adjacent pairs); norms are F32 as llama.cpp's
 own converter writes them. Tokenizer and chat-template metadata are copied from the GGUF the
 model was prepared from, with eos fixed to <|im_end|> (2) as in the prepared model.
 
-  .venv/bin/python scripts/make_gguf.py [--type BF16|F16|Q8_0|Q4_0] [--model DIR] [--out FILE]
+  .venv/bin/python scripts/make_gguf.py [--type BF16|F16|Q8_0|Q4_0|Q4_1] [--model DIR] [--out FILE]
 """
 
 import argparse
@@ -20,7 +21,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-FILE_TYPES = {"BF16": "MOSTLY_BF16", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
+FILE_TYPES = {"BF16": "MOSTLY_BF16", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0",
+              "Q4_1": "MOSTLY_Q4_1"}
 
 import gguf  # noqa: E402
 from reference import load_safetensors  # noqa: E402

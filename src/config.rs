@@ -422,6 +422,8 @@ impl std::str::FromStr for Device {
 pub struct EngineConfig {
     pub model_path: PathBuf,
     pub load_format: LoadFormat,
+    /// Quantize bf16/f16/f32 weights to this format while loading (`--quantization`).
+    pub quantization: Option<crate::quant::QuantType>,
     pub device: Device,
     /// Tokens per KV page.
     pub page_size: usize,
@@ -497,6 +499,7 @@ impl EngineConfig {
         Self {
             model_path: model_path.into(),
             load_format: LoadFormat::Safetensors,
+            quantization: None,
             device: Device::Auto,
             page_size: 16,
             max_total_tokens: None,
@@ -591,6 +594,17 @@ impl EngineConfig {
         }
         if self.dist_timeout_secs == 0 {
             return Err(opt("dist-timeout", "must be >= 1 second".into()));
+        }
+        if let (Some(q), true) = (self.quantization, self.group_size() > 1) {
+            return Err(opt(
+                "quantization",
+                format!(
+                    "{} with {} tensor-parallel ranks: tensor parallelism over quantized weights \
+                     is not supported yet",
+                    q.name().to_lowercase(),
+                    self.group_size()
+                ),
+            ));
         }
         Ok(())
     }

@@ -330,6 +330,22 @@ impl Tensor {
         }
     }
 
+    /// A copy of this tensor in owned memory (same dtype and shape).
+    pub fn owned_copy(&self) -> Tensor {
+        let storage = match self.elems() {
+            Elems::BF16(s) | Elems::F16(s) => Storage::OwnedU16(s.to_vec()),
+            Elems::F32(s) => Storage::OwnedF32(s.to_vec()),
+            Elems::Quant(_, b) => Storage::OwnedU8(b.to_vec()),
+        };
+        Tensor {
+            storage: Arc::new(storage),
+            offset: 0,
+            len_bytes: self.len_bytes,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+        }
+    }
+
     /// An owned bf16 tensor (dummy weights, tests).
     pub fn from_bf16(data: Vec<u16>, shape: Vec<usize>) -> Self {
         assert_eq!(data.len(), shape.iter().product::<usize>());
@@ -406,6 +422,98 @@ impl WeightMap {
     }
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
+    }
+}
+
+impl WeightMap {
+    /// Quantizes in place (`--quantization`): every 2-D float tensor whose rows are whole
+    /// blocks of 32 (the linear layers and the embedding) becomes `t`, bit for bit as
+    /// llama.cpp's reference quantizer writes it ([`crate::quant::quantize`]); the others
+    /// (norms) are copied out of the file mapping, so that the mapping is released and the
+    /// memory held is the quantized size. `threads` workers take tensors in turn; progress is
+    /// logged by quarters. Returns the number of tensors quantized. Quantized (GGUF) tensors
+    /// are an error naming the tensor: they are not quantized twice.
+    pub fn quantize(&mut self, t: QuantType, threads: usize) -> Result<usize, LoadError> {
+        let file = self.files.first().cloned().unwrap_or_default();
+        if let Some((name, q)) = self
+            .tensors
+            .iter()
+            .find_map(|(n, w)| w.dtype.quant().map(|q| (n, q)))
+        {
+            return Err(LoadError::tensor(
+                &file,
+                name,
+                format!(
+                    "is {} already; --quantization applies to bf16/f16/f32 weights",
+                    q.name()
+                ),
+            ));
+        }
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort(); // a fixed order (the log, and the work split, do not depend on hashing)
+        let quantizable = |w: &Tensor| w.shape.len() == 2 && w.shape[1].is_multiple_of(BLOCK);
+        let total: usize = self
+            .tensors
+            .values()
+            .map(|w| w.len_bytes)
+            .sum::<usize>()
+            .max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let started = std::time::Instant::now();
+        let tensors = &self.tensors;
+        let results: Vec<(String, Tensor)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    scope.spawn(|| {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        let mut out = Vec::new();
+                        let mut row = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Relaxed);
+                            let Some(name) = names.get(i) else { break };
+                            let w = &tensors[name];
+                            let new = if quantizable(w) {
+                                let (rows, cols) = (w.shape[0], w.shape[1]);
+                                let mut data =
+                                    Vec::with_capacity(rows * cols / BLOCK * t.block_bytes());
+                                row.resize(cols, 0.0f32);
+                                let e = w.elems();
+                                for r in 0..rows {
+                                    e.slice(r * cols, cols).to_f32(&mut row);
+                                    crate::quant::quantize_into(t, &row, &mut data);
+                                }
+                                Tensor::from_quant(t, data, w.shape.clone())
+                            } else {
+                                w.owned_copy()
+                            };
+                            let before = done.fetch_add(w.len_bytes, Relaxed);
+                            let quarter = |b: usize| b * 4 / total;
+                            if quarter(before) != quarter(before + w.len_bytes) {
+                                tracing::info!(
+                                    "quantizing to {}: {}% ({:.1}s)",
+                                    t.name(),
+                                    (before + w.len_bytes) * 100 / total,
+                                    started.elapsed().as_secs_f64()
+                                );
+                            }
+                            out.push((name.clone(), new));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|h| h.join().expect("quantization worker panicked"))
+                .collect()
+        });
+        let quantized = results
+            .iter()
+            .filter(|(_, w)| w.dtype == DType::Quant(t))
+            .count();
+        self.tensors = results.into_iter().collect();
+        Ok(quantized)
     }
 }
 

@@ -45,6 +45,9 @@ impl QuantType {
         }
     }
 
+    /// Every format, in the order of the `--quantization` help.
+    pub const ALL: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
+
     /// The 32 values of one block (`b` holds exactly `block_bytes()` bytes).
     pub fn dequantize_block(self, b: &[u8], out: &mut [f32]) {
         let d = f16_at(b, 0);
@@ -69,48 +72,65 @@ impl QuantType {
     }
 }
 
-/// Quantizes `x` (a whole number of blocks) to format `t`, the way llama.cpp's reference
-/// quantizers do: Q8_0 `d = max|x| / 127`; Q4_0 `d = x_maxabs / -8` (the value of largest
-/// magnitude, signed), `q = x / d + 8` rounded and clamped to 0..15; Q4_1 `d = (max − min) /
-/// 15`, `m = min`, `q = (x − m) / d` rounded.
+impl std::str::FromStr for QuantType {
+    type Err = String;
+    /// `q8_0`, `q4_0`, `q4_1` (any case).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("{s:?} is not a quantization (q8_0, q4_0, q4_1)"))
+    }
+}
+
+/// Quantizes `x` (a whole number of blocks) to format `t`, bit for bit as llama.cpp's
+/// reference quantizers (`quantize_row_q*_ref`) and gguf-py's do: in f32, with the inverse
+/// scale taken from the unrounded f32 scale, the scale stored as f16 (round to nearest even).
+/// Q8_0: `d = max|x| / 127`, `q = round(x / d)` (halves away from zero). Q4_0: `d = x_big /
+/// -8` (`x_big` the first value of largest magnitude, signed), `q = min(15, trunc(x / d +
+/// 8.5))`. Q4_1: `d = (max − min) / 15`, `m = min`, `q = min(15, trunc((x − m) / d + 0.5))`.
 pub fn quantize(t: QuantType, x: &[f32]) -> Vec<u8> {
-    assert_eq!(x.len() % BLOCK, 0);
     let mut out = Vec::with_capacity(x.len() / BLOCK * t.block_bytes());
+    quantize_into(t, x, &mut out);
+    out
+}
+
+/// [`quantize`], appending to `out`.
+pub fn quantize_into(t: QuantType, x: &[f32], out: &mut Vec<u8>) {
+    assert_eq!(x.len() % BLOCK, 0);
     let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
     for xs in x.chunks(BLOCK) {
         match t {
             QuantType::Q8_0 => {
                 let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16(d));
-                out.extend(
-                    xs.iter()
-                        .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
-                );
+                out.extend(xs.iter().map(|v| (v * inv).round() as i8 as u8));
             }
             QuantType::Q4_0 | QuantType::Q4_1 => {
-                let (d, m, bias) = if t == QuantType::Q4_0 {
+                let (d, m, half) = if t == QuantType::Q4_0 {
                     let big = xs
                         .iter()
                         .fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-                    (big / -8.0, 0.0, 8.0)
+                    (big / -8.0, 0.0, 8.5)
                 } else {
                     let lo = xs.iter().fold(f32::INFINITY, |a, &v| a.min(v));
                     let hi = xs.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    ((hi - lo) / 15.0, lo, 0.0)
+                    ((hi - lo) / 15.0, lo, 0.5)
                 };
                 let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16(d));
                 if t == QuantType::Q4_1 {
                     out.extend(f16(m));
                 }
-                let q = |v: f32| ((v - m) * inv + bias).round().clamp(0.0, 15.0) as u8;
+                // `as u8` saturates (a NaN becomes 0), as the C cast to int8 does not: finite
+                // values are in 0..16.5 here
+                let q = |v: f32| (((v - m) * inv + half).trunc() as u8).min(15);
                 out.extend((0..16).map(|j| q(xs[j]) | (q(xs[j + 16]) << 4)));
             }
         }
     }
-    out
 }
 
 #[inline(always)]

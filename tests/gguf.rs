@@ -37,8 +37,13 @@ const STEPS: usize = 16;
 /// The GGUF of `ty` for the default model: the shipped Q4_1 (kept by prepare-model), or one
 /// written by scripts/make_gguf.py into models/.cache.
 fn gguf_file(ty: &str) -> PathBuf {
+    gguf_file_named(ty, &format!("SmolLM2-135M-Instruct.{ty}.gguf"))
+}
+
+/// A GGUF of `ty` written by scripts/make_gguf.py as models/.cache/`name` (kept there).
+fn gguf_file_named(ty: &str, name: &str) -> PathBuf {
     let cache = common::root().join("models/.cache");
-    let path = cache.join(format!("SmolLM2-135M-Instruct.{ty}.gguf"));
+    let path = cache.join(name);
     if !path.exists() {
         let out = Command::new(common::python())
             .arg(common::root().join("scripts/make_gguf.py"))
@@ -146,6 +151,69 @@ fn bf16_matches_the_reference() {
 #[test]
 fn q4_0_matches_the_reference() {
     check_format("Q4_0");
+}
+
+/// `--quantization` reproduces gguf-py's quantizers (written after llama.cpp's reference ones,
+/// independently of ours) bit for bit: every linear layer and the embedding of the default
+/// model quantized while loading equals the tensor in a GGUF file gguf-py wrote from the same
+/// bf16 weights, norms stay bf16 and nothing refers to the file mapping any more; and the
+/// engine's first-step logits with those weights are exactly the GGUF file's.
+#[test]
+fn in_place_quantization_matches_gguf_py_bit_for_bit() {
+    use sglang::loader::{self, DType};
+    use sglang::quant::QuantType;
+    let model = common::model_dir();
+    let model_cfg = sglang::config::ModelConfig::from_dir(&model).unwrap();
+    let specs = sglang::model::llama::tensor_specs(&model_cfg);
+    for t in QuantType::ALL {
+        let file = match t {
+            QuantType::Q4_1 => gguf_file_named("Q4_1", "SmolLM2-135M-Instruct.Q4_1-gguf-py.gguf"),
+            _ => gguf_file(t.name()),
+        };
+        let want =
+            loader::load_gguf(&file, &specs, model_cfg.num_heads, model_cfg.num_kv_heads).unwrap();
+        let mut got = loader::load_safetensors(&model, &specs).unwrap();
+        let n = got.quantize(t, 2).unwrap();
+        assert_eq!(n, specs.iter().filter(|s| s.shape.len() == 2).count());
+        for s in &specs {
+            let (g, w) = (got.get(&s.name).unwrap(), want.get(&s.name).unwrap());
+            assert!(!g.is_mapped(), "{}", s.name);
+            if s.shape.len() == 2 {
+                assert_eq!(g.dtype(), DType::Quant(t), "{}", s.name);
+                assert_eq!(g.shape(), w.shape(), "{}", s.name);
+                let same = g.bytes() == w.bytes();
+                assert!(same, "{t:?} {}: bytes differ from gguf-py's", s.name);
+            } else {
+                assert_eq!(g.dtype(), DType::BF16, "{}", s.name);
+            }
+        }
+        // the engine: same logits as from the GGUF file, bit for bit
+        let prompt = [1u32, 504, 3575, 282, 4649, 314];
+        let logits = |cfg: &EngineConfig| {
+            common::first_step_logits(runner::load(cfg).unwrap().as_mut(), &prompt)
+        };
+        let mut cfg = EngineConfig::new(&model);
+        cfg.max_total_tokens = Some(256);
+        cfg.quantization = Some(t);
+        let ours = logits(&cfg);
+        let dir = gguf_model_dir(&file);
+        let mut cfg = EngineConfig::new(dir.path());
+        cfg.load_format = LoadFormat::Gguf;
+        cfg.max_total_tokens = Some(256);
+        let theirs = logits(&cfg);
+        assert!(
+            ours.iter()
+                .zip(&theirs)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{t:?}: logits differ from the GGUF file's"
+        );
+        // quantizing twice is refused, naming the tensor
+        drop(want);
+        let mut quantized =
+            loader::load_gguf(&file, &specs, model_cfg.num_heads, model_cfg.num_kv_heads).unwrap();
+        let err = quantized.quantize(t, 1).unwrap_err().to_string();
+        assert!(err.contains("already") && err.contains(".weight"), "{err}");
+    }
 }
 
 /// A GGUF file written by hand: one tensor named `name` of ggml type `ty` and shape

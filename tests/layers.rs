@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 /// Each floor and the floors it may use, bottom to top.
 const FLOORS: &[(&str, &[&str])] = &[
-    ("config", &[]),
     ("quant", &[]),
+    // the configuration names a block format (`--quantization`)
+    ("config", &["quant"]),
     ("loader", &["quant"]),
     ("tokenizer", &[]),
     ("sampling", &[]),

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use sglang::config::{default_model_path, Device, EngineConfig, LoadFormat};
+use sglang::quant::QuantType;
 use sglang::sampling::SamplingParams;
 
 /// Options of the engine (shared by `serve` and `generate`).
@@ -26,6 +27,13 @@ pub struct EngineArgs {
     /// benchmarks).
     #[arg(long, env = "SGLANG_LOAD_FORMAT", default_value = "auto")]
     pub load_format: LoadFormat,
+
+    /// Quantize bf16/f16/f32 weights while loading: q8_0, q4_0 or q4_1 (llama.cpp's block
+    /// formats, bit for bit as llama-quantize writes them; the linear layers and the
+    /// embedding, norms stay as they are). Decode moves 2-4x fewer bytes per token; the
+    /// memory held is the quantized size. Not with GGUF files or tensor parallelism.
+    #[arg(long, env = "SGLANG_QUANTIZATION")]
+    pub quantization: Option<QuantType>,
 
     /// Tokens per KV-cache page.
     #[arg(long, env = "SGLANG_PAGE_SIZE", default_value_t = 16)]
@@ -121,6 +129,7 @@ impl EngineArgs {
         let mut c = EngineConfig::new(self.model_path.clone().unwrap_or_else(default_model_path));
         c.device = self.device;
         c.load_format = self.load_format;
+        c.quantization = self.quantization;
         c.page_size = self.page_size;
         c.max_total_tokens = self.max_total_tokens;
         c.mem_fraction_static = self.mem_fraction_static;

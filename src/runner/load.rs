@@ -65,6 +65,29 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
         )?,
         LoadFormat::Dummy => loader::dummy_weights(&specs, cfg.dummy_seed),
     };
+    let mut weights = weights;
+    if let Some(q) = cfg.quantization {
+        if cfg.resolved_load_format() == LoadFormat::Gguf {
+            return Err(ConfigError::Option {
+                option: "quantization",
+                message: "applies to safetensors (and dummy) weights; a GGUF file is served in \
+                          the formats it holds"
+                    .into(),
+            }
+            .into());
+        }
+        let from = weights.total_bytes();
+        let threads = cfg.num_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let n = weights.quantize(q, threads)?;
+        tracing::info!(
+            "quantized {n} tensors to {} while loading: {:.1} MB -> {:.1} MB",
+            q.name(),
+            from as f64 / 1e6,
+            weights.total_bytes() as f64 / 1e6
+        );
+    }
     if group > 1 && weights.is_quantized() {
         return Err(ConfigError::Option {
             option: "tp-size",

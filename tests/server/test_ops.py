@@ -222,12 +222,33 @@ def test_invalid_options_stop_start_up_naming_them():
         (["--dist-timeout", "0"], {}, "dist-timeout"),
         (["--api-key", ""], {}, "api-key"),
         (["--admin-api-key="], {"SGLANG_ADMIN_API_KEY": ""}, "admin-api-key"),
+        (["--quantization", "q3_k"], {}, "--quantization"),
+        ([], {"SGLANG_QUANTIZATION": "q8_0", "SGLANG_TP_SIZE": "3"}, "quantization"),
     ]
     for args, env, needle in cases:
         out = subprocess.run([str(BINARY), "--model-path", str(MODEL), *args], capture_output=True, text=True,
                              env=dict(os.environ, **env), timeout=30)
         assert out.returncode != 0, args
         assert needle in out.stderr, (args, env, out.stderr)
+
+
+def test_quantization_while_loading():
+    """--quantization q4_1 on the bf16 safetensors: the server says so, holds about a third of
+    the weight bytes, and still answers the golden prompt with its capital."""
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    sizes = {}
+    for q in (None, "q4_1"):
+        s = Server("--admin-api-key", "a", *(["--quantization", q] if q else []))
+        try:
+            _, _, info = s.request("GET", "/get_server_info", headers={"Authorization": "Bearer a"})
+            assert info["quantization"] == q, info
+            sizes[q] = info["weight_bytes"]
+            _, _, r = s.post("/generate", body)
+            assert "Paris" in r["text"], (q, r)
+        finally:
+            s.stop()
+    # Q4_1: 20 bytes per 32 values against 64 for bf16
+    assert 0.30 < sizes["q4_1"] / sizes[None] < 0.33, sizes
 
 
 def test_radix_cache_off_by_variable():
