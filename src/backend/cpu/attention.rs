@@ -72,6 +72,10 @@ pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
         let qs = &q[h0 * hd..(h0 + nh) * hd];
         let os = &mut out[h0 * hd..(h0 + nh) * hd];
         match isa {
+            // SAFETY: Avx512 is chosen only when the CPU has AVX-512 F (and AVX2, FMA);
+            // head_dim % 16 == 0.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if hd.is_multiple_of(16) => unsafe { avx512::attend_heads(a, qs, os) },
             // SAFETY: Avx2 and Avx512 are chosen only when the CPU has AVX2 and FMA;
             // head_dim % 8 == 0.
             #[cfg(target_arch = "x86_64")]
@@ -190,9 +194,15 @@ mod avx2 {
             debug_assert!(base + n * hd <= a.k_cache.len());
             // Pages are scattered: fetch the next chunk's keys and values while this one is
             // computed (the hardware prefetcher does not follow a block table).
+            // (only when it is not the continuation of this one in the same page: within a
+            // page the hardware prefetcher follows)
             let next = pos + n;
-            if next < a.ctx {
-                let (nbase, nn) = a.chunk_at(next);
+            let (nbase, nn) = if next < a.ctx {
+                a.chunk_at(next)
+            } else {
+                (0, 0)
+            };
+            if nn > 0 && nbase != base + n * hd {
                 let bytes = nn * hd * 4;
                 let (kp, vp) = (kc.add(nbase) as *const i8, vc.add(nbase) as *const i8);
                 let mut off = 0;
@@ -274,6 +284,192 @@ mod avx2 {
                 _mm256_storeu_ps(
                     acc.add(8 * c),
                     _mm256_mul_ps(_mm256_loadu_ps(acc.add(8 * c)), inv),
+                );
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel: sixteen keys' dot products reduced together (halving to 128 bits, then
+/// `hadd` across keys) into one vector of scores, one 16-wide exponential per chunk, and the
+/// value rows accumulated key by key into registers holding a whole head's output slice.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// e^x for x <= 0, as `avx2::exp_neg` on sixteen lanes.
+    #[inline(always)]
+    unsafe fn exp_neg(x: __m512) -> __m512 {
+        let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+        let fx =
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+                x,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+                _mm512_set1_ps(0.5),
+            ));
+        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
+        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
+        let mut y = _mm512_set1_ps(1.987_569_1e-4);
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.398_199_9e-3));
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.333_452e-3));
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.166_579_6e-2));
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.666_666_5e-1));
+        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.5));
+        y = _mm512_fmadd_ps(
+            y,
+            _mm512_mul_ps(x, x),
+            _mm512_add_ps(x, _mm512_set1_ps(1.0)),
+        );
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvttps_epi32(fx),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
+    }
+
+    /// Four partial sums whose total is the sum of the lanes of `v`.
+    #[inline(always)]
+    unsafe fn to128(v: __m512) -> __m128 {
+        let a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+        _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a))
+    }
+
+    /// Lane `j` = the sum of the lanes of `x[j]`.
+    #[inline(always)]
+    unsafe fn sums16(x: &[__m128; KEY_CHUNK]) -> __m512 {
+        let quad = |g: usize| {
+            let a = _mm_hadd_ps(x[4 * g], x[4 * g + 1]);
+            let b = _mm_hadd_ps(x[4 * g + 2], x[4 * g + 3]);
+            _mm_hadd_ps(a, b)
+        };
+        let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(quad(0)), quad(1));
+        let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(quad(2)), quad(3));
+        _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
+    }
+
+    /// Output vectors of one head kept in registers at a time (64 values).
+    const OUT_VECS: usize = 4;
+
+    /// `acc[0..16 C] = acc · corr + Σ_j w[j] · v[j · stride ..][0..16 C]`, in C registers.
+    #[inline(always)]
+    unsafe fn accumulate<const C: usize>(
+        acc: *mut f32,
+        corr: __m512,
+        w: &[f32],
+        v: *const f32,
+        stride: usize,
+    ) {
+        let mut r = [_mm512_setzero_ps(); C];
+        for c in 0..C {
+            r[c] = _mm512_mul_ps(_mm512_loadu_ps(acc.add(16 * c)), corr);
+        }
+        for (j, &wj) in w.iter().enumerate() {
+            let wj = _mm512_set1_ps(wj);
+            let vj = v.add(j * stride);
+            for c in 0..C {
+                r[c] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vj.add(16 * c)), r[c]);
+            }
+        }
+        for c in 0..C {
+            _mm512_storeu_ps(acc.add(16 * c), r[c]);
+        }
+    }
+
+    /// `attend_heads_portable` in AVX-512. `head_dim` must be a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+    pub(super) unsafe fn attend_heads(a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]) {
+        let hd = a.layout.head_dim;
+        let nh = qs.len() / hd;
+        let vecs = hd / 16;
+        os.fill(0.0);
+        let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
+        let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
+        let mut weights = [0.0f32; KEY_CHUNK];
+        let kc = a.k_cache.as_ptr();
+        let vc = a.v_cache.as_ptr();
+        let scale = _mm512_set1_ps(a.scale);
+        let mut pos = 0;
+        while pos < a.ctx {
+            let (base, n) = a.chunk_at(pos);
+            debug_assert!(base + n * hd <= a.k_cache.len());
+            // the next chunk, when it is not the continuation of this one in the same page
+            // (within a page the hardware prefetcher follows)
+            let next = pos + n;
+            let (nbase, nn) = if next < a.ctx {
+                a.chunk_at(next)
+            } else {
+                (0, 0)
+            };
+            if nn > 0 && nbase != base + n * hd {
+                let bytes = nn * hd * 4;
+                let (kp, vp) = (kc.add(nbase) as *const i8, vc.add(nbase) as *const i8);
+                let mut off = 0;
+                while off < bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(kp.add(off));
+                    _mm_prefetch::<_MM_HINT_T0>(vp.add(off));
+                    off += 64;
+                }
+            }
+            let live: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+            for h in 0..nh {
+                let q = qs.as_ptr().add(h * hd);
+                // scores of this chunk: one 16-wide partial sum per key, reduced together
+                let mut part = [_mm_setzero_ps(); KEY_CHUNK];
+                for j in 0..n {
+                    let k = kc.add(base + j * hd);
+                    let mut s = _mm512_setzero_ps();
+                    for c in 0..vecs {
+                        s = _mm512_fmadd_ps(
+                            _mm512_loadu_ps(q.add(16 * c)),
+                            _mm512_loadu_ps(k.add(16 * c)),
+                            s,
+                        );
+                    }
+                    part[j] = to128(s);
+                }
+                let scores = _mm512_mul_ps(sums16(&part), scale);
+                let chunk_max = _mm512_mask_reduce_max_ps(live, scores);
+                let new_max = max[h].max(chunk_max);
+                let correction = (max[h] - new_max).exp();
+                max[h] = new_max;
+                let w = _mm512_maskz_mov_ps(
+                    live,
+                    exp_neg(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))),
+                );
+                sum[h] = sum[h] * correction + _mm512_reduce_add_ps(w);
+                _mm512_storeu_ps(weights.as_mut_ptr(), w);
+                // acc = acc * correction + sum_j w_j v_j, OUT_VECS vectors at a time (then
+                // one), in registers
+                let acc = os.as_mut_ptr().add(h * hd);
+                let corr = _mm512_set1_ps(correction);
+                let v = vc.add(base);
+                let mut c0 = 0;
+                while c0 + OUT_VECS <= vecs {
+                    accumulate::<OUT_VECS>(
+                        acc.add(16 * c0),
+                        corr,
+                        &weights[..n],
+                        v.add(16 * c0),
+                        hd,
+                    );
+                    c0 += OUT_VECS;
+                }
+                while c0 < vecs {
+                    accumulate::<1>(acc.add(16 * c0), corr, &weights[..n], v.add(16 * c0), hd);
+                    c0 += 1;
+                }
+            }
+            pos += n;
+        }
+        for h in 0..nh {
+            let inv = _mm512_set1_ps(1.0 / sum[h]);
+            let acc = os.as_mut_ptr().add(h * hd);
+            for c in 0..vecs {
+                _mm512_storeu_ps(
+                    acc.add(16 * c),
+                    _mm512_mul_ps(_mm512_loadu_ps(acc.add(16 * c)), inv),
                 );
             }
         }
