@@ -207,6 +207,13 @@ fn in_place_quantization_matches_gguf_py_bit_for_bit() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "{t:?}: logits differ from the GGUF file's"
         );
+        // --quantization of a GGUF model is refused naming the option, before it loads
+        cfg.quantization = Some(t);
+        let err = runner::load(&cfg).err().expect("refused").to_string();
+        assert!(
+            err.contains("quantization") && err.contains("GGUF"),
+            "{err}"
+        );
         // quantizing twice is refused, naming the tensor
         drop(want);
         let mut quantized =

@@ -53,7 +53,17 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     })?;
     let started = Instant::now();
     let specs = llama::tensor_specs(&model_cfg);
-    let weights = match cfg.resolved_load_format() {
+    let format = cfg.resolved_load_format();
+    if cfg.quantization.is_some() && format == LoadFormat::Gguf {
+        return Err(ConfigError::Option {
+            option: "quantization",
+            message: "applies to safetensors (and dummy) weights; a GGUF file is served in the \
+                      formats it holds"
+                .into(),
+        }
+        .into());
+    }
+    let mut weights = match format {
         LoadFormat::Safetensors | LoadFormat::Auto => {
             loader::load_safetensors(&cfg.model_path, &specs)?
         }
@@ -65,17 +75,7 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
         )?,
         LoadFormat::Dummy => loader::dummy_weights(&specs, cfg.dummy_seed),
     };
-    let mut weights = weights;
     if let Some(q) = cfg.quantization {
-        if cfg.resolved_load_format() == LoadFormat::Gguf {
-            return Err(ConfigError::Option {
-                option: "quantization",
-                message: "applies to safetensors (and dummy) weights; a GGUF file is served in \
-                          the formats it holds"
-                    .into(),
-            }
-            .into());
-        }
         let from = weights.total_bytes();
         let threads = cfg.num_threads.unwrap_or_else(|| {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
