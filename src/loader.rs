@@ -330,6 +330,20 @@ impl Tensor {
         }
     }
 
+    /// This 2-D float tensor quantized to `t`, row by row (`row`: a scratch buffer); its
+    /// rows must be whole blocks.
+    fn quantized(&self, t: QuantType, row: &mut Vec<f32>) -> Tensor {
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let mut data = Vec::with_capacity(rows * cols / BLOCK * t.block_bytes());
+        row.resize(cols, 0.0);
+        let e = self.elems();
+        for r in 0..rows {
+            e.slice(r * cols, cols).to_f32(row);
+            crate::quant::quantize_into(t, row, &mut data);
+        }
+        Tensor::from_quant(t, data, self.shape.clone())
+    }
+
     /// A copy of this tensor in owned memory (same dtype and shape).
     pub fn owned_copy(&self) -> Tensor {
         let storage = match self.elems() {
@@ -474,16 +488,7 @@ impl WeightMap {
                             let Some(name) = names.get(i) else { break };
                             let w = &tensors[name];
                             let new = if quantizable(w) {
-                                let (rows, cols) = (w.shape[0], w.shape[1]);
-                                let mut data =
-                                    Vec::with_capacity(rows * cols / BLOCK * t.block_bytes());
-                                row.resize(cols, 0.0f32);
-                                let e = w.elems();
-                                for r in 0..rows {
-                                    e.slice(r * cols, cols).to_f32(&mut row);
-                                    crate::quant::quantize_into(t, &row, &mut data);
-                                }
-                                Tensor::from_quant(t, data, w.shape.clone())
+                                w.quantized(t, &mut row)
                             } else {
                                 w.owned_copy()
                             };

@@ -29,7 +29,7 @@ pub enum QuantType {
 }
 
 impl QuantType {
-    pub fn block_bytes(self) -> usize {
+    pub const fn block_bytes(self) -> usize {
         match self {
             QuantType::Q8_0 => 34,
             QuantType::Q4_0 => 18,

@@ -77,10 +77,7 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     };
     if let Some(q) = cfg.quantization {
         let from = weights.total_bytes();
-        let threads = cfg.num_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        });
-        let n = weights.quantize(q, threads)?;
+        let n = weights.quantize(q, threads_per_rank(cfg, 1))?;
         tracing::info!(
             "quantized {n} tensors to {} while loading: {:.1} MB -> {:.1} MB",
             q.name(),

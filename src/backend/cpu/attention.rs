@@ -61,6 +61,50 @@ impl AttnInput<'_> {
     }
 }
 
+/// The vector kernels' e^x (Cephes' expf): ln 2 split in a high part exact in few bits and
+/// the rest, and the degree-5 polynomial's coefficients, highest first.
+#[cfg(target_arch = "x86_64")]
+const EXP_LN2_HI: f32 = 0.693_359_4;
+#[cfg(target_arch = "x86_64")]
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+#[cfg(target_arch = "x86_64")]
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+#[cfg(target_arch = "x86_64")]
+impl AttnInput<'_> {
+    /// Pages are scattered: fetches the keys and values of the chunk after the one at `pos`
+    /// (cache offset `base`, `n` keys) while that one is computed, when it starts another page;
+    /// within a page the hardware prefetcher follows, but not across a block table.
+    #[inline(always)]
+    fn prefetch_after(&self, pos: usize, base: usize, n: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let hd = self.layout.head_dim;
+        let next = pos + n;
+        if next >= self.ctx {
+            return;
+        }
+        let (nbase, nn) = self.chunk_at(next);
+        if nbase == base + n * hd {
+            return;
+        }
+        let (k, v) = (&self.k_cache[nbase..], &self.v_cache[nbase..]);
+        for off in (0..nn * hd).step_by(64 / 4) {
+            // SAFETY: prefetching is a hint and never faults; `off` is inside both slices.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().add(off) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(off) as *const i8);
+            }
+        }
+    }
+}
+
 /// Attention of the query heads in `q` (`heads * head_dim`) over positions `0..ctx`, into
 /// `out` (same shape).
 pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
@@ -154,14 +198,12 @@ mod avx2 {
             _mm256_set1_ps(std::f32::consts::LOG2_E),
             _mm256_set1_ps(0.5),
         ));
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693_359_4), x);
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.121_944_4e-4), x);
-        let mut y = _mm256_set1_ps(1.987_569_1e-4);
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.398_199_9e-3));
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.333_452e-3));
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.166_579_6e-2));
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.666_666_5e-1));
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(0.5));
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
+        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
+        let mut y = _mm256_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(*c));
+        }
         y = _mm256_fmadd_ps(
             y,
             _mm256_mul_ps(x, x),
@@ -192,26 +234,7 @@ mod avx2 {
         while pos < a.ctx {
             let (base, n) = a.chunk_at(pos);
             debug_assert!(base + n * hd <= a.k_cache.len());
-            // Pages are scattered: fetch the next chunk's keys and values while this one is
-            // computed (the hardware prefetcher does not follow a block table).
-            // (only when it is not the continuation of this one in the same page: within a
-            // page the hardware prefetcher follows)
-            let next = pos + n;
-            let (nbase, nn) = if next < a.ctx {
-                a.chunk_at(next)
-            } else {
-                (0, 0)
-            };
-            if nn > 0 && nbase != base + n * hd {
-                let bytes = nn * hd * 4;
-                let (kp, vp) = (kc.add(nbase) as *const i8, vc.add(nbase) as *const i8);
-                let mut off = 0;
-                while off < bytes {
-                    _mm_prefetch::<_MM_HINT_T0>(kp.add(off));
-                    _mm_prefetch::<_MM_HINT_T0>(vp.add(off));
-                    off += 64;
-                }
-            }
+            a.prefetch_after(pos, base, n);
             for h in 0..nh {
                 let q = qs.as_ptr().add(h * hd);
                 // scores of this chunk
@@ -309,14 +332,12 @@ mod avx512 {
                 _mm512_set1_ps(std::f32::consts::LOG2_E),
                 _mm512_set1_ps(0.5),
             ));
-        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693_359_4), x);
-        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.121_944_4e-4), x);
-        let mut y = _mm512_set1_ps(1.987_569_1e-4);
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.398_199_9e-3));
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.333_452e-3));
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.166_579_6e-2));
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.666_666_5e-1));
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(0.5));
+        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_HI), x);
+        let x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2_LO), x);
+        let mut y = _mm512_set1_ps(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(*c));
+        }
         y = _mm512_fmadd_ps(
             y,
             _mm512_mul_ps(x, x),
@@ -394,24 +415,7 @@ mod avx512 {
         while pos < a.ctx {
             let (base, n) = a.chunk_at(pos);
             debug_assert!(base + n * hd <= a.k_cache.len());
-            // the next chunk, when it is not the continuation of this one in the same page
-            // (within a page the hardware prefetcher follows)
-            let next = pos + n;
-            let (nbase, nn) = if next < a.ctx {
-                a.chunk_at(next)
-            } else {
-                (0, 0)
-            };
-            if nn > 0 && nbase != base + n * hd {
-                let bytes = nn * hd * 4;
-                let (kp, vp) = (kc.add(nbase) as *const i8, vc.add(nbase) as *const i8);
-                let mut off = 0;
-                while off < bytes {
-                    _mm_prefetch::<_MM_HINT_T0>(kp.add(off));
-                    _mm_prefetch::<_MM_HINT_T0>(vp.add(off));
-                    off += 64;
-                }
-            }
+            a.prefetch_after(pos, base, n);
             let live: __mmask16 = ((1u32 << n) - 1) as __mmask16;
             for h in 0..nh {
                 let q = qs.as_ptr().add(h * hd);

@@ -24,6 +24,15 @@ pub(super) fn code(t: QuantType) -> u8 {
     }
 }
 
+/// Bytes per block of the format with code `t`.
+pub(super) const fn block_bytes(t: u8) -> usize {
+    match t {
+        Q8_0 => QuantType::Q8_0.block_bytes(),
+        Q4_0 => QuantType::Q4_0.block_bytes(),
+        _ => QuantType::Q4_1.block_bytes(),
+    }
+}
+
 #[inline(always)]
 unsafe fn f16_scalar(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes([*p, *p.add(1)]);
@@ -55,11 +64,7 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
     nb: usize,
     xs: &[XRow; MR],
 ) -> [[f32; MR]; NR] {
-    let bb = match T {
-        Q8_0 => 34,
-        Q4_0 => 18,
-        _ => 20,
-    };
+    let bb = block_bytes(T);
     let ones = _mm256_set1_epi16(1);
     let low4 = _mm_set1_epi8(15);
     let mut acc = [[_mm256_setzero_ps(); MR]; NR];

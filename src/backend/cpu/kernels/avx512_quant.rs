@@ -21,7 +21,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2_quant::{XRow, Q4_1, Q8_0};
+use super::avx2_quant::{block_bytes, XRow, Q4_1, Q8_0};
 use crate::quant::BLOCK;
 
 /// `[a; 8] ++ [b; 8]`.
@@ -38,11 +38,7 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
     nb: usize,
     xs: &[XRow; MR],
 ) -> [[f32; MR]; NR] {
-    let bb = match T {
-        Q8_0 => 34,
-        Q4_1 => 20,
-        _ => 18,
-    };
+    let bb = block_bytes(T);
     let qs_at = if T == Q4_1 { 4 } else { 2 };
     let low4 = _mm512_set1_epi8(15);
     // the high nibbles of the second and fourth 128-bit lanes: shift those 64-bit lanes by 4
