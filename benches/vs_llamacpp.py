@@ -4,13 +4,13 @@
 llama.cpp comes from PyPI's llama-cpp-python (which builds llama.cpp from source, natively
 tuned) in ./.venv-bench. Formats (--formats): bf16 (ours from the safetensors, llama.cpp from
 a BF16 GGUF of the same values written by scripts/make_gguf.py), and q8_0, q4_0 (GGUF files
-written by scripts/make_gguf.py) and q4_1 (the shipped file), which both programs read from
-the very same GGUF file. Each round runs
-both programs, in alternating order, each in a fresh process; the table shows medians of
+written by scripts/make_gguf.py), q4_1 (the shipped file) and q4_k_m (made by llama.cpp's own
+quantizer from the BF16 GGUF, as users make it), which both programs read from the very same
+GGUF file. Each round runs both programs, in alternating order, each in a fresh process; the table shows medians of
 decode tokens/s at batch 1, prompt processing at 128 and 512 tokens, peak resident memory,
 the ratios ours / llama.cpp, and the memory-bandwidth floor measured in the same run.
 
-  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2] [--formats bf16,q8_0,q4_1,q4_0]
+  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2] [--formats bf16,q8_0,q4_1,q4_0,q4_k_m]
 
 The first run builds llama-cpp-python (about 15 minutes on 2 cores).
 """
@@ -90,6 +90,28 @@ def ensure_gguf(ty="BF16"):
     return path
 
 
+QUANTIZE_WORKER = r"""
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.nthread = int(sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+
+
+def ensure_q4_k_m(py, threads):
+    """The Q4_K_M file as users make it: llama.cpp's own quantizer (llama-quantize's
+    `llama_model_quantize`) run on the BF16 GGUF of the prepared model."""
+    path = ROOT / "models" / ".cache" / "SmolLM2-135M-Instruct.Q4_K_M-llama-quantize.gguf"
+    if not path.exists():
+        log("quantizing the BF16 GGUF to Q4_K_M with llama.cpp")
+        part = path.with_suffix(".part")
+        subprocess.run([str(py), "-c", QUANTIZE_WORKER, str(ensure_gguf("BF16")), str(part), str(threads)],
+                       check=True, capture_output=True)
+        part.rename(path)
+    return path
+
+
 def gguf_model_dir(gguf_path):
     """A model directory with the prepared model's config and tokenizer and one GGUF file."""
     import tempfile
@@ -124,7 +146,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--decode-context", type=int, default=32)
-    ap.add_argument("--formats", default="bf16,q8_0,q4_1,q4_0")
+    ap.add_argument("--formats", default="bf16,q8_0,q4_1,q4_0,q4_k_m")
     args = ap.parse_args()
     py = ensure_llama_cpp()
     ours_bin = ROOT / "target" / "release" / "sglang-server"
@@ -143,7 +165,7 @@ def cpu_name():
 
 
 def compare(fmt, py, ours_bin, args):
-    gguf_path = ensure_gguf(fmt)
+    gguf_path = ensure_q4_k_m(py, args.threads) if fmt == "Q4_K_M" else ensure_gguf(fmt)
     model = ROOT / "models" / "SmolLM2-135M-Instruct" if fmt == "BF16" else gguf_model_dir(gguf_path)
     ours_cmd = [str(ours_bin), "bench", "--json", "--threads", str(args.threads), "--prompt-lens", "128,512",
                 "--batch", "1", "--decode-steps", str(args.decode_steps), "--decode-context", str(args.decode_context),

@@ -365,6 +365,61 @@ def dequant_q8_0(data, rows, cols):
     return (q * d).reshape(rows, cols)
 
 
+def dequant_q5_0(data, rows, cols):
+    # 22-byte blocks: f16 scale d, u32 qh (bit j: the fifth bit of value j), 16 bytes of low
+    # nibbles as Q4_0's; value = d * (q - 16)
+    blocks = data.reshape(rows, cols // 32, 22)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    qh = blocks[..., 2:6].copy().view(np.uint32)  # (rows, nb, 1)
+    qs = blocks[..., 6:22]
+    low = np.concatenate([(qs & 0x0F), (qs >> 4)], axis=-1).astype(np.uint32)
+    high = (qh >> np.arange(32, dtype=np.uint32)) & 1
+    q = (low | (high << 4)).astype(np.float32) - 16.0
+    return (q * d).reshape(rows, cols)
+
+
+def dequant_q4_k(data, rows, cols):
+    # 144-byte super-blocks of 256 values: f16 d, f16 dmin, 12 bytes of eight 6-bit (scale, min)
+    # pairs, 128 bytes of nibbles (per 64 values: 32 bytes, low nibbles the first 32 values,
+    # high nibbles the next 32); value = d * scale_j * q - dmin * min_j for the j-th 32 values
+    blocks = data.reshape(rows, cols // 256, 144)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    s = blocks[..., 4:16].astype(np.uint32)
+    # pieces 0..3: low 6 bits of bytes 0..3 (scale) and 4..7 (min); pieces 4..7: the nibbles of
+    # bytes 8..11 (scale low, min high) completed by the top 2 bits of bytes 0..3 / 4..7
+    scale = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mins = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    qs = blocks[..., 16:144].reshape(rows, cols // 256, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(rows, cols // 256, 8, 32).astype(np.float32)
+    out = (d * scale.astype(np.float32))[..., None] * q - (dmin * mins.astype(np.float32))[..., None]
+    return out.reshape(rows, cols)
+
+
+def dequant_q6_k(data, rows, cols):
+    # 210-byte super-blocks of 256 values: 128 bytes ql (low 4 bits), 64 bytes qh (high 2 bits),
+    # 16 int8 scales (one per 16 consecutive values), f16 d. In each half of 128 values (ql 64
+    # bytes, qh 32 bytes), value 32*g + l takes ql[l] low (g=0), ql[l+32] low (g=1), ql[l] high
+    # (g=2), ql[l+32] high (g=3), and bits 2g, 2g+1 of qh[l]; value = d * scale * (q - 32)
+    nb = cols // 256
+    blocks = data.reshape(rows, nb, 210)
+    ql = blocks[..., 0:128].reshape(rows, nb, 2, 64)
+    qh = blocks[..., 128:192].reshape(rows, nb, 2, 32)
+    sc = blocks[..., 192:208].copy().view(np.int8).astype(np.float32)
+    d = blocks[..., 208:210].copy().view(np.float16).astype(np.float32)
+    groups = []
+    for g in range(4):
+        low = (ql[..., 32 * (g % 2):32 * (g % 2) + 32] >> (4 * (g // 2))) & 0x0F
+        high = (qh >> (2 * g)) & 3
+        groups.append((low | (high << 4)).astype(np.float32) - 32.0)
+    q = np.stack(groups, axis=3).reshape(rows, nb, 16, 16)  # [.., half, g, l] -> 16 runs of 16
+    return (d[..., None] * sc[..., None] * q).reshape(rows, cols)
+
+
+DEQUANT = {"Q8_0": dequant_q8_0, "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1, "Q5_0": dequant_q5_0,
+           "Q4_K": dequant_q4_k, "Q6_K": dequant_q6_k}
+
+
 def load_gguf_weights(path):
     import gguf
 
@@ -380,12 +435,8 @@ def load_gguf_weights(path):
         raw = np.asarray(t.data)
         if t.tensor_type.name == "F32":
             arr = raw.astype(np.float32).reshape(list(reversed(dims)))
-        elif t.tensor_type.name == "Q4_1":
-            arr = dequant_q4_1(raw.view(np.uint8), dims[1], dims[0])
-        elif t.tensor_type.name == "Q8_0":
-            arr = dequant_q8_0(raw.view(np.uint8), dims[1], dims[0])
-        elif t.tensor_type.name == "Q4_0":
-            arr = dequant_q4_0(raw.view(np.uint8), dims[1], dims[0])
+        elif t.tensor_type.name in DEQUANT:
+            arr = DEQUANT[t.tensor_type.name](raw.view(np.uint8), dims[1], dims[0])
         elif t.tensor_type.name in ("F16", "BF16"):
             bits = raw.view(np.uint16).astype(np.uint32)
             arr = (bits << 16).view(np.float32) if t.tensor_type.name == "BF16" else \

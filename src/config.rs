@@ -363,7 +363,7 @@ pub enum LoadFormat {
     /// `model.safetensors` or shards listed in `model.safetensors.index.json`.
     Safetensors,
     /// A GGUF file (the model path, or the one `.gguf` file in the model directory), served
-    /// in place: F32/F16/BF16, Q8_0, Q4_0, Q4_1.
+    /// in place: F32/F16/BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K.
     Gguf,
     /// Deterministic random weights with the shapes of `config.json` (benchmarks of large shapes).
     Dummy,

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::quant::{QuantType, BLOCK};
+use crate::quant::{QuantType, SUPER};
 
 #[path = "loader_gguf.rs"]
 mod gguf;
@@ -151,7 +151,7 @@ impl<'a> Elems<'a> {
         match self {
             Elems::BF16(s) | Elems::F16(s) => s.len(),
             Elems::F32(s) => s.len(),
-            Elems::Quant(t, b) => b.len() / t.block_bytes() * BLOCK,
+            Elems::Quant(t, b) => b.len() / t.block_bytes() * t.block_values(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -165,10 +165,10 @@ impl<'a> Elems<'a> {
             Elems::F16(s) => half::f16::from_bits(s[i]).to_f32(),
             Elems::F32(s) => s[i],
             Elems::Quant(t, b) => {
-                let bb = t.block_bytes();
-                let mut block = [0.0f32; BLOCK];
-                t.dequantize_block(&b[i / BLOCK * bb..(i / BLOCK + 1) * bb], &mut block);
-                block[i % BLOCK]
+                let (bb, bv) = (t.block_bytes(), t.block_values());
+                let mut block = [0.0f32; SUPER];
+                t.dequantize_block(&b[i / bv * bb..(i / bv + 1) * bb], &mut block);
+                block[i % bv]
             }
         }
     }
@@ -179,14 +179,14 @@ impl<'a> Elems<'a> {
             Elems::F16(s) => Elems::F16(&s[start..start + n]),
             Elems::F32(s) => Elems::F32(&s[start..start + n]),
             Elems::Quant(t, b) => {
+                let bv = t.block_values();
                 assert!(
-                    start.is_multiple_of(BLOCK) && n.is_multiple_of(BLOCK),
+                    start.is_multiple_of(bv) && n.is_multiple_of(bv),
                     "{}: elements {start}..{} are not whole blocks",
                     t.name(),
                     start + n
                 );
-                let bb = t.block_bytes();
-                Elems::Quant(*t, &b[start / BLOCK * bb..(start + n) / BLOCK * bb])
+                Elems::Quant(*t, &b[t.row_bytes(start)..t.row_bytes(start + n)])
             }
         }
     }
@@ -204,7 +204,7 @@ impl<'a> Elems<'a> {
             Elems::F32(s) => out.copy_from_slice(s),
             Elems::Quant(t, b) => {
                 let bb = t.block_bytes();
-                for (o, blk) in out.chunks_mut(BLOCK).zip(b.chunks(bb)) {
+                for (o, blk) in out.chunks_mut(t.block_values()).zip(b.chunks(bb)) {
                     t.dequantize_block(blk, o);
                 }
             }
@@ -310,7 +310,7 @@ impl Tensor {
             }
             Elems::Quant(t, _) => {
                 // whole blocks of each row (callers check that the shard is block-aligned)
-                let mut v = Vec::with_capacity(rows * n / BLOCK * t.block_bytes());
+                let mut v = Vec::with_capacity(rows * t.row_bytes(n));
                 for r in 0..rows {
                     let row = self.elems().slice(r * cols, cols);
                     if let Elems::Quant(_, b) = row.slice(start, n) {
@@ -334,7 +334,7 @@ impl Tensor {
     /// rows must be whole blocks.
     fn quantized(&self, t: QuantType, row: &mut Vec<f32>) -> Tensor {
         let (rows, cols) = (self.shape[0], self.shape[1]);
-        let mut data = Vec::with_capacity(rows * cols / BLOCK * t.block_bytes());
+        let mut data = Vec::with_capacity(rows * t.row_bytes(cols));
         row.resize(cols, 0.0);
         let e = self.elems();
         for r in 0..rows {
@@ -377,8 +377,8 @@ impl Tensor {
     /// to be reordered; tests).
     pub fn from_quant(t: QuantType, data: Vec<u8>, shape: Vec<usize>) -> Self {
         let numel: usize = shape.iter().product();
-        assert_eq!(numel % BLOCK, 0);
-        assert_eq!(data.len(), numel / BLOCK * t.block_bytes());
+        assert_eq!(numel % t.block_values(), 0);
+        assert_eq!(data.len(), t.row_bytes(numel));
         let len_bytes = data.len();
         Self {
             storage: Arc::new(Storage::OwnedU8(data)),
@@ -441,8 +441,9 @@ impl WeightMap {
 
 impl WeightMap {
     /// Quantizes in place (`--quantization`): every 2-D float tensor whose rows are whole
-    /// blocks of 32 (the linear layers and the embedding) becomes `t`, bit for bit as
-    /// llama.cpp's reference quantizer writes it ([`crate::quant::quantize`]); the others
+    /// blocks (the linear layers and the embedding) becomes `t` ([`crate::quant::quantize`];
+    /// for a k-quant, rows that are not whole super-blocks take its fallback,
+    /// [`QuantType::for_row`]); the others
     /// (norms) are copied out of the file mapping, so that the mapping is released and the
     /// memory held is the quantized size. `threads` workers take tensors in turn; progress is
     /// logged by quarters. Returns the number of tensors quantized. Quantized (GGUF) tensors
@@ -465,7 +466,12 @@ impl WeightMap {
         }
         let mut names: Vec<String> = self.tensors.keys().cloned().collect();
         names.sort(); // a fixed order (the log, and the work split, do not depend on hashing)
-        let quantizable = |w: &Tensor| w.shape.len() == 2 && w.shape[1].is_multiple_of(BLOCK);
+                      // the format of each 2-D tensor: `t`, or its fallback where rows are not whole
+                      // super-blocks (Q4_K rows of 576 values are Q5_0, as llama.cpp's quantizer does)
+        let format = |w: &Tensor| match w.shape[..] {
+            [_, cols] => t.for_row(cols),
+            _ => None,
+        };
         let total: usize = self
             .tensors
             .values()
@@ -487,10 +493,9 @@ impl WeightMap {
                             let i = next.fetch_add(1, Relaxed);
                             let Some(name) = names.get(i) else { break };
                             let w = &tensors[name];
-                            let new = if quantizable(w) {
-                                w.quantized(t, &mut row)
-                            } else {
-                                w.owned_copy()
+                            let new = match format(w) {
+                                Some(f) => w.quantized(f, &mut row),
+                                None => w.owned_copy(),
                             };
                             let before = done.fetch_add(w.len_bytes, Relaxed);
                             let quarter = |b: usize| b * 4 / total;
@@ -515,7 +520,7 @@ impl WeightMap {
         });
         let quantized = results
             .iter()
-            .filter(|(_, w)| w.dtype == DType::Quant(t))
+            .filter(|(_, w)| w.dtype.quant().is_some())
             .count();
         self.tensors = results.into_iter().collect();
         Ok(quantized)

@@ -1,8 +1,8 @@
 //! Zero-copy GGUF loading (a child module of `loader`).
 //!
 //! The file is mapped once; every tensor is a view into the mapping with its GGUF type (F32,
-//! F16, BF16, Q8_0, Q4_0, Q4_1), under its Hugging Face name and shape (`[out, in]`, the
-//! reverse of GGUF's fastest-first dimensions). One exception is copied: llama.cpp's converter
+//! F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K), under its Hugging Face name and shape
+//! (`[out, in]`, the reverse of GGUF's fastest-first dimensions). One exception is copied: llama.cpp's converter
 //! reorders the rows of `attn_q` and `attn_k` within each head (pairs of RoPE dimensions made
 //! adjacent), so those rows are put back in Hugging Face order, whole quantized rows at a time
 //! (about a tenth of the weights of a Llama model).
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::{DType, LoadError, Storage, Tensor, TensorSpec, WeightMap};
-use crate::quant::{QuantType, BLOCK};
+use crate::quant::QuantType;
 
 /// GGUF's default data alignment (`general.alignment` overrides it).
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -121,20 +121,21 @@ fn dtype_of(ty: u32) -> Result<DType, String> {
         2 => DType::Quant(QuantType::Q4_0),
         3 => DType::Quant(QuantType::Q4_1),
         8 => DType::Quant(QuantType::Q8_0),
+        6 => DType::Quant(QuantType::Q5_0),
+        12 => DType::Quant(QuantType::Q4_K),
+        14 => DType::Quant(QuantType::Q6_K),
         other => {
             let name = match other {
-                6 => "Q5_0",
                 7 => "Q5_1",
+                9 => "Q8_1",
                 10 => "Q2_K",
                 11 => "Q3_K",
-                12 => "Q4_K",
                 13 => "Q5_K",
-                14 => "Q6_K",
                 15 => "Q8_K",
                 _ => "",
             };
             return Err(format!(
-                "type {name}{} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+                "type {name}{} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K)",
                 if name.is_empty() {
                     format!("{other}")
                 } else {
@@ -302,7 +303,7 @@ pub fn load_gguf(
             .ok_or_else(|| LoadError::tensor(path, &info.name, "shape overflows"))?;
         let need = match dtype.quant() {
             Some(q) => {
-                if info.dims.first().is_none_or(|d| d % BLOCK != 0) {
+                if info.dims.first().is_none_or(|d| d % q.block_values() != 0) {
                     return Err(LoadError::tensor(
                         path,
                         &info.name,
@@ -313,7 +314,7 @@ pub fn load_gguf(
                         ),
                     ));
                 }
-                numel / BLOCK * q.block_bytes()
+                q.row_bytes(numel)
             }
             None => numel * dtype.size(),
         } as u64;
@@ -460,7 +461,11 @@ mod tests {
 
     #[test]
     fn unsupported_types_are_named() {
-        assert!(dtype_of(12).unwrap_err().contains("Q4_K"));
+        assert!(dtype_of(13).unwrap_err().contains("Q5_K"));
+        assert!(dtype_of(99).unwrap_err().contains("99"));
         assert_eq!(dtype_of(3).unwrap(), DType::Quant(QuantType::Q4_1));
+        assert_eq!(dtype_of(12).unwrap(), DType::Quant(QuantType::Q4_K));
+        assert_eq!(dtype_of(14).unwrap(), DType::Quant(QuantType::Q6_K));
+        assert_eq!(dtype_of(6).unwrap(), DType::Quant(QuantType::Q5_0));
     }
 }

@@ -1,31 +1,49 @@
-//! Block-quantized weight formats of GGUF (ggml), read in place: Q8_0, Q4_0 and Q4_1.
+//! Block-quantized weight formats of GGUF (ggml), read in place: Q8_0, Q4_0, Q4_1, Q5_0
+//! (blocks of 32 values) and the k-quants Q4_K and Q6_K (super-blocks of 256).
 //!
-//! Each block holds 32 consecutive values of a row (rows are whole numbers of blocks):
+//! Rows are whole numbers of blocks. Byte layouts (all little-endian):
 //! * Q8_0, 34 bytes: `d` (f16), then 32 × i8 `q`; value = `d · q`.
 //! * Q4_0, 18 bytes: `d` (f16), then 16 bytes of nibbles; byte `j` holds value `j` in its low
 //!   nibble and value `j + 16` in its high nibble; value = `d · (q − 8)`.
 //! * Q4_1, 20 bytes: `d` (f16), `m` (f16), then the nibbles as in Q4_0; value = `d · q + m`.
+//! * Q5_0, 22 bytes: `d` (f16), `qh` (u32: bit `j` is the fifth bit of value `j`), then the
+//!   low four bits as Q4_0's nibbles; value = `d · (q − 16)`.
+//! * Q4_K, 144 bytes: `d`, `dmin` (f16), 12 bytes holding eight 6-bit scales `sc` and mins
+//!   `m` (one per 32 values: for `j < 4` the low 6 bits of bytes `j` and `j + 4`; for `j >= 4`
+//!   the nibbles of byte `j + 4` and the top two bits of bytes `j − 4` and `j`), then 128
+//!   bytes of nibbles: 32 bytes per 64 values, low nibbles the first 32, high nibbles the
+//!   next; value = `d · sc · q − dmin · m`.
+//! * Q6_K, 210 bytes: `ql` (128 bytes: low four bits), `qh` (64 bytes: top two bits), sixteen
+//!   i8 scales (one per 16 values), `d` (f16). Per half of 128 values (`ql` 64 bytes, `qh` 32):
+//!   value `32g + l` (group `g` of four, `l < 32`) takes the low (g < 2) or high (g >= 2)
+//!   nibble of `ql[l + 32 (g mod 2)]` and bits `2g..2g+2` of `qh[l]`; value = `d · sc · (q − 32)`.
 //!
-//! Products with these weights quantize the activations once per token to Q8 blocks
+//! Products with these weights quantize the activations once per token to Q8 blocks of 32
 //! ([`QuantizedRows`](crate::quant::QuantizedRows): 32 × i8 with an f32 scale and the sum
-//! of the 32 integers), so that a block's dot product is an integer dot product and one or
-//! two multiplications:
-//! * Q8_0: `d_w · d_x · Σ q_w q_x`
-//! * Q4_0: `d_w · d_x · (Σ q_w q_x − 8 Σ q_x)`
-//! * Q4_1: `d_w · d_x · Σ q_w q_x + m_w · d_x · Σ q_x`
+//! of the 32 integers), so that each 32 values of a weight row contribute an integer dot
+//! product times one or two coefficients ([`sub_block`]): `d_x · (a · Σ q_w q_x + c · Σ q_x)`,
+//! where the integer weights `q_w` already carry Q6_K's i8 scales (`a = d`), Q4_K's `a` is
+//! `d · sc` and `c = −dmin · m`, Q4_0's `c = −8 d`, Q5_0's `c = −16 d`, Q4_1's `c = m`.
 //!
-//! The integer sums are exact, and each kernel sums the blocks in a fixed order, in f32 (the
-//! scalar and AVX2 kernels block by block, the AVX-512 one in pairs): results do not depend
-//! on how many tokens are in the batch, and differ between instruction sets only by rounding.
+//! The integer sums are exact, and each kernel sums the 32-value pieces in a fixed order, in
+//! f32 (the scalar and AVX2 kernels piece by piece, the AVX-512 one in pairs): results do not
+//! depend on how many tokens are in the batch, and differ between instruction sets only by
+//! rounding.
 
-/// Values per block (every format here).
+/// Values per block of the activations and of the 32-value formats.
 pub const BLOCK: usize = 32;
+/// Values per super-block of the k-quants.
+pub const SUPER: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
 pub enum QuantType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q4_K,
+    Q6_K,
 }
 
 impl QuantType {
@@ -34,6 +52,42 @@ impl QuantType {
             QuantType::Q8_0 => 34,
             QuantType::Q4_0 => 18,
             QuantType::Q4_1 => 20,
+            QuantType::Q5_0 => 22,
+            QuantType::Q4_K => 144,
+            QuantType::Q6_K => 210,
+        }
+    }
+
+    /// Values per block: 32, or 256 for the k-quants.
+    pub const fn block_values(self) -> usize {
+        match self {
+            QuantType::Q4_K | QuantType::Q6_K => SUPER,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bytes of a row of `k` values (`k` a multiple of [`Self::block_values`]).
+    pub const fn row_bytes(self, k: usize) -> usize {
+        k / self.block_values() * self.block_bytes()
+    }
+
+    /// The format llama.cpp's quantizer falls back to for rows that are not whole
+    /// super-blocks (SmolLM2's 576-wide rows, for instance): Q4_K → Q5_0, Q6_K → Q8_0.
+    pub const fn fallback(self) -> Option<QuantType> {
+        match self {
+            QuantType::Q4_K => Some(QuantType::Q5_0),
+            QuantType::Q6_K => Some(QuantType::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// The format a row of `k` values is quantized to when `self` is asked for: `self`, or its
+    /// fallback when `k` is not whole blocks of `self` (None: not even the fallback's).
+    pub fn for_row(self, k: usize) -> Option<QuantType> {
+        if k.is_multiple_of(self.block_values()) {
+            Some(self)
+        } else {
+            self.fallback().and_then(|f| f.for_row(k))
         }
     }
 
@@ -42,13 +96,24 @@ impl QuantType {
             QuantType::Q8_0 => "Q8_0",
             QuantType::Q4_0 => "Q4_0",
             QuantType::Q4_1 => "Q4_1",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q4_K => "Q4_K",
+            QuantType::Q6_K => "Q6_K",
         }
     }
 
     /// Every format, in the order of the `--quantization` help.
-    pub const ALL: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
+    pub const ALL: [QuantType; 6] = [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+    ];
 
-    /// The 32 values of one block (`b` holds exactly `block_bytes()` bytes).
+    /// The values of one block (`b` holds exactly `block_bytes()` bytes, `out` at least
+    /// `block_values()` values).
     pub fn dequantize_block(self, b: &[u8], out: &mut [f32]) {
         let d = f16_at(b, 0);
         match self {
@@ -68,38 +133,130 @@ impl QuantType {
                     out[j + 16] = d * ((byte >> 4) as i32 - bias) as f32 + m;
                 }
             }
+            QuantType::Q5_0 | QuantType::Q4_K | QuantType::Q6_K => {
+                let mut q = [0i32; BLOCK];
+                for (s, o) in out[..self.block_values()].chunks_mut(BLOCK).enumerate() {
+                    let (a, c) = sub_block(self, b, s, &mut q);
+                    for (o, &q) in o.iter_mut().zip(&q) {
+                        *o = a * q as f32 + c;
+                    }
+                }
+            }
         }
     }
 }
 
 impl std::str::FromStr for QuantType {
     type Err = String;
-    /// `q8_0`, `q4_0`, `q4_1` (any case).
+    /// `q8_0`, `q4_0`, `q4_1`, `q5_0`, `q4_k`, `q6_k` (any case).
     fn from_str(s: &str) -> Result<Self, String> {
         Self::ALL
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| format!("{s:?} is not a quantization (q8_0, q4_0, q4_1)"))
+            .ok_or_else(|| {
+                format!("{s:?} is not a quantization (q8_0, q4_0, q4_1, q5_0, q4_k, q6_k)")
+            })
     }
 }
 
-/// Quantizes `x` (a whole number of blocks) to format `t`, bit for bit as llama.cpp's
-/// reference quantizers (`quantize_row_q*_ref`) and gguf-py's do: in f32, with the inverse
-/// scale taken from the unrounded f32 scale, the scale stored as f16 (round to nearest even).
-/// Q8_0: `d = max|x| / 127`, `q = round(x / d)` (halves away from zero). Q4_0: `d = x_big /
-/// -8` (`x_big` the first value of largest magnitude, signed), `q = min(15, trunc(x / d +
-/// 8.5))`. Q4_1: `d = (max − min) / 15`, `m = min`, `q = min(15, trunc((x − m) / d + 0.5))`.
+/// Q4_K's scale and min of sub-block `j` (0..8) from the 12 packed bytes.
+#[inline(always)]
+pub fn k4_scale_min(sc: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (sc[j] & 63, sc[j + 4] & 63)
+    } else {
+        (
+            (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4),
+            (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 32 integer weights of 32-value piece `s` of a block (`s < block_values() / 32`) into
+/// `q`, and the piece's coefficients `(a, c)`: value `l` is `a · q[l] + c`. Q6_K's integers
+/// carry their i8 scale (`sc · (q − 32)`, so that `a = d`).
+#[inline(always)]
+pub fn sub_block(t: QuantType, b: &[u8], s: usize, q: &mut [i32; BLOCK]) -> (f32, f32) {
+    let d = f16_at(b, 0);
+    match t {
+        QuantType::Q8_0 => {
+            for (q, &v) in q.iter_mut().zip(&b[2..34]) {
+                *q = (v as i8) as i32;
+            }
+            (d, 0.0)
+        }
+        QuantType::Q4_0 | QuantType::Q4_1 => {
+            let nib = if t == QuantType::Q4_1 {
+                &b[4..20]
+            } else {
+                &b[2..18]
+            };
+            for (j, &byte) in nib.iter().enumerate() {
+                q[j] = (byte & 15) as i32;
+                q[j + 16] = (byte >> 4) as i32;
+            }
+            (
+                d,
+                if t == QuantType::Q4_1 {
+                    f16_at(b, 2)
+                } else {
+                    -8.0 * d
+                },
+            )
+        }
+        QuantType::Q5_0 => {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for (j, &byte) in b[6..22].iter().enumerate() {
+                q[j] = ((byte & 15) as u32 | ((qh >> j) & 1) << 4) as i32;
+                q[j + 16] = ((byte >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32;
+            }
+            (d, -16.0 * d)
+        }
+        QuantType::Q4_K => {
+            let (sc, m) = k4_scale_min(&b[4..16], s);
+            let qs = &b[16 + 32 * (s / 2)..16 + 32 * (s / 2) + 32];
+            let shift = 4 * (s % 2);
+            for (q, &byte) in q.iter_mut().zip(qs) {
+                *q = ((byte >> shift) & 15) as i32;
+            }
+            (d * sc as f32, -f16_at(b, 2) * m as f32)
+        }
+        QuantType::Q6_K => {
+            let d = f16_at(b, 208);
+            let (n, g) = (s / 4, s % 4);
+            let ql = &b[64 * n + 32 * (g % 2)..][..32];
+            let qh = &b[128 + 32 * n..][..32];
+            let scales = [b[192 + 2 * s] as i8 as i32, b[193 + 2 * s] as i8 as i32];
+            for (l, q) in q.iter_mut().enumerate() {
+                let lo = (ql[l] >> (4 * (g / 2))) & 15;
+                let hi = (qh[l] >> (2 * g)) & 3;
+                *q = scales[l / 16] * ((lo | (hi << 4)) as i32 - 32);
+            }
+            (d, 0.0)
+        }
+    }
+}
+
+/// Quantizes `x` (a whole number of blocks) to format `t`. Q8_0, Q4_0, Q4_1 and Q5_0 bit for
+/// bit as llama.cpp's reference quantizers (`quantize_row_q*_ref`) and gguf-py's do: in f32,
+/// with the inverse scale taken from the unrounded f32 scale, the scale stored as f16 (round
+/// to nearest even). Q8_0: `d = max|x| / 127`, `q = round(x / d)` (halves away from zero).
+/// Q4_0 (Q5_0): `d = x_big / -8` (`/ -16`; `x_big` the first value of largest magnitude,
+/// signed), `q = min(15, trunc(x / d + 8.5))` (`min(31, trunc(x / d + 16.5))`). Q4_1: `d =
+/// (max − min) / 15`, `m = min`, `q = min(15, trunc((x − m) / d + 0.5))`. The k-quants by a
+/// simpler rule than llama.cpp's (which searches each scale): see [`quantize_q4_k`] and
+/// [`quantize_q6_k`].
 pub fn quantize(t: QuantType, x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(x.len() / BLOCK * t.block_bytes());
+    let mut out = Vec::with_capacity(t.row_bytes(x.len()));
     quantize_into(t, x, &mut out);
     out
 }
 
 /// [`quantize`], appending to `out`.
 pub fn quantize_into(t: QuantType, x: &[f32], out: &mut Vec<u8>) {
-    assert_eq!(x.len() % BLOCK, 0);
+    assert_eq!(x.len() % t.block_values(), 0);
     let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
-    for xs in x.chunks(BLOCK) {
+    for xs in x.chunks(t.block_values()) {
         match t {
             QuantType::Q8_0 => {
                 let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs()));
@@ -108,16 +265,20 @@ pub fn quantize_into(t: QuantType, x: &[f32], out: &mut Vec<u8>) {
                 out.extend(f16(d));
                 out.extend(xs.iter().map(|v| (v * inv).round() as i8 as u8));
             }
-            QuantType::Q4_0 | QuantType::Q4_1 => {
-                let (d, m, half) = if t == QuantType::Q4_0 {
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 => {
+                let (d, m, half, top) = if t == QuantType::Q4_1 {
+                    let lo = xs.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                    let hi = xs.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                    ((hi - lo) / 15.0, lo, 0.5, 15)
+                } else {
                     let big = xs
                         .iter()
                         .fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
-                    (big / -8.0, 0.0, 8.5)
-                } else {
-                    let lo = xs.iter().fold(f32::INFINITY, |a, &v| a.min(v));
-                    let hi = xs.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                    ((hi - lo) / 15.0, lo, 0.5)
+                    if t == QuantType::Q4_0 {
+                        (big / -8.0, 0.0, 8.5, 15)
+                    } else {
+                        (big / -16.0, 0.0, 16.5, 31)
+                    }
                 };
                 let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16(d));
@@ -125,12 +286,136 @@ pub fn quantize_into(t: QuantType, x: &[f32], out: &mut Vec<u8>) {
                     out.extend(f16(m));
                 }
                 // `as u8` saturates (a NaN becomes 0), as the C cast to int8 does not: finite
-                // values are in 0..16.5 here
-                let q = |v: f32| (((v - m) * inv + half).trunc() as u8).min(15);
-                out.extend((0..16).map(|j| q(xs[j]) | (q(xs[j + 16]) << 4)));
+                // values are in 0..top + 1.5 here
+                let q = |v: f32| (((v - m) * inv + half).trunc() as u8).min(top);
+                if t == QuantType::Q5_0 {
+                    let qh = (0..32).fold(0u32, |h, j| h | (((q(xs[j]) >> 4) as u32) << j));
+                    out.extend(qh.to_le_bytes());
+                }
+                out.extend((0..16).map(|j| (q(xs[j]) & 15) | ((q(xs[j + 16]) & 15) << 4)));
             }
+            QuantType::Q4_K => quantize_q4_k(xs.try_into().unwrap(), out),
+            QuantType::Q6_K => quantize_q6_k(xs.try_into().unwrap(), out),
         }
     }
+}
+
+/// One Q4_K super-block. Per 32 values: `min = min(0, min x)`, `scale = (max x − min) / 15`;
+/// `d` and `dmin` are the largest scale and −min over 63, rounded to f16; the 6-bit scale and
+/// min are `round(scale / d)` and `round(−min / dmin)`, and each value `round((x + dmin · m) /
+/// (d · sc))` clamped to 0..=15. (llama.cpp's `make_qkx2_quants` also searches each scale to
+/// minimise the weighted error; this one does not, so its error is somewhat larger.)
+pub fn quantize_q4_k(x: &[f32; SUPER], out: &mut Vec<u8>) {
+    let mut scale = [0.0f32; 8];
+    let mut mins = [0.0f32; 8];
+    for (j, xs) in x.chunks(BLOCK).enumerate() {
+        let lo = xs.iter().fold(0.0f32, |a, &v| a.min(v));
+        let hi = xs.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        scale[j] = (hi - lo) / 15.0;
+        mins[j] = -lo;
+    }
+    let to16 = |v: f32| half::f16::from_f32(v);
+    let d = to16(scale.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0);
+    let dmin = to16(mins.iter().fold(0.0f32, |a, &v| a.max(v)) / 63.0);
+    let six = |v: f32, unit: f32| {
+        if unit > 0.0 {
+            (v / unit).round().clamp(0.0, 63.0) as u8
+        } else {
+            0
+        }
+    };
+    let sc = scale.map(|s| six(s, d.to_f32()));
+    let m = mins.map(|v| six(v, dmin.to_f32()));
+    out.extend(d.to_bits().to_le_bytes());
+    out.extend(dmin.to_bits().to_le_bytes());
+    let mut packed = [0u8; 12];
+    for j in 0..4 {
+        packed[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        packed[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+        packed[j + 8] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+    }
+    out.extend(packed);
+    let q = |j: usize, v: f32| {
+        let step = d.to_f32() * sc[j] as f32;
+        if step > 0.0 {
+            ((v + dmin.to_f32() * m[j] as f32) / step)
+                .round()
+                .clamp(0.0, 15.0) as u8
+        } else {
+            0
+        }
+    };
+    for c in 0..4 {
+        out.extend((0..32).map(|l| {
+            let (a, b) = (64 * c + l, 64 * c + 32 + l);
+            q(2 * c, x[a]) | (q(2 * c + 1, x[b]) << 4)
+        }));
+    }
+}
+
+/// One Q6_K super-block. Per 16 values: `scale = x_big / −32` or `x_big / −31`, whichever
+/// fits the 16 values better (`x_big` the value of largest magnitude, signed); the i8 scales are `−128 · scale / scale_big` rounded away from zero
+/// (clamped to 127)
+/// with `d = −scale_big / 128` rounded to f16; each value `round(x / (d · sc))` clamped to
+/// −32..=31, stored plus 32.
+pub fn quantize_q6_k(x: &[f32; SUPER], out: &mut Vec<u8>) {
+    let mut scale = [0.0f32; 16];
+    for (g, xs) in x.chunks(16).enumerate() {
+        let big = xs
+            .iter()
+            .fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+        // the value of largest magnitude maps to −32; where the opposite extreme would then
+        // clamp at 31, a scale of big / −31 may fit the piece better: the one with the smaller
+        // squared error (before the scale's own rounding) is kept
+        let err = |sc: f32| -> f32 {
+            xs.iter()
+                .map(|&v| {
+                    let q = (v / sc).round().clamp(-32.0, 31.0);
+                    (v - q * sc) * (v - q * sc)
+                })
+                .sum()
+        };
+        let (a, b) = (big / -32.0, big / -31.0);
+        scale[g] = if big != 0.0 && err(b) < err(a) { b } else { a };
+    }
+    let big = scale
+        .iter()
+        .fold(0.0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let (d, sc) = if big != 0.0 {
+        let inv = -128.0 / big;
+        // rounded away from zero, so that each piece's extreme value stays in range
+        let sc = scale.map(|s| {
+            let v = inv * s;
+            (v.abs().ceil().copysign(v)).clamp(-128.0, 127.0) as i8
+        });
+        (half::f16::from_f32(1.0 / inv), sc)
+    } else {
+        (half::f16::ZERO, [0i8; 16])
+    };
+    let q = |i: usize| {
+        let step = d.to_f32() * sc[i / 16] as f32;
+        let v = if step != 0.0 {
+            (x[i] / step).round().clamp(-32.0, 31.0) as i32
+        } else {
+            0
+        };
+        (v + 32) as u8
+    };
+    let mut ql = [0u8; 128];
+    let mut qh = [0u8; 64];
+    for n in 0..2 {
+        for l in 0..32 {
+            let base = 128 * n + l;
+            let [q0, q1, q2, q3] = [0, 32, 64, 96].map(|o| q(base + o));
+            ql[64 * n + l] = (q0 & 15) | ((q2 & 15) << 4);
+            ql[64 * n + 32 + l] = (q1 & 15) | ((q3 & 15) << 4);
+            qh[32 * n + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
+        }
+    }
+    out.extend(ql);
+    out.extend(qh);
+    out.extend(sc.map(|s| s as u8));
+    out.extend(d.to_bits().to_le_bytes());
 }
 
 #[inline(always)]
@@ -276,45 +561,21 @@ impl QuantizedRows {
     }
 }
 
-/// The integer dot product of one weight block with 32 activation values (portable), and the
-/// block's two float coefficients: the block's contribution is `a · isum + b · s_x`.
-#[inline(always)]
-pub fn block_terms(t: QuantType, w: &[u8], xq: &[i8]) -> (i32, f32, f32) {
-    let d = f16_at(w, 0);
-    match t {
-        QuantType::Q8_0 => {
-            let mut s = 0i32;
-            for (&a, &b) in w[2..34].iter().zip(xq) {
-                s += (a as i8) as i32 * b as i32;
-            }
-            (s, d, 0.0)
-        }
-        QuantType::Q4_0 | QuantType::Q4_1 => {
-            let nib = if t == QuantType::Q4_1 {
-                &w[4..20]
-            } else {
-                &w[2..18]
-            };
-            let mut s = 0i32;
-            for (j, &byte) in nib.iter().enumerate() {
-                s += (byte & 15) as i32 * xq[j] as i32 + (byte >> 4) as i32 * xq[j + 16] as i32;
-            }
-            match t {
-                QuantType::Q4_0 => (s, d, -8.0 * d),
-                _ => (s, d, f16_at(w, 2)),
-            }
-        }
-    }
-}
-
-/// `Σ_blocks` of one weight row with one quantized activation row, blocks in order (the
-/// scalar kernel; the SIMD kernels compute the same integer sums and the same f32 sums).
+/// `Σ` over 32-value pieces of one weight row with one quantized activation row, pieces in
+/// order (the scalar kernel; the SIMD kernels compute the same integer sums and the same f32
+/// sums up to rounding).
 pub fn dot_row(t: QuantType, w: &[u8], xq: &[i8], xd: &[f32], xs: &[i32]) -> f32 {
-    let bb = t.block_bytes();
+    let (bb, subs) = (t.block_bytes(), t.block_values() / BLOCK);
     let mut acc = 0.0f32;
-    for (b, (&d_x, &s_x)) in xd.iter().zip(xs).enumerate() {
-        let (isum, a, c) =
-            block_terms(t, &w[b * bb..(b + 1) * bb], &xq[b * BLOCK..(b + 1) * BLOCK]);
+    let mut q = [0i32; BLOCK];
+    for (p, (&d_x, &s_x)) in xd.iter().zip(xs).enumerate() {
+        let (b, s) = (p / subs, p % subs);
+        let (a, c) = sub_block(t, &w[b * bb..(b + 1) * bb], s, &mut q);
+        let isum: i32 = q
+            .iter()
+            .zip(&xq[p * BLOCK..(p + 1) * BLOCK])
+            .map(|(&w, &x)| w * x as i32)
+            .sum();
         acc += d_x * (a * isum as f32 + c * s_x as f32);
     }
     acc
@@ -358,7 +619,12 @@ mod tests {
         let x: Vec<f32> = (0..64)
             .map(|i| ((i * 37) % 64) as f32 / 10.0 - 3.0)
             .collect();
-        for t in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+        for t in [
+            QuantType::Q8_0,
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+        ] {
             let b = quantize(t, &x);
             assert_eq!(b.len(), 2 * t.block_bytes());
             let mut y = vec![0.0f32; 64];
@@ -367,12 +633,85 @@ mod tests {
             }
             let step = match t {
                 QuantType::Q8_0 => 3.2 / 127.0,
+                QuantType::Q5_0 => 6.4 / 31.0,
                 _ => 6.4 / 15.0,
             };
             for (a, b) in x.iter().zip(&y) {
                 assert!((a - b).abs() <= step * 0.51 + 1e-3, "{t:?}: {a} -> {b}");
             }
         }
+    }
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut seed = seed;
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// The k-quants: every piece's values come back within a fraction of the piece's range
+    /// (Q4_K: 15 steps per 32 values plus the 6-bit scale and min; Q6_K: 63 steps per 16
+    /// values plus the 8-bit scale), on values of different magnitude per piece; and all-zero
+    /// blocks are zeros.
+    #[test]
+    fn k_quants_round_trip() {
+        let mut x = rand_vec(2 * SUPER, 11);
+        for (i, v) in x.iter_mut().enumerate() {
+            *v *= 1.0 + (i / 32 % 5) as f32; // pieces of different ranges
+        }
+        for (t, steps, piece) in [(QuantType::Q4_K, 15.0, 32), (QuantType::Q6_K, 63.0, 16)] {
+            let b = quantize(t, &x);
+            assert_eq!(b.len(), 2 * t.block_bytes());
+            let mut y = vec![0.0f32; x.len()];
+            for (o, blk) in y.chunks_mut(SUPER).zip(b.chunks(t.block_bytes())) {
+                t.dequantize_block(blk, o);
+            }
+            for (xs, ys) in x.chunks(piece).zip(y.chunks(piece)) {
+                let range = xs.iter().fold(0.0f32, |a, v| a.max(v.abs())) * 2.0;
+                for (a, b) in xs.iter().zip(ys) {
+                    // half a step, plus the 6-bit (8-bit) scale's rounding
+                    assert!((a - b).abs() <= range / steps * 0.75, "{t:?}: {a} -> {b}");
+                }
+            }
+            let z = quantize(t, &[0.0; SUPER]);
+            let mut y = [1.0f32; SUPER];
+            t.dequantize_block(&z, &mut y);
+            assert!(y.iter().all(|&v| v == 0.0), "{t:?}");
+        }
+    }
+
+    /// The Q4_K scale packing: all 64 × 64 pairs of 6-bit values come back.
+    #[test]
+    fn q4_k_scales_unpack_as_packed() {
+        for a in 0..64u8 {
+            for b in 0..64u8 {
+                let sc = [a, b, a ^ 21, b ^ 42, b, a, 63 - a, 63 - b];
+                let m = [b, a, 63 - b, a ^ 7, a, b ^ 1, b, 63 - a];
+                let mut p = [0u8; 12];
+                for j in 0..4 {
+                    p[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+                    p[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+                    p[j + 8] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+                }
+                for j in 0..8 {
+                    assert_eq!(k4_scale_min(&p, j), (sc[j], m[j]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fallbacks_follow_llama_cpp() {
+        assert_eq!(QuantType::Q4_K.for_row(576), Some(QuantType::Q5_0));
+        assert_eq!(QuantType::Q4_K.for_row(1536), Some(QuantType::Q4_K));
+        assert_eq!(QuantType::Q6_K.for_row(576), Some(QuantType::Q8_0));
+        assert_eq!(QuantType::Q4_K.for_row(48), None);
+        assert_eq!("q4_k".parse::<QuantType>(), Ok(QuantType::Q4_K));
     }
 
     /// The activation quantizer's add-and-subtract rounding is `round_ties_even`, bit for
@@ -413,37 +752,17 @@ mod tests {
 
     #[test]
     fn the_quantized_dot_is_close_to_the_float_dot() {
-        let mut seed = 7u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
-        let k = 256;
-        let x: Vec<f32> = (0..k).map(|_| rnd()).collect();
+        let k = 512;
+        let x = rand_vec(k, 7);
         let mut xq = QuantizedRows::default();
         xq.quantize(&x, 1, k);
         let (q, d, s) = xq.row(0);
-        for t in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
-            let w: Vec<u8> = (0..k / BLOCK * t.block_bytes())
-                .map(|i| {
-                    // keep the f16 scales small and finite
-                    let r = i % t.block_bytes();
-                    if r < 4 && (t == QuantType::Q4_1 || r < 2) {
-                        f16b(0.01 + (i % 7) as f32 * 0.003)[r % 2]
-                    } else {
-                        (rnd() * 255.0) as i32 as u8
-                    }
-                })
-                .collect();
+        for t in QuantType::ALL {
+            let w = quantize(t, &rand_vec(k, 9 + t as u64));
             let mut wf = vec![0.0f32; k];
-            for b in 0..k / BLOCK {
-                let bb = t.block_bytes();
-                t.dequantize_block(
-                    &w[b * bb..(b + 1) * bb],
-                    &mut wf[b * BLOCK..(b + 1) * BLOCK],
-                );
+            let bv = t.block_values();
+            for (o, blk) in wf.chunks_mut(bv).zip(w.chunks(t.block_bytes())) {
+                t.dequantize_block(blk, o);
             }
             let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
             let norm: f32 = wf.iter().map(|a| a.abs()).sum::<f32>() * 0.5 / 127.0;

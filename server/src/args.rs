@@ -28,10 +28,12 @@ pub struct EngineArgs {
     #[arg(long, env = "SGLANG_LOAD_FORMAT", default_value = "auto")]
     pub load_format: LoadFormat,
 
-    /// Quantize bf16/f16/f32 weights while loading: q8_0, q4_0 or q4_1 (llama.cpp's block
-    /// formats, bit for bit as llama-quantize writes them; the linear layers and the
-    /// embedding, norms stay as they are). Decode moves 2-4x fewer bytes per token; the
-    /// memory held is the quantized size. Not with GGUF files or tensor parallelism.
+    /// Quantize bf16/f16/f32 weights while loading: q8_0, q4_0, q4_1, q5_0 (llama.cpp's block
+    /// formats, bit for bit as its reference quantizers write them), q4_k or q6_k (k-quants,
+    /// by a simpler rule than llama-quantize's; rows that are not whole 256-value super-blocks
+    /// take llama.cpp's fallback, q5_0 or q8_0). The linear layers and the embedding; norms
+    /// stay as they are. Decode moves 2-4x fewer bytes per token; the memory held is the
+    /// quantized size. Not with GGUF files or tensor parallelism.
     #[arg(long, env = "SGLANG_QUANTIZATION")]
     pub quantization: Option<QuantType>,
 

@@ -233,11 +233,11 @@ def test_invalid_options_stop_start_up_naming_them():
 
 
 def test_quantization_while_loading():
-    """--quantization q4_1 on the bf16 safetensors: the server says so, holds about a third of
-    the weight bytes, and still answers the golden prompt with its capital."""
+    """--quantization q4_1 and q4_k on the bf16 safetensors: the server says so, holds about a
+    third of the weight bytes, and still answers the golden prompt with its capital."""
     body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
     sizes = {}
-    for q in (None, "q4_1"):
+    for q in (None, "q4_1", "q4_k"):
         s = Server("--admin-api-key", "a", *(["--quantization", q] if q else []))
         try:
             _, _, info = s.request("GET", "/get_server_info", headers={"Authorization": "Bearer a"})
@@ -249,6 +249,8 @@ def test_quantization_while_loading():
             s.stop()
     # Q4_1: 20 bytes per 32 values against 64 for bf16
     assert 0.30 < sizes["q4_1"] / sizes[None] < 0.33, sizes
+    # q4_k: Q5_0 (22 bytes per 32) for the 576-wide rows, Q4_K (144 per 256) for down_proj
+    assert 0.31 < sizes["q4_k"] / sizes[None] < 0.35, sizes
 
 
 def test_radix_cache_off_by_variable():

@@ -1,10 +1,11 @@
-//! AVX2 products of Q8_0/Q4_0/Q4_1 weight rows with activations quantized to Q8 blocks
-//! (`crate::quant`). Per block: the weight's 32 values as bytes (nibbles unpacked once for up
-//! to `MR` tokens), `maddubs` + `madd` to eight i32 partial sums, converted and accumulated in
-//! f32 with the block's scale (`fmadd`); the Q4 offset term (`-8 d` or `m`) times the
-//! activation block's integer sum is added in scalar. One horizontal sum per row and token.
-//! The order of operations does not depend on the number of tokens, so a token's result is the
-//! same alone and batched.
+//! AVX2 products of Q8_0/Q4_0/Q4_1/Q5_0 (`tile`) and Q4_K/Q6_K (`tile_k`) weight rows with
+//! activations quantized to Q8 blocks (`crate::quant`). Per 32 values: the weights as bytes
+//! (nibbles and high bits unpacked once for up to `MR` tokens), `maddubs` + `madd` to eight
+//! i32 partial sums (Q6_K's `madd` multiplies by its two i8 scales and its `− 32` is a second
+//! `maddubs`), converted and accumulated in f32 with the piece's scale (`fmadd`); the offset
+//! term (`c` of `crate::quant::sub_block`) times the activation block's integer sum is added
+//! in scalar. One horizontal sum per row and token. The order of operations does not depend
+//! on the number of tokens, so a token's result is the same alone and batched.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -15,12 +16,18 @@ use crate::quant::{QuantType, BLOCK};
 pub(super) const Q8_0: u8 = 0;
 pub(super) const Q4_0: u8 = 1;
 pub(super) const Q4_1: u8 = 2;
+pub(super) const Q5_0: u8 = 3;
+pub(super) const Q4_K: u8 = 4;
+pub(super) const Q6_K: u8 = 5;
 
 pub(super) fn code(t: QuantType) -> u8 {
     match t {
         QuantType::Q8_0 => Q8_0,
         QuantType::Q4_0 => Q4_0,
         QuantType::Q4_1 => Q4_1,
+        QuantType::Q5_0 => Q5_0,
+        QuantType::Q4_K => Q4_K,
+        QuantType::Q6_K => Q6_K,
     }
 }
 
@@ -29,8 +36,25 @@ pub(super) const fn block_bytes(t: u8) -> usize {
     match t {
         Q8_0 => QuantType::Q8_0.block_bytes(),
         Q4_0 => QuantType::Q4_0.block_bytes(),
-        _ => QuantType::Q4_1.block_bytes(),
+        Q4_1 => QuantType::Q4_1.block_bytes(),
+        Q5_0 => QuantType::Q5_0.block_bytes(),
+        Q4_K => QuantType::Q4_K.block_bytes(),
+        _ => QuantType::Q6_K.block_bytes(),
     }
+}
+
+/// Q5_0's fifth bits (`qh`, bit `j` for value `j`) as 32 bytes of 0 or 16.
+#[inline(always)]
+unsafe fn q5_high_bits(qh: u32) -> __m256i {
+    let v = _mm256_set1_epi32(qh as i32);
+    // byte j takes byte j / 8 of qh
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, spread), bit), bit);
+    _mm256_and_si256(set, _mm256_set1_epi8(16))
 }
 
 #[inline(always)]
@@ -80,16 +104,27 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
             wv[r] = match T {
                 Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
                 _ => {
-                    let nib =
-                        _mm_loadu_si128(blk.add(if T == Q4_1 { 4 } else { 2 }) as *const __m128i);
+                    let at = match T {
+                        Q4_1 => 4,
+                        Q5_0 => 6,
+                        _ => 2,
+                    };
+                    let nib = _mm_loadu_si128(blk.add(at) as *const __m128i);
                     let lo = _mm_and_si128(nib, low4);
                     let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), low4);
-                    _mm256_set_m128i(hi, lo)
+                    let v = _mm256_set_m128i(hi, lo);
+                    if T == Q5_0 {
+                        let qh = u32::from_le_bytes(*(blk.add(2) as *const [u8; 4]));
+                        _mm256_or_si256(v, q5_high_bits(qh))
+                    } else {
+                        v
+                    }
                 }
             };
             cw[r] = match T {
                 Q4_1 => f16_scalar(blk.add(2)),
                 Q4_0 => -8.0 * dw[r],
+                Q5_0 => -16.0 * dw[r],
                 _ => 0.0,
             };
         }
@@ -116,6 +151,110 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
                 );
                 if T != Q8_0 {
                     offset[r][i] += cw[r] * dsx;
+                }
+            }
+        }
+    }
+    let mut out = [[0.0f32; MR]; NR];
+    for r in 0..NR {
+        for i in 0..MR {
+            out[r][i] = hsum(acc[r][i]) + offset[r][i];
+        }
+    }
+    out
+}
+
+/// Dot products of `NR` Q4_K or Q6_K weight rows (`nb / 8` super-blocks each) with `MR`
+/// activation rows (`nb` blocks of 32): `out[r][i]`, the pieces of 32 in order, as
+/// [`tile`] does.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_k<const T: u8, const NR: usize, const MR: usize>(
+    w: &[*const u8; NR],
+    nb: usize,
+    xs: &[XRow; MR],
+) -> [[f32; MR]; NR] {
+    const SUBS: usize = 8;
+    let bb = block_bytes(T);
+    let ones = _mm256_set1_epi16(1);
+    let low4 = _mm256_set1_epi8(15);
+    let m32 = _mm256_set1_epi8(32);
+    let mut acc = [[_mm256_setzero_ps(); MR]; NR];
+    let mut offset = [[0.0f32; MR]; NR];
+    for sb in 0..nb / SUBS {
+        // per row: the pieces' scales (Q4_K: d·sc and −dmin·m; Q6_K: d and the i8 scales)
+        let mut a = [[0.0f32; SUBS]; NR];
+        let mut c = [[0.0f32; SUBS]; NR];
+        let mut sc6 = [[0i16; 16]; NR];
+        for r in 0..NR {
+            let blk = w[r].add(sb * bb);
+            if T == Q4_K {
+                let (d, dmin) = (f16_scalar(blk), f16_scalar(blk.add(2)));
+                let scales = &*(blk.add(4) as *const [u8; 12]);
+                for j in 0..SUBS {
+                    let (sc, m) = crate::quant::k4_scale_min(scales, j);
+                    a[r][j] = d * sc as f32;
+                    c[r][j] = -dmin * m as f32;
+                }
+            } else {
+                a[r] = [f16_scalar(blk.add(208)); SUBS];
+                for (o, &v) in sc6[r].iter_mut().zip(&*(blk.add(192) as *const [i8; 16])) {
+                    *o = v as i16;
+                }
+            }
+        }
+        for s in 0..SUBS {
+            let p = sb * SUBS + s;
+            let mut wv = [_mm256_setzero_si256(); NR];
+            let mut scv = [_mm256_setzero_si256(); NR];
+            for r in 0..NR {
+                let blk = w[r].add(sb * bb);
+                _mm_prefetch(blk.wrapping_add(2 * bb + 32 * s) as *const i8, _MM_HINT_T0);
+                if T == Q4_K {
+                    let q = _mm256_loadu_si256(blk.add(16 + 32 * (s / 2)) as *const __m256i);
+                    let q = if s % 2 == 0 {
+                        q
+                    } else {
+                        _mm256_srli_epi16(q, 4)
+                    };
+                    wv[r] = _mm256_and_si256(q, low4);
+                } else {
+                    let (n, g) = (s / 4, s % 4);
+                    let ql = _mm256_loadu_si256(blk.add(64 * n + 32 * (g % 2)) as *const __m256i);
+                    let ql = if g < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let qh = _mm256_loadu_si256(blk.add(128 + 32 * n) as *const __m256i);
+                    let qh = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g as i32));
+                    let hi = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4);
+                    wv[r] = _mm256_or_si256(_mm256_and_si256(ql, low4), hi);
+                    scv[r] = _mm256_set_m128i(
+                        _mm_set1_epi16(sc6[r][2 * s + 1]),
+                        _mm_set1_epi16(sc6[r][2 * s]),
+                    );
+                }
+            }
+            for i in 0..MR {
+                let x = _mm256_loadu_si256(xs[i].q.add(p * BLOCK) as *const __m256i);
+                let dx = *xs[i].d.add(p);
+                let dsx = *xs[i].ds.add(p);
+                let x32 = if T == Q6_K {
+                    _mm256_maddubs_epi16(m32, x)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                for r in 0..NR {
+                    let prod = _mm256_maddubs_epi16(wv[r], x);
+                    let isum = if T == Q4_K {
+                        _mm256_madd_epi16(prod, ones)
+                    } else {
+                        _mm256_madd_epi16(_mm256_sub_epi16(prod, x32), scv[r])
+                    };
+                    acc[r][i] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_set1_ps(a[r][s] * dx),
+                        acc[r][i],
+                    );
+                    if T == Q4_K {
+                        offset[r][i] += c[r][s] * dsx;
+                    }
                 }
             }
         }

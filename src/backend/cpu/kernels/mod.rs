@@ -192,9 +192,9 @@ pub(super) unsafe fn matmul_rows_quant(
     ldo: usize,
 ) {
     let nb = xq.k / BLOCK;
-    assert!(w.len() >= rows.end * nb * t.block_bytes());
+    assert!(xq.k.is_multiple_of(t.block_values()) && w.len() >= rows.end * t.row_bytes(xq.k));
     if let Some((ut, u)) = up {
-        assert!(u.len() >= rows.end * nb * ut.block_bytes());
+        assert!(xq.k.is_multiple_of(ut.block_values()) && u.len() >= rows.end * ut.row_bytes(xq.k));
     }
     let mut g = [[0.0f32; QUANT_MR]; QUANT_NR];
     let mut u = [[0.0f32; QUANT_MR]; QUANT_NR];
@@ -227,8 +227,9 @@ pub(super) unsafe fn matmul_rows_quant(
     }
 }
 
-/// Weight rows `r..r + nr` (`nb` blocks each) with activation rows `i..i + n` into
-/// `out[row][token]` (nr <= QUANT_NR, n <= QUANT_MR; the caller checked `w`'s length).
+/// Weight rows `r..r + nr` (`nb · 32` values each) with activation rows `i..i + n` into
+/// `out[row][token]` (nr <= QUANT_NR, n <= QUANT_MR; the caller checked `w`'s length and that
+/// rows are whole blocks of `t`).
 #[allow(clippy::too_many_arguments)]
 fn quant_tile(
     isa: Isa,
@@ -242,7 +243,7 @@ fn quant_tile(
     n: usize,
     out: &mut [[f32; QUANT_MR]; QUANT_NR],
 ) {
-    let row_bytes = nb * t.block_bytes();
+    let row_bytes = t.row_bytes(nb * BLOCK);
     match isa {
         Isa::Scalar => {
             for (rr, o) in out.iter_mut().enumerate().take(nr) {
@@ -255,7 +256,7 @@ fn quant_tile(
         }
         #[cfg(target_arch = "x86_64")]
         isa @ (Isa::Avx2 | Isa::Avx512) => {
-            use avx2_quant::{XRow, Q4_0, Q4_1, Q8_0};
+            use avx2_quant::{XRow, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0};
             let x = |j: usize| {
                 let (q, d, _) = xq.row(i + j);
                 XRow {
@@ -270,17 +271,21 @@ fn quant_tile(
                     // SAFETY: Avx2 is chosen only when the CPU has AVX2, FMA and F16C, Avx512
                     // only when it also has AVX-512 F/BW/VL/DQ/VNNI; each weight row holds nb
                     // blocks and each activation row nb blocks of values, scales and
-                    // scale-sums (checked by matmul_rows_quant and QuantizedRows).
+                    // scale-sums (checked by matmul_rows_quant and QuantizedRows). Q5_0 and
+                    // the k-quants run their AVX2 kernels on AVX-512 machines too.
                     unsafe {
-                        use avx2_quant::tile as t2;
+                        use avx2_quant::{tile as t2, tile_k as k2};
                         use avx512_quant::tile as t5;
                         match (isa, avx2_quant::code(t)) {
                             (Isa::Avx512, Q8_0) => t5::<Q8_0, $nr, $mr>($rows, nb, $xs),
                             (Isa::Avx512, Q4_0) => t5::<Q4_0, $nr, $mr>($rows, nb, $xs),
-                            (Isa::Avx512, _) => t5::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q4_1) => t5::<Q4_1, $nr, $mr>($rows, nb, $xs),
                             (_, Q8_0) => t2::<Q8_0, $nr, $mr>($rows, nb, $xs),
                             (_, Q4_0) => t2::<Q4_0, $nr, $mr>($rows, nb, $xs),
-                            _ => t2::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                            (_, Q4_1) => t2::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                            (_, Q5_0) => t2::<Q5_0, $nr, $mr>($rows, nb, $xs),
+                            (_, Q4_K) => k2::<Q4_K, $nr, $mr>($rows, nb, $xs),
+                            _ => k2::<Q6_K, $nr, $mr>($rows, nb, $xs),
                         }
                     }
                 };
@@ -587,18 +592,22 @@ pub(crate) mod tests {
     /// Random whole blocks of format `t` with small finite scales (`rows` rows of `k`).
     fn rand_quant(t: QuantType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
         let bb = t.block_bytes();
-        let vals = rand_vec(rows * k / BLOCK * bb, seed);
+        let vals = rand_vec(rows * t.row_bytes(k), seed);
         let mut out: Vec<u8> = vals.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        let f16 = |v: f32| half::f16::from_f32(v).to_bits().to_le_bytes();
         for (b, blk) in out.chunks_mut(bb).enumerate() {
-            let d = half::f16::from_f32(0.002 + (b % 5) as f32 * 0.001)
-                .to_bits()
-                .to_le_bytes();
-            blk[..2].copy_from_slice(&d);
-            if t == QuantType::Q4_1 {
-                let m = half::f16::from_f32(-0.01 * (b % 3) as f32)
-                    .to_bits()
-                    .to_le_bytes();
-                blk[2..4].copy_from_slice(&m);
+            let d = f16(0.002 + (b % 5) as f32 * 0.001);
+            match t {
+                QuantType::Q6_K => blk[208..].copy_from_slice(&f16(0.0001 * (1 + b % 3) as f32)),
+                QuantType::Q4_K => {
+                    blk[..2].copy_from_slice(&f16(0.0003 * (1 + b % 3) as f32));
+                    blk[2..4].copy_from_slice(&f16(0.0005 * (b % 4) as f32));
+                }
+                QuantType::Q4_1 => {
+                    blk[..2].copy_from_slice(&d);
+                    blk[2..4].copy_from_slice(&f16(-0.01 * (b % 3) as f32));
+                }
+                _ => blk[..2].copy_from_slice(&d),
             }
         }
         out
@@ -613,8 +622,10 @@ pub(crate) mod tests {
     }
 
     fn quantized_matmul(isa: Isa) {
-        let (n, k) = (19, 160);
-        for t in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+        let n = 19;
+        for t in QuantType::ALL {
+            // an odd number of blocks (of super-blocks for the k-quants)
+            let k = if t.block_values() == BLOCK { 160 } else { 768 };
             let w = rand_quant(t, n, k, 3);
             let u = rand_quant(t, n, k, 4);
             for m in [1, 3, 4, 5, 9, 70] {
