@@ -21,7 +21,7 @@ use crate::quant::{QuantType, SUPER};
 
 #[path = "loader_gguf.rs"]
 mod gguf;
-pub use gguf::{find_gguf, load_gguf};
+pub use gguf::{find_gguf, load_gguf, read_metadata, GgufMetadata, MetaValue};
 use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 
 /// Largest JSON header we accept (the format's own limit is 100 MB).

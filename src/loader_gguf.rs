@@ -67,6 +67,60 @@ impl<'a> Cursor<'a> {
         String::from_utf8(b.to_vec())
             .map_err(|_| LoadError::file(self.file, "GGUF string is not UTF-8"))
     }
+    /// Magic and version; returns the tensor and key/value counts.
+    fn header(&mut self) -> Result<(u64, u64), LoadError> {
+        if self.take(4)? != b"GGUF" {
+            return Err(LoadError::file(self.file, "not a GGUF file (bad magic)"));
+        }
+        let version = self.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(LoadError::file(
+                self.file,
+                format!("GGUF version {version} is not supported (2, 3)"),
+            ));
+        }
+        Ok((self.u64()?, self.u64()?))
+    }
+    /// An `n`-byte little-endian unsigned integer.
+    fn le(&mut self, n: usize) -> Result<u64, LoadError> {
+        let b = self.take(n)?;
+        Ok(b.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64))
+    }
+    /// Reads a metadata value of type `ty`.
+    fn meta(&mut self, ty: u32) -> Result<MetaValue, LoadError> {
+        Ok(match ty {
+            0 | 2 | 4 | 10 => {
+                MetaValue::UInt(self.le([1, 0, 2, 0, 4, 0, 0, 0, 0, 0, 8][ty as usize])?)
+            }
+            1 => MetaValue::Int(self.le(1)? as u8 as i8 as i64),
+            3 => MetaValue::Int(self.le(2)? as u16 as i16 as i64),
+            5 => MetaValue::Int(self.le(4)? as u32 as i32 as i64),
+            11 => MetaValue::Int(self.le(8)? as i64),
+            6 => MetaValue::Float(f32::from_bits(self.le(4)? as u32) as f64),
+            12 => MetaValue::Float(f64::from_bits(self.le(8)?)),
+            7 => MetaValue::Bool(self.le(1)? != 0),
+            8 => MetaValue::Str(self.string()?),
+            9 => {
+                let inner = self.u32()?;
+                let count = self.u64()?;
+                // every value takes at least a byte
+                if count > (self.b.len() - self.at) as u64 {
+                    return Err(LoadError::file(
+                        self.file,
+                        format!("GGUF array of {count} values"),
+                    ));
+                }
+                let items: Result<Vec<_>, _> = (0..count).map(|_| self.meta(inner)).collect();
+                MetaValue::Array(items?)
+            }
+            t => {
+                return Err(LoadError::file(
+                    self.file,
+                    format!("unknown GGUF value type {t}"),
+                ))
+            }
+        })
+    }
     /// Skips a metadata value of type `ty`, returning it when it is an unsigned integer.
     fn value(&mut self, ty: u32) -> Result<Option<u64>, LoadError> {
         let fixed = |ty: u32| match ty {
@@ -232,18 +286,7 @@ pub fn load_gguf(
         at: 0,
         file: path,
     };
-    if c.take(4)? != b"GGUF" {
-        return Err(LoadError::file(path, "not a GGUF file (bad magic)"));
-    }
-    let version = c.u32()?;
-    if !(2..=3).contains(&version) {
-        return Err(LoadError::file(
-            path,
-            format!("GGUF version {version} is not supported (2, 3)"),
-        ));
-    }
-    let n_tensors = c.u64()?;
-    let n_kv = c.u64()?;
+    let (n_tensors, n_kv) = c.header()?;
     let mut alignment = DEFAULT_ALIGNMENT;
     for _ in 0..n_kv {
         let key = c.string()?;
@@ -421,6 +464,289 @@ pub fn find_gguf(model_path: &Path) -> Result<std::path::PathBuf, LoadError> {
             model_path,
             format!("several .gguf files ({found:?}): name one with --model-path"),
         )),
+    }
+}
+
+/// A metadata value of a GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    UInt(u64),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<MetaValue>),
+}
+
+/// The key/value metadata of a GGUF file and the names of its tensors: what a GGUF without a
+/// Hugging Face directory around it has to say about its model and tokenizer.
+#[derive(Debug)]
+pub struct GgufMetadata {
+    pub path: std::path::PathBuf,
+    pub kv: std::collections::BTreeMap<String, MetaValue>,
+    pub tensors: Vec<String>,
+}
+
+/// Reads the metadata of the GGUF file `path` (not its tensor data).
+pub fn read_metadata(path: &Path) -> Result<GgufMetadata, LoadError> {
+    let file = File::open(path).map_err(|e| LoadError::file(path, format!("cannot open: {e}")))?;
+    // SAFETY: read-only, and only for the duration of this call.
+    let map = unsafe { Mmap::map(&file) }
+        .map_err(|e| LoadError::file(path, format!("cannot map: {e}")))?;
+    let mut c = Cursor {
+        b: &map,
+        at: 0,
+        file: path,
+    };
+    let (n_tensors, n_kv) = c.header()?;
+    let mut kv = std::collections::BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = c.string()?;
+        let ty = c.u32()?;
+        kv.insert(key, c.meta(ty)?);
+    }
+    let mut tensors = Vec::new();
+    for _ in 0..n_tensors {
+        tensors.push(c.string()?);
+        let n_dims = c.u32()?;
+        c.take(8 * n_dims.min(4) as usize + 12)?; // dims, type, offset
+    }
+    Ok(GgufMetadata {
+        path: path.to_path_buf(),
+        kv,
+        tensors,
+    })
+}
+
+/// Texts of control tokens that end a turn, which llama.cpp also treats as end of generation
+/// whatever the file's `eos_token_id` says.
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+];
+
+impl GgufMetadata {
+    fn err(&self, key: &str, message: impl std::fmt::Display) -> LoadError {
+        LoadError::file(&self.path, format!("metadata `{key}`: {message}"))
+    }
+    fn uint(&self, key: &str) -> Result<Option<u64>, LoadError> {
+        match self.kv.get(key) {
+            None => Ok(None),
+            Some(MetaValue::UInt(v)) => Ok(Some(*v)),
+            Some(MetaValue::Int(v)) if *v >= 0 => Ok(Some(*v as u64)),
+            Some(v) => Err(self.err(key, format!("{v:?} is not a count"))),
+        }
+    }
+    fn need_uint(&self, key: &str) -> Result<u64, LoadError> {
+        self.uint(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+    fn float(&self, key: &str) -> Result<Option<f64>, LoadError> {
+        match self.kv.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Float(v)) => Ok(Some(*v)),
+            Some(v) => Err(self.err(key, format!("{v:?} is not a number"))),
+        }
+    }
+    fn str(&self, key: &str) -> Result<Option<&str>, LoadError> {
+        match self.kv.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Str(v)) => Ok(Some(v)),
+            Some(v) => Err(self.err(key, format!("{v:?} is not a string"))),
+        }
+    }
+    fn strings(&self, key: &str) -> Result<Vec<&str>, LoadError> {
+        match self.kv.get(key) {
+            Some(MetaValue::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    MetaValue::Str(s) => Ok(s.as_str()),
+                    _ => Err(self.err(key, "is not a list of strings")),
+                })
+                .collect(),
+            None => Err(self.err(key, "missing")),
+            Some(_) => Err(self.err(key, "is not a list of strings")),
+        }
+    }
+    fn token_types(&self, n: usize) -> Result<Vec<i64>, LoadError> {
+        let key = "tokenizer.ggml.token_type";
+        match self.kv.get(key) {
+            // absent: all normal
+            None => Ok(vec![1; n]),
+            Some(MetaValue::Array(items)) if items.len() == n => items
+                .iter()
+                .map(|v| match v {
+                    MetaValue::Int(t) => Ok(*t),
+                    MetaValue::UInt(t) => Ok(*t as i64),
+                    _ => Err(self.err(key, "is not a list of integers")),
+                })
+                .collect(),
+            Some(_) => Err(self.err(key, format!("is not a list of {n} integers"))),
+        }
+    }
+
+    /// The model's end-of-generation ids: `tokenizer.ggml.eos_token_id`, `eot_token_id`, and
+    /// the control tokens that end a turn ([`END_OF_TURN`]), as llama.cpp gathers them.
+    fn eos_ids(&self) -> Result<Vec<u64>, LoadError> {
+        let mut ids: Vec<u64> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| self.uint(k).transpose())
+            .collect::<Result<_, _>>()?;
+        if let Ok(tokens) = self.strings("tokenizer.ggml.tokens") {
+            let types = self.token_types(tokens.len())?;
+            for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+                if ty == 3 && END_OF_TURN.contains(t) && !ids.contains(&(i as u64)) {
+                    ids.push(i as u64);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The Hugging Face `config.json` this file's `llama.*` metadata describes (a model
+    /// directory's config.json, when there is one, is used instead). Tied embeddings when the
+    /// file has no `output.weight`. RoPE scaling is not read from GGUF metadata: a file that
+    /// declares it is an error naming the key.
+    pub fn hf_config(&self) -> Result<serde_json::Value, LoadError> {
+        let arch = self.str("general.architecture")?.unwrap_or("");
+        if arch != "llama" {
+            return Err(self.err(
+                "general.architecture",
+                format!("{arch:?} is not supported (llama)"),
+            ));
+        }
+        let k = |name: &str| format!("llama.{name}");
+        if let Some(t) = self.str(&k("rope.scaling.type"))? {
+            if t != "none" {
+                return Err(self.err(
+                    &k("rope.scaling.type"),
+                    format!("{t:?}: RoPE scaling from GGUF metadata is not supported; put the model's config.json beside the file"),
+                ));
+            }
+        }
+        if self.tensors.iter().any(|t| t == "rope_freqs.weight") {
+            return Err(self.err(
+                "rope_freqs.weight",
+                "RoPE frequency factors (Llama 3.1 scaling) from GGUF are not supported; put the model's config.json beside the file",
+            ));
+        }
+        let heads = self.need_uint(&k("attention.head_count"))?;
+        let hidden = self.need_uint(&k("embedding_length"))?;
+        let vocab = match self.uint(&k("vocab_size"))? {
+            Some(v) => v,
+            None => self.strings("tokenizer.ggml.tokens")?.len() as u64,
+        };
+        let mut cfg = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "hidden_size": hidden,
+            "intermediate_size": self.need_uint(&k("feed_forward_length"))?,
+            "num_hidden_layers": self.need_uint(&k("block_count"))?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.uint(&k("attention.head_count_kv"))?.unwrap_or(heads),
+            "rms_norm_eps": self.float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            "rope_theta": self.float(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            "max_position_embeddings": self.need_uint(&k("context_length"))?,
+            "vocab_size": vocab,
+            "tie_word_embeddings": !self.tensors.iter().any(|t| t == "output.weight"),
+            "eos_token_id": self.eos_ids()?,
+        });
+        if let Some(hd) = self.uint(&k("attention.key_length"))? {
+            cfg["head_dim"] = hd.into();
+        }
+        if let Some(bos) = self.uint("tokenizer.ggml.bos_token_id")? {
+            cfg["bos_token_id"] = bos.into();
+        }
+        Ok(cfg)
+    }
+
+    /// The Hugging Face `tokenizer.json` and `tokenizer_config.json` (chat template, bos and
+    /// eos texts) this file's `tokenizer.*` metadata describes. Byte-level BPE only
+    /// (`tokenizer.ggml.model` `gpt2`) with the `smollm` (digits split one by one, then GPT-2's
+    /// byte-level rule) or the plain `gpt-2` pre-tokenizer; other tokenizers are an error
+    /// naming the key (a tokenizer.json beside the file is used instead).
+    pub fn hf_tokenizer(&self) -> Result<(serde_json::Value, serde_json::Value), LoadError> {
+        use serde_json::json;
+        let model = self.str("tokenizer.ggml.model")?.unwrap_or("");
+        if model != "gpt2" {
+            return Err(self.err(
+                "tokenizer.ggml.model",
+                format!("{model:?} is not supported from GGUF metadata (gpt2, byte-level BPE); put the model's tokenizer.json beside the file"),
+            ));
+        }
+        let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let pre = match self.str("tokenizer.ggml.pre")?.unwrap_or("default") {
+            "smollm" => json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level]}),
+            "gpt-2" | "default" => byte_level,
+            other => {
+                return Err(self.err(
+                    "tokenizer.ggml.pre",
+                    format!("{other:?} is not supported from GGUF metadata (smollm, gpt-2); put the model's tokenizer.json beside the file"),
+                ))
+            }
+        };
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let types = self.token_types(tokens.len())?;
+        let merges = self.strings("tokenizer.ggml.merges")?;
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i.into()))
+            .collect();
+        // control (3) and user-defined (4) tokens are matched whole, before the BPE
+        let added: Vec<_> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, &ty))| ty == 3 || ty == 4)
+            .map(|(i, (t, &ty))| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                       "rstrip": false, "normalized": false, "special": ty == 3})
+            })
+            .collect();
+        let name = |key: &str| -> Result<Option<&str>, LoadError> {
+            Ok(self
+                .uint(key)?
+                .and_then(|id| tokens.get(id as usize).copied()))
+        };
+        let bos = name("tokenizer.ggml.bos_token_id")?;
+        let post = if self.kv.get("tokenizer.ggml.add_bos_token") == Some(&MetaValue::Bool(true)) {
+            let bos = bos.ok_or_else(|| self.err("tokenizer.ggml.bos_token_id", "missing"))?;
+            let id = self.need_uint("tokenizer.ggml.bos_token_id")?;
+            json!({"type": "TemplateProcessing",
+                   "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                            {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {bos: {"id": bos, "ids": [id], "tokens": [bos]}}})
+        } else {
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+        };
+        let tokenizer = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre,
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges},
+        });
+        let eos = name("tokenizer.ggml.eos_token_id")?;
+        let config = json!({
+            "chat_template": self.str("tokenizer.chat_template")?,
+            "bos_token": bos,
+            "eos_token": eos,
+        });
+        Ok((tokenizer, config))
     }
 }
 

@@ -303,6 +303,16 @@ fn damaged_and_unsupported_files_are_errors_naming_file_and_tensor() {
     }];
     let w = sglang::loader::load_gguf(&path, &specs, 2, 1).unwrap();
     assert_eq!(w.get(&specs[0].name).unwrap().shape(), &[4, 32]);
+    // no metadata: no configuration or tokenizer from it, and the errors name file and key
+    let meta = sglang::loader::read_metadata(&path).unwrap();
+    assert_eq!(meta.tensors, ["blk.0.attn_q.weight"]);
+    let err = meta.hf_config().unwrap_err().to_string();
+    assert!(
+        err.contains("ok.gguf") && err.contains("general.architecture"),
+        "{err}"
+    );
+    let err = meta.hf_tokenizer().unwrap_err().to_string();
+    assert!(err.contains("tokenizer.ggml.model"), "{err}");
 
     let msg = load_err(&good[..good.len() - 10]);
     assert!(
@@ -422,4 +432,97 @@ fn in_place_k_quantization_takes_llama_cpp_fallbacks_and_stays_close() {
             }
         }
     }
+}
+
+/// A GGUF file alone in its directory (the shipped Q4_1 file, `--model-path FILE.gguf`): the
+/// configuration and the tokenizer come from its metadata. The configuration is config.json's
+/// (its end-of-generation ids add `<|endoftext|>`, which llama.cpp also stops at); the
+/// tokenizer encodes and decodes as tokenizer.json does on texts with digits, accents, code,
+/// emoji, runs of spaces and special tokens, and renders the same chat prompt; the engine's
+/// greedy tokens are those it gives with the Hugging Face files beside the GGUF.
+#[test]
+fn a_bare_gguf_brings_its_own_config_and_tokenizer() {
+    use sglang::config::ModelConfig;
+    use sglang::tokenizer::{ChatMessage, Tokenizer};
+    let model = common::model_dir();
+    let file = gguf_file("Q4_1");
+    let bare = tempfile::tempdir().unwrap();
+    let path = bare.path().join(file.file_name().unwrap());
+    std::os::unix::fs::symlink(&file, &path).unwrap();
+    let mut cfg = EngineConfig::new(&path);
+    cfg.load_format = LoadFormat::Auto; // the server's default
+    cfg.max_total_tokens = Some(1024);
+    assert_eq!(cfg.resolved_load_format(), LoadFormat::Gguf);
+
+    let ours = runner::model_config(&cfg).unwrap();
+    let hf = ModelConfig::from_dir(&model).unwrap();
+    let shape = |c: &ModelConfig| {
+        format!(
+            "{} {} {} {} {} {} {} {} {} {} {} {:?}",
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.rms_norm_eps,
+            c.rope_theta,
+            c.vocab_size,
+            c.tie_word_embeddings,
+            c.max_position_embeddings,
+            c.bos_token_id
+        )
+    };
+    assert_eq!(shape(&ours), shape(&hf));
+    assert_eq!(ours.eos_token_ids, vec![2, 0], "eos, then <|endoftext|>");
+    assert_eq!(hf.eos_token_ids, vec![2]);
+
+    let (json, tok_cfg, _) = runner::gguf_tokenizer(&cfg)
+        .unwrap()
+        .expect("from metadata");
+    let from_gguf = Tokenizer::from_json(&json, &tok_cfg, "test").unwrap();
+    let from_hf = Tokenizer::from_dir(&model).unwrap();
+    assert_eq!(from_gguf.vocab_size(), from_hf.vocab_size());
+    for text in [
+        "The capital of France is",
+        "In 1969, 600 million people watched 3.14159 and 42 km/h.",
+        "naïve café résumé — «quotes» and 中文字符 and emoji 🚀🦀",
+        "fn main() {\n    println!(\"{}\", x + 1);\n}\n\n\n  trailing   spaces  ",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+        "it's we're they'll I'd you've   \t tabs",
+    ] {
+        for special in [false, true] {
+            let (a, b) = (
+                from_gguf.encode(text, special).unwrap(),
+                from_hf.encode(text, special).unwrap(),
+            );
+            assert_eq!(a, b, "{text:?}");
+            assert_eq!(
+                from_gguf.decode(&a, false).unwrap(),
+                from_hf.decode(&b, false).unwrap()
+            );
+        }
+    }
+    let messages = [ChatMessage::new("user", "What is 2 + 2?")];
+    assert_eq!(
+        from_gguf.apply_chat_template(&messages, true).unwrap(),
+        from_hf.apply_chat_template(&messages, true).unwrap()
+    );
+
+    let engine = EngineHandle::start(cfg).unwrap();
+    let ids = common::prompt_ids(engine.tokenizer(), "Name a primary color.", true);
+    let out = common::greedy(&engine, &ids, 12);
+    drop(engine);
+    let beside = gguf_model_dir(&file);
+    let mut cfg = EngineConfig::new(beside.path());
+    cfg.load_format = LoadFormat::Auto;
+    cfg.max_total_tokens = Some(1024);
+    let engine = EngineHandle::start(cfg).unwrap();
+    assert_eq!(
+        ids,
+        common::prompt_ids(engine.tokenizer(), "Name a primary color.", true)
+    );
+    let want = common::greedy(&engine, &ids, 12);
+    assert_eq!(out.token_ids, want.token_ids);
+    assert_eq!(out.text, want.text);
 }

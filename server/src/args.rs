@@ -159,9 +159,11 @@ impl EngineArgs {
             c.chat_template = Some(text);
         }
         c.validate().map_err(|e| e.to_string())?;
-        if !c.model_dir().join("config.json").exists() {
+        // a GGUF file's metadata stands in for a missing config.json
+        let gguf = c.resolved_load_format() == sglang::config::LoadFormat::Gguf;
+        if !gguf && !c.model_dir().join("config.json").exists() {
             return Err(format!(
-                "invalid option `model-path`: {} has no config.json (prepare the default model with scripts/prepare-model.sh)",
+                "invalid option `model-path`: {} has no config.json and no .gguf file (prepare the default model with scripts/prepare-model.sh)",
                 c.model_path.display()
             ));
         }

@@ -410,7 +410,12 @@ impl EngineHandle {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
-        let tokenizer = Tokenizer::from_dir(cfg.model_dir())?;
+        let tokenizer = match runner::gguf_tokenizer(&cfg)? {
+            Some((json, config, path)) => {
+                Tokenizer::from_json(&json, &config, &path.display().to_string())?
+            }
+            None => Tokenizer::from_dir(cfg.model_dir())?,
+        };
         let runner = runner::load(&cfg)?;
         Self::start_with(cfg, tokenizer, runner, metrics)
     }

@@ -43,9 +43,45 @@ struct Prepared {
     group: usize,
 }
 
+/// The GGUF file whose metadata stands in for the Hugging Face file `name` (`config.json`,
+/// `tokenizer.json`) when the model directory lacks it; None when the directory has it or the
+/// model is not GGUF.
+fn gguf_standing_in_for(cfg: &EngineConfig, name: &str) -> Option<std::path::PathBuf> {
+    let dir = cfg.model_dir();
+    if dir.join(name).exists() || cfg.resolved_load_format() != LoadFormat::Gguf {
+        return None;
+    }
+    loader::find_gguf(&cfg.model_path).ok()
+}
+
+/// The model's configuration: `config.json` of the model directory, or, for a GGUF model
+/// without one, the file's `llama.*` metadata ([`loader::GgufMetadata::hf_config`]).
+pub fn model_config(cfg: &EngineConfig) -> Result<ModelConfig, LoadModelError> {
+    match gguf_standing_in_for(cfg, "config.json") {
+        None => Ok(ModelConfig::from_dir(cfg.model_dir())?),
+        Some(path) => {
+            let json = loader::read_metadata(&path)?.hf_config()?;
+            Ok(ModelConfig::from_json(&json.to_string(), &path)?)
+        }
+    }
+}
+
+/// For a GGUF model whose directory has no `tokenizer.json`: the `tokenizer.json` and
+/// `tokenizer_config.json` texts its metadata describes, and the file's path (the engine
+/// builds the tokenizer; this floor does not know tokenizers).
+pub fn gguf_tokenizer(
+    cfg: &EngineConfig,
+) -> Result<Option<(String, serde_json::Value, std::path::PathBuf)>, LoadModelError> {
+    let Some(path) = gguf_standing_in_for(cfg, "tokenizer.json") else {
+        return Ok(None);
+    };
+    let (tokenizer, config) = loader::read_metadata(&path)?.hf_tokenizer()?;
+    Ok(Some((tokenizer.to_string(), config, path)))
+}
+
 fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
     cfg.validate()?;
-    let model_cfg = ModelConfig::from_dir(cfg.model_dir())?;
+    let model_cfg = model_config(cfg)?;
     let group = cfg.group_size();
     Shard::check(&model_cfg, group).map_err(|message| ConfigError::Option {
         option: "tp-size",

@@ -24,7 +24,9 @@ use crate::model::llama::{self, LlamaModel, Workspace};
 use crate::parallel::Communicator;
 use crate::sampling::{SampleBatch, TokenInfo};
 
-pub use load::{build_rank, load, resolve_device, serve_rank, LoadModelError};
+pub use load::{
+    build_rank, gguf_tokenizer, load, model_config, resolve_device, serve_rank, LoadModelError,
+};
 
 /// The state of a tensor-parallel group (one rank, always ready, without parallelism).
 #[derive(Debug, Clone, PartialEq, Eq)]

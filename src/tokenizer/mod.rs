@@ -120,6 +120,28 @@ impl Tokenizer {
             })?,
             Err(_) => serde_json::Value::Null,
         };
+        Ok(Self::with_config(inner, &cfg))
+    }
+
+    /// A tokenizer from the texts of a `tokenizer.json` and a `tokenizer_config.json` (the
+    /// ones a GGUF file's metadata describes); `source` names them in errors.
+    pub fn from_json(
+        tokenizer_json: &str,
+        config: &serde_json::Value,
+        source: &str,
+    ) -> Result<Self, TokenizerError> {
+        let inner: tokenizers::Tokenizer =
+            tokenizer_json
+                .parse()
+                .map_err(|e: tokenizers::Error| TokenizerError::Load {
+                    file: source.to_string(),
+                    message: e.to_string(),
+                })?;
+        Ok(Self::with_config(inner, config))
+    }
+
+    /// `inner` with the chat template and bos/eos texts of a `tokenizer_config.json`.
+    fn with_config(inner: tokenizers::Tokenizer, cfg: &serde_json::Value) -> Self {
         let chat_template = match cfg.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -131,12 +153,12 @@ impl Tokenizer {
                 .map(str::to_string),
             _ => None,
         };
-        Ok(Self::new(
+        Self::new(
             inner,
             chat_template,
             token_string(cfg.get("bos_token")),
             token_string(cfg.get("eos_token")),
-        ))
+        )
     }
 
     fn new(
