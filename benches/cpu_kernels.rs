@@ -2,7 +2,8 @@
 //! prefill (many tokens) at the default model's shapes, as bytes of weights read per second
 //! beside the streaming read bandwidth measured in the same run.
 //!
-//! Run: `cargo bench --bench cpu_kernels`.
+//! Run: `cargo bench --bench cpu_kernels [-- WORD...]` (only the products whose name, such as
+//! `gate 1536x576 Q5_0`, holds one of the words).
 
 use std::time::Instant;
 
@@ -46,29 +47,35 @@ fn main() {
     println!("| product | tokens | weights (MB) | time (us) | GB/s of weights | fraction of bandwidth | GFLOP/s |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let shapes = [
-        ("q/o 576x576", 576, 576),
+        ("q/o 576x576", 576, 576usize),
         ("k/v 192x576", 192, 576),
         ("gate 1536x576", 1536, 576),
         ("down 576x1536", 576, 1536),
         ("lm_head 49152x576", 49152, 576),
     ];
-    let formats: [Option<QuantType>; 4] = [
-        None,
-        Some(QuantType::Q8_0),
-        Some(QuantType::Q4_1),
-        Some(QuantType::Q4_0),
-    ];
+    let mut formats = vec![None];
+    formats.extend(QuantType::ALL.map(Some));
+    // `cargo bench --bench cpu_kernels -- WORD...`: only the products whose name holds a WORD
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     for &(name, n, k) in &shapes {
         let wf: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
-        for format in formats {
+        for &format in &formats {
+            let fname = format.map_or("bf16", |q| q.name());
+            let name = &format!("{name} {fname}");
+            let wanted = words.is_empty() || words.iter().any(|w| name.contains(w.as_str()));
+            // the k-quants need rows of whole 256-value super-blocks
+            if !wanted || format.is_some_and(|q| !k.is_multiple_of(q.block_values())) {
+                continue;
+            }
             let t = match format {
                 None => Tensor::from_bf16(wf.iter().map(|&v| f32_to_bf16(v)).collect(), vec![n, k]),
                 Some(q) => Tensor::from_quant(q, quant::quantize(q, &wf), vec![n, k]),
             };
-            let fname = format.map_or("bf16", |q| q.name());
-            let name = &format!("{name} {fname}");
             let wt = backend.weight(name, &t).unwrap();
             for m in [1usize, 8, 16, 32, 512] {
                 let x = vec![0.01f32; m * k];
