@@ -265,3 +265,32 @@ def test_radix_cache_off_by_variable():
     finally:
         s.stop()
 
+
+
+def test_a_bare_gguf_file_serves_alone():
+    """`--model-path FILE.gguf` with nothing beside the file: configuration, tokenizer and chat
+    template come from the GGUF's metadata, and the official OpenAI client gets the same
+    greedy answer as from the same file inside the Hugging Face directory."""
+    import openai
+
+    from sglang_testing import MODEL
+
+    gguf = MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    answers = {}
+    with tempfile.TemporaryDirectory() as bare, tempfile.TemporaryDirectory() as beside:
+        (Path(bare) / gguf.name).symlink_to(gguf)
+        for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", gguf.name]:
+            (Path(beside) / f).symlink_to(MODEL / f)
+        for name, model in [("bare", Path(bare) / gguf.name), ("beside", Path(beside))]:
+            s = Server(model=model)
+            try:
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="none")
+                r = client.chat.completions.create(
+                    model="default", temperature=0, max_tokens=24,
+                    messages=[{"role": "user", "content": "Name a primary color."}])
+                answers[name] = (r.choices[0].message.content, r.choices[0].finish_reason,
+                                 r.usage.prompt_tokens)
+            finally:
+                s.stop()
+    assert answers["bare"] == answers["beside"], answers
+    assert answers["bare"][0].strip(), answers
