@@ -21,8 +21,8 @@
 //! Products with these weights quantize the activations once per token to Q8 blocks of 32
 //! ([`QuantizedRows`](crate::quant::QuantizedRows): 32 × i8 with an f32 scale and the sum
 //! of the 32 integers), so that each 32 values of a weight row contribute an integer dot
-//! product times one or two coefficients ([`sub_block`]): `d_x · (a · Σ q_w q_x + c · Σ q_x)`,
-//! where the integer weights `q_w` already carry Q6_K's i8 scales (`a = d`), Q4_K's `a` is
+//! product times one or two coefficients ([`sub_block`](crate::quant::sub_block)):
+//! `d_x · (a · Σ q_w q_x + c · Σ q_x)`, where the integer weights `q_w` already carry Q6_K's i8 scales (`a = d`), Q4_K's `a` is
 //! `d · sc` and `c = −dmin · m`, Q4_0's `c = −8 d`, Q5_0's `c = −16 d`, Q4_1's `c = m`.
 //!
 //! The integer sums are exact, and each kernel sums the 32-value pieces in a fixed order, in
