@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define SGLANG_VERSION_MAJOR 1
-#define SGLANG_VERSION_MINOR 2
+#define SGLANG_VERSION_MINOR 3
 #define SGLANG_VERSION_PATCH 0
 
 /* Checks at run time that the library can serve a caller compiled against this header:
@@ -86,7 +86,8 @@ typedef struct sglang_request sglang_request;
 
 typedef struct sglang_engine_params {
     size_t struct_size;         /* sizeof(sglang_engine_params) */
-    const char *model_path;     /* Hugging Face directory; required */
+    const char *model_path;     /* Hugging Face directory, or a .gguf file (see load_format);
+                                   required */
     const char *device;         /* "auto" (default), "cpu" or "cuda" */
     float mem_fraction_static;  /* (0, 1]; default 0.9 (device memory for weights and KV) */
     int32_t max_running_requests; /* >= 1; default 256 */
@@ -101,6 +102,16 @@ typedef struct sglang_engine_params {
     int32_t reserved0;          /* was padding in 1.0 (may hold anything); ignored */
     int32_t tp_size;            /* tensor-parallel ranks, as threads of this process sharing
                                    the cores (CPU); >= 1; default 1 */
+    /* Since ABI 1.3. A caller built against 1.1 or 1.2 passes a struct that ends before
+     * these: they take their defaults. */
+    int32_t reserved1;          /* was padding in 1.2 (may hold anything); ignored */
+    const char *load_format;    /* NULL or "auto" (default: "gguf" when model_path is a .gguf
+                                   file, or a directory holding one and no safetensors, whose
+                                   metadata then stands in for a missing config.json and
+                                   tokenizer.json), "safetensors", "gguf" or "dummy" */
+    const char *quantization;   /* NULL (default: weights as stored) or "q8_0", "q4_0",
+                                   "q4_1", "q5_0", "q4_k", "q6_k": quantize bf16/f16/f32
+                                   weights while loading (not with GGUF or tp_size > 1) */
 } sglang_engine_params;
 
 typedef struct sglang_request_params {

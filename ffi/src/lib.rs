@@ -21,11 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bindings::*;
-use engine::config::{ConfigError, Device, EngineConfig};
+use engine::config::{ConfigError, Device, EngineConfig, LoadFormat};
 use engine::engine::{
     EngineError, EngineHandle, Event, FinishReason, GenerateRequest, Matched, Output, RequestError,
     RequestStream, SubmitError,
 };
+use engine::quant::QuantType;
 use engine::sampling::SamplingParams;
 use engine::tokenizer::ChatMessage;
 use engine::LoadModelError;
@@ -165,17 +166,18 @@ fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
 
 /// The byte offsets at which the named fields of a struct end: the `struct_size` values a
 /// caller of any header version can pass (1.0's `sglang_engine_params` ended at `reserved0`,
-/// then padding; `sglang_request_params` at `n_stop_token_ids`).
+/// then padding, 1.1's and 1.2's at `reserved1`; `sglang_request_params` at
+/// `n_stop_token_ids`).
 macro_rules! field_ends {
     ($t:ty; $($f:ident),+ $(,)?) => {
         [$(std::mem::offset_of!($t, $f) + field_size(|s: &$t| &s.$f)),+]
     };
 }
 
-fn engine_params_ends() -> [usize; 11] {
+fn engine_params_ends() -> [usize; 14] {
     field_ends!(sglang_engine_params; struct_size, model_path, device, mem_fraction_static,
         max_running_requests, enable_radix_cache, page_size, max_total_tokens, num_threads,
-        reserved0, tp_size)
+        reserved0, tp_size, reserved1, load_format, quantization)
 }
 
 fn request_params_ends() -> [usize; 23] {
@@ -308,6 +310,9 @@ pub extern "C" fn sglang_engine_default_params() -> sglang_engine_params {
         num_threads: 0,
         reserved0: 0,
         tp_size: 1,
+        reserved1: 0,
+        load_format: std::ptr::null(),
+        quantization: std::ptr::null(),
     }
 }
 
@@ -376,12 +381,29 @@ pub unsafe extern "C" fn sglang_engine_create(
             return invalid(format!("`params.tp_size` must be >= 1, got {}", p.tp_size));
         }
         cfg.tp_size = p.tp_size as usize;
+        // as the server's --load-format (default auto) and --quantization
+        cfg.load_format = match p.load_format.is_null() {
+            true => LoadFormat::Auto,
+            false => str_arg(p.load_format, "params.load_format")?
+                .parse::<LoadFormat>()
+                .or_else(|e| invalid(format!("`params.load_format`: {e}")))?,
+        };
+        if !p.quantization.is_null() {
+            let q = str_arg(p.quantization, "params.quantization")?;
+            cfg.quantization = Some(
+                q.parse::<QuantType>()
+                    .or_else(|e| invalid(format!("`params.quantization`: {e}")))?,
+            );
+        }
         cfg.validate().or_else(|e| invalid(e.to_string()))?;
-        if !cfg.model_dir().join("config.json").exists() {
+        // a GGUF file's metadata stands in for a missing config.json
+        if cfg.resolved_load_format() != LoadFormat::Gguf
+            && !cfg.model_dir().join("config.json").exists()
+        {
             return fail(
                 SGLANG_ERR_LOAD,
                 format!(
-                    "{}: no config.json (not a model directory)",
+                    "{}: no config.json and no .gguf file (not a model directory)",
                     cfg.model_path.display()
                 ),
             );

@@ -570,8 +570,9 @@ fn struct_sizes_must_end_at_a_field() {
         std::mem::size_of::<sglang_request_params>()
     );
     assert!(e.windows(2).all(|w| w[0] < w[1]) && r.windows(2).all(|w| w[0] < w[1]));
-    // the 1.0 and 1.1 sizes are among them
+    // the 1.0 and 1.1/1.2 sizes are among them
     assert!(e.contains(&std::mem::offset_of!(sglang_engine_params, tp_size)));
+    assert!(e.contains(&std::mem::offset_of!(sglang_engine_params, load_format)));
     assert!(r.contains(&std::mem::offset_of!(sglang_request_params, json_schema)));
     // sizes inside a field are refused before anything is read past them
     for size in [9, 12, 20, 26, 50] {
@@ -603,5 +604,79 @@ fn result_text_keeps_an_inner_nul() {
         let bytes = std::slice::from_raw_parts((*r).text as *const u8, 4);
         assert_eq!(bytes, b"a\0b\0");
         sglang_result_free(r);
+    }
+}
+
+/// ABI 1.3: `load_format` and `quantization`. A .gguf path (or `load_format` "gguf" on a
+/// directory that also holds safetensors) serves the GGUF file; the two give the same greedy
+/// tokens. `quantization` "q4_1" quantizes the safetensors while loading and still answers.
+/// Bad values, and quantizing a GGUF, are invalid arguments naming the field; a 1.2 struct
+/// (ending at `reserved1`) takes the defaults whatever lies beyond it.
+#[test]
+fn load_format_and_quantization() {
+    let text = CString::new("The capital of France is").unwrap();
+    let dir = model_dir();
+    let gguf = CString::new(
+        Path::new(dir.to_str().unwrap())
+            .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+            .to_string_lossy()
+            .as_bytes(),
+    )
+    .unwrap();
+    let run = |path: &CString, format: Option<&CString>, quant: Option<&CString>| unsafe {
+        let mut p = sglang_engine_default_params();
+        p.model_path = path.as_ptr();
+        p.max_total_tokens = 1024;
+        p.load_format = format.map_or(std::ptr::null(), |f| f.as_ptr());
+        p.quantization = quant.map_or(std::ptr::null(), |q| q.as_ptr());
+        let mut e = std::ptr::null_mut();
+        let status = sglang_engine_create(&p, &mut e);
+        if status != SGLANG_OK {
+            return Err((status, last_error()));
+        }
+        let mut r = std::ptr::null_mut();
+        assert_eq!(sglang_generate(e, &greedy(&text, 8), &mut r), SGLANG_OK);
+        let out = (
+            std::slice::from_raw_parts((*r).tokens, (*r).n_tokens).to_vec(),
+            CStr::from_ptr((*r).text).to_string_lossy().into_owned(),
+        );
+        sglang_result_free(r);
+        sglang_engine_free(e);
+        Ok(out)
+    };
+    let c = |s: &str| CString::new(s).unwrap();
+    let from_file = run(&gguf, None, None).unwrap();
+    let from_dir = run(&dir, Some(&c("gguf")), None).unwrap();
+    assert_eq!(from_file, from_dir);
+    let quantized = run(&dir, None, Some(&c("q4_1"))).unwrap();
+    assert!(quantized.1.contains("Paris"), "{:?}", quantized.1);
+    for (format, quant, field) in [
+        (Some("parquet"), None, "load_format"),
+        (None, Some("q3_k"), "quantization"),
+        (Some("gguf"), Some("q8_0"), "quantization"),
+    ] {
+        let (f, q) = (format.map(c), quant.map(c));
+        let (status, err) = run(&dir, f.as_ref(), q.as_ref()).unwrap_err();
+        assert_eq!(status, SGLANG_ERR_INVALID_ARGUMENT, "{err}");
+        assert!(err.contains(field), "{err}");
+    }
+    // a 1.2 caller: the struct ends at reserved1; load_format and quantization are not read
+    unsafe {
+        let mut p = sglang_engine_default_params();
+        p.model_path = dir.as_ptr();
+        p.max_total_tokens = 1024;
+        p.struct_size = std::mem::offset_of!(sglang_engine_params, load_format);
+        p.reserved1 = -3;
+        let junk = c("not a format");
+        p.load_format = junk.as_ptr();
+        p.quantization = junk.as_ptr();
+        let mut e = std::ptr::null_mut();
+        assert_eq!(
+            sglang_engine_create(&p, &mut e),
+            SGLANG_OK,
+            "{}",
+            last_error()
+        );
+        sglang_engine_free(e);
     }
 }
