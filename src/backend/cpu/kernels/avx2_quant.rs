@@ -79,18 +79,50 @@ pub(super) struct XRow {
     pub ds: *const f32,
 }
 
-/// Dot products of `NR` weight rows (`nb` blocks of format `T` each) with `MR` activation
-/// rows: `out[r][i]`. Each (row, token) pair has its own accumulator and sees the blocks in
-/// the same order whatever NR and MR are, so results do not depend on the tiling.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
-    w: &[*const u8; NR],
+/// One block of a block-32 format at `blk`: its 32 weights as bytes (unsigned, or signed for
+/// Q8_0) and its coefficients `(a, c)` (`crate::quant::sub_block`).
+#[inline(always)]
+unsafe fn unpack<const T: u8>(blk: *const u8) -> (__m256i, f32, f32) {
+    let low4 = _mm_set1_epi8(15);
+    let dw = f16_scalar(blk);
+    let wv = match T {
+        Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+        _ => {
+            let at = match T {
+                Q4_1 => 4,
+                Q5_0 => 6,
+                _ => 2,
+            };
+            let nib = _mm_loadu_si128(blk.add(at) as *const __m128i);
+            let lo = _mm_and_si128(nib, low4);
+            let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), low4);
+            let v = _mm256_set_m128i(hi, lo);
+            if T == Q5_0 {
+                let qh = u32::from_le_bytes(*(blk.add(2) as *const [u8; 4]));
+                _mm256_or_si256(v, q5_high_bits(qh))
+            } else {
+                v
+            }
+        }
+    };
+    let cw = match T {
+        Q4_1 => f16_scalar(blk.add(2)),
+        Q4_0 => -8.0 * dw,
+        Q5_0 => -16.0 * dw,
+        _ => 0.0,
+    };
+    (wv, dw, cw)
+}
+
+/// The products of [`tile`] with each block's weights and coefficients from `block(b, r)`
+/// (`SIGNED`: Q8_0's signed bytes, no offset term).
+#[inline(always)]
+unsafe fn accumulate<const SIGNED: bool, const NR: usize, const MR: usize>(
     nb: usize,
     xs: &[XRow; MR],
+    mut block: impl FnMut(usize, usize) -> (__m256i, f32, f32),
 ) -> [[f32; MR]; NR] {
-    let bb = block_bytes(T);
     let ones = _mm256_set1_epi16(1);
-    let low4 = _mm_set1_epi8(15);
     let mut acc = [[_mm256_setzero_ps(); MR]; NR];
     let mut offset = [[0.0f32; MR]; NR];
     for b in 0..nb {
@@ -98,35 +130,7 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
         let mut dw = [0.0f32; NR];
         let mut cw = [0.0f32; NR];
         for r in 0..NR {
-            let blk = w[r].add(b * bb);
-            _mm_prefetch(blk.wrapping_add(8 * bb) as *const i8, _MM_HINT_T0);
-            dw[r] = f16_scalar(blk);
-            wv[r] = match T {
-                Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                _ => {
-                    let at = match T {
-                        Q4_1 => 4,
-                        Q5_0 => 6,
-                        _ => 2,
-                    };
-                    let nib = _mm_loadu_si128(blk.add(at) as *const __m128i);
-                    let lo = _mm_and_si128(nib, low4);
-                    let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), low4);
-                    let v = _mm256_set_m128i(hi, lo);
-                    if T == Q5_0 {
-                        let qh = u32::from_le_bytes(*(blk.add(2) as *const [u8; 4]));
-                        _mm256_or_si256(v, q5_high_bits(qh))
-                    } else {
-                        v
-                    }
-                }
-            };
-            cw[r] = match T {
-                Q4_1 => f16_scalar(blk.add(2)),
-                Q4_0 => -8.0 * dw[r],
-                Q5_0 => -16.0 * dw[r],
-                _ => 0.0,
-            };
+            (wv[r], dw[r], cw[r]) = block(b, r);
         }
         let mut dwv = [_mm256_setzero_ps(); NR];
         for r in 0..NR {
@@ -137,7 +141,7 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
             let dxv = _mm256_broadcast_ss(&*xs[i].d.add(b));
             let dsx = *xs[i].ds.add(b);
             for r in 0..NR {
-                let isum = if T == Q8_0 {
+                let isum = if SIGNED {
                     let aw = _mm256_sign_epi8(wv[r], wv[r]);
                     let sx = _mm256_sign_epi8(x, wv[r]);
                     _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones)
@@ -149,7 +153,7 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
                     _mm256_mul_ps(dwv[r], dxv),
                     acc[r][i],
                 );
-                if T != Q8_0 {
+                if !SIGNED {
                     offset[r][i] += cw[r] * dsx;
                 }
             }
@@ -162,6 +166,102 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
         }
     }
     out
+}
+
+/// Dot products of `NR` weight rows (`nb` blocks of format `T` each) with `MR` activation
+/// rows: `out[r][i]`. Each (row, token) pair has its own accumulator and sees the blocks in
+/// the same order whatever NR and MR are, so results do not depend on the tiling.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
+    w: &[*const u8; NR],
+    nb: usize,
+    xs: &[XRow; MR],
+) -> [[f32; MR]; NR] {
+    let bb = block_bytes(T);
+    if T == Q8_0 {
+        accumulate::<true, NR, MR>(nb, xs, |b, r| {
+            let blk = w[r].add(b * bb);
+            _mm_prefetch(blk.wrapping_add(8 * bb) as *const i8, _MM_HINT_T0);
+            unpack::<T>(blk)
+        })
+    } else {
+        accumulate::<false, NR, MR>(nb, xs, |b, r| {
+            let blk = w[r].add(b * bb);
+            _mm_prefetch(blk.wrapping_add(8 * bb) as *const i8, _MM_HINT_T0);
+            unpack::<T>(blk)
+        })
+    }
+}
+
+/// A weight row unpacked once for many tokens (prefill): per 32 values, the weights as
+/// unsigned bytes and the coefficients `(a, c)`; [`tile_unpacked`] then computes exactly
+/// what [`tile`] and [`tile_k`] compute from the packed row, bit for bit.
+#[derive(Clone, Copy)]
+pub(super) struct Unpacked {
+    pub q: *const u8,
+    pub a: *const f32,
+    pub c: *const f32,
+}
+
+/// Whether [`unpack_row`] takes format `t` (the formats whose weights are unsigned bytes with
+/// one scale per 32 values: not Q8_0, whose bytes are ready as they are, nor Q6_K).
+pub(super) fn unpacks(t: u8) -> bool {
+    matches!(t, Q4_0 | Q4_1 | Q5_0 | Q4_K)
+}
+
+/// Unpacks one weight row of format `T` (`nb` pieces of 32 values) into `q` (`32 nb` bytes),
+/// `a` and `c` (`nb` values each).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn unpack_row<const T: u8>(
+    w: *const u8,
+    nb: usize,
+    q: &mut [u8],
+    a: &mut [f32],
+    c: &mut [f32],
+) {
+    assert!(unpacks(T) && q.len() >= nb * BLOCK && a.len() >= nb && c.len() >= nb);
+    let bb = block_bytes(T);
+    for p in 0..nb {
+        let (v, ap, cp) = if T == Q4_K {
+            k4_piece(w.add(p / 8 * bb), p % 8)
+        } else {
+            unpack::<T>(w.add(p * bb))
+        };
+        _mm256_storeu_si256(q.as_mut_ptr().add(p * BLOCK) as *mut __m256i, v);
+        a[p] = ap;
+        c[p] = cp;
+    }
+}
+
+/// [`tile`] over rows [`unpack_row`] unpacked.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile_unpacked<const NR: usize, const MR: usize>(
+    w: &[Unpacked; NR],
+    nb: usize,
+    xs: &[XRow; MR],
+) -> [[f32; MR]; NR] {
+    accumulate::<false, NR, MR>(nb, xs, |b, r| {
+        let u = &w[r];
+        (
+            _mm256_loadu_si256(u.q.add(b * BLOCK) as *const __m256i),
+            *u.a.add(b),
+            *u.c.add(b),
+        )
+    })
+}
+
+/// Piece `s` (0..8) of the Q4_K super-block at `blk`: its 32 weights and `(d · sc, −dmin · m)`.
+#[inline(always)]
+unsafe fn k4_piece(blk: *const u8, s: usize) -> (__m256i, f32, f32) {
+    let (d, dmin) = (f16_scalar(blk), f16_scalar(blk.add(2)));
+    let (sc, m) = crate::quant::k4_scale_min(&*(blk.add(4) as *const [u8; 12]), s);
+    let q = _mm256_loadu_si256(blk.add(16 + 32 * (s / 2)) as *const __m256i);
+    let q = if s % 2 == 0 { q } else { _mm256_srli_epi16(q, 4) };
+    (
+        _mm256_and_si256(q, _mm256_set1_epi8(15)),
+        d * sc as f32,
+        -dmin * m as f32,
+    )
 }
 
 /// Dot products of `NR` Q4_K or Q6_K weight rows (`nb / 8` super-blocks each) with `MR`

@@ -198,17 +198,23 @@ pub(super) unsafe fn matmul_rows_quant(
     }
     let mut g = [[0.0f32; QUANT_MR]; QUANT_NR];
     let mut u = [[0.0f32; QUANT_MR]; QUANT_NR];
+    // prefill: rows of the formats that unpack are unpacked once per block of tokens
+    let mut unpacked = [Unpacked::new(isa, t, m, nb), Unpacked::new(isa, up.map_or(t, |u| u.0), m, nb)];
     for i0 in (0..m).step_by(QUANT_TOKEN_BLOCK) {
         let i1 = (i0 + QUANT_TOKEN_BLOCK).min(m);
         let mut r = rows.start;
         while r < rows.end {
             let nr = (rows.end - r).min(QUANT_NR);
+            unpacked[0].rows(t, w, r, nr);
+            if let Some((ut, uw)) = up {
+                unpacked[1].rows(ut, uw, r, nr);
+            }
             let mut i = i0;
             while i < i1 {
                 let n = (i1 - i).min(QUANT_MR);
-                quant_tile(isa, t, w, r, nr, nb, xq, i, n, &mut g);
+                unpacked[0].tile(isa, t, w, r, nr, nb, xq, i, n, &mut g);
                 if let Some((ut, uw)) = up {
-                    quant_tile(isa, ut, uw, r, nr, nb, xq, i, n, &mut u);
+                    unpacked[1].tile(isa, ut, uw, r, nr, nb, xq, i, n, &mut u);
                 }
                 for (rr, (gr, ur)) in g.iter().zip(&u).enumerate().take(nr) {
                     for j in 0..n {
@@ -223,6 +229,135 @@ pub(super) unsafe fn matmul_rows_quant(
                 i += n;
             }
             r += nr;
+        }
+    }
+}
+
+/// Prefill with at least this many tokens unpacks the weight rows once per block of tokens.
+const UNPACK_MIN_TOKENS: usize = 8;
+
+/// Scratch for weight rows unpacked once for many tokens (`avx2_quant::unpack_row`), when the
+/// ISA, the format and the number of tokens call for it; otherwise a pass-through to
+/// [`quant_tile`]. Both give the same bits (the unpacked kernel performs the packed one's
+/// operations), so a token's result does not depend on the batch.
+struct Unpacked {
+    on: bool,
+    q: Vec<u8>,
+    a: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl Unpacked {
+    fn new(isa: Isa, t: QuantType, m: usize, nb: usize) -> Self {
+        // AVX-512 machines keep their own Q4_0/Q4_1 kernels (other sums), so only the
+        // formats that run in AVX2 there unpack
+        #[cfg(target_arch = "x86_64")]
+        let on = m >= UNPACK_MIN_TOKENS
+            && match isa {
+                Isa::Scalar => false,
+                Isa::Avx2 => avx2_quant::unpacks(avx2_quant::code(t)),
+                Isa::Avx512 => matches!(t, QuantType::Q5_0 | QuantType::Q4_K),
+            };
+        #[cfg(not(target_arch = "x86_64"))]
+        let on = {
+            let _ = (isa, t, m);
+            false
+        };
+        let n = if on { QUANT_NR * nb } else { 0 };
+        Unpacked {
+            on,
+            q: vec![0; n * BLOCK],
+            a: vec![0.0; n],
+            c: vec![0.0; n],
+        }
+    }
+
+    /// Unpacks weight rows `r..r + nr` of `w` (format `t`).
+    fn rows(&mut self, t: QuantType, w: &[u8], r: usize, nr: usize) {
+        if !self.on {
+            return;
+        }
+        let nb = self.a.len() / QUANT_NR;
+        let row_bytes = t.row_bytes(nb * BLOCK);
+        #[cfg(target_arch = "x86_64")]
+        for rr in 0..nr {
+            let row = &w[(r + rr) * row_bytes..(r + rr + 1) * row_bytes];
+            let (q, a, c) = (
+                &mut self.q[rr * nb * BLOCK..(rr + 1) * nb * BLOCK],
+                &mut self.a[rr * nb..(rr + 1) * nb],
+                &mut self.c[rr * nb..(rr + 1) * nb],
+            );
+            use avx2_quant::{unpack_row, Q4_0, Q4_1, Q4_K, Q5_0};
+            // SAFETY: `on` only where the CPU has AVX2, FMA and F16C; `row` holds nb pieces
+            // of format t, the buffers nb pieces each (unpack_row checks).
+            unsafe {
+                match avx2_quant::code(t) {
+                    Q4_0 => unpack_row::<Q4_0>(row.as_ptr(), nb, q, a, c),
+                    Q4_1 => unpack_row::<Q4_1>(row.as_ptr(), nb, q, a, c),
+                    Q5_0 => unpack_row::<Q5_0>(row.as_ptr(), nb, q, a, c),
+                    Q4_K => unpack_row::<Q4_K>(row.as_ptr(), nb, q, a, c),
+                    _ => unreachable!("{t:?} does not unpack"),
+                }
+            }
+        }
+    }
+
+    /// [`quant_tile`] of the rows last unpacked (or of the packed rows when not unpacking).
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        &self,
+        isa: Isa,
+        t: QuantType,
+        w: &[u8],
+        r: usize,
+        nr: usize,
+        nb: usize,
+        xq: &QuantizedRows,
+        i: usize,
+        n: usize,
+        out: &mut [[f32; QUANT_MR]; QUANT_NR],
+    ) {
+        if !self.on {
+            return quant_tile(isa, t, w, r, nr, nb, xq, i, n, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use avx2_quant::{tile_unpacked as tu, Unpacked as U, XRow};
+            let x = |j: usize| {
+                let (q, d, _) = xq.row(i + j);
+                XRow {
+                    q: q.as_ptr(),
+                    d: d.as_ptr(),
+                    ds: xq.row_ds(i + j).as_ptr(),
+                }
+            };
+            let u = |rr: usize| U {
+                q: self.q[rr * nb * BLOCK..].as_ptr(),
+                a: self.a[rr * nb..].as_ptr(),
+                c: self.c[rr * nb..].as_ptr(),
+            };
+            // SAFETY: as quant_tile's; the unpacked rows hold nb pieces each.
+            unsafe {
+                if n == QUANT_MR {
+                    let xs = [x(0), x(1), x(2), x(3)];
+                    let mut rr = 0;
+                    while rr + 2 <= nr {
+                        let res = tu::<2, 4>(&[u(rr), u(rr + 1)], nb, &xs);
+                        out[rr] = res[0];
+                        out[rr + 1] = res[1];
+                        rr += 2;
+                    }
+                    if rr < nr {
+                        out[rr] = tu::<1, 4>(&[u(rr)], nb, &xs)[0];
+                    }
+                } else {
+                    for (rr, o) in out.iter_mut().enumerate().take(nr) {
+                        for (j, v) in o.iter_mut().enumerate().take(n) {
+                            *v = tu::<1, 1>(&[u(rr)], nb, &[x(j)])[0][0];
+                        }
+                    }
+                }
+            }
         }
     }
 }
