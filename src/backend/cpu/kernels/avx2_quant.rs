@@ -256,7 +256,11 @@ unsafe fn k4_piece(blk: *const u8, s: usize) -> (__m256i, f32, f32) {
     let (d, dmin) = (f16_scalar(blk), f16_scalar(blk.add(2)));
     let (sc, m) = crate::quant::k4_scale_min(&*(blk.add(4) as *const [u8; 12]), s);
     let q = _mm256_loadu_si256(blk.add(16 + 32 * (s / 2)) as *const __m256i);
-    let q = if s % 2 == 0 { q } else { _mm256_srli_epi16(q, 4) };
+    let q = if s.is_multiple_of(2) {
+        q
+    } else {
+        _mm256_srli_epi16(q, 4)
+    };
     (
         _mm256_and_si256(q, _mm256_set1_epi8(15)),
         d * sc as f32,

@@ -199,7 +199,10 @@ pub(super) unsafe fn matmul_rows_quant(
     let mut g = [[0.0f32; QUANT_MR]; QUANT_NR];
     let mut u = [[0.0f32; QUANT_MR]; QUANT_NR];
     // prefill: rows of the formats that unpack are unpacked once per block of tokens
-    let mut unpacked = [Unpacked::new(isa, t, m, nb), Unpacked::new(isa, up.map_or(t, |u| u.0), m, nb)];
+    let mut unpacked = [
+        Unpacked::new(isa, t, m, nb),
+        Unpacked::new(isa, up.map_or(t, |u| u.0), m, nb),
+    ];
     for i0 in (0..m).step_by(QUANT_TOKEN_BLOCK) {
         let i1 = (i0 + QUANT_TOKEN_BLOCK).min(m);
         let mut r = rows.start;
