@@ -79,6 +79,18 @@ pub(super) struct XRow {
     pub ds: *const f32,
 }
 
+impl XRow {
+    /// Row `i` of `xq`.
+    pub fn of(xq: &crate::quant::QuantizedRows, i: usize) -> Self {
+        let (q, d, _) = xq.row(i);
+        XRow {
+            q: q.as_ptr(),
+            d: d.as_ptr(),
+            ds: xq.row_ds(i).as_ptr(),
+        }
+    }
+}
+
 /// One block of a block-32 format at `blk`: its 32 weights as bytes (unsigned, or signed for
 /// Q8_0) and its coefficients `(a, c)` (`crate::quant::sub_block`).
 #[inline(always)]
@@ -255,17 +267,20 @@ pub(super) unsafe fn tile_unpacked<const NR: usize, const MR: usize>(
 unsafe fn k4_piece(blk: *const u8, s: usize) -> (__m256i, f32, f32) {
     let (d, dmin) = (f16_scalar(blk), f16_scalar(blk.add(2)));
     let (sc, m) = crate::quant::k4_scale_min(&*(blk.add(4) as *const [u8; 12]), s);
+    (k4_nibbles(blk, s), d * sc as f32, -dmin * m as f32)
+}
+
+/// The 32 weights (0..=15) of piece `s` of the Q4_K super-block at `blk`: the low nibbles of
+/// its 32-byte group `s / 2` for even `s`, the high ones for odd.
+#[inline(always)]
+unsafe fn k4_nibbles(blk: *const u8, s: usize) -> __m256i {
     let q = _mm256_loadu_si256(blk.add(16 + 32 * (s / 2)) as *const __m256i);
     let q = if s.is_multiple_of(2) {
         q
     } else {
         _mm256_srli_epi16(q, 4)
     };
-    (
-        _mm256_and_si256(q, _mm256_set1_epi8(15)),
-        d * sc as f32,
-        -dmin * m as f32,
-    )
+    _mm256_and_si256(q, _mm256_set1_epi8(15))
 }
 
 /// Dot products of `NR` Q4_K or Q6_K weight rows (`nb / 8` super-blocks each) with `MR`
@@ -314,13 +329,7 @@ pub(super) unsafe fn tile_k<const T: u8, const NR: usize, const MR: usize>(
                 let blk = w[r].add(sb * bb);
                 _mm_prefetch(blk.wrapping_add(2 * bb + 32 * s) as *const i8, _MM_HINT_T0);
                 if T == Q4_K {
-                    let q = _mm256_loadu_si256(blk.add(16 + 32 * (s / 2)) as *const __m256i);
-                    let q = if s % 2 == 0 {
-                        q
-                    } else {
-                        _mm256_srli_epi16(q, 4)
-                    };
-                    wv[r] = _mm256_and_si256(q, low4);
+                    wv[r] = k4_nibbles(blk, s);
                 } else {
                     let (n, g) = (s / 4, s % 4);
                     let ql = _mm256_loadu_si256(blk.add(64 * n + 32 * (g % 2)) as *const __m256i);

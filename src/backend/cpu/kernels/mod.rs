@@ -236,6 +236,41 @@ pub(super) unsafe fn matmul_rows_quant(
     }
 }
 
+/// The tiles of a block of `nr` weight rows (<= QUANT_NR) and `n` tokens (<= QUANT_MR) into
+/// `out[row][token]`: 4×1 for one token and four rows, 2×4 and 1×4 for four tokens, 1×1
+/// otherwise. `$run!(NR, MR, rows, xs)` computes one tile from `$row(k)`, the block's k-th
+/// weight row, and `$x(j)`, its j-th activation row. Each (row, token) pair has its own
+/// accumulator in every kernel, so the shapes do not change the results.
+macro_rules! by_tiles {
+    ($out:expr, $nr:expr, $n:expr, $row:ident, $x:ident, $run:ident) => {{
+        let (out, nr, n) = ($out, $nr, $n);
+        if n == 1 && nr == QUANT_NR {
+            let res = $run!(4, 1, &[$row(0), $row(1), $row(2), $row(3)], &[$x(0)]);
+            for (o, v) in out.iter_mut().zip(res) {
+                o[0] = v[0];
+            }
+        } else if n == QUANT_MR {
+            let xs = [$x(0), $x(1), $x(2), $x(3)];
+            let mut rr = 0;
+            while rr + 2 <= nr {
+                let res = $run!(2, 4, &[$row(rr), $row(rr + 1)], &xs);
+                out[rr] = res[0];
+                out[rr + 1] = res[1];
+                rr += 2;
+            }
+            if rr < nr {
+                out[rr] = $run!(1, 4, &[$row(rr)], &xs)[0];
+            }
+        } else {
+            for (rr, o) in out.iter_mut().enumerate().take(nr) {
+                for (j, v) in o.iter_mut().enumerate().take(n) {
+                    *v = $run!(1, 1, &[$row(rr)], &[$x(j)])[0][0];
+                }
+            }
+        }
+    }};
+}
+
 /// Prefill with at least this many tokens unpacks the weight rows once per block of tokens.
 const UNPACK_MIN_TOKENS: usize = 8;
 
@@ -325,42 +360,20 @@ impl Unpacked {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            use avx2_quant::{tile_unpacked as tu, Unpacked as U, XRow};
-            let x = |j: usize| {
-                let (q, d, _) = xq.row(i + j);
-                XRow {
-                    q: q.as_ptr(),
-                    d: d.as_ptr(),
-                    ds: xq.row_ds(i + j).as_ptr(),
-                }
-            };
+            use avx2_quant::{tile_unpacked, Unpacked as U, XRow};
+            let x = |j: usize| XRow::of(xq, i + j);
             let u = |rr: usize| U {
                 q: self.q[rr * nb * BLOCK..].as_ptr(),
                 a: self.a[rr * nb..].as_ptr(),
                 c: self.c[rr * nb..].as_ptr(),
             };
-            // SAFETY: as quant_tile's; the unpacked rows hold nb pieces each.
-            unsafe {
-                if n == QUANT_MR {
-                    let xs = [x(0), x(1), x(2), x(3)];
-                    let mut rr = 0;
-                    while rr + 2 <= nr {
-                        let res = tu::<2, 4>(&[u(rr), u(rr + 1)], nb, &xs);
-                        out[rr] = res[0];
-                        out[rr + 1] = res[1];
-                        rr += 2;
-                    }
-                    if rr < nr {
-                        out[rr] = tu::<1, 4>(&[u(rr)], nb, &xs)[0];
-                    }
-                } else {
-                    for (rr, o) in out.iter_mut().enumerate().take(nr) {
-                        for (j, v) in o.iter_mut().enumerate().take(n) {
-                            *v = tu::<1, 1>(&[u(rr)], nb, &[x(j)])[0][0];
-                        }
-                    }
-                }
+            macro_rules! run {
+                ($nr:literal, $mr:literal, $rows:expr, $xs:expr) => {
+                    // SAFETY: as quant_tile's; the unpacked rows hold nb pieces each.
+                    unsafe { tile_unpacked::<$nr, $mr>($rows, nb, $xs) }
+                };
             }
+            by_tiles!(out, nr, n, u, x, run);
         }
     }
 }
@@ -395,14 +408,7 @@ fn quant_tile(
         #[cfg(target_arch = "x86_64")]
         isa @ (Isa::Avx2 | Isa::Avx512) => {
             use avx2_quant::{XRow, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0};
-            let x = |j: usize| {
-                let (q, d, _) = xq.row(i + j);
-                XRow {
-                    q: q.as_ptr(),
-                    d: d.as_ptr(),
-                    ds: xq.row_ds(i + j).as_ptr(),
-                }
-            };
+            let x = |j: usize| XRow::of(xq, i + j);
             let wp = |rr: usize| w[(r + rr) * row_bytes..].as_ptr();
             macro_rules! run {
                 ($nr:literal, $mr:literal, $rows:expr, $xs:expr) => {
@@ -428,30 +434,7 @@ fn quant_tile(
                     }
                 };
             }
-            if n == 1 && nr == QUANT_NR {
-                let res = run!(4, 1, &[wp(0), wp(1), wp(2), wp(3)], &[x(0)]);
-                for (o, v) in out.iter_mut().zip(res) {
-                    o[0] = v[0];
-                }
-            } else if n == QUANT_MR {
-                let xs = [x(0), x(1), x(2), x(3)];
-                let mut rr = 0;
-                while rr + 2 <= nr {
-                    let res = run!(2, 4, &[wp(rr), wp(rr + 1)], &xs);
-                    out[rr] = res[0];
-                    out[rr + 1] = res[1];
-                    rr += 2;
-                }
-                if rr < nr {
-                    out[rr] = run!(1, 4, &[wp(rr)], &xs)[0];
-                }
-            } else {
-                for (rr, o) in out.iter_mut().enumerate().take(nr) {
-                    for (j, v) in o.iter_mut().enumerate().take(n) {
-                        *v = run!(1, 1, &[wp(rr)], &[x(j)])[0][0];
-                    }
-                }
-            }
+            by_tiles!(out, nr, n, wp, x, run);
         }
     }
 }
