@@ -22,6 +22,8 @@ use crate::quant::QuantType;
 
 /// GGUF's default data alignment (`general.alignment` overrides it).
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// The most values a metadata array may hold.
+const MAX_META_ARRAY: u64 = 1 << 22;
 
 /// A little-endian reader over the header, with errors that name the file.
 struct Cursor<'a> {
@@ -103,15 +105,20 @@ impl<'a> Cursor<'a> {
             9 => {
                 let inner = self.u32()?;
                 let count = self.u64()?;
-                // every value takes at least a byte
-                if count > (self.b.len() - self.at) as u64 {
+                // every value takes at least a byte of the file, and the largest real arrays
+                // (vocabularies, merges) hold a few hundred thousand: a damaged count is an
+                // error, not an allocation of many times the file
+                if count > (self.b.len() - self.at) as u64 || count > MAX_META_ARRAY {
                     return Err(LoadError::file(
                         self.file,
                         format!("GGUF array of {count} values"),
                     ));
                 }
-                let items: Result<Vec<_>, _> = (0..count).map(|_| self.meta(inner)).collect();
-                MetaValue::Array(items?)
+                let mut items = Vec::new();
+                for _ in 0..count {
+                    items.push(self.meta(inner)?);
+                }
+                MetaValue::Array(items)
             }
             t => {
                 return Err(LoadError::file(
@@ -120,49 +127,6 @@ impl<'a> Cursor<'a> {
                 ))
             }
         })
-    }
-    /// Skips a metadata value of type `ty`, returning it when it is an unsigned integer.
-    fn value(&mut self, ty: u32) -> Result<Option<u64>, LoadError> {
-        let fixed = |ty: u32| match ty {
-            0 | 1 | 7 => Some(1),
-            2 | 3 => Some(2),
-            4..=6 => Some(4),
-            10..=12 => Some(8),
-            _ => None,
-        };
-        match ty {
-            4 => Ok(Some(self.u32()? as u64)),
-            10 => Ok(Some(self.u64()?)),
-            8 => self.string().map(|_| None),
-            9 => {
-                let inner = self.u32()?;
-                let count = self.u64()?;
-                match fixed(inner) {
-                    Some(size) => {
-                        let n = count
-                            .checked_mul(size)
-                            .filter(|&n| n <= self.b.len() as u64);
-                        let n = n.ok_or_else(|| {
-                            LoadError::file(self.file, format!("GGUF array of {count} values"))
-                        })?;
-                        self.take(n as usize)?;
-                    }
-                    None => {
-                        for _ in 0..count {
-                            self.value(inner)?;
-                        }
-                    }
-                }
-                Ok(None)
-            }
-            t => match fixed(t) {
-                Some(size) => self.take(size as usize).map(|_| None),
-                None => Err(LoadError::file(
-                    self.file,
-                    format!("unknown GGUF value type {t}"),
-                )),
-            },
-        }
     }
 }
 
@@ -291,9 +255,13 @@ pub fn load_gguf(
     for _ in 0..n_kv {
         let key = c.string()?;
         let ty = c.u32()?;
-        let v = c.value(ty)?;
+        let v = c.meta(ty)?;
         if key == "general.alignment" {
-            alignment = v
+            alignment = Some(v)
+                .and_then(|v| match v {
+                    MetaValue::UInt(a) => Some(a),
+                    _ => None,
+                })
                 .filter(|&a| a > 0 && a.is_power_of_two())
                 .ok_or_else(|| LoadError::file(path, "general.alignment is not a power of two"))?;
         }
