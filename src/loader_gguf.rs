@@ -753,6 +753,32 @@ mod tests {
         assert_eq!(out, hf);
     }
 
+    /// A metadata array's declared count is checked before anything is allocated for it: past
+    /// the file's end, or past MAX_META_ARRAY values even where the file is that long.
+    #[test]
+    fn metadata_array_counts_are_bounded() {
+        let file = Path::new("m.gguf");
+        let array = |count: u64, pad: usize| {
+            let mut b = 0u32.to_le_bytes().to_vec(); // of u8
+            b.extend(count.to_le_bytes());
+            b.resize(b.len() + pad, 7);
+            b
+        };
+        let read = |b: &[u8]| {
+            let mut c = Cursor { b, at: 0, file };
+            c.meta(9)
+        };
+        let ok = read(&array(3, 3)).unwrap();
+        assert_eq!(ok, MetaValue::Array(vec![MetaValue::UInt(7); 3]));
+        for (count, pad) in [(4, 3), (MAX_META_ARRAY + 1, MAX_META_ARRAY as usize + 1)] {
+            let err = read(&array(count, pad)).unwrap_err().to_string();
+            assert!(
+                err.contains("m.gguf") && err.contains(&format!("{count} values")),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn unsupported_types_are_named() {
         assert!(dtype_of(13).unwrap_err().contains("Q5_K"));
