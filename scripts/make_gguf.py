@@ -21,6 +21,7 @@ model was prepared from, with eos fixed to <|im_end|> (2) as in the prepared mod
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def main():
         print(out)
         return
     src = gguf.GGUFReader(args.source_gguf)
-    w = gguf.GGUFWriter(str(out) + ".part", "llama")
+    # A part name of our own: two writers of the same file (parallel tests) never share one.
+    part = Path(f"{out}.{os.getpid()}.part")
+    w = gguf.GGUFWriter(str(part), "llama")
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     w.add_name(f"SmolLM2-135M-Instruct ({args.type} from the prepared model)")
     w.add_context_length(cfg["max_position_embeddings"])
@@ -193,7 +196,7 @@ def main():
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    Path(str(out) + ".part").rename(out)
+    part.rename(out)
     print(out)
 
 

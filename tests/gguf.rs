@@ -48,6 +48,9 @@ fn gguf_file(ty: &str) -> PathBuf {
 fn gguf_file_named(ty: &str, name: &str) -> PathBuf {
     let cache = common::root().join("models/.cache");
     let path = cache.join(name);
+    // Tests of this binary run in parallel and several want the same file: one writes it.
+    static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _writing = WRITING.lock().unwrap_or_else(|e| e.into_inner());
     if !path.exists() {
         let out = Command::new(common::python())
             .arg(common::root().join("scripts/make_gguf.py"))
