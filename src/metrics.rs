@@ -6,7 +6,7 @@
 
 pub use prometheus::IntGaugeVec;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -39,6 +39,9 @@ pub struct Metrics {
     pub kv_cache_used_tokens: IntGauge,
     pub kv_cache_evictable_tokens: IntGauge,
     pub kv_cache_available_tokens: IntGauge,
+    /// KV slots held by running requests over all slots, 0 to 1 (the Kubernetes inference
+    /// gateway's KV-cache utilisation; slots held only by the prefix cache count as free).
+    pub kv_cache_usage_ratio: Gauge,
     pub memory_usage_bytes: IntGaugeVec,
     pub aborted_requests_total: IntCounterVec,
     pub cuda_graph_replays_total: IntCounter,
@@ -212,6 +215,15 @@ impl Metrics {
                 "sglang_kv_cache_available_tokens",
                 "KV slots free or reclaimable",
             ),
+            kv_cache_usage_ratio: {
+                let g = Gauge::new(
+                    "sglang_kv_cache_usage_ratio",
+                    "KV slots held by running requests over all KV slots (0 to 1)",
+                )
+                .expect("valid gauge");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             cuda_graph_replays_total: counter(
                 &r,
                 "sglang_cuda_graph_replays_total",
@@ -297,6 +309,7 @@ mod tests {
             "sglang_kv_cache_used_tokens",
             "sglang_kv_cache_evictable_tokens",
             "sglang_kv_cache_available_tokens",
+            "sglang_kv_cache_usage_ratio",
             "sglang_memory_usage_bytes",
             "sglang_aborted_requests_total",
             "sglang_cuda_graph_replays_total",

@@ -191,6 +191,12 @@ impl EngineLoop {
         m.kv_cache_used_tokens.set(used as i64);
         m.kv_cache_evictable_tokens.set(evictable as i64);
         m.kv_cache_available_tokens.set((free + evictable) as i64);
+        let total = pool.total_pages() * ps;
+        m.kv_cache_usage_ratio.set(if total == 0 {
+            0.0
+        } else {
+            used as f64 / total as f64
+        });
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
