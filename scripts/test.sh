@@ -10,6 +10,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 ./scripts/system-deps.sh
 ./scripts/prepare-model.sh >/dev/null
-cargo build --release -p sglang-server -p sglang-ffi
+cargo build --release -p sglang-server -p sglang-router -p sglang-ffi
 cargo test --release --workspace "$@"
-PATH="$PATH:/usr/sbin" .venv/bin/python -m pytest -q tests/server tests/deploy
+PATH="$PATH:/usr/sbin" .venv/bin/python -m pytest -q tests/server tests/router tests/deploy

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("SGLANG_SERVER_BIN", ROOT / "target" / "release" / "sglang-server"))
+ROUTER_BINARY = Path(os.environ.get("SGLANG_ROUTER_BIN", ROOT / "target" / "release" / "sglang-router"))
 MODEL = Path(os.environ.get("SGLANG_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct"))
 
 
@@ -25,21 +26,28 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *args, env=None, wait=True, model=MODEL, nofile=None):
+    def __init__(self, *args, env=None, wait=True, model=MODEL, nofile=None, port=None):
         """`nofile`: the server's open-file limit (soft and hard), to test descriptor
-        exhaustion."""
-        assert BINARY.exists(), f"build the server first: {BINARY}"
-        self.port = free_port()
+        exhaustion. `port`: a given one (a restart on the same address), else a free one."""
+        self.port = port or free_port()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="sglang-server-", suffix=".log", delete=False)
         full_env = dict(os.environ, SGLANG_LOG_LEVEL="info")
         full_env.pop("SGLANG_MODEL_PATH", None)
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [str(BINARY), "--model-path", str(model), "--host", "127.0.0.1", "--port", str(self.port), *args],
+            self.command(model, args),
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env,
             preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None)
         if wait:
             self.wait_ready()
+
+    def command(self, model, args):
+        assert BINARY.exists(), f"build the server first: {BINARY}"
+        return [str(BINARY), "--model-path", str(model), "--host", "127.0.0.1", "--port", str(self.port), *args]
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout=120):
         deadline = time.time() + timeout
@@ -128,6 +136,26 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class Router(Server):
+    """The real sglang-router binary on a free loopback port in front of `workers` (Servers or
+    URLs); ready once its /health is 200 (a worker is in its pool)."""
+
+    def __init__(self, workers, *args, wait=True, env=None):
+        """`workers`: None when `args` name them otherwise (--worker-dns)."""
+        urls = [w if isinstance(w, str) else w.url for w in workers or []]
+        given = ["--worker-urls", ",".join(urls)] if urls else []
+        super().__init__(*given, *args, wait=wait, env=env)
+
+    def command(self, model, args):
+        assert ROUTER_BINARY.exists(), f"build the router first: {ROUTER_BINARY}"
+        return [str(ROUTER_BINARY), "--host", "127.0.0.1", "--port", str(self.port), *args]
+
+    def workers(self):
+        """{url: {"healthy", "in_flight"}} as the router sees them."""
+        _, _, body = self.request("GET", "/workers")
+        return {w["url"]: w for w in body["workers"]}
 
 
 def cli_generate(prompt, max_new_tokens, chat=False):
