@@ -16,6 +16,7 @@ tag="${1:-localhost/sglang-rs:cpu}"
 engine="${CONTAINER_ENGINE:-$(command -v podman >/dev/null 2>&1 && echo podman || echo docker)}"
 base="debian:bookworm-slim"
 bin="$root/target/release/sglang-server"
+router="$root/target/release/sglang-router"
 model="$root/models/SmolLM2-135M-Instruct"
 
 cap() { local v="$1" max="$2"; [[ "$v" == unlimited || "$v" -gt "$max" ]] && v="$max"; echo "$v"; }
@@ -23,7 +24,7 @@ nofile="$(cap "$(ulimit -Hn)" 16384)"
 nproc="$(cap "$(ulimit -Hu)" 16384)"
 read -r -a ulimits <<< "${CONTAINER_ULIMITS:---ulimit nofile=$nofile:$nofile --ulimit nproc=$nproc:$nproc}"
 
-[[ -x "$bin" ]] || (cd "$root" && cargo build --release -p sglang-server)
+[[ -x "$bin" && -x "$router" ]] || (cd "$root" && cargo build --release -p sglang-server -p sglang-router)
 [[ -f "$model/model.safetensors" ]] || "$root/scripts/prepare-model.sh" >&2
 
 # The base image: local, else from the registry, else from Debian's packages.
@@ -40,12 +41,13 @@ if ! "$engine" image inspect "$base" >/dev/null 2>&1; then
   fi
 fi
 
-# The build context: only the binary (debug info stripped) and the model (hard links when the
+# The build context: only the binaries (debug info stripped) and the model (hard links when the
 # file system allows).
 ctx="$root/target/container-context"
 rm -rf "$ctx"
 mkdir -p "$ctx/models"
 objcopy --strip-debug "$bin" "$ctx/sglang-server"
+objcopy --strip-debug "$router" "$ctx/sglang-router"
 cp -al "$model" "$ctx/models/" 2>/dev/null || cp -a "$model" "$ctx/models/"
 
 format=()

@@ -134,7 +134,10 @@ def test_compose_files():
     stack = load(DEPLOY / "docker-stack.yml")
     assert stack["networks"]["sglang-net"]["driver"] == "overlay"
     services = stack["services"]
-    assert {"sglang-head", "sglang-worker", "nginx"} <= set(services)
+    assert {"sglang-head", "sglang-worker", "router"} <= set(services)
+    router = services["router"]
+    assert router["entrypoint"] == ["sglang-router"]
+    assert router["environment"]["SGLANG_ROUTER_WORKER_DNS"] == "tasks.sglang-head:30000"
     head, worker = services["sglang-head"]["environment"], services["sglang-worker"]["environment"]
     for env in (head, worker):
         assert {"SGLANG_TP_SIZE", "SGLANG_WORLD_SIZE", "SGLANG_RANK", "SGLANG_MASTER_ADDR",
@@ -145,6 +148,30 @@ def test_compose_files():
     assert head["SGLANG_RANK"] == "0" and worker["SGLANG_RANK"] == "{{.Task.Slot}}"
     assert worker["SGLANG_MASTER_ADDR"] == "sglang-head"
     assert "sglang-head:30000" in (DEPLOY / "nginx" / "upstream.swarm.conf").read_text()
+
+
+def test_router_deployments():
+    """Compose, swarm and Kubernetes put sglang-router in front of the replicas, finding them
+    by DNS; Kubernetes through a headless Service, reached by the ingress, allowed by policy."""
+    c = load(DEPLOY / "docker-compose.router.yml")["services"]
+    assert c["router"]["entrypoint"] == ["sglang-router"]
+    assert c["router"]["environment"]["SGLANG_ROUTER_WORKER_DNS"] == "sglang:30000"
+    assert c["sglang"]["ports"] is None and "replicas" in c["sglang"]["deploy"]
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all((DEPLOY / "k8s" / "router.yaml").read_text())}
+    workers = docs[("Service", "sglang-workers")]["spec"]
+    assert workers["clusterIP"] == "None" and workers["selector"] == {"app.kubernetes.io/name": "sglang"}
+    pod = docs[("Deployment", "sglang-router")]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["SGLANG_ROUTER_WORKER_DNS"].startswith("sglang-workers.sglang.svc")
+    assert pod["containers"][0]["command"] == ["sglang-router"]
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    ing = load(DEPLOY / "k8s" / "ingress.yaml")
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "sglang-router"
+    allowed = load(DEPLOY / "k8s" / "networkpolicy.yaml")["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sglang-router"}}} in allowed
+    for name in ("sglang-server", "sglang-router"):
+        for f in ("Dockerfile", "Dockerfile.cpu", "Dockerfile.cpu-prebuilt"):
+            assert name in (DEPLOY / f).read_text(), (name, f)
 
 
 def test_grafana_provisioning():
