@@ -111,13 +111,23 @@ def apply_rope(x, positions, inv_freq, style):
     return out
 
 
-class Sequence:
-    """Dense KV cache of one sequence: k, v per layer, [len, kv_heads, head_dim]."""
+def round_bf16(x):
+    """f32 values rounded to the nearest bf16 (ties to even), kept as f32."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32).reshape(np.shape(x))
 
-    def __init__(self, n_layers):
+
+class Sequence:
+    """Dense KV cache of one sequence: k, v per layer, [len, kv_heads, head_dim]; with
+    `kv_bf16` the cached values are rounded to bf16 as they are stored (an engine's bf16 KV
+    cache), attention still computes in f32."""
+
+    def __init__(self, n_layers, kv_bf16=False):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
         self.len = 0
+        self.store = round_bf16 if kv_bf16 else (lambda x: x)
 
 
 def forward(w, seq, ids):
@@ -138,6 +148,7 @@ def forward(w, seq, ids):
         v = (h @ w.layer(i, "self_attn.v_proj").T).reshape(T, nkv, hd)
         q = apply_rope(q, pos, inv_freq, w.rope_style)
         k = apply_rope(k, pos, inv_freq, w.rope_style)
+        k, v = seq.store(k), seq.store(v)
         seq.k[i] = k if seq.k[i] is None else np.concatenate([seq.k[i], k])
         seq.v[i] = v if seq.v[i] is None else np.concatenate([seq.v[i], v])
         K, V = seq.k[i], seq.v[i]  # [S, nkv, hd]
@@ -173,9 +184,9 @@ def prompt_logprobs(logits, ids):
     return (x[np.arange(len(nxt)), nxt] - lse).tolist()
 
 
-def greedy(w, ids, steps, eos_ids):
+def greedy(w, ids, steps, eos_ids, kv_bf16=False):
     """The first step's logits, the prompt's logprobs, and `steps` greedy tokens."""
-    seq = Sequence(w.cfg["num_hidden_layers"])
+    seq = Sequence(w.cfg["num_hidden_layers"], kv_bf16)
     logits = forward(w, seq, ids)
     first = logits[-1].copy()
     lps = prompt_logprobs(logits, ids)
@@ -491,7 +502,7 @@ def cmd_golden(args):
     results = []
     for i, prompt in enumerate(prompts):
         text, ids = prompt_ids(tok, tok_cfg, prompt)
-        first, lps, tokens = greedy(w, ids, args.steps, eos_ids)
+        first, lps, tokens = greedy(w, ids, args.steps, eos_ids, args.kv_dtype == "bf16")
         logits_file = out_dir / f"logits_{i}.f32"
         first.astype("<f4").tofile(logits_file)
         results.append({"rendered": text, "input_ids": ids, "greedy_ids": tokens,
@@ -540,6 +551,8 @@ def main():
     g.add_argument("--prompts", required=True, help='JSON list of {"text", "chat"}')
     g.add_argument("--steps", type=int, default=32)
     g.add_argument("--out-dir", required=True)
+    g.add_argument("--kv-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the KV cache's element type (bf16: values rounded as they are stored)")
     g.add_argument("--gguf-weights", default=None,
                    help="run on this GGUF's weights (dequantized in numpy) instead of the safetensors")
     c = sub.add_parser("check-gguf")

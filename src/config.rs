@@ -396,6 +396,43 @@ impl std::str::FromStr for LoadFormat {
     }
 }
 
+/// The KV cache's element type (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// The backend's own: f32 on the CPU (exact against the f32 reference), bf16 on CUDA.
+    #[default]
+    Auto,
+    /// f32: the CPU's default.
+    Fp32,
+    /// bf16: half the memory per cached token (values rounded to nearest even when stored).
+    Bf16,
+}
+
+impl KvCacheDtype {
+    /// The option's value that names this type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCacheDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "fp32" | "float32" => Ok(Self::Fp32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(format!(
+                "{other:?} is not a KV cache dtype (auto, fp32, bf16)"
+            )),
+        }
+    }
+}
+
 /// Which backend runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -424,6 +461,8 @@ pub struct EngineConfig {
     pub load_format: LoadFormat,
     /// Quantize bf16/f16/f32 weights to this format while loading (`--quantization`).
     pub quantization: Option<crate::quant::QuantType>,
+    /// The KV cache's element type (`--kv-cache-dtype`).
+    pub kv_cache_dtype: KvCacheDtype,
     pub device: Device,
     /// Tokens per KV page.
     pub page_size: usize,
@@ -500,6 +539,7 @@ impl EngineConfig {
             model_path: model_path.into(),
             load_format: LoadFormat::Safetensors,
             quantization: None,
+            kv_cache_dtype: KvCacheDtype::Auto,
             device: Device::Auto,
             page_size: 16,
             max_total_tokens: None,

@@ -154,3 +154,63 @@ fn long_prompt_logprobs_match_the_reference() {
     );
     assert!(worst < LOGPROB_TOLERANCE, "prompt logprob error {worst}");
 }
+
+/// `--kv-cache-dtype bf16`: the engine against the reference rounding its own KV cache to bf16
+/// as it stores it (attention in f32 on both sides). A cached value whose f32 inputs straddle
+/// a bf16 rounding boundary differs by one bf16 step (2^-8 relative) and that spreads through
+/// the layers, so the logits agree to ~1e-3 relative (measured 1.1e-3 on the first prompt),
+/// where our own f32 cache is ~2e-2 away (the rounding itself); we allow 5e-3, require the
+/// distance to the rounding reference to be well under the distance to the f32 cache, and
+/// ask for the same 32 greedy tokens. The pool holds twice the tokens in the same bytes.
+#[test]
+fn bf16_kv_cache_matches_the_reference_rounding_its_cache() {
+    use sglang::config::KvCacheDtype;
+    let dir = common::model_dir();
+    let prompts: &[(&str, bool)] = &[
+        ("The capital of France is", false),
+        ("What are the three primary colors? Answer briefly.", true),
+        ("Write a haiku about a lighthouse keeper.", true),
+    ];
+    let refs = common::reference_with(
+        &dir,
+        prompts,
+        STEPS,
+        &["--kv-dtype".as_ref(), "bf16".as_ref()],
+    );
+    let f32_refs = common::reference(&dir, &prompts[..1], 0);
+    let mut cfg = EngineConfig::new(&dir);
+    cfg.max_total_tokens = Some(4096);
+    let mut f32_runner = runner::load(&cfg).unwrap();
+    cfg.kv_cache_dtype = KvCacheDtype::Bf16;
+    let engine = EngineHandle::start(cfg.clone()).unwrap();
+    let tok = engine.tokenizer().clone();
+    let mut runner = runner::load(&cfg).unwrap();
+    assert_eq!(
+        runner.kv_bytes_per_token() * 2,
+        f32_runner.kv_bytes_per_token()
+    );
+    for (i, ((text, chat), r)) in prompts.iter().zip(&refs).enumerate() {
+        let ids = common::prompt_ids(&tok, text, *chat);
+        assert_eq!(ids, r.input_ids);
+        let logits = common::first_step_logits(runner.as_mut(), &ids);
+        let err = common::rel_err(&logits, &r.logits());
+        assert!(
+            err < 5e-3,
+            "{text:?}: logits rel err {err} against the bf16-cache reference"
+        );
+        if i == 0 {
+            // the rounding is real: the f32 cache and the f32 reference agree far better
+            let exact = common::first_step_logits(f32_runner.as_mut(), &ids);
+            let f32_err = common::rel_err(&exact, &f32_refs[0].logits());
+            let cache_err = common::rel_err(&logits, &exact);
+            eprintln!("bf16 cache against f32 cache: {cache_err:.2e}; f32 against reference: {f32_err:.2e}; bf16 against bf16 reference: {err:.2e}");
+            // closer to the reference that rounds its cache than to our own f32 cache
+            assert!(err < cache_err / 4.0, "{err} against {cache_err}");
+        }
+        let out = common::greedy(&engine, &ids, STEPS);
+        assert_eq!(
+            out.token_ids, r.greedy_ids,
+            "{text:?}: greedy tokens differ"
+        );
+    }
+}

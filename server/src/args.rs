@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use sglang::config::{default_model_path, Device, EngineConfig, LoadFormat};
+use sglang::config::{default_model_path, Device, EngineConfig, KvCacheDtype, LoadFormat};
 use sglang::quant::QuantType;
 use sglang::sampling::SamplingParams;
 
@@ -36,6 +36,12 @@ pub struct EngineArgs {
     /// quantized size. Not with GGUF files or tensor parallelism.
     #[arg(long, env = "SGLANG_QUANTIZATION")]
     pub quantization: Option<QuantType>,
+
+    /// The KV cache's element type: auto (the backend's own: f32 on the CPU, bf16 on CUDA),
+    /// fp32, or bf16 (CPU: half the memory per cached token, so twice the tokens in the same
+    /// pool; attention widens it to f32 as it reads).
+    #[arg(long, env = "SGLANG_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtype,
 
     /// Tokens per KV-cache page.
     #[arg(long, env = "SGLANG_PAGE_SIZE", default_value_t = 16)]
@@ -132,6 +138,7 @@ impl EngineArgs {
         c.device = self.device;
         c.load_format = self.load_format;
         c.quantization = self.quantization;
+        c.kv_cache_dtype = self.kv_cache_dtype;
         c.page_size = self.page_size;
         c.max_total_tokens = self.max_total_tokens;
         c.mem_fraction_static = self.mem_fraction_static;

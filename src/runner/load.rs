@@ -9,7 +9,7 @@ use super::tp::{self, TpRunner};
 use super::{weight_bytes, ModelRunner, Runner};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::BackendError;
-use crate::config::{ConfigError, Device, EngineConfig, LoadFormat, ModelConfig};
+use crate::config::{ConfigError, Device, EngineConfig, KvCacheDtype, LoadFormat, ModelConfig};
 use crate::loader::{self, LoadError, WeightMap};
 use crate::model::llama::{self, LlamaModel};
 use crate::parallel::tcp::{GroupParams, TcpComm};
@@ -136,7 +136,8 @@ fn prepare(cfg: &EngineConfig) -> Result<Prepared, LoadModelError> {
         weights.len(),
         started.elapsed().as_secs_f64()
     );
-    let per_token = model_cfg.kv_bytes_per_token(crate::backend::cpu::KV_ELEM_BYTES);
+    let per_token =
+        model_cfg.kv_bytes_per_token(crate::backend::cpu::kv_elem_bytes(cfg.kv_cache_dtype));
     let total_tokens = cfg
         .max_total_tokens
         .unwrap_or_else(|| default_kv_tokens(per_token, cfg.page_size));
@@ -263,7 +264,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
     // processes): a size beyond it would fail, or be killed, later
     let per_token = p
         .model_cfg
-        .kv_bytes_per_token(crate::backend::cpu::KV_ELEM_BYTES);
+        .kv_bytes_per_token(crate::backend::cpu::kv_elem_bytes(cfg.kv_cache_dtype));
     let bytes = kv_pool_bytes(num_pages * page_size, per_token)?;
     if let (1, Some(total)) = (cfg.world_size, crate::sys::MemInfo::read().total_bytes) {
         if bytes as u64 > total {
@@ -283,8 +284,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
             &p.weights,
             Shard::full(&p.model_cfg),
             None,
-            num_pages,
-            page_size,
+            KvPool::new(num_pages, page_size, cfg.kv_cache_dtype),
             cfg.num_threads,
         )?
     } else if cfg.world_size == 1 {
@@ -293,6 +293,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
         tracing::info!("tensor parallelism: {tp} ranks on CPU threads, {threads} threads each");
         let model_cfg = p.model_cfg.clone();
         let weights = Arc::new(p.weights);
+        let kv_dtype = cfg.kv_cache_dtype;
         Box::new(tp::start(
             &p.model_cfg,
             tp,
@@ -303,8 +304,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
                     &weights,
                     shard,
                     Some(comm),
-                    num_pages,
-                    page_size,
+                    KvPool::new(num_pages, page_size, kv_dtype),
                     Some(threads),
                 )
             },
@@ -349,8 +349,7 @@ fn start_process_group(cfg: &EngineConfig, p: &Prepared) -> Result<TpRunner, Loa
         &p.weights,
         Shard::new(&p.model_cfg, 0, p.group),
         Some(comm.clone()),
-        p.num_pages,
-        cfg.page_size,
+        KvPool::new(p.num_pages, cfg.page_size, cfg.kv_cache_dtype),
         Some(threads_per_rank(cfg, 1)),
     );
     let rank0 = match built {
@@ -392,8 +391,11 @@ pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
         &p.weights,
         shard,
         Some(comm.clone()),
-        params.num_pages as usize,
-        params.page_size as usize,
+        KvPool::new(
+            params.num_pages as usize,
+            params.page_size as usize,
+            cfg.kv_cache_dtype,
+        ),
         Some(threads_per_rank(cfg, 1)),
     );
     let mut runner = match built {
@@ -416,6 +418,11 @@ pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
 fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, LoadModelError> {
     use crate::backend::cuda::CudaBackend;
     use crate::backend::Backend;
+    if cfg.kv_cache_dtype == KvCacheDtype::Fp32 {
+        return Err(LoadModelError::Unsupported(
+            "--kv-cache-dtype fp32 is CPU only: the CUDA backend keeps its KV cache in bf16".into(),
+        ));
+    }
     let backend = CudaBackend::new(0)?;
     let (free, total) = backend.memory()?;
     tracing::info!(
@@ -459,18 +466,36 @@ fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, L
     Ok(Box::new(runner))
 }
 
+/// The KV pool of a CPU rank: pages, tokens per page, element type.
+#[derive(Debug, Clone, Copy)]
+pub struct KvPool {
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub dtype: KvCacheDtype,
+}
+
+impl KvPool {
+    pub fn new(num_pages: usize, page_size: usize, dtype: KvCacheDtype) -> Self {
+        Self {
+            num_pages,
+            page_size,
+            dtype,
+        }
+    }
+}
+
 /// One rank's runner on the CPU backend (the whole model when `shard` is full): its shard of
-/// `weights`, a KV cache of `num_pages` pages for its KV heads, and `threads` CPU threads.
+/// `weights`, a KV cache of `kv.num_pages` pages for its KV heads, and `threads` CPU threads.
 pub fn build_rank(
     model_cfg: &ModelConfig,
     weights: &WeightMap,
     shard: Shard,
     comm: Option<Arc<dyn Communicator>>,
-    num_pages: usize,
-    page_size: usize,
+    kv: KvPool,
     threads: Option<usize>,
 ) -> Result<Box<dyn ModelRunner>, LoadModelError> {
-    let backend = CpuBackend::new(threads);
+    let backend = CpuBackend::new(threads).with_kv_dtype(kv.dtype);
+    let (num_pages, page_size) = (kv.num_pages, kv.page_size);
     if shard.rank == 0 {
         tracing::info!(
             "CPU backend: {} threads, kernels: {}",

@@ -25,7 +25,8 @@ use crate::parallel::Communicator;
 use crate::sampling::{SampleBatch, TokenInfo};
 
 pub use load::{
-    build_rank, gguf_tokenizer, load, model_config, resolve_device, serve_rank, LoadModelError,
+    build_rank, gguf_tokenizer, load, model_config, resolve_device, serve_rank, KvPool,
+    LoadModelError,
 };
 
 /// The state of a tensor-parallel group (one rank, always ready, without parallelism).

@@ -223,6 +223,7 @@ def test_invalid_options_stop_start_up_naming_them():
         (["--api-key", ""], {}, "api-key"),
         (["--admin-api-key="], {"SGLANG_ADMIN_API_KEY": ""}, "admin-api-key"),
         (["--quantization", "q3_k"], {}, "--quantization"),
+        (["--kv-cache-dtype", "fp8"], {}, "--kv-cache-dtype"),
         ([], {"SGLANG_QUANTIZATION": "q8_0", "SGLANG_TP_SIZE": "3"}, "quantization"),
     ]
     for args, env, needle in cases:
@@ -251,6 +252,24 @@ def test_quantization_while_loading():
     assert 0.30 < sizes["q4_1"] / sizes[None] < 0.33, sizes
     # q4_k: Q5_0 (22 bytes per 32) for the 576-wide rows, Q4_K (144 per 256) for down_proj
     assert 0.31 < sizes["q4_k"] / sizes[None] < 0.35, sizes
+
+
+def test_bf16_kv_cache_halves_the_pool_bytes_and_serves():
+    """--kv-cache-dtype bf16: the same tokens in half the bytes, the setting shown in /config,
+    and the golden prompt still answered (the numpy comparison is tests/golden.rs)."""
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    size = {}
+    for dtype in ("auto", "bf16"):
+        s = Server("--admin-api-key", "a", "--max-total-tokens", "2048", "--kv-cache-dtype", dtype)
+        try:
+            _, _, cfg = s.request("GET", "/config", headers={"Authorization": "Bearer a"})
+            assert cfg["kv_cache_dtype"] == dtype
+            size[dtype] = s.metric("sglang_kv_cache_size_bytes")
+            _, _, r = s.post("/generate", body)
+            assert "Paris" in r["text"], (dtype, r)
+        finally:
+            s.stop()
+    assert size["auto"] == 2 * size["bf16"] > 0, size
 
 
 def test_radix_cache_off_by_variable():

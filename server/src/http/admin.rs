@@ -145,6 +145,7 @@ fn config_json(state: &AppState) -> Value {
         "device": format!("{:?}", e.device).to_lowercase(),
         "load_format": e.load_format.name(),
         "quantization": e.quantization.map(|q| q.name().to_lowercase()),
+        "kv_cache_dtype": e.kv_cache_dtype.name(),
         "page_size": e.page_size,
         "max_total_tokens": e.max_total_tokens,
         "mem_fraction_static": e.mem_fraction_static,

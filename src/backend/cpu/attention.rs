@@ -10,8 +10,78 @@
 //! Each head's arithmetic is independent of the other heads in the call, so splitting a group
 //! across threads (when there are few tokens, as in decode) gives bit-identical results: the
 //! output never depends on how the work was divided.
+//!
+//! The cache holds f32 or bf16 (`--kv-cache-dtype`); every kernel widens a bf16 row to f32 as
+//! it loads it (a shift: bf16 is the top half of an f32), so the arithmetic is the same.
+
+use half::bf16;
 
 use super::kernels::{dot, scale_axpy, Isa};
+
+/// An element of the KV cache: f32, or bf16 (half the memory; rounded to nearest even when
+/// stored).
+pub trait KvElem: Copy + Send + Sync + Default + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Eight elements at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX2 present; `p..p + 8` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements at `p` widened to f32.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `p..p + 16` readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+}
+
+impl KvElem for bf16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+}
 
 /// Geometry of the CPU paged KV cache of one layer: `[page][kv_head][slot in page][head_dim]`,
 /// so one head's part of a page is contiguous.
@@ -37,9 +107,9 @@ const KEY_CHUNK: usize = 16;
 
 /// What one call attends: the KV cache of one layer and one sequence.
 #[derive(Clone, Copy)]
-pub struct AttnInput<'a> {
-    pub k_cache: &'a [f32],
-    pub v_cache: &'a [f32],
+pub struct AttnInput<'a, E: KvElem = f32> {
+    pub k_cache: &'a [E],
+    pub v_cache: &'a [E],
     pub layout: KvLayout,
     pub block_table: &'a [u32],
     pub kv_head: usize,
@@ -48,7 +118,7 @@ pub struct AttnInput<'a> {
     pub scale: f32,
 }
 
-impl AttnInput<'_> {
+impl<E: KvElem> AttnInput<'_, E> {
     /// The run of keys that starts at position `pos`: the cache offset of its first key and
     /// how many follow contiguously (at most KEY_CHUNK, never across a page or past `ctx`).
     #[inline]
@@ -78,7 +148,7 @@ const EXP_POLY: [f32; 6] = [
 ];
 
 #[cfg(target_arch = "x86_64")]
-impl AttnInput<'_> {
+impl<E: KvElem> AttnInput<'_, E> {
     /// Pages are scattered: fetches the keys and values of the chunk after the one at `pos`
     /// (cache offset `base`, `n` keys) while that one is computed, when it starts another page;
     /// within a page the hardware prefetcher follows, but not across a block table.
@@ -95,7 +165,7 @@ impl AttnInput<'_> {
             return;
         }
         let (k, v) = (&self.k_cache[nbase..], &self.v_cache[nbase..]);
-        for off in (0..nn * hd).step_by(64 / 4) {
+        for off in (0..nn * hd).step_by(64 / std::mem::size_of::<E>()) {
             // SAFETY: prefetching is a hint and never faults; `off` is inside both slices.
             unsafe {
                 _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().add(off) as *const i8);
@@ -107,7 +177,7 @@ impl AttnInput<'_> {
 
 /// Attention of the query heads in `q` (`heads * head_dim`) over positions `0..ctx`, into
 /// `out` (same shape).
-pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
+pub fn attend<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, q: &[f32], out: &mut [f32]) {
     let hd = a.layout.head_dim;
     let heads = q.len() / hd;
     let mut h0 = 0;
@@ -134,10 +204,20 @@ pub fn attend(isa: Isa, a: &AttnInput<'_>, q: &[f32], out: &mut [f32]) {
 
 /// The portable twin (also the reference in tests).
 #[allow(clippy::needless_range_loop)] // per-head arrays indexed in lockstep
-fn attend_heads_portable(isa: Isa, a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]) {
+fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
     let hd = a.layout.head_dim;
     let nh = qs.len() / hd;
     os.fill(0.0);
+    // a bf16 row widened to f32 (an f32 cache is read in place)
+    let mut row = vec![0.0f32; hd];
+    let mut widen = |src: &[E]| -> *const f32 {
+        if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() {
+            src.as_ptr() as *const f32
+        } else {
+            row.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+            row.as_ptr()
+        }
+    };
     let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
     let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
     let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
@@ -145,7 +225,9 @@ fn attend_heads_portable(isa: Isa, a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]
     while pos < a.ctx {
         let (base, n) = a.chunk_at(pos);
         for j in 0..n {
-            let kr = &a.k_cache[base + j * hd..base + (j + 1) * hd];
+            let kp = widen(&a.k_cache[base + j * hd..base + (j + 1) * hd]);
+            // SAFETY: `kp` points at hd f32 values (the cache row or `row`), unchanged below.
+            let kr = unsafe { std::slice::from_raw_parts(kp, hd) };
             for h in 0..nh {
                 scores[h][j] = dot(isa, &qs[h * hd..(h + 1) * hd], kr) * a.scale;
             }
@@ -162,7 +244,9 @@ fn attend_heads_portable(isa: Isa, a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]
             for j in 0..n {
                 let p = (scores[h][j] - new_max).exp();
                 chunk_sum += p;
-                let vr = &a.v_cache[base + j * hd..base + (j + 1) * hd];
+                let vp = widen(&a.v_cache[base + j * hd..base + (j + 1) * hd]);
+                // SAFETY: as for the keys.
+                let vr = unsafe { std::slice::from_raw_parts(vp, hd) };
                 scale_axpy(isa, acc, if j == 0 { correction } else { 1.0 }, p, vr);
             }
             sum[h] = sum[h] * correction + chunk_sum;
@@ -219,7 +303,7 @@ mod avx2 {
     /// `attend_heads_portable` with the dot products, exponentials and value updates in
     /// registers. `head_dim` must be a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_heads(a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]) {
+    pub(super) unsafe fn attend_heads<E: KvElem>(a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
         let hd = a.layout.head_dim;
         let nh = qs.len() / hd;
         let vecs = hd / 8;
@@ -244,24 +328,16 @@ mod avx2 {
                     let mut s1 = _mm256_setzero_ps();
                     let mut d = 0;
                     while d + 16 <= hd {
-                        s0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(q.add(d)),
-                            _mm256_loadu_ps(k.add(d)),
-                            s0,
-                        );
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(d)), E::load8(k.add(d)), s0);
                         s1 = _mm256_fmadd_ps(
                             _mm256_loadu_ps(q.add(d + 8)),
-                            _mm256_loadu_ps(k.add(d + 8)),
+                            E::load8(k.add(d + 8)),
                             s1,
                         );
                         d += 16;
                     }
                     if d < hd {
-                        s0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(q.add(d)),
-                            _mm256_loadu_ps(k.add(d)),
-                            s0,
-                        );
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(d)), E::load8(k.add(d)), s0);
                     }
                     scores[j] = hsum(_mm256_add_ps(s0, s1)) * a.scale;
                 }
@@ -291,7 +367,7 @@ mod avx2 {
                     for j in 0..n {
                         r = _mm256_fmadd_ps(
                             _mm256_set1_ps(weights[j]),
-                            _mm256_loadu_ps(vc.add(base + j * hd + 8 * c)),
+                            E::load8(vc.add(base + j * hd + 8 * c)),
                             r,
                         );
                     }
@@ -375,11 +451,11 @@ mod avx512 {
 
     /// `acc[0..16 C] = acc · corr + Σ_j w[j] · v[j · stride ..][0..16 C]`, in C registers.
     #[inline(always)]
-    unsafe fn accumulate<const C: usize>(
+    unsafe fn accumulate<const C: usize, E: KvElem>(
         acc: *mut f32,
         corr: __m512,
         w: &[f32],
-        v: *const f32,
+        v: *const E,
         stride: usize,
     ) {
         let mut r = [_mm512_setzero_ps(); C];
@@ -390,7 +466,7 @@ mod avx512 {
             let wj = _mm512_set1_ps(wj);
             let vj = v.add(j * stride);
             for c in 0..C {
-                r[c] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vj.add(16 * c)), r[c]);
+                r[c] = _mm512_fmadd_ps(wj, E::load16(vj.add(16 * c)), r[c]);
             }
         }
         for c in 0..C {
@@ -400,7 +476,7 @@ mod avx512 {
 
     /// `attend_heads_portable` in AVX-512. `head_dim` must be a multiple of 16.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-    pub(super) unsafe fn attend_heads(a: &AttnInput<'_>, qs: &[f32], os: &mut [f32]) {
+    pub(super) unsafe fn attend_heads<E: KvElem>(a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
         let hd = a.layout.head_dim;
         let nh = qs.len() / hd;
         let vecs = hd / 16;
@@ -427,7 +503,7 @@ mod avx512 {
                     for c in 0..vecs {
                         s = _mm512_fmadd_ps(
                             _mm512_loadu_ps(q.add(16 * c)),
-                            _mm512_loadu_ps(k.add(16 * c)),
+                            E::load16(k.add(16 * c)),
                             s,
                         );
                     }
@@ -451,7 +527,7 @@ mod avx512 {
                 let v = vc.add(base);
                 let mut c0 = 0;
                 while c0 + OUT_VECS <= vecs {
-                    accumulate::<OUT_VECS>(
+                    accumulate::<OUT_VECS, E>(
                         acc.add(16 * c0),
                         corr,
                         &weights[..n],
@@ -461,7 +537,7 @@ mod avx512 {
                     c0 += OUT_VECS;
                 }
                 while c0 < vecs {
-                    accumulate::<1>(acc.add(16 * c0), corr, &weights[..n], v.add(16 * c0), hd);
+                    accumulate::<1, E>(acc.add(16 * c0), corr, &weights[..n], v.add(16 * c0), hd);
                     c0 += 1;
                 }
             }
@@ -559,6 +635,39 @@ mod tests {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0.0, f32::max);
                 assert!(err < 2e-5, "{isa:?} ps={page_size} hd={hd}: {err}");
+                // a bf16 cache gives the bits of an f32 cache holding the same (widened) values
+                let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
+                    k.iter().map(|&x| bf16::from_f32(x)).collect(),
+                    v.iter().map(|&x| bf16::from_f32(x)).collect(),
+                );
+                let (kw, vw): (Vec<f32>, Vec<f32>) = (
+                    kb.iter().map(|x| x.to_f32()).collect(),
+                    vb.iter().map(|x| x.to_f32()).collect(),
+                );
+                let (mut from_bf16, mut from_f32) = (vec![0.0; heads * hd], vec![0.0; heads * hd]);
+                let with_bf16 = AttnInput {
+                    k_cache: &kb[..],
+                    v_cache: &vb[..],
+                    layout,
+                    block_table: &table,
+                    kv_head: 1,
+                    ctx,
+                    scale: 0.3,
+                };
+                let with_f32 = AttnInput {
+                    k_cache: &kw[..],
+                    v_cache: &vw[..],
+                    ..a
+                };
+                attend(isa, &with_bf16, &q, &mut from_bf16);
+                attend(isa, &with_f32, &q, &mut from_f32);
+                assert!(
+                    from_bf16
+                        .iter()
+                        .zip(&from_f32)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa:?} ps={page_size} hd={hd}: bf16 cache"
+                );
                 // one head at a time gives the same bits as the whole group
                 for h in 0..heads {
                     let mut one = vec![0.0; hd];

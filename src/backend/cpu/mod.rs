@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
-use self::attention::{AttnInput, KvLayout};
+use self::attention::{AttnInput, KvElem, KvLayout};
 use self::kernels::{Isa, OutPtr};
 use self::pool::ThreadPool;
 use super::{Backend, BackendError, RopeTable};
 use crate::batch::StepBatch;
-use crate::config::ModelConfig;
+use crate::config::{KvCacheDtype, ModelConfig};
 use crate::loader::{Elems, Tensor};
 use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
@@ -40,11 +40,21 @@ impl CpuWeight {
     }
 }
 
-/// K and V of every layer: `[page][kv_head][slot][head_dim]` f32 (see `KvLayout`).
+/// K and V of every layer: `[page][kv_head][slot][head_dim]` (see `KvLayout`), f32 or bf16.
 pub struct CpuKv {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    store: KvStore,
     layout: KvLayout,
+}
+
+enum KvStore {
+    F32 {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    },
+    Bf16 {
+        k: Vec<Vec<half::bf16>>,
+        v: Vec<Vec<half::bf16>>,
+    },
 }
 
 /// Per-step tables: cos/sin of every new token's position (`[token][head_dim / 2]`) and the
@@ -67,6 +77,7 @@ pub struct CpuBackend {
     sampler: Mutex<Sampler>,
     /// The activations of a product with quantized weights, quantized once per product.
     xq: Mutex<QuantizedRows>,
+    kv_dtype: KvCacheDtype,
 }
 
 /// The CPU kernel set this machine runs (logged at start-up, in `/get_server_info` and the
@@ -86,8 +97,16 @@ pub fn kernel_set() -> String {
     format!("{} (f32/bf16/f16), {quant}", isa.name())
 }
 
-/// Bytes of one cached K or V value: the CPU cache holds f32.
+/// Bytes of one cached K or V value in the CPU's default (f32) cache.
 pub const KV_ELEM_BYTES: usize = 4;
+
+/// Bytes of one KV-cache element on the CPU for `--kv-cache-dtype` (auto: f32).
+pub fn kv_elem_bytes(dtype: KvCacheDtype) -> usize {
+    match dtype {
+        KvCacheDtype::Bf16 => 2,
+        KvCacheDtype::Auto | KvCacheDtype::Fp32 => KV_ELEM_BYTES,
+    }
+}
 
 /// Below this many rows the elementwise ops run on the calling thread alone.
 const PARALLEL_ROWS: usize = 32;
@@ -107,7 +126,125 @@ impl CpuBackend {
             spare_step: Mutex::new(None),
             sampler: Mutex::new(Sampler::new()),
             xq: Mutex::new(QuantizedRows::default()),
+            kv_dtype: KvCacheDtype::Auto,
         }
+    }
+
+    /// The KV cache's element type (`--kv-cache-dtype`; auto: f32).
+    pub fn with_kv_dtype(mut self, dtype: KvCacheDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    /// `attention` over one layer's cache of element type `E`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_all<E: KvElem>(
+        &self,
+        step: &CpuStep,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &[f32],
+        kc: &[E],
+        vc: &[E],
+        layout: KvLayout,
+        out: &mut [f32],
+    ) {
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let op = OutPtr(out.as_mut_ptr());
+        let isa = self.isa;
+        // Work items: (token, kv head), handed out dynamically (their cost grows with the
+        // context). A whole group per item reads each KV page once for all its query heads;
+        // splitting groups across threads balances better at batch 1 but reads the cache once
+        // per head, and measured slower (KV reads are what attention waits on).
+        let total = batch.num_tokens() * nkv;
+        let threads = self.pool.num_threads();
+        let next = AtomicUsize::new(0);
+        let work = |_tid: usize| loop {
+            let item = next.fetch_add(1, Ordering::Relaxed);
+            if item >= total {
+                break;
+            }
+            let (t, g) = (item / nkv, item % nkv);
+            let seq = &batch.seqs[step.seq_of_token[t] as usize];
+            // causal: this token sees positions 0..=its own
+            let ctx = seq.context_len - seq.num_tokens + (t - seq.token_start) + 1;
+            let (h0, h1) = (g * group, (g + 1) * group);
+            let qh = &q[(t * nh + h0) * hd..(t * nh + h1) * hd];
+            // SAFETY: items own disjoint head ranges of `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(op.get().add((t * nh + h0) * hd), (h1 - h0) * hd)
+            };
+            let input = AttnInput {
+                k_cache: kc,
+                v_cache: vc,
+                layout,
+                block_table: batch.block_table(seq),
+                kv_head: g,
+                ctx,
+                scale,
+            };
+            attention::attend(isa, &input, qh, o);
+        };
+        if total < 2 || threads == 1 {
+            work(0);
+        } else {
+            self.pool.run(work);
+        }
+    }
+
+    /// `rope_and_store_kv` into one layer's cache of element type `E` (bf16: rounded to
+    /// nearest even).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_store<E: KvElem>(
+        &self,
+        step: &CpuStep,
+        batch: &StepBatch,
+        cfg: &ModelConfig,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        layout: KvLayout,
+        k_cache: &mut [E],
+        v_cache: &mut [E],
+    ) {
+        let hd = cfg.head_dim;
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let half = step.half;
+        let qp = OutPtr(q.as_mut_ptr());
+        let kp = OutPtr(k.as_mut_ptr());
+        let kc = OutPtr(k_cache.as_mut_ptr());
+        let vc = OutPtr(v_cache.as_mut_ptr());
+        self.for_rows(batch.num_tokens(), |t| {
+            let cos = &step.cos[t * half..(t + 1) * half];
+            let sin = &step.sin[t * half..(t + 1) * half];
+            let slot = batch.slots[t] as usize;
+            let (page, in_page) = (slot / layout.page_size, slot % layout.page_size);
+            // SAFETY: token t owns row t of q and k, and its own (unique) KV slot; the batch
+            // never gives two new tokens the same slot.
+            unsafe {
+                let qrow = std::slice::from_raw_parts_mut(qp.get().add(t * nh * hd), nh * hd);
+                for h in qrow.chunks_exact_mut(hd) {
+                    kernels::rope_head(h, cos, sin);
+                }
+                let krow = std::slice::from_raw_parts_mut(kp.get().add(t * nkv * hd), nkv * hd);
+                for (g, h) in krow.chunks_exact_mut(hd).enumerate() {
+                    kernels::rope_head(h, cos, sin);
+                    let off = layout.offset(page, g, in_page);
+                    let kdst = std::slice::from_raw_parts_mut(kc.get().add(off), hd);
+                    let vdst = std::slice::from_raw_parts_mut(vc.get().add(off), hd);
+                    let vsrc = &v[(t * nkv + g) * hd..(t * nkv + g + 1) * hd];
+                    kdst.iter_mut()
+                        .zip(h.iter())
+                        .for_each(|(d, &x)| *d = E::from_f32(x));
+                    vdst.iter_mut()
+                        .zip(vsrc)
+                        .for_each(|(d, &x)| *d = E::from_f32(x));
+                }
+            }
+        });
     }
 
     pub fn num_threads(&self) -> usize {
@@ -216,20 +353,20 @@ impl CpuBackend {
     }
 }
 
-/// A zeroed f32 vector from `alloc_zeroed` (calloc): the OS commits its pages only when they
+/// A zeroed vector (f32 or bf16) from `alloc_zeroed` (calloc): the OS commits its pages only when they
 /// are first written, so a large KV pool costs address space until it is used. Allocation
 /// failure is an error, not an abort.
-fn zeroed(n: usize) -> Result<Vec<f32>, BackendError> {
+fn zeroed<E: KvElem>(n: usize) -> Result<Vec<E>, BackendError> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    let layout = std::alloc::Layout::array::<f32>(n)
+    let layout = std::alloc::Layout::array::<E>(n)
         .map_err(|e| BackendError::OutOfMemory(format!("KV cache of {n} values: {e}")))?;
-    // SAFETY: layout has non-zero size; on success the block holds n zeroed f32 values (all-zero
-    // bits is 0.0), allocated by the global allocator with f32's alignment, which is what
-    // Vec::from_raw_parts requires for capacity n.
+    // SAFETY: layout has non-zero size; on success the block holds n zeroed values (all-zero
+    // bits is 0.0 in f32 and in bf16), allocated by the global allocator with E's alignment,
+    // which is what Vec::from_raw_parts requires for capacity n.
     unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut f32;
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut E;
         if ptr.is_null() {
             return Err(BackendError::OutOfMemory(format!(
                 "KV cache: cannot allocate {} bytes",
@@ -281,15 +418,22 @@ impl Backend for CpuBackend {
         page_size: usize,
     ) -> Result<CpuKv, BackendError> {
         let per_layer = num_pages * page_size * cfg.num_kv_heads * cfg.head_dim;
-        let mut k = Vec::with_capacity(cfg.num_layers);
-        let mut v = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
-            k.push(zeroed(per_layer)?);
-            v.push(zeroed(per_layer)?);
+        fn layers<E: KvElem>(n: usize, per_layer: usize) -> Result<Vec<Vec<E>>, BackendError> {
+            (0..n).map(|_| zeroed(per_layer)).collect()
         }
+        let n = cfg.num_layers;
+        let store = match self.kv_dtype {
+            KvCacheDtype::Bf16 => KvStore::Bf16 {
+                k: layers(n, per_layer)?,
+                v: layers(n, per_layer)?,
+            },
+            KvCacheDtype::Auto | KvCacheDtype::Fp32 => KvStore::F32 {
+                k: layers(n, per_layer)?,
+                v: layers(n, per_layer)?,
+            },
+        };
         Ok(CpuKv {
-            k,
-            v,
+            store,
             layout: KvLayout {
                 page_size,
                 num_kv_heads: cfg.num_kv_heads,
@@ -299,7 +443,7 @@ impl Backend for CpuBackend {
     }
 
     fn kv_bytes_per_token(&self, cfg: &ModelConfig) -> usize {
-        cfg.kv_bytes_per_token(KV_ELEM_BYTES)
+        cfg.kv_bytes_per_token(kv_elem_bytes(self.kv_dtype))
     }
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CpuStep, BackendError> {
@@ -459,39 +603,31 @@ impl Backend for CpuBackend {
         kv: &mut CpuKv,
         layer: usize,
     ) -> Result<(), BackendError> {
-        let hd = cfg.head_dim;
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
-        let half = step.half;
         let layout = kv.layout;
-        let qp = OutPtr(q.as_mut_ptr());
-        let kp = OutPtr(k.as_mut_ptr());
-        let kc = OutPtr(kv.k[layer].as_mut_ptr());
-        let vc = OutPtr(kv.v[layer].as_mut_ptr());
-        self.for_rows(batch.num_tokens(), |t| {
-            let cos = &step.cos[t * half..(t + 1) * half];
-            let sin = &step.sin[t * half..(t + 1) * half];
-            let slot = batch.slots[t] as usize;
-            let (page, in_page) = (slot / layout.page_size, slot % layout.page_size);
-            // SAFETY: token t owns row t of q and k, and its own (unique) KV slot; the batch
-            // never gives two new tokens the same slot.
-            unsafe {
-                let qrow = std::slice::from_raw_parts_mut(qp.get().add(t * nh * hd), nh * hd);
-                for h in qrow.chunks_exact_mut(hd) {
-                    kernels::rope_head(h, cos, sin);
-                }
-                let krow = std::slice::from_raw_parts_mut(kp.get().add(t * nkv * hd), nkv * hd);
-                for (g, h) in krow.chunks_exact_mut(hd).enumerate() {
-                    kernels::rope_head(h, cos, sin);
-                    let off = layout.offset(page, g, in_page);
-                    std::ptr::copy_nonoverlapping(h.as_ptr(), kc.get().add(off), hd);
-                    std::ptr::copy_nonoverlapping(
-                        v.as_ptr().add((t * nkv + g) * hd),
-                        vc.get().add(off),
-                        hd,
-                    );
-                }
-            }
-        });
+        match &mut kv.store {
+            KvStore::F32 { k: kc, v: vc } => self.rope_and_store(
+                step,
+                batch,
+                cfg,
+                q,
+                k,
+                v,
+                layout,
+                &mut kc[layer],
+                &mut vc[layer],
+            ),
+            KvStore::Bf16 { k: kc, v: vc } => self.rope_and_store(
+                step,
+                batch,
+                cfg,
+                q,
+                k,
+                v,
+                layout,
+                &mut kc[layer],
+                &mut vc[layer],
+            ),
+        }
         Ok(())
     }
 
@@ -505,52 +641,15 @@ impl Backend for CpuBackend {
         layer: usize,
         out: &mut Vec<f32>,
     ) -> Result<(), BackendError> {
-        let hd = cfg.head_dim;
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
-        let group = nh / nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let layout = kv.layout;
-        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
+        let (hd, nh) = (cfg.head_dim, cfg.num_heads);
         check_len(out, batch.num_tokens() * nh * hd, "attention output");
-        let op = OutPtr(out.as_mut_ptr());
-        let isa = self.isa;
-        // Work items: (token, kv head), handed out dynamically (their cost grows with the
-        // context). A whole group per item reads each KV page once for all its query heads;
-        // splitting groups across threads balances better at batch 1 but reads the cache once
-        // per head, and measured slower (KV reads are what attention waits on).
-        let total = batch.num_tokens() * nkv;
-        let threads = self.pool.num_threads();
-        let next = AtomicUsize::new(0);
-        let work = |_tid: usize| loop {
-            let item = next.fetch_add(1, Ordering::Relaxed);
-            if item >= total {
-                break;
+        match &kv.store {
+            KvStore::F32 { k, v } => {
+                self.attend_all(step, batch, cfg, q, &k[layer], &v[layer], kv.layout, out)
             }
-            let (t, g) = (item / nkv, item % nkv);
-            let seq = &batch.seqs[step.seq_of_token[t] as usize];
-            // causal: this token sees positions 0..=its own
-            let ctx = seq.context_len - seq.num_tokens + (t - seq.token_start) + 1;
-            let (h0, h1) = (g * group, (g + 1) * group);
-            let qh = &q[(t * nh + h0) * hd..(t * nh + h1) * hd];
-            // SAFETY: items own disjoint head ranges of `out`.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(op.get().add((t * nh + h0) * hd), (h1 - h0) * hd)
-            };
-            let input = AttnInput {
-                k_cache: kc,
-                v_cache: vc,
-                layout,
-                block_table: batch.block_table(seq),
-                kv_head: g,
-                ctx,
-                scale,
-            };
-            attention::attend(isa, &input, qh, o);
-        };
-        if total < 2 || threads == 1 {
-            work(0);
-        } else {
-            self.pool.run(work);
+            KvStore::Bf16 { k, v } => {
+                self.attend_all(step, batch, cfg, q, &k[layer], &v[layer], kv.layout, out)
+            }
         }
         Ok(())
     }

@@ -121,15 +121,15 @@ const TOKEN_BLOCK: usize = 48;
 
 /// A raw output pointer shared by threads that write disjoint elements.
 #[derive(Clone, Copy)]
-pub struct OutPtr(pub *mut f32);
+pub struct OutPtr<T: Copy = f32>(pub *mut T);
 // SAFETY: used only to write disjoint regions from different threads (see callers).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+unsafe impl<T: Copy> Send for OutPtr<T> {}
+unsafe impl<T: Copy> Sync for OutPtr<T> {}
 
-impl OutPtr {
+impl<T: Copy> OutPtr<T> {
     /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
     #[inline(always)]
-    pub fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }
