@@ -86,8 +86,6 @@ fn hop_by_hop(name: &str) -> bool {
             | "trailer"
             | "transfer-encoding"
             | "upgrade"
-            | "host"
-            | "content-length"
     )
 }
 
@@ -312,7 +310,8 @@ impl Router {
 
     fn copy_request_headers(&self, from: &HeaderMap, to: &mut HeaderMap) {
         for (k, v) in from {
-            if !hop_by_hop(k.as_str()) {
+            // host and content-length come from the worker's URI and the body
+            if !hop_by_hop(k.as_str()) && k != "host" && k != "content-length" {
                 to.append(k, v.clone());
             }
         }
@@ -468,7 +467,7 @@ impl Router {
         );
         *out.status_mut() = parts.status;
         for (k, v) in &parts.headers {
-            if !hop_by_hop(k.as_str()) || k == "content-length" {
+            if !hop_by_hop(k.as_str()) {
                 out.headers_mut().append(k, v.clone());
             }
         }

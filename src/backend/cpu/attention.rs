@@ -23,6 +23,11 @@ use super::kernels::{dot, scale_axpy, Isa};
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `src` as f32: itself for an f32 cache, else widened into `buf` (same length).
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        buf.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+        buf
+    }
     /// Eight elements at `p` widened to f32.
     ///
     /// # Safety
@@ -45,6 +50,9 @@ impl KvElem for f32 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
+    }
+    fn as_f32<'a>(src: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
+        src
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
@@ -210,14 +218,6 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
     os.fill(0.0);
     // a bf16 row widened to f32 (an f32 cache is read in place)
     let mut row = vec![0.0f32; hd];
-    let mut widen = |src: &[E]| -> *const f32 {
-        if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() {
-            src.as_ptr() as *const f32
-        } else {
-            row.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
-            row.as_ptr()
-        }
-    };
     let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
     let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
     let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
@@ -225,9 +225,7 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
     while pos < a.ctx {
         let (base, n) = a.chunk_at(pos);
         for j in 0..n {
-            let kp = widen(&a.k_cache[base + j * hd..base + (j + 1) * hd]);
-            // SAFETY: `kp` points at hd f32 values (the cache row or `row`), unchanged below.
-            let kr = unsafe { std::slice::from_raw_parts(kp, hd) };
+            let kr = E::as_f32(&a.k_cache[base + j * hd..base + (j + 1) * hd], &mut row);
             for h in 0..nh {
                 scores[h][j] = dot(isa, &qs[h * hd..(h + 1) * hd], kr) * a.scale;
             }
@@ -244,9 +242,7 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
             for j in 0..n {
                 let p = (scores[h][j] - new_max).exp();
                 chunk_sum += p;
-                let vp = widen(&a.v_cache[base + j * hd..base + (j + 1) * hd]);
-                // SAFETY: as for the keys.
-                let vr = unsafe { std::slice::from_raw_parts(vp, hd) };
+                let vr = E::as_f32(&a.v_cache[base + j * hd..base + (j + 1) * hd], &mut row);
                 scale_axpy(isa, acc, if j == 0 { correction } else { 1.0 }, p, vr);
             }
             sum[h] = sum[h] * correction + chunk_sum;

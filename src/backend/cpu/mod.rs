@@ -97,14 +97,11 @@ pub fn kernel_set() -> String {
     format!("{} (f32/bf16/f16), {quant}", isa.name())
 }
 
-/// Bytes of one cached K or V value in the CPU's default (f32) cache.
-pub const KV_ELEM_BYTES: usize = 4;
-
-/// Bytes of one KV-cache element on the CPU for `--kv-cache-dtype` (auto: f32).
+/// Bytes of one cached K or V value on the CPU for `--kv-cache-dtype` (auto: f32).
 pub fn kv_elem_bytes(dtype: KvCacheDtype) -> usize {
     match dtype {
-        KvCacheDtype::Bf16 => 2,
-        KvCacheDtype::Auto | KvCacheDtype::Fp32 => KV_ELEM_BYTES,
+        KvCacheDtype::Bf16 => std::mem::size_of::<half::bf16>(),
+        KvCacheDtype::Auto | KvCacheDtype::Fp32 => std::mem::size_of::<f32>(),
     }
 }
 
