@@ -16,8 +16,7 @@
 //! reference accumulates in f64; the GPU's `__expf` is a few ulp off `exp`); attention reads
 //! bf16 K/V and the reference uses the same bf16 values, so it is held to 1e-5 as well.
 
-use std::ffi::{c_void, CString};
-use std::sync::Mutex;
+use std::ffi::c_void;
 
 use half::bf16;
 
@@ -89,55 +88,20 @@ macro_rules! args {
 /// The emulator: `csrc/*.cu` compiled against `tests/kernel_emu/cuda_emu.h` into a shared
 /// library, once per test process.
 struct Emu {
-    launch_fn: unsafe extern "C" fn(
-        *const std::ffi::c_char,
-        u32,
-        u32,
-        u32,
-        u32,
-        usize,
-        *mut *mut c_void,
-    ) -> i32,
-    _lib: &'static libloading::Library,
     bufs: Vec<Vec<u64>>,
 }
 
 /// Guard bytes before and after every emulator buffer.
 const GUARD: usize = 256;
 
-fn emulator_lib() -> &'static libloading::Library {
-    static LIB: std::sync::OnceLock<libloading::Library> = std::sync::OnceLock::new();
-    LIB.get_or_init(|| {
-        // SAFETY: the library was just built from our own sources; its initialisers only set
-        // up globals.
-        unsafe { libloading::Library::new(kernel_emu::library()) }.unwrap()
-    })
+fn emulator() -> &'static kernel_emu::Emulator {
+    static EMU: std::sync::OnceLock<kernel_emu::Emulator> = std::sync::OnceLock::new();
+    EMU.get_or_init(|| kernel_emu::Emulator::load(kernel_emu::library()))
 }
-
-/// The emulator's state is global (one launch at a time).
-static EMU_LOCK: Mutex<()> = Mutex::new(());
 
 impl Emu {
     fn new() -> Self {
-        let lib = emulator_lib();
-        // SAFETY: the symbol is defined by the generated unit with this signature.
-        let launch_fn = unsafe {
-            *lib.get::<unsafe extern "C" fn(
-                *const std::ffi::c_char,
-                u32,
-                u32,
-                u32,
-                u32,
-                usize,
-                *mut *mut c_void,
-            ) -> i32>(b"sg_emu_launch")
-                .unwrap()
-        };
-        Self {
-            launch_fn,
-            _lib: lib,
-            bufs: Vec::new(),
-        }
+        Self { bufs: Vec::new() }
     }
 
     fn find(&self, ptr: u64) -> (usize, usize) {
@@ -204,24 +168,11 @@ impl Dev for Emu {
         smem: u32,
         args: &mut [*mut c_void],
     ) {
-        let name = CString::new(kernel).unwrap();
-        let rc = {
-            let _g = EMU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            // SAFETY: `args` points at values of the kernel's parameter types, alive for the
-            // call; device pointers are addresses of live emulator buffers.
-            unsafe {
-                (self.launch_fn)(
-                    name.as_ptr(),
-                    grid.0,
-                    grid.1,
-                    grid.2,
-                    block,
-                    smem as usize,
-                    args.as_mut_ptr(),
-                )
-            }
-        };
-        assert_eq!(rc, 0, "{kernel} failed in the emulator (see stderr)");
+        // SAFETY: `args` points at values of the kernel's parameter types, alive for the
+        // call; device pointers are addresses of live emulator buffers.
+        if let Err(e) = unsafe { emulator().launch(kernel, grid, block, smem, args) } {
+            panic!("{kernel} failed in the emulator: {e}");
+        }
         self.check_guards(kernel);
     }
 }
@@ -230,6 +181,7 @@ impl Dev for Emu {
 mod gpu {
     use super::*;
     use cudarc::driver::{result as drv, sys};
+    use std::ffi::CString;
 
     pub struct Gpu {
         _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
@@ -387,8 +339,10 @@ impl Report {
             .collect();
         assert!(
             bad.is_empty(),
-            "{} kernel checks over tolerance: {bad:?}",
-            bad.len()
+            "{} kernel checks over tolerance: {bad:?} (emulator thread order: \
+             SG_EMU_SEED={} reproduces it)",
+            bad.len(),
+            emulator().seed()
         );
     }
 }

@@ -6,6 +6,22 @@
 // after the other; `__syncthreads` and the `__shfl_*_sync` functions switch fibers until all
 // live threads of the block / warp have arrived. A block in which no fiber can make progress
 // is reported as a deadlock (e.g. a shuffle inside divergent code) instead of hanging.
+//
+// Strict where a GPU is undefined rather than wrong, so that passing here means something:
+// - Thread order: between two barriers the fibers of a block run in an order drawn afresh for
+//   every block and every barrier interval from a seed (SG_EMU_SEED, else random; printed
+//   with every failure; seed 0 is the plain ascending order). A missing barrier between a
+//   write and another thread's read fails whichever thread index writes.
+// - Shared memory: dynamic and static `__shared__` memory is NaN-poisoned (0xff bytes) before
+//   every block, so a read before a write, or a value left by another block, shows.
+// - Shuffles: the lane must be in the mask, all lanes taking part must pass the same mask,
+//   and the source lane must take part; `__syncwarp(mask)` must name its caller.
+// - Launch limits: block size within the kernel's `__launch_bounds__` (else 1024); grid
+//   within the hardware's; static plus dynamic shared memory within 48 KB, or within the
+//   kernel's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute (sg_emu_set_max_dynamic_smem) up to
+//   sm_90's 227 KB.
+// - A launch log per kernel (launches, blocks, threads) for launch-count figures.
+// A violation fails the launch (status -3) with its reason in sg_emu_last_error().
 #pragma once
 
 #include <cmath>
@@ -13,7 +29,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <random>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -21,13 +40,19 @@
 #include <ucontext.h>
 
 #define SG_EMULATION 1
+// What a test or the CUDA backend calls in the library (everything else stays hidden, so two
+// libraries loaded in one process share nothing).
+#define SG_EMU_API extern "C" __attribute__((visibility("default")))
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Function-scope statics: one copy for all threads of a block (blocks run one at a time).
-#define __shared__ static
+// Function-scope statics: one copy for all threads of a block (blocks run one at a time),
+// gathered by the linker in one section so that they can be poisoned before every block.
+#define __shared__ static __attribute__((section("sg_shared"), used))
+extern "C" __attribute__((weak, visibility("hidden"))) char __start_sg_shared[];
+extern "C" __attribute__((weak, visibility("hidden"))) char __stop_sg_shared[];
 #define SG_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(sg_emu::dyn_smem.data())
 
 struct dim3 {
@@ -80,6 +105,7 @@ extern "C" void sg_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
 .text
 .globl sg_emu_switch
+.hidden sg_emu_switch
 .type sg_emu_switch,@function
 sg_emu_switch:
     pushq %rbp
@@ -119,7 +145,43 @@ struct Fiber {
 struct Warp {
     Barrier bar;
     uint64_t slot[kWarp];
+    unsigned mask[kWarp];      // the mask each lane passed to the shuffle in progress
+    unsigned arrived[kWarp];   // the barrier generation at which the lane last arrived
 };
+
+// The first violation of the running launch (empty: none).
+inline std::string error;
+
+inline void fail(const std::string& why) {
+    if (error.empty()) error = why;
+}
+
+// The thread-order seed: SG_EMU_SEED, else random (never 0, which means ascending order).
+inline uint64_t init_seed() {
+    if (const char* e = std::getenv("SG_EMU_SEED")) return std::strtoull(e, nullptr, 0);
+    std::random_device rd;
+    const uint64_t s = ((uint64_t)rd() << 32) ^ rd();
+    return s ? s : 1;
+}
+inline uint64_t seed = init_seed();
+
+inline uint64_t mix(uint64_t z) {  // SplitMix64's finaliser
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Per kernel: the dynamic shared memory its attribute allows (0: the 48 KB default) and the
+// launch log.
+struct KernelInfo {
+    size_t max_dynamic_smem = 0;
+    unsigned long long launches = 0, blocks = 0, threads = 0;
+};
+inline std::map<std::string, KernelInfo> kernels;
+
+constexpr size_t kStaticSmemLimit = 48 * 1024;     // without the opt-in attribute
+constexpr size_t kOptInSmemLimit = 227 * 1024;     // sm_90, per block, with it
 
 inline dim3 gridDim_, blockDim_, blockIdx_, threadIdx_;
 inline std::vector<char> dyn_smem;
@@ -195,24 +257,115 @@ inline void start(Fiber& fb) {
 #endif
 }
 
+inline std::string hex(unsigned m) {
+    char b[16];
+    std::snprintf(b, sizeof b, "%#010x", m);
+    return b;
+}
+
+// A warp shuffle: every live lane of the warp arrives, then each reads `src_lane`'s value
+// (its own when the source is outside the warp or the block, as shfl_down at the edge).
 template <class T>
-T shuffle(T v, int src_lane) {
+T shuffle(T v, int src_lane, unsigned mask, const char* what) {
     static_assert(sizeof(T) <= 8, "shuffle of a value up to 8 bytes");
     Warp& w = warps[current / kWarp];
     const int lane = current % kWarp;
-    std::memcpy(&w.slot[lane], &v, sizeof(T));
-    wait(w.bar);
-    T r = v;
     const int base = current - lane;
-    if (src_lane >= 0 && src_lane < kWarp && base + src_lane < nthreads)
+    std::memcpy(&w.slot[lane], &v, sizeof(T));
+    w.mask[lane] = mask;
+    const unsigned gen = w.bar.gen;
+    w.arrived[lane] = gen;
+    if (!(mask >> lane & 1u))
+        fail(std::string(what) + ": lane " + std::to_string(lane) + " calls it with mask " +
+             hex(mask) + ", which does not name it");
+    wait(w.bar);
+    for (int l = 0; l < kWarp && base + l < nthreads; l++)
+        if (w.arrived[l] == gen && w.mask[l] != mask) {
+            fail(std::string(what) + ": lanes " + std::to_string(lane) + " and " +
+                 std::to_string(l) + " pass different masks (" + hex(mask) + ", " +
+                 hex(w.mask[l]) + ")");
+            break;
+        }
+    T r = v;
+    if (src_lane >= 0 && src_lane < kWarp && base + src_lane < nthreads) {
+        if (!(mask >> src_lane & 1u) || w.arrived[src_lane] != gen)
+            fail(std::string(what) + ": lane " + std::to_string(lane) + " reads lane " +
+                 std::to_string(src_lane) + ", which " +
+                 (mask >> src_lane & 1u ? "has exited" : "the mask " + hex(mask) + " leaves out"));
         std::memcpy(&r, &w.slot[src_lane], sizeof(T));
+    }
     wait(w.bar);
     return r;
 }
 
-// Runs `grid` blocks of `block` threads. Returns 0, or -1 after printing why (deadlock).
-inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg) {
+// Bytes of all static `__shared__` variables of the library (every kernel's together: an
+// upper bound on any one kernel's).
+inline size_t static_smem_bytes() {
+    const char *a = __start_sg_shared, *b = __stop_sg_shared;
+    return a && b > a ? (size_t)(b - a) : 0;
+}
+
+inline void poison_static_smem() {
+    if (const size_t n = static_smem_bytes()) std::memset(__start_sg_shared, 0xff, n);
+}
+
+// The launch limits a GPU enforces (or leaves undefined); "" when the launch is valid.
+inline std::string check_launch(const char* name, dim3 grid, dim3 block, size_t shared,
+                                unsigned max_threads) {
+    const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
+    char b[256];
+    if (n == 0 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
+        std::snprintf(b, sizeof b, "%s: empty launch (grid %u,%u,%u, block %llu)", name, grid.x,
+                      grid.y, grid.z, n);
+        return b;
+    }
+    if (grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
+        std::snprintf(b, sizeof b, "%s: grid %u,%u,%u beyond the hardware's (2^31-1, 65535, 65535)",
+                      name, grid.x, grid.y, grid.z);
+        return b;
+    }
+    if (n > max_threads) {
+        std::snprintf(b, sizeof b,
+                      "%s: %llu threads per block, above its __launch_bounds__ / the 1024 limit "
+                      "(%u)",
+                      name, n, max_threads);
+        return b;
+    }
+    const size_t st = static_smem_bytes(), allowed = kernels[name].max_dynamic_smem;
+    if (allowed == 0 ? st + shared > kStaticSmemLimit
+                     : shared > allowed || st + shared > kOptInSmemLimit) {
+        std::snprintf(b, sizeof b,
+                      "%s: %zu bytes of static + %zu of dynamic shared memory, above %s", name,
+                      st, shared,
+                      allowed == 0 ? "48 KB (set MAX_DYNAMIC_SHARED_SIZE_BYTES for more)"
+                                   : "the kernel's MAX_DYNAMIC_SHARED_SIZE_BYTES or 227 KB");
+        return b;
+    }
+    return "";
+}
+
+inline std::string where(const char* name, unsigned bx, unsigned by, unsigned bz) {
+    char b[160];
+    std::snprintf(b, sizeof b, " (kernel %s, block %u,%u,%u; SG_EMU_SEED=%llu)", name, bx, by, bz,
+                  (unsigned long long)seed);
+    return b;
+}
+
+// Runs `grid` blocks of `block` threads. Returns 0, or -1 on a deadlock, -3 on a violation
+// (the reason in `error`).
+inline int run(const char* name, dim3 grid, dim3 block, size_t shared, unsigned max_threads,
+               void (*f)(void*), void* arg) {
+    error.clear();
+    error = check_launch(name, grid, block, shared, max_threads);
+    if (!error.empty()) {
+        error += where(name, 0, 0, 0);
+        return -3;
+    }
     const int n = (int)(block.x * block.y * block.z);
+    KernelInfo& info = kernels[name];
+    info.launches++;
+    info.blocks += (unsigned long long)grid.x * grid.y * grid.z;
+    info.threads += (unsigned long long)grid.x * grid.y * grid.z * n;
     body = f;
     body_arg = arg;
     gridDim_ = grid;
@@ -221,6 +374,9 @@ inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg
     if ((int)fibers.size() < n) fibers.resize(n);  // stacks are kept from launch to launch
     warps.assign((n + kWarp - 1) / kWarp, Warp{});
     dyn_smem.assign(shared + 16, (char)0xff);  // NaN-poisoned: reads before writes show
+    std::vector<int> order(n);
+    uint64_t name_hash = 1469598103934665603ull;
+    for (const char* c = name; *c; c++) name_hash = (name_hash ^ (unsigned char)*c) * 1099511628211ull;
     for (unsigned bz = 0; bz < grid.z; bz++)
         for (unsigned by = 0; by < grid.y; by++)
             for (unsigned bx = 0; bx < grid.x; bx++) {
@@ -230,17 +386,27 @@ inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg
                 for (size_t w = 0; w < warps.size(); w++) {
                     warps[w].bar = Barrier{};
                     warps[w].bar.live = std::min(kWarp, n - (int)w * kWarp);
+                    std::fill(std::begin(warps[w].arrived), std::end(warps[w].arrived), ~0u);
                 }
                 std::fill(dyn_smem.begin(), dyn_smem.end(), (char)0xff);
+                poison_static_smem();
                 for (int t = 0; t < n; t++) {
                     fibers[t].done = false;
                     start(fibers[t]);
+                    order[t] = t;
                 }
+                uint64_t rng = mix(seed ^ mix(name_hash ^ mix(((uint64_t)bz << 42) ^
+                                                              ((uint64_t)by << 21) ^ bx)));
                 int live = n;
                 while (live > 0) {
                     const unsigned long before = progress;
+                    if (seed != 0)  // a fresh order for every barrier interval
+                        for (int i = n - 1; i > 0; i--) {
+                            rng = mix(rng);
+                            std::swap(order[i], order[rng % (uint64_t)(i + 1)]);
+                        }
                     live = 0;
-                    for (int t = 0; t < n; t++) {
+                    for (int t : order) {
                         if (fibers[t].done) continue;
                         current = t;
                         threadIdx_ = {(unsigned)t % block.x, ((unsigned)t / block.x) % block.y,
@@ -249,12 +415,17 @@ inline int run(dim3 grid, dim3 block, size_t shared, void (*f)(void*), void* arg
                         live += !fibers[t].done;
                     }
                     if (live > 0 && progress == before) {
-                        std::fprintf(stderr,
-                                     "emulator: deadlock in block (%u,%u,%u): %d threads wait on "
-                                     "a barrier or shuffle that the others never reach\n",
-                                     bx, by, bz, live);
+                        error = "deadlock: " + std::to_string(live) +
+                                " threads wait on a barrier or shuffle that the others never "
+                                "reach" + where(name, bx, by, bz);
+                        std::fprintf(stderr, "emulator: %s\n", error.c_str());
                         return -1;
                     }
+                }
+                if (!error.empty()) {
+                    error += where(name, bx, by, bz);
+                    std::fprintf(stderr, "emulator: %s\n", error.c_str());
+                    return -3;
                 }
             }
     return 0;
@@ -269,15 +440,17 @@ struct Call {
 };
 
 template <class... A, size_t... I>
-int launch_impl(void (*f)(A...), dim3 grid, dim3 block, size_t shared, void** args,
-                std::index_sequence<I...>) {
+int launch_impl(const char* name, void (*f)(A...), dim3 grid, dim3 block, size_t shared,
+                unsigned max_threads, void** args, std::index_sequence<I...>) {
     Call<A...> call{f, {*static_cast<std::decay_t<A>*>(args[I])...}};
-    return run(grid, block, shared, &Call<A...>::invoke, &call);
+    return run(name, grid, block, shared, max_threads, &Call<A...>::invoke, &call);
 }
 
 template <class... A>
-int launch(void (*f)(A...), dim3 grid, dim3 block, size_t shared, void** args) {
-    return launch_impl(f, grid, block, shared, args, std::index_sequence_for<A...>{});
+int launch(const char* name, void (*f)(A...), dim3 grid, dim3 block, size_t shared,
+           unsigned max_threads, void** args) {
+    return launch_impl(name, f, grid, block, shared, max_threads, args,
+                       std::index_sequence_for<A...>{});
 }
 
 }  // namespace sg_emu
@@ -288,17 +461,24 @@ int launch(void (*f)(A...), dim3 grid, dim3 block, size_t shared, void** args) {
 #define threadIdx (sg_emu::threadIdx_)
 
 inline void __syncthreads() { sg_emu::wait(sg_emu::block_bar); }
-inline void __syncwarp(unsigned = 0xffffffffu) { sg_emu::wait(sg_emu::warps[sg_emu::current / sg_emu::kWarp].bar); }
-template <class T>
-T __shfl_sync(unsigned, T v, int src) {
-    return sg_emu::shuffle(v, src);
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    if (!(mask >> (sg_emu::current % sg_emu::kWarp) & 1u))
+        sg_emu::fail("__syncwarp: called by a lane its mask " + sg_emu::hex(mask) +
+                     " does not name");
+    sg_emu::wait(sg_emu::warps[sg_emu::current / sg_emu::kWarp].bar);
 }
 template <class T>
-T __shfl_xor_sync(unsigned, T v, int mask) {
-    return sg_emu::shuffle(v, (sg_emu::current % sg_emu::kWarp) ^ mask);
+T __shfl_sync(unsigned mask, T v, int src) {
+    return sg_emu::shuffle(v, src % sg_emu::kWarp, mask, "__shfl_sync");
 }
 template <class T>
-T __shfl_down_sync(unsigned, T v, unsigned d) {
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    return sg_emu::shuffle(v, (sg_emu::current % sg_emu::kWarp) ^ lane_mask, mask,
+                           "__shfl_xor_sync");
+}
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned d) {
     const int lane = sg_emu::current % sg_emu::kWarp;
-    return lane + (int)d < sg_emu::kWarp ? sg_emu::shuffle(v, lane + (int)d) : sg_emu::shuffle(v, lane);
+    return sg_emu::shuffle(v, lane + (int)d < sg_emu::kWarp ? lane + (int)d : lane, mask,
+                           "__shfl_down_sync");
 }

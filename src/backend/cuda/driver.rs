@@ -23,6 +23,11 @@ use super::super::BackendError;
 /// The environment variable naming the emulation library (tests only).
 pub const EMULATOR_ENV: &str = "SGLANG_CUDA_EMULATOR";
 
+/// `SGLANG_CUDA_SYNC_LAUNCHES=1`: synchronise after every kernel launch, so that a kernel
+/// that faults is named (with its grid and block) where it fails instead of at the next
+/// synchronisation. For debugging a first run; it serialises the host with the GPU.
+pub const SYNC_LAUNCHES_ENV: &str = "SGLANG_CUDA_SYNC_LAUNCHES";
+
 fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
     BackendError::Device {
         call: what.to_string(),
@@ -30,10 +35,31 @@ fn dev_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
     }
 }
 
-/// A kernel: its handle in the loaded module (real GPU) and its name (emulator).
+/// A kernel: its handle in the loaded module (real GPU) and its name (emulator, errors).
 pub(super) struct Func {
     f: sys::CUfunction,
-    name: CString,
+    name: &'static str,
+    cname: CString,
+}
+
+/// A launch, as errors name it.
+#[derive(Clone, Copy)]
+struct Launched {
+    name: &'static str,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared: u32,
+}
+
+impl std::fmt::Display for Launched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (x, y, z) = self.grid;
+        write!(
+            f,
+            "{} (grid {x}x{y}x{z}, block {}, {} bytes of dynamic shared memory)",
+            self.name, self.block, self.shared
+        )
+    }
 }
 
 pub(super) struct Real {
@@ -41,6 +67,11 @@ pub(super) struct Real {
     stream: sys::CUstream,
     module: sys::CUmodule,
     blas: blas_sys::cublasHandle_t,
+    /// SGLANG_CUDA_SYNC_LAUNCHES: synchronise (and name the kernel) after every launch.
+    sync_launches: bool,
+    /// The last kernel queued, named by a failed synchronisation (kernel faults surface
+    /// there).
+    last: Mutex<Option<Launched>>,
 }
 
 type EmuLaunch = unsafe extern "C" fn(
@@ -56,6 +87,8 @@ type EmuLaunch = unsafe extern "C" fn(
 pub(super) struct Emulated {
     _lib: libloading::Library,
     launch: EmuLaunch,
+    /// The reason of the last failed launch (a NUL-terminated string owned by the library).
+    last_error: unsafe extern "C" fn() -> *const std::ffi::c_char,
     /// Live allocations (address -> layout), for `free` and the memory report.
     allocs: Mutex<std::collections::HashMap<u64, std::alloc::Layout>>,
 }
@@ -86,9 +119,16 @@ impl Driver {
             let launch = unsafe { lib.get::<EmuLaunch>(b"sg_emu_launch") }
                 .map(|s| *s)
                 .map_err(|e| dev_err("sg_emu_launch in the emulator", e))?;
+            // SAFETY: as above.
+            let last_error = unsafe {
+                lib.get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"sg_emu_last_error")
+            }
+            .map(|s| *s)
+            .map_err(|e| dev_err("sg_emu_last_error in the emulator", e))?;
             let d = Emulated {
                 _lib: lib,
                 launch,
+                last_error,
                 allocs: Mutex::new(Default::default()),
             };
             return Ok((
@@ -119,11 +159,20 @@ impl Driver {
         // SAFETY: both handles are valid; the cast only changes the pointee's nominal type.
         unsafe { blas::set_stream(handle, stream as blas_sys::cudaStream_t) }
             .map_err(|e| dev_err("cuBLAS stream", e))?;
+        let sync_launches = std::env::var(SYNC_LAUNCHES_ENV).is_ok_and(|v| v == "1");
+        if sync_launches {
+            tracing::warn!(
+                "{SYNC_LAUNCHES_ENV}=1: synchronising after every kernel launch (slow; for \
+                 finding a faulting kernel)"
+            );
+        }
         let real = Real {
             ctx,
             stream,
             module,
             blas: handle,
+            sync_launches,
+            last: Mutex::new(None),
         };
         Ok((Arc::new(Driver::Cuda(real)), name, sms))
     }
@@ -132,24 +181,26 @@ impl Driver {
         matches!(self, Driver::Emulated(_))
     }
 
-    pub(super) fn function(&self, name: &str) -> Result<Func, BackendError> {
+    pub(super) fn function(&self, name: &'static str) -> Result<Func, BackendError> {
         let cname = CString::new(name).expect("kernel names have no NUL");
         let f = match self {
-            // SAFETY: the module is loaded.
-            Driver::Cuda(r) => unsafe { drv::module::get_function(r.module, cname.clone()) }
-                .map_err(|e| dev_err(&format!("kernel {name}"), e))?,
+            Driver::Cuda(r) => {
+                r.bind()?;
+                // SAFETY: the module is loaded and its context current.
+                unsafe { drv::module::get_function(r.module, cname.clone()) }
+                    .map_err(|e| dev_err(&format!("kernel {name}"), e))?
+            }
             Driver::Emulated(_) => std::ptr::null_mut(),
         };
-        Ok(Func { f, name: cname })
+        Ok(Func { f, name, cname })
     }
 
-    /// Makes the context current on this thread (the driver's handles are per thread).
+    /// Makes the context current on this thread (the driver's handles are per thread). Every
+    /// call into the real driver below does this first (a check of the current context when
+    /// it already is), so no path of any thread reaches the driver without it.
     pub(super) fn bind(&self) -> Result<(), BackendError> {
         match self {
-            Driver::Cuda(r) => r
-                .ctx
-                .bind_to_thread()
-                .map_err(|e| dev_err("bind context", e)),
+            Driver::Cuda(r) => r.bind(),
             Driver::Emulated(_) => Ok(()),
         }
     }
@@ -200,19 +251,24 @@ impl Driver {
     /// Pinned host memory (the staging buffer of weight uploads).
     pub(super) fn alloc_host(&self, bytes: usize) -> Result<*mut c_void, BackendError> {
         match self {
-            // SAFETY: a pinned allocation, freed by `free_host`.
-            Driver::Cuda(_) => unsafe { drv::malloc_host(bytes, 0) }
-                .map_err(|e| dev_err("pinned staging buffer", e)),
+            Driver::Cuda(r) => {
+                r.bind()?;
+                // SAFETY: a pinned allocation, freed by `free_host`.
+                unsafe { drv::malloc_host(bytes, 0) }
+                    .map_err(|e| dev_err("pinned staging buffer", e))
+            }
             Driver::Emulated(_) => Ok(self.alloc(bytes)? as *mut c_void),
         }
     }
 
     pub(super) fn free_host(&self, p: *mut c_void) {
         match self {
-            // SAFETY: allocated by malloc_host, freed once.
-            Driver::Cuda(_) => unsafe {
-                let _ = drv::free_host(p);
-            },
+            Driver::Cuda(r) => {
+                if r.bind().is_ok() {
+                    // SAFETY: allocated by malloc_host, freed once.
+                    let _ = unsafe { drv::free_host(p) };
+                }
+            }
             Driver::Emulated(_) => self.free(p as u64),
         }
     }
@@ -244,7 +300,9 @@ impl Driver {
     ) -> Result<(), BackendError> {
         match self {
             Driver::Cuda(r) => {
-                drv::memcpy_htod_async(dst, src, r.stream).map_err(|e| dev_err("copy to device", e))
+                r.bind()?;
+                drv::memcpy_htod_async(dst, src, r.stream)
+                    .map_err(|e| r.named(dev_err("copy to device", e)))
             }
             Driver::Emulated(_) => {
                 let n = std::mem::size_of_val(src);
@@ -265,8 +323,11 @@ impl Driver {
     ) -> Result<(), BackendError> {
         if !dst.is_empty() {
             match self {
-                Driver::Cuda(r) => drv::memcpy_dtoh_async(dst, src, r.stream)
-                    .map_err(|e| dev_err("copy to host", e))?,
+                Driver::Cuda(r) => {
+                    r.bind()?;
+                    drv::memcpy_dtoh_async(dst, src, r.stream)
+                        .map_err(|e| r.named(dev_err("copy to host", e)))?
+                }
                 Driver::Emulated(_) => {
                     let n = std::mem::size_of_val(dst);
                     std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr() as *mut u8, n);
@@ -278,9 +339,11 @@ impl Driver {
 
     pub(super) fn sync(&self) -> Result<(), BackendError> {
         match self {
-            // SAFETY: the stream is valid.
             Driver::Cuda(r) => {
-                unsafe { drv::stream::synchronize(r.stream) }.map_err(|e| dev_err("synchronize", e))
+                r.bind()?;
+                // SAFETY: the stream is valid.
+                unsafe { drv::stream::synchronize(r.stream) }
+                    .map_err(|e| r.named(dev_err("synchronize", e)))
             }
             Driver::Emulated(_) => Ok(()),
         }
@@ -300,14 +363,27 @@ impl Driver {
     ) -> Result<(), BackendError> {
         match self {
             Driver::Cuda(r) => {
+                let this = Launched {
+                    name: f.name,
+                    grid,
+                    block,
+                    shared,
+                };
+                r.bind()?;
                 drv::launch_kernel(f.f, grid, (block, 1, 1), shared, r.stream, params)
-                    .map_err(|e| dev_err("kernel launch", e))
+                    .map_err(|e| dev_err(&format!("launch of {this}"), e))?;
+                *r.last.lock() = Some(this);
+                if r.sync_launches {
+                    drv::stream::synchronize(r.stream)
+                        .map_err(|e| dev_err(&format!("kernel {this}"), e))?;
+                }
+                Ok(())
             }
             Driver::Emulated(e) => {
                 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
                 let _g = ONE_AT_A_TIME.lock();
                 let rc = (e.launch)(
-                    f.name.as_ptr(),
+                    f.cname.as_ptr(),
                     grid.0,
                     grid.1,
                     grid.2,
@@ -317,8 +393,11 @@ impl Driver {
                 );
                 if rc != 0 {
                     return Err(BackendError::Device {
-                        call: format!("kernel {:?} (emulator)", f.name),
-                        message: format!("failed with status {rc}"),
+                        call: format!("kernel {} (emulator)", f.name),
+                        message: format!(
+                            "failed with status {rc}: {}",
+                            std::ffi::CStr::from_ptr((e.last_error)()).to_string_lossy()
+                        ),
                     });
                 }
                 Ok(())
@@ -346,6 +425,7 @@ impl Driver {
     ) -> Result<(), BackendError> {
         match self {
             Driver::Cuda(r) => {
+                r.bind()?;
                 let (alpha, beta) = (1.0f32, 0.0f32);
                 blas::gemm_ex(
                     r.blas,
@@ -401,6 +481,29 @@ impl Driver {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+impl Real {
+    fn bind(&self) -> Result<(), BackendError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))
+    }
+
+    /// A failed synchronisation or copy reports an earlier kernel's fault: names the last
+    /// kernel queued, and how to find the faulting one.
+    fn named(&self, e: BackendError) -> BackendError {
+        match (e, *self.last.lock()) {
+            (BackendError::Device { call, message }, Some(last)) => BackendError::Device {
+                call,
+                message: format!(
+                    "{message} (the last kernel queued was {last}; {SYNC_LAUNCHES_ENV}=1 names \
+                     the kernel that fails)"
+                ),
+            },
+            (e, _) => e,
         }
     }
 }

@@ -22,8 +22,8 @@ use cudarc::driver::sys;
 use parking_lot::Mutex;
 
 mod driver;
-pub use driver::EMULATOR_ENV;
 use driver::{Driver, Func};
+pub use driver::{EMULATOR_ENV, SYNC_LAUNCHES_ENV};
 
 use super::{Backend, BackendError, RopeTable};
 use crate::batch::StepBatch;
@@ -32,9 +32,19 @@ use crate::loader::{f32_to_bf16, Elems, Tensor};
 use crate::parallel::Communicator;
 use crate::sampling::{SampleBatch, TokenInfo, TokenLogprob, MAX_TOP_LOGPROBS};
 
-/// The kernels of `csrc/` (fatbin built by nvcc in build.rs); public for the per-kernel
-/// tests (`tests/kernels.rs`), which launch them one by one.
-pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sglang_kernels.fatbin"));
+/// Bytes aligned for the driver: `cuModuleLoadData` reads the fatbin's header in place,
+/// which `include_bytes!` alone (1-byte alignment) does not promise.
+#[repr(C, align(64))]
+struct Aligned<B: ?Sized>(B);
+
+static FATBIN_IMAGE: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
+    env!("OUT_DIR"),
+    "/sglang_kernels.fatbin"
+)));
+
+/// The kernels of `csrc/` (fatbin built by nvcc in build.rs, 64-byte aligned); public for
+/// the per-kernel tests (`tests/kernels.rs`), which launch them one by one.
+pub static FATBIN: &[u8] = &FATBIN_IMAGE.0;
 
 /// Bytes of the pinned buffer weights are staged through.
 const STAGING_BYTES: usize = 32 << 20;
@@ -222,7 +232,7 @@ impl CudaBackend {
             ));
         }
         let (drv, name, sms) = Driver::open(ordinal)?;
-        let f = |n: &str| drv.function(n);
+        let f = |n: &'static str| drv.function(n);
         let k = Kernels {
             embedding: f("sg_embedding")?,
             rms_norm: f("sg_rms_norm")?,
