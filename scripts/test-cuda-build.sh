@@ -4,7 +4,7 @@
 # while `--device auto` serves on the CPU. Builds into target/cuda so the default build stays.
 # tests/kernels.rs checks every kernel on the CPU emulator here (and on the GPU where one is
 # present); the GPU half of tests/cuda.rs (model parity with the CPU) runs where a GPU is.
-# The ptxas report (registers, spills) goes into the log.
+# The kernels' static figures (ptxas registers, stack, spills; sm_90 occupancy) go into the log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,7 +15,8 @@ python="$(./scripts/venv.sh | tail -n1)"
 ./scripts/prepare-model.sh >&2
 cargo clippy -p sglang -p sglang-server --features sglang/cuda --all-targets --release -- -D warnings
 cargo test --release -p sglang --features cuda --test cuda --test kernels --test cuda_emulated
-echo "== ptxas report (registers, stack, spills per kernel)"
-cat "$(ls -t "$CARGO_TARGET_DIR"/release/build/sglang-*/out/ptxas-report.txt | head -n1)"
+echo "== kernels on sm_90: ptxas's registers, stack, spills; theoretical occupancy"
+cargo test --release -p sglang --features cuda --test cuda kernel_resources_on_sm90 -- --nocapture \
+    | grep -v "^test \|^running\|^$"
 cargo build --release -p sglang-server --features sglang/cuda
 SGLANG_SERVER_BIN="$CARGO_TARGET_DIR/release/sglang-server" "$python" -m pytest -q tests/cuda_build

@@ -132,3 +132,75 @@ fn llama3_8b_shape_matches_the_cpu() {
         &common::logits(cpu.as_mut(), &ids, 3),
     );
 }
+
+/// The static figures of every kernel on sm_90 (no GPU needed): ptxas's registers, stack and
+/// spills and the theoretical occupancy at the backend's launch geometry. Every kernel must
+/// be launchable at that geometry (at least one resident block) and spill nothing; the
+/// table goes into the CI log and benches/RESULTS.md.
+#[test]
+fn kernel_resources_on_sm90() {
+    use sglang::backend::cuda::report;
+    // the occupancy arithmetic on known cases: 255 registers x 128 threads fill 32,768 of
+    // 65,536 registers per block (2 blocks, 8 warps of 64); 32 x 1024 (2 blocks, all 64
+    // warps); 48 KB of shared memory each (+1 KB reserved): 4 blocks of 228 KB
+    let k = |registers, static_smem| report::KernelResources {
+        registers,
+        static_smem,
+        ..Default::default()
+    };
+    assert_eq!(
+        report::occupancy_sm90(&k(255, 0), 128, 0),
+        (2, 0.125, "registers")
+    );
+    assert_eq!(report::occupancy_sm90(&k(32, 0), 1024, 0).0, 2);
+    assert_eq!(report::occupancy_sm90(&k(32, 0), 1024, 0).1, 1.0);
+    assert_eq!(
+        report::occupancy_sm90(&k(16, 16 << 10), 128, 32 << 10),
+        (4, 0.25, "shared memory")
+    );
+    let parsed = report::parse_ptxas(
+        "ptxas info    : Compiling entry function 'sg_x' for 'sm_90a'\n\
+         ptxas info    : Function properties for sg_x\n    \
+         320 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+         ptxas info    : Used 253 registers, used 1 barriers, 640 bytes smem, 456 bytes cmem[0]\n",
+    );
+    assert_eq!(
+        parsed,
+        vec![report::KernelResources {
+            name: "sg_x".into(),
+            arch: "sm_90a".into(),
+            registers: 253,
+            stack_bytes: 320,
+            spill_stores: 8,
+            spill_loads: 4,
+            static_smem: 640,
+        }]
+    );
+
+    let kernels = report::parse_ptxas(report::PTXAS_REPORT);
+    println!("{}", report::sm90_table());
+    let sm90: Vec<_> = kernels.iter().filter(|k| k.arch == "sm_90a").collect();
+    for name in [
+        "sg_embedding",
+        "sg_rms_norm",
+        "sg_add_rms_norm",
+        "sg_f32_to_bf16",
+        "sg_silu_mul",
+        "sg_rope",
+        "sg_store_kv",
+        "sg_gather_rows",
+        "sg_attention",
+        "sg_attention_merge",
+        "sg_sample",
+    ] {
+        let k = sm90
+            .iter()
+            .find(|k| k.name == name)
+            .unwrap_or_else(|| panic!("{name} missing from the sm_90a ptxas report"));
+        assert!(k.registers > 0, "{k:?}");
+        assert_eq!(k.spill_stores + k.spill_loads, 0, "{name} spills registers");
+        let (threads, dyn_smem) = report::launch_geometry(name).unwrap();
+        let (blocks, _, why) = report::occupancy_sm90(k, threads, dyn_smem);
+        assert!(blocks >= 1, "{name} cannot be resident ({why})");
+    }
+}

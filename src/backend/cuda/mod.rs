@@ -22,6 +22,7 @@ use cudarc::driver::sys;
 use parking_lot::Mutex;
 
 mod driver;
+pub mod report;
 use driver::{Driver, Func};
 pub use driver::{EMULATOR_ENV, SYNC_LAUNCHES_ENV};
 
