@@ -1,12 +1,17 @@
-// Kernels of the CUDA backend (src/backend/cuda). Storage is bf16 (weights, KV cache),
-// activations and accumulation are f32. Every kernel is `extern "C"` (looked up by name from
+// Kernels of the CUDA backend (src/backend/cuda). Storage is bf16 (weights, KV cache); the
+// inputs of the matrix products are bf16 too, written so by the kernel before each product
+// (the norms, attention, SiLU-and-mul), so no separate conversion runs; the residual stream
+// and the products' outputs are f32 (cuBLAS accumulates in f32; the residual adds stay f32 as
+// on the CPU); all arithmetic is f32. Every kernel is `extern "C"` (looked up by name from
 // the embedded fatbin) and takes plain pointers and sizes, so the launches can be captured
 // in a CUDA graph later. Layouts:
 //   activations   row-major [tokens][width] (as on the CPU)
+//   q, k, v       one row per token [q | k | v], the output of one fused product
+//   gate, up      one row per token [gate | up], likewise
 //   weights       HF layout [out_features][in_features] (as on the CPU)
 //   KV cache      per layer, bf16 [slot][kv_head][head_dim], slot = page * page_size + offset
 //                 (the CPU's is f32 [page][kv_head][offset][head_dim]; the slot numbers agree)
-//   RoPE          Hugging Face half rotation, cos/sin precomputed per token [token][dim/2]
+//   RoPE          Hugging Face half rotation, cos/sin from a device table [position][dim/2]
 
 #include "common.cuh"
 
@@ -26,26 +31,26 @@ extern "C" __global__ void sg_embedding(const bf16* __restrict__ table,
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __bfloat162float(src[i]);
 }
 
-// One block per row: out = x * rsqrt(mean(x^2) + eps) * w.
+// One block per row: out = bf16(x * rsqrt(mean(x^2) + eps) * w), the next product's input.
 extern "C" __global__ void sg_rms_norm(const float* __restrict__ x, const bf16* __restrict__ w,
-                                       float* __restrict__ out, int hidden, float eps) {
+                                       bf16* __restrict__ out, int hidden, float eps) {
     const float* xr = x + (long)blockIdx.x * hidden;
-    float* o = out + (long)blockIdx.x * hidden;
+    bf16* o = out + (long)blockIdx.x * hidden;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
     const float inv = rsqrtf(block_sum(ss) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        o[i] = xr[i] * inv * __bfloat162float(w[i]);
+        o[i] = __float2bfloat16_rn(xr[i] * inv * __bfloat162float(w[i]));
 }
 
-// residual += delta; out = rmsnorm(residual) * w (one block per row).
+// residual += delta; out = bf16(rmsnorm(residual) * w) (one block per row).
 extern "C" __global__ void sg_add_rms_norm(float* __restrict__ residual,
                                            const float* __restrict__ delta,
-                                           const bf16* __restrict__ w, float* __restrict__ out,
+                                           const bf16* __restrict__ w, bf16* __restrict__ out,
                                            int hidden, float eps) {
     float* r = residual + (long)blockIdx.x * hidden;
     const float* d = delta + (long)blockIdx.x * hidden;
-    float* o = out + (long)blockIdx.x * hidden;
+    bf16* o = out + (long)blockIdx.x * hidden;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         const float v = r[i] + d[i];
@@ -54,7 +59,7 @@ extern "C" __global__ void sg_add_rms_norm(float* __restrict__ residual,
     }
     const float inv = rsqrtf(block_sum(ss) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        o[i] = r[i] * inv * __bfloat162float(w[i]);
+        o[i] = __float2bfloat16_rn(r[i] * inv * __bfloat162float(w[i]));
 }
 
 // Activations to bf16 for the tensor-core matrix products (round to nearest even).
@@ -65,54 +70,59 @@ extern "C" __global__ void sg_f32_to_bf16(const float* __restrict__ x, bf16* __r
         y[i] = __float2bfloat16_rn(x[i]);
 }
 
-// out = silu(gate) * up.
-extern "C" __global__ void sg_silu_mul(const float* __restrict__ gate,
-                                       const float* __restrict__ up, float* __restrict__ out,
-                                       long n) {
+// out[r][i] = bf16(silu(gate) * up) for rows [gate | up] of 2 * inter values (the fused
+// product's output); n = rows * inter.
+extern "C" __global__ void sg_silu_mul(const float* __restrict__ gate_up, bf16* __restrict__ out,
+                                       int inter, long n) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long)gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + __expf(-g)) * up[i];
+        const long r = i / inter, j = i % inter;
+        const float g = gate_up[r * 2 * inter + j];
+        out[i] = __float2bfloat16_rn(g / (1.0f + __expf(-g)) * gate_up[r * 2 * inter + inter + j]);
     }
 }
 
-// RoPE in place on q [tokens][q_heads][dim] and k [tokens][kv_heads][dim], one block per token.
-extern "C" __global__ void sg_rope(float* __restrict__ q, float* __restrict__ k,
-                                   const float* __restrict__ cos_t,
-                                   const float* __restrict__ sin_t, int q_heads, int kv_heads,
-                                   int dim) {
-    const int t = blockIdx.x, half = dim / 2;
-    const float* c = cos_t + (long)t * half;
-    const float* s = sin_t + (long)t * half;
+// RoPE and the KV store, one block per new token, on rows [q | k | v] (q_heads, kv_heads and
+// kv_heads heads of dim): q is rotated in place (attention reads it there), k rotated and v
+// copied into the token's slot of the bf16 cache. cos/sin rows come from the device table
+// [position][dim / 2] at the token's position.
+extern "C" __global__ void sg_rope_store_kv(float* __restrict__ qkv,
+                                            const float* __restrict__ cos_t,
+                                            const float* __restrict__ sin_t,
+                                            const uint32_t* __restrict__ positions,
+                                            const uint32_t* __restrict__ slots,
+                                            bf16* __restrict__ kc, bf16* __restrict__ vc,
+                                            int q_heads, int kv_heads, int dim) {
+    const int t = blockIdx.x, half = dim / 2, kv_dim = kv_heads * dim;
+    float* row = qkv + (long)t * (q_heads + 2 * kv_heads) * dim;
+    const float* c = cos_t + (long)positions[t] * half;
+    const float* s = sin_t + (long)positions[t] * half;
+    const long dst = (long)slots[t] * kv_dim;
     const int heads = q_heads + kv_heads;
     for (int j = threadIdx.x; j < heads * half; j += blockDim.x) {
         const int h = j / half, i = j % half;
-        float* x = h < q_heads ? q + ((long)t * q_heads + h) * dim
-                               : k + ((long)t * kv_heads + (h - q_heads)) * dim;
+        float* x = row + (long)h * dim;
         const float x1 = x[i], x2 = x[i + half];
-        x[i] = x1 * c[i] - x2 * s[i];
-        x[i + half] = x2 * c[i] + x1 * s[i];
+        const float r1 = x1 * c[i] - x2 * s[i], r2 = x2 * c[i] + x1 * s[i];
+        if (h < q_heads) {
+            x[i] = r1;
+            x[i + half] = r2;
+        } else {
+            const long o = dst + (long)(h - q_heads) * dim;
+            kc[o + i] = __float2bfloat16_rn(r1);
+            kc[o + i + half] = __float2bfloat16_rn(r2);
+        }
     }
+    const float* v = row + (long)heads * dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) vc[dst + i] = __float2bfloat16_rn(v[i]);
 }
 
-// Writes each new token's K and V (f32, [tokens][kv_dim]) into its slot of the bf16 cache.
-extern "C" __global__ void sg_store_kv(const float* __restrict__ k, const float* __restrict__ v,
-                                       const uint32_t* __restrict__ slots, bf16* __restrict__ kc,
-                                       bf16* __restrict__ vc, int kv_dim) {
-    const int t = blockIdx.x;
-    const long dst = (long)slots[t] * kv_dim, src = (long)t * kv_dim;
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        kc[dst + i] = __float2bfloat16_rn(k[src + i]);
-        vc[dst + i] = __float2bfloat16_rn(v[src + i]);
-    }
-}
-
-// out[i] = x[rows[i]] for rows of `width` values.
-extern "C" __global__ void sg_gather_rows(const float* __restrict__ x,
+// out[i] = x[rows[i]] for bf16 rows of `width` values.
+extern "C" __global__ void sg_gather_rows(const bf16* __restrict__ x,
                                           const uint32_t* __restrict__ rows,
-                                          float* __restrict__ out, int width) {
-    const float* src = x + (long)rows[blockIdx.x] * width;
-    float* o = out + (long)blockIdx.x * width;
+                                          bf16* __restrict__ out, int width) {
+    const bf16* src = x + (long)rows[blockIdx.x] * width;
+    bf16* o = out + (long)blockIdx.x * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = src[i];
 }
 
@@ -122,6 +132,8 @@ extern "C" __global__ void sg_gather_rows(const float* __restrict__ x,
 
 // Paged causal attention, prefill and decode alike. One block per (new token, KV head,
 // split): the block reads each cached K/V row once for all query heads of the group (GQA).
+// Token t's query heads start at q + t * q_stride (rows [q | k | v]); its output is bf16
+// [token][q_heads][dim], the input of the o product.
 // Each warp walks a quarter of the block's positions with an online softmax per query head;
 // the warps then merge their partial results. Token t sits at position positions[t] of
 // sequence token_seq[t] and attends to positions 0..=positions[t] through that sequence's
@@ -134,8 +146,8 @@ extern "C" __global__ void sg_gather_rows(const float* __restrict__ x,
 // sequences with long contexts then fills the GPU instead of using kv_heads blocks.
 // Dynamic shared memory: ATTN_WARPS * group * (head_dim + 2) floats.
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
-    sg_attention(const float* __restrict__ q, const bf16* __restrict__ kc,
-                 const bf16* __restrict__ vc, float* __restrict__ out,
+    sg_attention(const float* __restrict__ q, int q_stride, const bf16* __restrict__ kc,
+                 const bf16* __restrict__ vc, bf16* __restrict__ out,
                  const uint32_t* __restrict__ positions, const uint32_t* __restrict__ token_seq,
                  const uint32_t* __restrict__ seq_table_start,
                  const uint32_t* __restrict__ block_tables, int page_size, int q_heads,
@@ -162,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
             acc[g][j] = 0.0f;
             const int d = lane + j * WARP;
             qv[g][j] = (g < group && j < per_lane && d < dim)
-                           ? q[((long)t * q_heads + kvh * group + g) * dim + d] * scale
+                           ? q[(long)t * q_stride + (long)(kvh * group + g) * dim + d] * scale
                            : 0.0f;
         }
     }
@@ -224,7 +236,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
         }
         const long head = (long)t * q_heads + kvh * group + g;
         if (gridDim.z == 1) {
-            out[head * dim + d] = o / ll;
+            out[head * dim + d] = __float2bfloat16_rn(o / ll);
         } else {  // an empty split leaves m = -inf, l = 0, acc = 0
             const long row = head * gridDim.z + blockIdx.z;
             part_acc[row * dim + d] = o;
@@ -239,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // Combines the splits of sg_attention: one block per (token, query head).
 extern "C" __global__ void sg_attention_merge(const float* __restrict__ part_ml,
                                               const float* __restrict__ part_acc,
-                                              float* __restrict__ out, int splits, int dim) {
+                                              bf16* __restrict__ out, int splits, int dim) {
     const long head = blockIdx.x;
     const float* ml = part_ml + head * splits * 2;
     float mm = -INFINITY;
@@ -252,6 +264,6 @@ extern "C" __global__ void sg_attention_merge(const float* __restrict__ part_ml,
         for (int s = 0; s < splits; s++)
             if (ml[s * 2] != -INFINITY)
                 o += part_acc[(head * splits + s) * dim + d] * __expf(ml[s * 2] - mm);
-        out[head * dim + d] = o / ll;
+        out[head * dim + d] = __float2bfloat16_rn(o / ll);
     }
 }

@@ -23,6 +23,12 @@ use half::bf16;
 mod kernel_emu;
 
 const F32_TOL: f64 = 1e-5;
+/// Outputs stored as bf16 (the inputs of the matrix products, the KV cache) are checked per
+/// value: within half a bf16 ulp of the f64 reference (the rounding itself), plus the f32
+/// tolerance (F32_TOL of the reference's rms) for the arithmetic before the rounding (a value
+/// that close to a tie may round either way; attention's outputs can be small sums of large
+/// terms).
+const BF16_HALF_ULPS: f64 = 1.0;
 /// Threads per block of the row kernels (as the backend: ROW_THREADS).
 const ROW_THREADS: u32 = 256;
 /// The attention kernel's block: ATTN_WARPS (4) warps.
@@ -314,6 +320,25 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
     }
 }
 
+/// The largest distance of a bf16 output from the f64 reference, in units of half a bf16
+/// ulp at the reference value plus F32_TOL of the reference's rms (1.0: correctly rounded
+/// from an f32 result within tolerance).
+fn bf16_half_ulps(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            let half_ulp = if w == 0.0 {
+                0.0
+            } else {
+                2f64.powi(w.abs().log2().floor() as i32 - 8)
+            };
+            (g as f64 - w).abs() / (half_ulp + F32_TOL * rms)
+        })
+        .fold(0.0, f64::max)
+}
+
 struct Report {
     rows: Vec<(String, String, &'static str, f64, f64)>,
 }
@@ -403,7 +428,7 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let wf = from_bf16(&w);
         let xp = put(d, &x);
         let wp = put(d, &w);
-        let op = out::<f32>(d, rows * hidden);
+        let op = out::<u16>(d, rows * hidden);
         let h = hidden as i32;
         launch_rows(
             d,
@@ -411,31 +436,31 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
             rows as u32,
             &mut args![xp, wp, op, h, eps],
         );
-        let got: Vec<f32> = get(d, op, rows * hidden);
+        let got = from_bf16(&get::<u16>(d, op, rows * hidden));
         let want: Vec<f64> = x
             .chunks(hidden)
             .flat_map(|row| rms_ref(&row.iter().map(|&v| v as f64).collect::<Vec<_>>(), &wf, eps))
             .collect();
         rep.add(
             "sg_rms_norm",
-            format!("{rows} x {hidden}"),
+            format!("{rows} x {hidden} (bf16 out, half ulps)"),
             d,
-            rel_err(&got, &want),
-            F32_TOL,
+            bf16_half_ulps(&got, &want),
+            BF16_HALF_ULPS,
         );
 
         // fused: residual += delta, then the norm of the sum
         let delta = r.vec(rows * hidden, 1.0);
         let rp = put(d, &x);
         let dp = put(d, &delta);
-        let op = out::<f32>(d, rows * hidden);
+        let op = out::<u16>(d, rows * hidden);
         launch_rows(
             d,
             "sg_add_rms_norm",
             rows as u32,
             &mut args![rp, dp, wp, op, h, eps],
         );
-        let got: Vec<f32> = get(d, op, rows * hidden);
+        let got = from_bf16(&get::<u16>(d, op, rows * hidden));
         let res: Vec<f32> = get(d, rp, rows * hidden);
         let sum: Vec<f64> = x
             .iter()
@@ -446,12 +471,18 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
             .chunks(hidden)
             .flat_map(|row| rms_ref(row, &wf, eps))
             .collect();
-        let err = rel_err(&got, &want).max(rel_err(&res, &sum));
         rep.add(
             "sg_add_rms_norm",
-            format!("{rows} x {hidden} (output and residual)"),
+            format!("{rows} x {hidden} (bf16 out, half ulps)"),
             d,
-            err,
+            bf16_half_ulps(&got, &want),
+            BF16_HALF_ULPS,
+        );
+        rep.add(
+            "sg_add_rms_norm",
+            format!("{rows} x {hidden} (f32 residual)"),
+            d,
+            rel_err(&res, &sum),
             F32_TOL,
         );
     }
@@ -512,16 +543,25 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         0.0,
     );
 
-    for len in [1usize, 1000, 70_001] {
-        let g = r.vec(len, 8.0);
-        let u = r.vec(len, 2.0);
-        let gp = put(d, &g);
-        let up = put(d, &u);
-        let op = out::<f32>(d, len);
-        let n = len as i64;
+    // rows [gate | up] of the fused product in, bf16 out
+    for (rows, inter) in [(1usize, 1usize), (4, 250), (7, 10_001)] {
+        let g = r.vec(rows * inter, 8.0);
+        let u = r.vec(rows * inter, 2.0);
+        let gu: Vec<f32> = (0..rows)
+            .flat_map(|i| {
+                g[i * inter..][..inter]
+                    .iter()
+                    .chain(&u[i * inter..][..inter])
+            })
+            .copied()
+            .collect();
+        let gup = put(d, &gu);
+        let len = rows * inter;
+        let op = out::<u16>(d, len);
+        let (width, n) = (inter as i32, len as i64);
         let blocks = (len as u32).div_ceil(ROW_THREADS).clamp(1, 64);
-        launch_rows(d, "sg_silu_mul", blocks, &mut args![gp, up, op, n]);
-        let got: Vec<f32> = get(d, op, len);
+        launch_rows(d, "sg_silu_mul", blocks, &mut args![gup, op, width, n]);
+        let got = from_bf16(&get::<u16>(d, op, len));
         let want: Vec<f64> = g
             .iter()
             .zip(&u)
@@ -532,116 +572,127 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
             .collect();
         rep.add(
             "sg_silu_mul",
-            format!("{len} values, {blocks} blocks"),
+            format!("{rows} x {inter}, {blocks} blocks (bf16 out, half ulps)"),
             d,
-            rel_err(&got, &want),
-            F32_TOL,
+            bf16_half_ulps(&got, &want),
+            BF16_HALF_ULPS,
         );
     }
 }
 
-fn check_rope(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
-    for (tokens, qh, kvh, dim) in [
-        (5usize, 9usize, 3usize, 64usize),
-        (3, 32, 8, 128),
-        (2, 4, 4, 96),
+/// RoPE and the KV store in one kernel, on rows [q | k | v]: q rotated in place, k rotated
+/// and v copied into their slots of the bf16 cache, cos/sin from a table by position.
+fn check_rope_store_kv(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
+    for (tokens, qh, kvh, dim, slots_total) in [
+        (5usize, 9usize, 3usize, 64usize, 40usize),
+        (3, 32, 8, 128, 7),
+        (23, 4, 4, 96, 200),
     ] {
-        let half = dim / 2;
-        let q = r.vec(tokens * qh * dim, 1.0);
-        let k = r.vec(tokens * kvh * dim, 1.0);
-        let pos: Vec<usize> = (0..tokens).map(|_| r.below(5000)).collect();
-        let mut cos = vec![0f32; tokens * half];
-        let mut sin = vec![0f32; tokens * half];
-        for (t, &p) in pos.iter().enumerate() {
+        let (half, kv_dim) = (dim / 2, kvh * dim);
+        let width = (qh + 2 * kvh) * dim;
+        let qkv = r.vec(tokens * width, 1.0);
+        let pos: Vec<u32> = (0..tokens).map(|_| r.below(5000) as u32).collect();
+        let max_pos = 5000;
+        let mut cos = vec![0f32; max_pos * half];
+        let mut sin = vec![0f32; max_pos * half];
+        for p in 0..max_pos {
             for i in 0..half {
                 let a = p as f64 * 10000f64.powf(-(2.0 * i as f64) / dim as f64);
-                cos[t * half + i] = a.cos() as f32;
-                sin[t * half + i] = a.sin() as f32;
+                cos[p * half + i] = a.cos() as f32;
+                sin[p * half + i] = a.sin() as f32;
             }
         }
-        let (qp, kp, cp, sp) = (put(d, &q), put(d, &k), put(d, &cos), put(d, &sin));
+        let mut all: Vec<u32> = (0..slots_total as u32).collect();
+        for i in 0..tokens.min(slots_total) {
+            let j = i + r.below(slots_total - i);
+            all.swap(i, j);
+        }
+        let slots = &all[..tokens];
+        let (qp, cp, sp) = (put(d, &qkv), put(d, &cos), put(d, &sin));
+        let (pp, slp) = (put(d, &pos), put(d, slots));
+        let kc = out::<u16>(d, slots_total * kv_dim);
+        let vc = out::<u16>(d, slots_total * kv_dim);
         let (a, b, c) = (qh as i32, kvh as i32, dim as i32);
         launch_rows(
             d,
-            "sg_rope",
+            "sg_rope_store_kv",
             tokens as u32,
-            &mut args![qp, kp, cp, sp, a, b, c],
+            &mut args![qp, cp, sp, pp, slp, kc, vc, a, b, c],
         );
-        let rot = |x: &[f32], heads: usize| -> Vec<f64> {
-            let mut o = vec![0.0; x.len()];
-            for t in 0..tokens {
-                for h in 0..heads {
-                    let base = (t * heads + h) * dim;
-                    for i in 0..half {
-                        let (c, s) = (cos[t * half + i] as f64, sin[t * half + i] as f64);
-                        let (x1, x2) = (x[base + i] as f64, x[base + i + half] as f64);
-                        o[base + i] = x1 * c - x2 * s;
-                        o[base + i + half] = x2 * c + x1 * s;
-                    }
-                }
+        // the reference: head h of token t rotated by its position's angles
+        let rot = |t: usize, h: usize| -> Vec<f64> {
+            let x = &qkv[t * width + h * dim..][..dim];
+            let p = pos[t] as usize;
+            let mut o = vec![0.0; dim];
+            for i in 0..half {
+                let (c, s) = (cos[p * half + i] as f64, sin[p * half + i] as f64);
+                let (x1, x2) = (x[i] as f64, x[i + half] as f64);
+                o[i] = x1 * c - x2 * s;
+                o[i + half] = x2 * c + x1 * s;
             }
             o
         };
-        let gq: Vec<f32> = get(d, qp, q.len());
-        let gk: Vec<f32> = get(d, kp, k.len());
-        let err = rel_err(&gq, &rot(&q, qh)).max(rel_err(&gk, &rot(&k, kvh)));
+        let shape = format!("{tokens} tok, q {qh} / kv {kvh} heads, dim {dim}");
+        let got_q: Vec<f32> = get(d, qp, tokens * width);
+        let (mut gq, mut wq) = (Vec::new(), Vec::new());
+        for t in 0..tokens {
+            for h in 0..qh {
+                gq.extend_from_slice(&got_q[t * width + h * dim..][..dim]);
+                wq.extend(rot(t, h));
+            }
+        }
         rep.add(
-            "sg_rope",
-            format!("{tokens} tok, q {qh} / kv {kvh} heads, dim {dim}"),
+            "sg_rope_store_kv",
+            format!("{shape} (q)"),
             d,
-            err,
+            rel_err(&gq, &wq),
             F32_TOL,
+        );
+        let gk = get::<u16>(d, kc, slots_total * kv_dim);
+        let gv = get::<u16>(d, vc, slots_total * kv_dim);
+        let (mut got_k, mut want_k, mut bad) = (Vec::new(), Vec::new(), 0usize);
+        for s in 0..slots_total {
+            let row = s * kv_dim..(s + 1) * kv_dim;
+            match slots.iter().position(|&x| x as usize == s) {
+                Some(t) => {
+                    got_k.extend(from_bf16(&gk[row.clone()]));
+                    want_k.extend((0..kvh).flat_map(|h| rot(t, qh + h)));
+                    let v = to_bf16(&qkv[t * width + (qh + kvh) * dim..][..kv_dim]);
+                    bad += gv[row].iter().zip(&v).filter(|(g, w)| g != w).count();
+                }
+                // untouched slots keep the poison
+                None => {
+                    bad += gk[row.clone()]
+                        .iter()
+                        .chain(&gv[row])
+                        .filter(|&&x| x != 0xffff)
+                        .count()
+                }
+            }
+        }
+        rep.add(
+            "sg_rope_store_kv",
+            format!("{shape} (k cache, bf16 half ulps)"),
+            d,
+            bf16_half_ulps(&got_k, &want_k),
+            BF16_HALF_ULPS,
+        );
+        rep.add(
+            "sg_rope_store_kv",
+            format!("{shape} into {slots_total} slots (v and untouched, values differing)"),
+            d,
+            bad as f64,
+            0.0,
         );
     }
 }
 
-fn check_store_and_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
-    let (slots_total, kv_dim, tokens) = (200usize, 192usize, 23usize);
-    let k = r.vec(tokens * kv_dim, 2.0);
-    let v = r.vec(tokens * kv_dim, 2.0);
-    let mut all: Vec<u32> = (0..slots_total as u32).collect();
-    for i in 0..tokens {
-        let j = i + r.below(slots_total - i);
-        all.swap(i, j);
-    }
-    let slots = &all[..tokens];
-    let (kp, vp, sp) = (put(d, &k), put(d, &v), put(d, slots));
-    let kc = out::<u16>(d, slots_total * kv_dim);
-    let vc = out::<u16>(d, slots_total * kv_dim);
-    let kd = kv_dim as i32;
-    launch_rows(
-        d,
-        "sg_store_kv",
-        tokens as u32,
-        &mut args![kp, vp, sp, kc, vc, kd],
-    );
-    let gk: Vec<u16> = get(d, kc, slots_total * kv_dim);
-    let gv: Vec<u16> = get(d, vc, slots_total * kv_dim);
-    let (wk, wv) = (to_bf16(&k), to_bf16(&v));
-    let mut bad = 0usize;
-    for s in 0..slots_total {
-        let src = slots.iter().position(|&x| x as usize == s);
-        for i in 0..kv_dim {
-            let (ek, ev) = match src {
-                Some(t) => (wk[t * kv_dim + i], wv[t * kv_dim + i]),
-                None => (0xffff, 0xffff), // untouched slots keep the poison
-            };
-            bad += (gk[s * kv_dim + i] != ek) as usize + (gv[s * kv_dim + i] != ev) as usize;
-        }
-    }
-    rep.add(
-        "sg_store_kv",
-        format!("{tokens} tok into {slots_total} slots x {kv_dim} (values differing)"),
-        d,
-        bad as f64,
-        0.0,
-    );
-
+fn check_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     let (rows, width) = (50usize, 577usize);
-    let x = r.vec(rows * width, 1.0);
+    let x = to_bf16(&r.vec(rows * width, 1.0));
     let pick: Vec<u32> = (0..9).map(|_| r.below(rows) as u32).collect();
     let (xp, ip) = (put(d, &x), put(d, &pick));
-    let op = out::<f32>(d, pick.len() * width);
+    let op = out::<u16>(d, pick.len() * width);
     let w = width as i32;
     launch_rows(
         d,
@@ -649,20 +700,20 @@ fn check_store_and_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         pick.len() as u32,
         &mut args![xp, ip, op, w],
     );
-    let got: Vec<f32> = get(d, op, pick.len() * width);
-    let want: Vec<f64> = pick
+    let got: Vec<u16> = get(d, op, pick.len() * width);
+    let want: Vec<u16> = pick
         .iter()
-        .flat_map(|&p| {
-            x[p as usize * width..(p as usize + 1) * width]
-                .iter()
-                .map(|&v| v as f64)
-        })
+        .flat_map(|&p| x[p as usize * width..(p as usize + 1) * width].to_vec())
         .collect();
+    let bad = got.iter().zip(&want).filter(|(g, w)| g != w).count();
     rep.add(
         "sg_gather_rows",
-        format!("{} of {rows} rows x {width}", pick.len()),
+        format!(
+            "{} of {rows} bf16 rows x {width} (values differing)",
+            pick.len()
+        ),
         d,
-        rel_err(&got, &want),
+        bad as f64,
         0.0,
     );
 }
@@ -741,7 +792,17 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
             }
         }
     }
-    let qp = put(d, &q);
+    // q inside rows [q | k | v] (the fused product's layout); the k and v parts are noise
+    let q_stride = (qh + 2 * kvh) * dim;
+    let rows: Vec<f32> = (0..tokens)
+        .flat_map(|t| {
+            let mut row = q[t * qh * dim..][..qh * dim].to_vec();
+            row.extend(r.vec(2 * kvh * dim, 9.0));
+            row
+        })
+        .collect();
+    let qp = put(d, &rows);
+    let qs = q_stride as i32;
     let (kp, vp) = (put(d, &kc), put(d, &vc));
     let (pp, tsp, stp, btp) = (
         put(d, &positions),
@@ -749,7 +810,7 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
         put(d, &table_start),
         put(d, &block_tables),
     );
-    let op = out::<f32>(d, tokens * qh * dim);
+    let op = out::<u16>(d, tokens * qh * dim);
     let smem = (4 * group * (dim + 2) * 4) as u32;
     let (a, b, e, f) = (ps as i32, qh as i32, kvh as i32, dim as i32);
     let max_ctx = c.seqs.iter().map(|(p, n)| p + n).max().unwrap();
@@ -765,7 +826,7 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
         (tokens as u32, kvh as u32, c.splits as u32),
         ATTN_THREADS,
         smem,
-        &mut args![qp, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale, split_len, ml, acc],
+        &mut args![qp, qs, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale, split_len, ml, acc],
     );
     if c.splits > 1 {
         let splits = c.splits as i32;
@@ -777,18 +838,18 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
             &mut args![ml, acc, op, splits, f],
         );
     }
-    let got: Vec<f32> = get(d, op, tokens * qh * dim);
+    let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
     let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
     rep.add(
         "sg_attention",
         format!(
-            "seqs {} q{qh}/kv{kvh} d{dim} page {ps} split {}",
+            "seqs {} q{qh}/kv{kvh} d{dim} page {ps} split {} (bf16 out, half ulps)",
             seqs.join(","),
             c.splits
         ),
         d,
-        rel_err(&got, &want),
-        F32_TOL,
+        bf16_half_ulps(&got, &want),
+        BF16_HALF_ULPS,
     );
 }
 
@@ -1038,8 +1099,8 @@ fn run_all(d: &mut dyn Dev, rep: &mut Report) {
     check_embedding(d, &mut r, rep);
     check_norms(d, &mut r, rep);
     check_elementwise(d, &mut r, rep);
-    check_rope(d, &mut r, rep);
-    check_store_and_gather(d, &mut r, rep);
+    check_rope_store_kv(d, &mut r, rep);
+    check_gather(d, &mut r, rep);
     check_attention(d, &mut r, rep);
     check_sampling(d, &mut r, rep, 1000, 128, None);
     // the backend's block size (the emulator is slow at 1024 threads: a few rows)

@@ -85,6 +85,13 @@ pub trait Backend: Send + Sync {
     /// Makes a weight usable by the backend (a view on the CPU, an upload on a GPU).
     fn weight(&self, name: &str, t: &Tensor) -> Result<Self::Weight, BackendError>;
 
+    /// Weights the model multiplies by the same input (q, k, v; gate, up), in that order. A
+    /// backend may place them one after the other in one allocation so that one product
+    /// serves them all (the CUDA backend does); by default each is a [`Backend::weight`].
+    fn weights(&self, parts: &[(&str, &Tensor)]) -> Result<Vec<Self::Weight>, BackendError> {
+        parts.iter().map(|(n, t)| self.weight(n, t)).collect()
+    }
+
     /// A buffer of at least `len` f32 values (contents unspecified).
     fn buffer(&self, len: usize) -> Result<Self::Buf, BackendError>;
     /// Grows `buf` to at least `len` values if needed (no work when it is large enough).

@@ -214,36 +214,66 @@ impl<B: Backend> LlamaModel<B> {
             Rows(std::ops::Range<usize>),
             Cols(std::ops::Range<usize>),
         }
-        let take = |name: String, part: Part| -> Result<B::Weight, BackendError> {
+        // this rank's part of a tensor
+        let part_of = |name: &str, part: Part| -> Result<Tensor, BackendError> {
             // the loader checks every tensor of `tensor_specs`; only a hand-made map lacks one
-            let t = weights.get(&name).ok_or_else(|| BackendError::Weight {
-                name: name.clone(),
+            let t = weights.get(name).ok_or_else(|| BackendError::Weight {
+                name: name.to_string(),
                 message: format!("missing from the weights ({:?})", weights.files()),
             })?;
             let full = |r: &std::ops::Range<usize>, n: usize| r.start == 0 && r.end == n;
-            let t: Tensor = match part {
+            Ok(match part {
                 Part::Rows(r) if !full(&r, t.shape()[0]) => t.narrow_rows(r.start, r.len()),
                 Part::Cols(c) if !full(&c, t.shape()[1]) => t.narrow_cols(c.start, c.len()),
                 _ => t.clone(),
-            };
-            backend.weight(&name, &t)
+            })
+        };
+        let take = |name: String, part: Part| -> Result<B::Weight, BackendError> {
+            backend.weight(&name, &part_of(&name, part)?)
+        };
+        // weights multiplied by the same input, handed over together (see Backend::weights)
+        let take_group = |parts: Vec<(String, Part)>| -> Result<Vec<B::Weight>, BackendError> {
+            let tensors = parts
+                .into_iter()
+                .map(|(n, p)| Ok((part_of(&n, p)?, n)))
+                .collect::<Result<Vec<_>, BackendError>>()?;
+            let named: Vec<(&str, &Tensor)> =
+                tensors.iter().map(|(t, n)| (n.as_str(), t)).collect();
+            backend.weights(&named)
         };
         let d = cfg.head_dim;
-        let q = shard.q_heads.start * d..shard.q_heads.end * d;
+        let q_cols = shard.q_heads.start * d..shard.q_heads.end * d;
         let kv = shard.kv_heads.start * d..shard.kv_heads.end * d;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = |n: &str| format!("model.layers.{l}.{n}.weight");
+            let attn_norm = take(p("input_layernorm"), Part::All)?;
+            let [q, k, v]: [B::Weight; 3] = take_group(vec![
+                (p("self_attn.q_proj"), Part::Rows(q_cols.clone())),
+                (p("self_attn.k_proj"), Part::Rows(kv.clone())),
+                (p("self_attn.v_proj"), Part::Rows(kv.clone())),
+            ])?
+            .try_into()
+            .map_err(|_| BackendError::Internal("q, k, v: three weights expected".into()))?;
+            let o = take(p("self_attn.o_proj"), Part::Cols(q_cols.clone()))?;
+            let mlp_norm = take(p("post_attention_layernorm"), Part::All)?;
+            let [gate, up]: [B::Weight; 2] = take_group(vec![
+                (p("mlp.gate_proj"), Part::Rows(shard.intermediate.clone())),
+                (p("mlp.up_proj"), Part::Rows(shard.intermediate.clone())),
+            ])?
+            .try_into()
+            .map_err(|_| BackendError::Internal("gate, up: two weights expected".into()))?;
+            let down = take(p("mlp.down_proj"), Part::Cols(shard.intermediate.clone()))?;
             layers.push(Layer {
-                attn_norm: take(p("input_layernorm"), Part::All)?,
-                q: take(p("self_attn.q_proj"), Part::Rows(q.clone()))?,
-                k: take(p("self_attn.k_proj"), Part::Rows(kv.clone()))?,
-                v: take(p("self_attn.v_proj"), Part::Rows(kv.clone()))?,
-                o: take(p("self_attn.o_proj"), Part::Cols(q.clone()))?,
-                mlp_norm: take(p("post_attention_layernorm"), Part::All)?,
-                gate: take(p("mlp.gate_proj"), Part::Rows(shard.intermediate.clone()))?,
-                up: take(p("mlp.up_proj"), Part::Rows(shard.intermediate.clone()))?,
-                down: take(p("mlp.down_proj"), Part::Cols(shard.intermediate.clone()))?,
+                attn_norm,
+                q,
+                k,
+                v,
+                o,
+                mlp_norm,
+                gate,
+                up,
+                down,
             });
         }
         let vocab = || Part::Rows(shard.vocab.clone());

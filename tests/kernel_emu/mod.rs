@@ -1,7 +1,8 @@
 //! Builds `csrc/*.cu` against `cuda_emu.h` with the system C++ compiler into a shared
 //! library exporting `sg_emu_launch(name, grid, block, shared, args)` (cuLaunchKernel's
 //! argument convention) and the emulator's controls (`sg_emu_last_error`, `sg_emu_seed`,
-//! `sg_emu_set_seed`, `sg_emu_set_max_dynamic_smem`, `sg_emu_launch_log`), once per test
+//! `sg_emu_set_seed`, `sg_emu_set_max_dynamic_smem`, `sg_emu_launch_log`,
+//! `sg_emu_log_external`), once per test
 //! process. Used by tests/kernels.rs (each kernel alone), tests/cuda_emulated.rs (the CUDA
 //! backend through `SGLANG_CUDA_EMULATOR`) and tests/kernel_emu_strict.rs (kernels broken on
 //! purpose, built from tests/kernel_emu/broken/).
@@ -99,6 +100,9 @@ SG_EMU_API void sg_emu_set_seed(unsigned long long s) { sg_emu::seed = s; }
 SG_EMU_API void sg_emu_set_max_dynamic_smem(const char* name, size_t bytes) {
   sg_emu::kernels[name].max_dynamic_smem = bytes;
 }
+// Work done outside the emulated kernels (the CUDA backend's emulated cuBLAS products), in
+// the launch log under `name`.
+SG_EMU_API void sg_emu_log_external(const char* name) { sg_emu::kernels[name].launches++; }
 // One line per kernel launched since the last reset: "name launches blocks threads".
 SG_EMU_API size_t sg_emu_launch_log(char* out, size_t cap, int reset) {
   std::string s;

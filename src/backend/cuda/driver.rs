@@ -89,6 +89,8 @@ pub(super) struct Emulated {
     launch: EmuLaunch,
     /// The reason of the last failed launch (a NUL-terminated string owned by the library).
     last_error: unsafe extern "C" fn() -> *const std::ffi::c_char,
+    /// Counts a cuBLAS product in the emulator's launch log (as "cublas_gemm").
+    log_external: unsafe extern "C" fn(*const std::ffi::c_char),
     /// Live allocations (address -> layout), for `free` and the memory report.
     allocs: Mutex<std::collections::HashMap<u64, std::alloc::Layout>>,
 }
@@ -125,10 +127,17 @@ impl Driver {
             }
             .map(|s| *s)
             .map_err(|e| dev_err("sg_emu_last_error in the emulator", e))?;
+            // SAFETY: as above.
+            let log_external = unsafe {
+                lib.get::<unsafe extern "C" fn(*const std::ffi::c_char)>(b"sg_emu_log_external")
+            }
+            .map(|s| *s)
+            .map_err(|e| dev_err("sg_emu_log_external in the emulator", e))?;
             let d = Emulated {
                 _lib: lib,
                 launch,
                 last_error,
+                log_external,
                 allocs: Mutex::new(Default::default()),
             };
             return Ok((
@@ -450,7 +459,8 @@ impl Driver {
                 )
                 .map_err(|e| dev_err("cuBLAS gemm", e))
             }
-            Driver::Emulated(_) => {
+            Driver::Emulated(e) => {
+                (e.log_external)(c"cublas_gemm".as_ptr());
                 let bf = |p: sys::CUdeviceptr, i: usize| {
                     half::bf16::from_bits(*(p as *const u16).add(i)).to_f32()
                 };

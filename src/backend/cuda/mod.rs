@@ -1,6 +1,11 @@
 //! The CUDA backend (feature `cuda`): the kernels of `csrc/` (one fatbin built by nvcc in
-//! build.rs and embedded here), cuBLAS for the matrix products, bf16 weights and KV cache,
-//! f32 activations.
+//! build.rs and embedded here), cuBLAS for the matrix products, bf16 weights and KV cache.
+//! The products' inputs are bf16, written so by the kernel before each (norms, attention,
+//! SiLU-and-mul: no conversion launch); their outputs and the residual stream are f32.
+//! q, k and v are one product (their weights one after the other in one allocation, see
+//! [`Backend::weights`]), and so are gate and up; RoPE is applied while K and V are stored,
+//! from a cos/sin table kept on the device. A decode step makes 9 launches per layer (10
+//! when attention is split along the sequence).
 //!
 //! CUDA is loaded at run time (cudarc's dynamic loading): a binary built with `cuda` starts
 //! and serves on the CPU where no driver exists; [`driver_available`] is checked before any
@@ -108,17 +113,35 @@ impl Drop for DevMem {
     }
 }
 
-/// A bf16 weight on the device.
+/// A bf16 weight on the device: `rows x cols` at `offset` bytes into an allocation that may
+/// hold the weights of its group one after the other (q, k, v; gate, up).
 pub struct CudaWeight {
-    mem: DevMem,
+    mem: Arc<DevMem>,
+    offset: u64,
     rows: usize,
     cols: usize,
 }
 
-/// f32 activations on the device.
+impl CudaWeight {
+    fn ptr(&self) -> sys::CUdeviceptr {
+        self.mem.ptr + self.offset
+    }
+
+    /// True when `next` follows this weight directly in the same allocation with the same
+    /// columns, so one product covers both.
+    fn followed_by(&self, next: &CudaWeight) -> bool {
+        Arc::ptr_eq(&self.mem, &next.mem)
+            && self.cols == next.cols
+            && next.offset == self.offset + (self.rows * self.cols * 2) as u64
+    }
+}
+
+/// Activations on the device: room for `len` f32 values, holding f32 values or, when `bf16`
+/// is set (the products' inputs), bf16 ones in the first half of the bytes.
 pub struct CudaBuf {
     mem: DevMem,
     len: usize,
+    bf16: bool,
 }
 
 /// Bytes of one cached K or V value: the GPU cache holds bf16.
@@ -138,12 +161,21 @@ pub struct CudaStep {
     token_seq: DevMem,
     seq_table_start: DevMem,
     block_tables: DevMem,
-    cos: DevMem,
-    sin: DevMem,
+    /// The RoPE table's cos and sin (owned by the backend; only grown between steps).
+    cos: sys::CUdeviceptr,
+    sin: sys::CUdeviceptr,
     n_tokens: usize,
     /// Host staging of the same, kept to avoid allocating per step.
     host_u32: Vec<u32>,
-    host_f32: Vec<f32>,
+}
+
+/// RoPE's cos and sin on the device, `[position][head_dim / 2]` f32 for positions below
+/// `rows` (computed in f64 on the host as the CPU backend does, grown when a step needs a
+/// later position).
+struct RopeDev {
+    cos: DevMem,
+    sin: DevMem,
+    rows: usize,
 }
 
 struct Kernels {
@@ -152,19 +184,18 @@ struct Kernels {
     add_rms_norm: Func,
     f32_to_bf16: Func,
     silu_mul: Func,
-    rope: Func,
-    store_kv: Func,
+    rope_store_kv: Func,
     gather_rows: Func,
     attention: Func,
     attention_merge: Func,
     sample: Func,
 }
 
-/// Scratch buffers of the matrix products (activations in bf16, gate and up halves).
+/// Scratch buffers of the matrix products (an f32 input cast to bf16; the fused gate and up
+/// output).
 struct Scratch {
     x_bf16: Option<DevMem>,
-    gate: Option<CudaBuf>,
-    up: Option<CudaBuf>,
+    gate_up: Option<DevMem>,
     /// Partial results of split attention: running max and sum, and accumulators.
     attn_ml: Option<DevMem>,
     attn_acc: Option<DevMem>,
@@ -193,6 +224,7 @@ pub struct CudaBackend {
     staging: *mut c_void,
     scratch: Mutex<Scratch>,
     spare_step: Mutex<Option<CudaStep>>,
+    rope: Mutex<Option<RopeDev>>,
     sample_bufs: Mutex<SampleBufs>,
     /// Index lists uploaded by `embedding` (token ids) and `gather_rows` (rows): reused, and
     /// safe to overwrite because copies and kernels are ordered on the one stream.
@@ -240,8 +272,7 @@ impl CudaBackend {
             add_rms_norm: f("sg_add_rms_norm")?,
             f32_to_bf16: f("sg_f32_to_bf16")?,
             silu_mul: f("sg_silu_mul")?,
-            rope: f("sg_rope")?,
-            store_kv: f("sg_store_kv")?,
+            rope_store_kv: f("sg_rope_store_kv")?,
             gather_rows: f("sg_gather_rows")?,
             attention: f("sg_attention")?,
             attention_merge: f("sg_attention_merge")?,
@@ -254,12 +285,12 @@ impl CudaBackend {
             staging,
             scratch: Mutex::new(Scratch {
                 x_bf16: None,
-                gate: None,
-                up: None,
+                gate_up: None,
                 attn_ml: None,
                 attn_acc: None,
             }),
             spare_step: Mutex::new(None),
+            rope: Mutex::new(None),
             sample_bufs: Mutex::new(SampleBufs::default()),
             token_ids: Mutex::new(None),
             row_ids: Mutex::new(None),
@@ -384,16 +415,16 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `out[rows][w.rows] = x[rows][w.cols] · wᵀ` (x converted to bf16; f32 accumulation).
-    fn gemm(
+    /// x's values as bf16: its own memory when it holds bf16, else converted into scratch.
+    fn bf16_input(
         &self,
         x: &CudaBuf,
-        rows: usize,
-        w: &CudaWeight,
-        out: sys::CUdeviceptr,
+        n: usize,
         scratch: &mut Scratch,
-    ) -> Result<(), BackendError> {
-        let n = rows * w.cols;
+    ) -> Result<sys::CUdeviceptr, BackendError> {
+        if x.bf16 {
+            return Ok(x.mem.ptr);
+        }
         self.ensure(&mut scratch.x_bf16, n * 2)?;
         let xb = scratch.x_bf16.as_ref().expect("ensured").ptr;
         let count = n as i64;
@@ -405,15 +436,97 @@ impl CudaBackend {
             0,
             &mut args![x.mem.ptr, xb, count],
         )?;
+        Ok(xb)
+    }
+
+    /// `out[rows][o] = x[rows][cols] · wᵀ` for the `o = out_rows` weight rows at `w` (bf16
+    /// `[o][cols]`), into rows `ldc` apart at `out` (f32 accumulation and output).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        xb: sys::CUdeviceptr,
+        rows: usize,
+        cols: usize,
+        w: sys::CUdeviceptr,
+        out_rows: usize,
+        out: sys::CUdeviceptr,
+        ldc: usize,
+    ) -> Result<(), BackendError> {
         // Row-major out[rows][o] = x[rows][i] · W[o][i]ᵀ is, column-major,
         // out(o × rows) = Wᵀ(o × i) · x(i × rows).
         // SAFETY: the pointers are live device buffers of the sizes named by m, n, k and the
         // leading dimensions.
         unsafe {
-            self.drv.gemm_tn_bf16(
-                w.rows, rows, w.cols, w.mem.ptr, w.cols, xb, w.cols, out, w.rows,
-            )
+            self.drv
+                .gemm_tn_bf16(out_rows, rows, cols, w, cols, xb, cols, out, ldc)
         }
+    }
+
+    /// One product for a group of weights that follow each other in memory (q, k, v; gate,
+    /// up), else one per weight: `out[rows][sum of their rows]`, each weight's outputs in its
+    /// own columns, in order.
+    fn gemm_group(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        ws: &[&CudaWeight],
+        out: sys::CUdeviceptr,
+        scratch: &mut Scratch,
+    ) -> Result<(), BackendError> {
+        let cols = ws[0].cols;
+        let xb = self.bf16_input(x, rows * cols, scratch)?;
+        let width: usize = ws.iter().map(|w| w.rows).sum();
+        if ws.windows(2).all(|p| p[0].followed_by(p[1])) {
+            return self.gemm(xb, rows, cols, ws[0].ptr(), width, out, width);
+        }
+        let mut at = 0;
+        for w in ws {
+            self.gemm(
+                xb,
+                rows,
+                cols,
+                w.ptr(),
+                w.rows,
+                out + (at * 4) as u64,
+                width,
+            )?;
+            at += w.rows;
+        }
+        Ok(())
+    }
+
+    /// The RoPE table covering positions below `needed` (grown, never shrunk); its cos and
+    /// sin pointers.
+    fn rope_table(
+        &self,
+        rope: &RopeTable,
+        needed: usize,
+    ) -> Result<(sys::CUdeviceptr, sys::CUdeviceptr), BackendError> {
+        let mut slot = self.rope.lock();
+        if slot.as_ref().is_none_or(|t| t.rows < needed) {
+            let rows = needed.next_power_of_two().max(4096);
+            let half = rope.inv_freq.len();
+            let (mut cos, mut sin) = (vec![0f32; rows * half], vec![0f32; rows * half]);
+            for p in 0..rows {
+                for (j, &inv) in rope.inv_freq.iter().enumerate() {
+                    let a = p as f64 * inv;
+                    cos[p * half + j] = a.cos() as f32;
+                    sin[p * half + j] = a.sin() as f32;
+                }
+            }
+            self.sync()?; // the old table may be in use by queued work
+            *slot = None;
+            let t = RopeDev {
+                cos: DevMem::new(&self.drv, cos.len() * 4)?,
+                sin: DevMem::new(&self.drv, sin.len() * 4)?,
+                rows,
+            };
+            self.htod(&t.cos, &cos)?;
+            self.htod(&t.sin, &sin)?;
+            *slot = Some(t);
+        }
+        let t = slot.as_ref().expect("made above");
+        Ok((t.cos.ptr, t.sin.ptr))
     }
 
     fn new_step(&self) -> Result<CudaStep, BackendError> {
@@ -425,11 +538,10 @@ impl CudaBackend {
             token_seq: m()?,
             seq_table_start: m()?,
             block_tables: m()?,
-            cos: m()?,
-            sin: m()?,
+            cos: 0,
+            sin: 0,
             n_tokens: 0,
             host_u32: Vec::new(),
-            host_f32: Vec::new(),
         })
     }
 
@@ -480,6 +592,49 @@ impl CudaBackend {
         }
         self.htod(dst, data)
     }
+
+    /// Uploads `t` (`n` values, converted to bf16 on the way) to `dst` through the pinned
+    /// staging buffer.
+    fn upload_weight(
+        &self,
+        name: &str,
+        t: &Tensor,
+        dst: sys::CUdeviceptr,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let elems = t.elems();
+        let chunk = STAGING_BYTES / 2;
+        // SAFETY: `staging` is a pinned buffer of STAGING_BYTES, used by one upload at a
+        // time (each chunk is synchronised before the buffer is refilled).
+        let staging = unsafe { std::slice::from_raw_parts_mut(self.staging as *mut u16, chunk) };
+        let mut at = 0;
+        while at < n {
+            let len = chunk.min(n - at);
+            match elems.slice(at, len) {
+                Elems::BF16(s) => staging[..len].copy_from_slice(s),
+                // f16, f32 and GGUF blocks (dequantized here: the CUDA kernels read bf16)
+                other => {
+                    let mut f = vec![0.0f32; len];
+                    other.to_f32(&mut f);
+                    for (o, v) in staging[..len].iter_mut().zip(f) {
+                        *o = f32_to_bf16(v);
+                    }
+                }
+            }
+            // SAFETY: the destination range lies inside the caller's allocation; the source
+            // is pinned and is not touched again until the stream has finished this copy.
+            unsafe { self.drv.htod(dst + (at * 2) as u64, &staging[..len]) }.map_err(|e| {
+                BackendError::Weight {
+                    name: name.to_string(),
+                    message: format!("upload: {e}"),
+                }
+            })?;
+            self.sync()?;
+            at += len;
+        }
+        self.upload_progress(t.size_bytes());
+        Ok(())
+    }
 }
 
 impl Drop for CudaBackend {
@@ -501,47 +656,38 @@ impl Backend for CudaBackend {
     }
 
     fn weight(&self, name: &str, t: &Tensor) -> Result<CudaWeight, BackendError> {
-        let (rows, cols) = super::weight_dims(name, t)?;
-        let n = rows * cols;
-        let mem = DevMem::new(&self.drv, n * 2)?;
-        let elems = t.elems();
-        let chunk = STAGING_BYTES / 2;
-        // SAFETY: `staging` is a pinned buffer of STAGING_BYTES, used by one upload at a
-        // time (each chunk is synchronised before the buffer is refilled).
-        let staging = unsafe { std::slice::from_raw_parts_mut(self.staging as *mut u16, chunk) };
-        let mut at = 0;
-        while at < n {
-            let len = chunk.min(n - at);
-            match elems.slice(at, len) {
-                Elems::BF16(s) => staging[..len].copy_from_slice(s),
-                // f16, f32 and GGUF blocks (dequantized here: the CUDA kernels read bf16)
-                other => {
-                    let mut f = vec![0.0f32; len];
-                    other.to_f32(&mut f);
-                    for (o, v) in staging[..len].iter_mut().zip(f) {
-                        *o = f32_to_bf16(v);
-                    }
-                }
-            }
-            // SAFETY: the destination range lies inside `mem`; the source is pinned and is
-            // not touched again until the stream has finished this copy.
-            unsafe { self.drv.htod(mem.ptr + (at * 2) as u64, &staging[..len]) }.map_err(|e| {
-                BackendError::Weight {
-                    name: name.to_string(),
-                    message: format!("upload: {e}"),
-                }
-            })?;
-            self.sync()?;
-            at += len;
+        Ok(self.weights(&[(name, t)])?.pop().expect("one weight"))
+    }
+
+    /// One allocation for the group, each weight uploaded after the previous one, so that one
+    /// product can cover them (`gemm_group`).
+    fn weights(&self, parts: &[(&str, &Tensor)]) -> Result<Vec<CudaWeight>, BackendError> {
+        let dims = parts
+            .iter()
+            .map(|(n, t)| super::weight_dims(n, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let total: usize = dims.iter().map(|(r, c)| r * c).sum();
+        let mem = Arc::new(DevMem::new(&self.drv, total * 2)?);
+        let mut out = Vec::with_capacity(parts.len());
+        let mut at = 0usize;
+        for ((name, t), (rows, cols)) in parts.iter().zip(dims) {
+            self.upload_weight(name, t, mem.ptr + (at * 2) as u64, rows * cols)?;
+            out.push(CudaWeight {
+                mem: mem.clone(),
+                offset: (at * 2) as u64,
+                rows,
+                cols,
+            });
+            at += rows * cols;
         }
-        self.upload_progress(t.size_bytes());
-        Ok(CudaWeight { mem, rows, cols })
+        Ok(out)
     }
 
     fn buffer(&self, len: usize) -> Result<CudaBuf, BackendError> {
         Ok(CudaBuf {
             mem: DevMem::new(&self.drv, len * 4)?,
             len,
+            bf16: false,
         })
     }
 
@@ -595,22 +741,8 @@ impl Backend for CudaBackend {
         self.put(&mut step.seq_table_start, &h)?;
         self.put(&mut step.block_tables, &batch.block_tables)?;
         step.host_u32 = h;
-        // cos/sin per token, computed in f64 like the CPU backend
-        let half = rope.inv_freq.len();
-        let mut f = std::mem::take(&mut step.host_f32);
-        f.clear();
-        f.resize(2 * t * half, 0.0);
-        let (cos, sin) = f.split_at_mut(t * half);
-        for (i, &p) in batch.positions.iter().enumerate() {
-            for (j, &inv) in rope.inv_freq.iter().enumerate() {
-                let a = p as f64 * inv;
-                cos[i * half + j] = a.cos() as f32;
-                sin[i * half + j] = a.sin() as f32;
-            }
-        }
-        self.put(&mut step.cos, cos)?;
-        self.put(&mut step.sin, sin)?;
-        step.host_f32 = f;
+        let last = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
+        (step.cos, step.sin) = self.rope_table(rope, last)?;
         Ok(step)
     }
 
@@ -627,10 +759,11 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         let ids = self.upload_ids(&self.token_ids, &batch.tokens)?;
         let (hidden, start, rows) = (table.cols as i32, vocab_start as i32, table.rows as i32);
+        out.bf16 = false;
         self.launch_rows(
             &self.k.embedding,
             batch.num_tokens(),
-            &mut args![table.mem.ptr, ids, out.mem.ptr, hidden, start, rows],
+            &mut args![table.ptr(), ids, out.mem.ptr, hidden, start, rows],
         )
     }
 
@@ -643,10 +776,11 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
         let hidden = w.rows as i32;
+        out.bf16 = true;
         self.launch_rows(
             &self.k.rms_norm,
             rows,
-            &mut args![x.mem.ptr, w.mem.ptr, out.mem.ptr, hidden, eps],
+            &mut args![x.mem.ptr, w.ptr(), out.mem.ptr, hidden, eps],
         )
     }
 
@@ -660,13 +794,14 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
         let hidden = w.rows as i32;
+        out.bf16 = true;
         self.launch_rows(
             &self.k.add_rms_norm,
             rows,
             &mut args![
                 residual.mem.ptr,
                 delta.mem.ptr,
-                w.mem.ptr,
+                w.ptr(),
                 out.mem.ptr,
                 hidden,
                 eps
@@ -682,9 +817,12 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
         let mut scratch = self.scratch.lock();
-        self.gemm(x, rows, w, out.mem.ptr, &mut scratch)
+        out.bf16 = false;
+        self.gemm_group(x, rows, &[w], out.mem.ptr, &mut scratch)
     }
 
+    /// One product into `q` as rows `[q | k | v]` (`k` and `v` stay unused): RoPE, the KV
+    /// store and attention read them there.
     fn qkv(
         &self,
         x: &CudaBuf,
@@ -693,13 +831,13 @@ impl Backend for CudaBackend {
         wk: &CudaWeight,
         wv: &CudaWeight,
         q: &mut CudaBuf,
-        k: &mut CudaBuf,
-        v: &mut CudaBuf,
+        _k: &mut CudaBuf,
+        _v: &mut CudaBuf,
     ) -> Result<(), BackendError> {
+        self.ensure_len(q, rows * (wq.rows + wk.rows + wv.rows))?;
+        q.bf16 = false;
         let mut scratch = self.scratch.lock();
-        self.gemm(x, rows, wq, q.mem.ptr, &mut scratch)?;
-        self.gemm(x, rows, wk, k.mem.ptr, &mut scratch)?;
-        self.gemm(x, rows, wv, v.mem.ptr, &mut scratch)
+        self.gemm_group(x, rows, &[wq, wk, wv], q.mem.ptr, &mut scratch)
     }
 
     fn gate_up_silu(
@@ -711,27 +849,20 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
         let mut scratch = self.scratch.lock();
-        let n = rows * gate.rows;
-        let s = &mut *scratch;
-        for slot in [&mut s.gate, &mut s.up] {
-            if slot.as_ref().is_none_or(|b| b.len < n) {
-                self.sync()?;
-                *slot = None;
-                *slot = Some(self.buffer(n.next_power_of_two())?);
-            }
-        }
-        let g = scratch.gate.as_ref().expect("ensured").mem.ptr;
-        let u = scratch.up.as_ref().expect("ensured").mem.ptr;
-        self.gemm(x, rows, gate, g, &mut scratch)?;
-        self.gemm(x, rows, up, u, &mut scratch)?;
-        let count = n as i64;
+        let inter = gate.rows;
+        let n = rows * inter;
+        self.ensure(&mut scratch.gate_up, 2 * n * 4)?;
+        let gu = scratch.gate_up.as_ref().expect("ensured").ptr;
+        self.gemm_group(x, rows, &[gate, up], gu, &mut scratch)?;
+        let (count, width) = (n as i64, inter as i32);
         let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
+        out.bf16 = true;
         self.launch(
             &self.k.silu_mul,
             (blocks, 1, 1),
             ROW_THREADS,
             0,
-            &mut args![g, u, out.mem.ptr, count],
+            &mut args![gu, out.mem.ptr, width, count],
         )
     }
 
@@ -741,33 +872,30 @@ impl Backend for CudaBackend {
         _batch: &StepBatch,
         cfg: &ModelConfig,
         q: &mut CudaBuf,
-        k: &mut CudaBuf,
-        v: &CudaBuf,
+        _k: &mut CudaBuf,
+        _v: &CudaBuf,
         kv: &mut CudaKv,
         layer: usize,
     ) -> Result<(), BackendError> {
-        let t = step.n_tokens;
         let (qh, kvh, d) = (
             cfg.num_heads as i32,
             cfg.num_kv_heads as i32,
             cfg.head_dim as i32,
         );
         self.launch_rows(
-            &self.k.rope,
-            t,
-            &mut args![q.mem.ptr, k.mem.ptr, step.cos.ptr, step.sin.ptr, qh, kvh, d],
-        )?;
-        let kv_dim = kvh * d;
-        self.launch_rows(
-            &self.k.store_kv,
-            t,
+            &self.k.rope_store_kv,
+            step.n_tokens,
             &mut args![
-                k.mem.ptr,
-                v.mem.ptr,
+                q.mem.ptr,
+                step.cos,
+                step.sin,
+                step.positions.ptr,
                 step.slots.ptr,
                 kv.k[layer].ptr,
                 kv.v[layer].ptr,
-                kv_dim
+                qh,
+                kvh,
+                d
             ],
         )
     }
@@ -815,6 +943,9 @@ impl Backend for CudaBackend {
             (0, 0) // not read with one split
         };
         let split_len = split_len as i32;
+        // q's rows are [q | k | v] (see `qkv`)
+        let q_stride = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as i32;
+        out.bf16 = true;
         self.launch(
             &self.k.attention,
             (t as u32, cfg.num_kv_heads as u32, splits as u32),
@@ -822,6 +953,7 @@ impl Backend for CudaBackend {
             shared,
             &mut args![
                 q.mem.ptr,
+                q_stride,
                 kv.k[layer].ptr,
                 kv.v[layer].ptr,
                 out.mem.ptr,
@@ -862,6 +994,12 @@ impl Backend for CudaBackend {
         if rows.is_empty() {
             return Ok(());
         }
+        if !x.bf16 {
+            return Err(BackendError::Internal(
+                "gather_rows on the CUDA backend takes the bf16 rows a norm wrote".into(),
+            ));
+        }
+        out.bf16 = true;
         let idx = self.upload_ids(&self.row_ids, rows)?;
         let w = width as i32;
         self.launch_rows(
@@ -977,11 +1115,22 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32], out: &mut CudaBuf) -> Result<(), BackendError> {
+        out.bf16 = false;
         self.htod(&out.mem, data)
     }
 
     fn to_host<'a>(&self, buf: &'a CudaBuf, len: usize) -> Result<Cow<'a, [f32]>, BackendError> {
         self.bind()?;
+        if buf.bf16 {
+            let mut bits = vec![0u16; len];
+            // SAFETY: `buf` holds at least `len` bf16 values.
+            unsafe { self.drv.dtoh(&mut bits, buf.mem.ptr) }?;
+            let host = bits
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            return Ok(Cow::Owned(host));
+        }
         let mut host = vec![0f32; len];
         // SAFETY: `buf` holds at least `len` f32 values.
         unsafe { self.drv.dtoh(&mut host, buf.mem.ptr) }?;

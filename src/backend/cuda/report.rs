@@ -91,7 +91,7 @@ pub fn launch_geometry(kernel: &str) -> Option<(u32, u32)> {
         "sg_attention_merge" => (dim.next_multiple_of(32).min(ROW_THREADS), 0),
         "sg_sample" => (SAMPLE_THREADS, 0),
         "sg_embedding" | "sg_rms_norm" | "sg_add_rms_norm" | "sg_f32_to_bf16" | "sg_silu_mul"
-        | "sg_rope" | "sg_store_kv" | "sg_gather_rows" => (ROW_THREADS, 0),
+        | "sg_rope_store_kv" | "sg_gather_rows" => (ROW_THREADS, 0),
         _ => return None,
     })
 }
