@@ -130,6 +130,43 @@ extern "C" __global__ void sg_gather_rows(const bf16* __restrict__ x,
 #define MAX_GROUP 8
 #define MAX_PER_LANE 8  // head_dim <= 256
 
+// The end of every attention kernel: merges the ATTN_WARPS warps' online softmaxes, laid out
+// in shared memory as [warps][group] maxima, [warps][group] sums and [warps][group][dim]
+// accumulators, and writes the block's output: normalised bf16 with one split, else the
+// split's max, sum and unnormalised accumulator for sg_attention_merge.
+__device__ __forceinline__ void attention_write(const float* smem, int group, int dim, int t,
+                                                int q_heads, int kvh, bf16* __restrict__ out,
+                                                float* __restrict__ part_ml,
+                                                float* __restrict__ part_acc) {
+    const float* sm = smem;
+    const float* sl = smem + ATTN_WARPS * group;
+    const float* sacc = smem + 2 * ATTN_WARPS * group;
+    for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
+        const int g = i / dim, d = i % dim;
+        float mm = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm[w * group + g]);
+        float ll = 0.0f, o = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            const float mw = sm[w * group + g];
+            if (mw == -INFINITY) continue;  // a warp that saw no position
+            const float f = __expf(mw - mm);
+            ll += sl[w * group + g] * f;
+            o += sacc[((long)w * group + g) * dim + d] * f;
+        }
+        const long head = (long)t * q_heads + kvh * group + g;
+        if (gridDim.z == 1) {
+            out[head * dim + d] = __float2bfloat16_rn(o / ll);
+        } else {  // an empty split leaves m = -inf, l = 0, acc = 0
+            const long row = head * gridDim.z + blockIdx.z;
+            part_acc[row * dim + d] = o;
+            if (d == 0) {
+                part_ml[row * 2] = mm;
+                part_ml[row * 2 + 1] = ll;
+            }
+        }
+    }
+}
+
 // Paged causal attention, prefill and decode alike. One block per (new token, KV head,
 // split): the block reads each cached K/V row once for all query heads of the group (GQA).
 // Token t's query heads start at q + t * q_stride (rows [q | k | v]); its output is bf16
@@ -222,31 +259,173 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
-        const int g = i / dim, d = i % dim;
-        float mm = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; w++) mm = fmaxf(mm, sm[w * group + g]);
-        float ll = 0.0f, o = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; w++) {
-            const float mw = sm[w * group + g];
-            if (mw == -INFINITY) continue;  // a warp that saw no position
-            const float f = __expf(mw - mm);
-            ll += sl[w * group + g] * f;
-            o += sacc[((long)w * group + g) * dim + d] * f;
+    attention_write(smem, group, dim, t, q_heads, kvh, out, part_ml, part_acc);
+}
+
+// The bf16 pair in a 32-bit word (the lower address in the low half) as two floats.
+__device__ __forceinline__ void bf16x2_to_float(unsigned w, float* lo, float* hi) {
+    *lo = __uint_as_float(w << 16);
+    *hi = __uint_as_float(w & 0xffff0000u);
+}
+
+// Eight consecutive bf16 values (16-byte aligned) as floats, in one 16-byte load.
+__device__ __forceinline__ void load8(const bf16* p, float* x) {
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    bf16x2_to_float(w.x, &x[0], &x[1]);
+    bf16x2_to_float(w.y, &x[2], &x[3]);
+    bf16x2_to_float(w.z, &x[4], &x[5]);
+    bf16x2_to_float(w.w, &x[6], &x[7]);
+}
+
+// (m, l, acc) of an online softmax merged with another's: the running max and sum and the
+// unnormalised accumulator over the union of their positions (-inf: no position yet).
+template <int N>
+__device__ __forceinline__ void softmax_merge(float* m, float* l, float* acc, float mo, float lo,
+                                              const float* acc_o) {
+    const float nm = fmaxf(*m, mo);
+    const float f = *m == -INFINITY ? 0.0f : __expf(*m - nm);
+    const float fo = mo == -INFINITY ? 0.0f : __expf(mo - nm);
+    *l = *l * f + lo * fo;
+#pragma unroll
+    for (int j = 0; j < N; j++) acc[j] = acc[j] * f + acc_o[j] * fo;
+    *m = nm;
+}
+
+// sg_attention specialised at compile time on the head size DIM (64 or 128) and the query
+// heads per KV head GROUP, so that every per-head value lives in registers. A position is
+// read by DIM / 8 lanes, each loading 8 consecutive values of K and of V in one 16-byte
+// load; a warp has 32 / (DIM / 8) positions in flight (4 at DIM 64, 2 at 128), each lane
+// group keeping its own online softmax, merged across the warp by shuffles, then across the
+// warps through shared memory as in sg_attention. Same parameters and outputs as
+// sg_attention (the KV rows must be 16-byte aligned: head_dim a multiple of 8).
+template <int DIM, int GROUP>
+__device__ __forceinline__ void attention_fixed(
+    const float* __restrict__ q, int q_stride, const bf16* __restrict__ kc,
+    const bf16* __restrict__ vc, bf16* __restrict__ out, const uint32_t* __restrict__ positions,
+    const uint32_t* __restrict__ token_seq, const uint32_t* __restrict__ seq_table_start,
+    const uint32_t* __restrict__ block_tables, int page_size, int q_heads, int kv_heads,
+    float scale, int split_len, float* __restrict__ part_ml, float* __restrict__ part_acc,
+    float* smem) {
+    constexpr int L = DIM / 8;     // lanes per position
+    constexpr int P = WARP / L;    // positions per warp at a time
+    const int t = blockIdx.x, kvh = blockIdx.y;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int slot_in_warp = lane / L, d0 = (lane % L) * 8;
+    const int pos = (int)positions[t];
+    const uint32_t* table = block_tables + seq_table_start[token_seq[t]];
+    const long kv_dim = (long)kv_heads * DIM;
+
+    float qv[GROUP][8], acc[GROUP][8], m[GROUP], l[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        const float* qh = q + (long)t * q_stride + (long)(kvh * GROUP + g) * DIM + d0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            qv[g][j] = qh[j] * scale;
+            acc[g][j] = 0.0f;
         }
-        const long head = (long)t * q_heads + kvh * group + g;
-        if (gridDim.z == 1) {
-            out[head * dim + d] = __float2bfloat16_rn(o / ll);
-        } else {  // an empty split leaves m = -inf, l = 0, acc = 0
-            const long row = head * gridDim.z + blockIdx.z;
-            part_acc[row * dim + d] = o;
-            if (d == 0) {
-                part_ml[row * 2] = mm;
-                part_ml[row * 2 + 1] = ll;
+    }
+    const int begin = blockIdx.z * split_len;
+    const int end = min(pos + 1, begin + split_len);
+    // warp-uniform loop: every lane takes part in the shuffles, invalid positions are skipped
+    for (int base = begin + warp * P; base < end; base += ATTN_WARPS * P) {
+        const int p = base + slot_in_warp;
+        const bool valid = p < end;
+        float kx[8], vx[8];
+        if (valid) {
+            const long slot = (long)table[p / page_size] * page_size + p % page_size;
+            load8(kc + slot * kv_dim + (long)kvh * DIM + d0, kx);
+            load8(vc + slot * kv_dim + (long)kvh * DIM + d0, vx);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) kx[j] = vx[j] = 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) s += qv[g][j] * kx[j];
+#pragma unroll
+            for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (valid) {
+                const float nm = fmaxf(m[g], s);
+                const float corr = __expf(m[g] - nm), w = __expf(s - nm);
+                l[g] = l[g] * corr + w;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] = acc[g][j] * corr + w * vx[j];
+                m[g] = nm;
             }
         }
     }
+    // merge the warp's position slots (lanes L, 2L, ... apart hold the same dims)
+#pragma unroll
+    for (int g = 0; g < GROUP; g++) {
+#pragma unroll
+        for (int o = L; o < WARP; o <<= 1) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
+            const float lo = __shfl_xor_sync(0xffffffffu, l[g], o);
+            float ao[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) ao[j] = __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+            softmax_merge<8>(&m[g], &l[g], acc[g], mo, lo, ao);
+        }
+    }
+    // then the warps, through shared memory: [warps][group] m and l, [warps][group][dim] acc
+    float* sm = smem;
+    float* sl = smem + ATTN_WARPS * GROUP;
+    float* sacc = smem + 2 * ATTN_WARPS * GROUP;
+    if (slot_in_warp == 0) {
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            if (lane == 0) {
+                sm[warp * GROUP + g] = m[g];
+                sl[warp * GROUP + g] = l[g];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) sacc[(warp * GROUP + g) * DIM + d0 + j] = acc[g][j];
+        }
+    }
+    __syncthreads();
+    attention_write(smem, GROUP, DIM, t, q_heads, kvh, out, part_ml, part_acc);
 }
+
+// The instantiations the backend picks by (head_dim, group) (src/backend/cuda:
+// FIXED_HEAD_DIMS, MAX_GROUP); other shapes run sg_attention. Group 2 asks for 6 resident
+// blocks: left to itself ptxas held it to 64 registers and spilled. `dim` is unused (fixed at compile time) but kept
+// so that every attention kernel takes sg_attention's parameters.
+#define SG_ATTN_PARAMS                                                                          \
+    const float *__restrict__ q, int q_stride, const bf16 *__restrict__ kc,                    \
+        const bf16 *__restrict__ vc, bf16 *__restrict__ out,                                   \
+        const uint32_t *__restrict__ positions, const uint32_t *__restrict__ token_seq,        \
+        const uint32_t *__restrict__ seq_table_start, const uint32_t *__restrict__ block_tables, \
+        int page_size, int q_heads, int kv_heads, int dim, float scale, int split_len,         \
+        float *__restrict__ part_ml, float *__restrict__ part_acc
+#define SG_ATTN_FIXED(D, G)                                                                 \
+    {                                                                                      \
+        SG_DYN_SMEM(float, smem);                                                          \
+        (void)dim;                                                                         \
+        attention_fixed<D, G>(q, q_stride, kc, vc, out, positions, token_seq,              \
+                              seq_table_start, block_tables, page_size, q_heads, kv_heads, \
+                              scale, split_len, part_ml, part_acc, smem);                  \
+    }
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g1(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 1)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, 6) sg_attention_d64_g2(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 2)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g3(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 3)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g4(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 4)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g5(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 5)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g6(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 6)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g7(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 7)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g8(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 8)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g1(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 1)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, 6) sg_attention_d128_g2(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 2)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g3(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 3)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g4(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 4)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g5(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 5)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g6(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 6)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g7(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 7)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g8(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 8)
 
 // Combines the splits of sg_attention: one block per (token, query head).
 extern "C" __global__ void sg_attention_merge(const float* __restrict__ part_ml,

@@ -26,6 +26,8 @@ fn emulated_cuda_backend_matches_the_cpu() {
         let mut c = EngineConfig::new(dir);
         c.max_total_tokens = Some(2048);
         c.device = device;
+        // the CPU reference caches K and V in bf16 as the GPU does
+        c.kv_cache_dtype = sglang::config::KvCacheDtype::Bf16;
         c
     };
     let model_dir = common::model_dir();

@@ -729,7 +729,23 @@ struct AttnCase {
     splits: usize,
 }
 
-fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &AttnCase) {
+/// The kernel the backend runs for a head size and group: a compile-time instantiation for
+/// head_dim 64 and 128, else the generic one.
+fn attention_kernel(dim: usize, group: usize) -> String {
+    if dim == 64 || dim == 128 {
+        format!("sg_attention_d{dim}_g{group}")
+    } else {
+        "sg_attention".into()
+    }
+}
+
+fn check_attention_case(
+    d: &mut dyn Dev,
+    r: &mut Rand,
+    rep: &mut Report,
+    c: &AttnCase,
+    kernel: &str,
+) {
     let (qh, kvh, dim, ps) = (c.q_heads, c.kv_heads, c.dim, c.page_size);
     let kv_dim = kvh * dim;
     // pages: each sequence gets its own, shuffled across the pool
@@ -760,7 +776,8 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
         }
     }
     let tokens = positions.len();
-    let q = r.vec(tokens * qh * dim, 1.0);
+    // large enough for peaked softmaxes, as in a trained model
+    let q = r.vec(tokens * qh * dim, 8.0);
     let scale = 1.0 / (dim as f32).sqrt();
     let mut want = vec![0.0f64; tokens * qh * dim];
     let group = qh / kvh;
@@ -822,7 +839,7 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
         (0u64, 0u64)
     };
     d.launch(
-        "sg_attention",
+        kernel,
         (tokens as u32, kvh as u32, c.splits as u32),
         ATTN_THREADS,
         smem,
@@ -841,7 +858,7 @@ fn check_attention_case(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report, c: &Att
     let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
     let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
     rep.add(
-        "sg_attention",
+        kernel,
         format!(
             "seqs {} q{qh}/kv{kvh} d{dim} page {ps} split {} (bf16 out, half ulps)",
             seqs.join(","),
@@ -882,8 +899,23 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         case(&[(300, 4)], 8, 2, 128, 16, 3),
     ];
     for c in &cases {
-        check_attention_case(d, r, rep, c);
+        check_attention_case(d, r, rep, c, "sg_attention");
+        let fixed = attention_kernel(c.dim, c.q_heads / c.kv_heads);
+        if fixed != "sg_attention" {
+            check_attention_case(d, r, rep, c, &fixed);
+        }
     }
+    // every instantiation once: head_dim 64 and 128, groups 1 to 8, a split decode
+    for dim in [64, 128] {
+        for group in 1..=8 {
+            let c = case(&[(40, 1), (3, 2)], group * 2, 2, dim, 16, 1);
+            check_attention_case(d, r, rep, &c, &attention_kernel(dim, group));
+        }
+    }
+    let c = case(&[(0, 6), (5, 1)], 9, 3, 64, 1, 1);
+    check_attention_case(d, r, rep, &c, &attention_kernel(64, 3));
+    let c = case(&[(999, 1)], 4, 1, 128, 16, 4);
+    check_attention_case(d, r, rep, &c, &attention_kernel(128, 4));
 }
 
 /// Device sampling against the host sampler on the same logits, parameters, penalty state and

@@ -88,6 +88,14 @@ inline unsigned __float_as_uint(float f) {
     return u;
 }
 inline float __fdividef(float a, float b) { return a / b; }
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 
 namespace sg_emu {
 

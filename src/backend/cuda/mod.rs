@@ -63,6 +63,18 @@ const ATTN_WARPS: u32 = 4;
 /// Largest query-head group and head size the attention kernel handles (csrc/kernels.cu).
 const MAX_GROUP: usize = 8;
 const MAX_HEAD_DIM: usize = 256;
+/// Head sizes with attention kernels specialised at compile time (`sg_attention_d{dim}_g{g}`
+/// for every group 1..=MAX_GROUP); other head sizes run the generic `sg_attention`.
+pub const FIXED_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// The attention kernel for a head size and query-head group.
+pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
+    if FIXED_HEAD_DIMS.contains(&head_dim) && (1..=MAX_GROUP).contains(&group) {
+        format!("sg_attention_d{head_dim}_g{group}")
+    } else {
+        "sg_attention".into()
+    }
+}
 
 /// True when the CUDA driver library loads, initialises and reports at least one device (or
 /// when the tests' CPU emulation stands in for one: `SGLANG_CUDA_EMULATOR`).
@@ -187,6 +199,8 @@ struct Kernels {
     rope_store_kv: Func,
     gather_rows: Func,
     attention: Func,
+    /// The specialised instantiations: ((head_dim, group), kernel).
+    attention_fixed: Vec<((usize, usize), Func)>,
     attention_merge: Func,
     sample: Func,
 }
@@ -275,6 +289,14 @@ impl CudaBackend {
             rope_store_kv: f("sg_rope_store_kv")?,
             gather_rows: f("sg_gather_rows")?,
             attention: f("sg_attention")?,
+            attention_fixed: FIXED_HEAD_DIMS
+                .iter()
+                .flat_map(|&d| (1..=MAX_GROUP).map(move |g| (d, g)))
+                .map(|(d, g)| {
+                    let name: &'static str = attention_kernel_name(d, g).leak();
+                    Ok(((d, g), f(name)?))
+                })
+                .collect::<Result<_, BackendError>>()?,
             attention_merge: f("sg_attention_merge")?,
             sample: f("sg_sample")?,
         };
@@ -946,8 +968,14 @@ impl Backend for CudaBackend {
         // q's rows are [q | k | v] (see `qkv`)
         let q_stride = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as i32;
         out.bf16 = true;
+        let kernel = self
+            .k
+            .attention_fixed
+            .iter()
+            .find(|(shape, _)| *shape == (cfg.head_dim, group))
+            .map_or(&self.k.attention, |(_, f)| f);
         self.launch(
-            &self.k.attention,
+            kernel,
             (t as u32, cfg.num_kv_heads as u32, splits as u32),
             ATTN_WARPS * 32,
             shared,

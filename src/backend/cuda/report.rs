@@ -83,9 +83,18 @@ pub fn occupancy_sm90(k: &KernelResources, threads: u32, dyn_smem: u32) -> (u32,
 }
 
 /// How the backend launches each kernel: threads per block and dynamic shared memory at the
-/// anchor shape (Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128).
+/// anchor shape (Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128; the specialised
+/// attention kernels at their own).
 pub fn launch_geometry(kernel: &str) -> Option<(u32, u32)> {
     let (group, dim) = (4u32, 128u32);
+    // sg_attention_d{dim}_g{group}: at its own shape
+    if let Some((d, g)) = kernel
+        .strip_prefix("sg_attention_d")
+        .and_then(|rest| rest.split_once("_g"))
+    {
+        let (d, g): (u32, u32) = (d.parse().ok()?, g.parse().ok()?);
+        return Some((ATTN_WARPS * 32, ATTN_WARPS * g * (d + 2) * 4));
+    }
     Some(match kernel {
         "sg_attention" => (ATTN_WARPS * 32, ATTN_WARPS * group * (dim + 2) * 4),
         "sg_attention_merge" => (dim.next_multiple_of(32).min(ROW_THREADS), 0),
