@@ -12,6 +12,12 @@ typedef __nv_bfloat16 bf16;
 
 #define WARP 32
 
+// The bf16 pair in a 32-bit word (the lower address in the low half) as two floats.
+__device__ __forceinline__ void bf16x2_to_float(unsigned w, float* lo, float* hi) {
+    *lo = __uint_as_float(w << 16);
+    *hi = __uint_as_float(w & 0xffff0000u);
+}
+
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll

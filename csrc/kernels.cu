@@ -31,16 +31,79 @@ extern "C" __global__ void sg_embedding(const bf16* __restrict__ table,
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __bfloat162float(src[i]);
 }
 
-// One block per row: out = bf16(x * rsqrt(mean(x^2) + eps) * w), the next product's input.
-extern "C" __global__ void sg_rms_norm(const float* __restrict__ x, const bf16* __restrict__ w,
-                                       bf16* __restrict__ out, int hidden, float eps) {
-    const float* xr = x + (long)blockIdx.x * hidden;
-    bf16* o = out + (long)blockIdx.x * hidden;
+// float4s of a row each thread keeps in registers in the one-pass norm: rows up to
+// NORM_VEC * 4 * blockDim.x values (8,192 at 256 threads).
+#define NORM_VEC 8
+
+// Two bf16 (round to nearest even) in one 32-bit word, `lo` at the lower address.
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+           ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+
+// One row of RMSNorm, one block: x (+= delta when ADD, written back) then
+// out = bf16(x * rsqrt(mean(x^2) + eps) * w), the next product's input. Rows of a multiple of
+// 4 values that fit NORM_VEC float4s per thread take one pass over memory: 16-byte loads,
+// the values kept in registers between the sum of squares and the output, 8-byte stores.
+// Other rows take two passes (x read twice).
+template <bool ADD>
+__device__ __forceinline__ void rms_norm_row(float* __restrict__ x, const float* __restrict__ delta,
+                                             const bf16* __restrict__ w, bf16* __restrict__ o,
+                                             int hidden, float eps) {
+    const int n4 = hidden / 4;
+    if (hidden % 4 == 0 && n4 <= NORM_VEC * (int)blockDim.x) {
+        float4 v[NORM_VEC];
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            if (i < n4) {
+                float4 a = reinterpret_cast<const float4*>(x)[i];
+                if (ADD) {
+                    const float4 b = reinterpret_cast<const float4*>(delta)[i];
+                    a.x += b.x;
+                    a.y += b.y;
+                    a.z += b.z;
+                    a.w += b.w;
+                    reinterpret_cast<float4*>(x)[i] = a;
+                }
+                v[k] = a;
+                ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+            }
+        }
+        const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+#pragma unroll
+        for (int k = 0; k < NORM_VEC; k++) {
+            const int i = threadIdx.x + k * blockDim.x;
+            if (i < n4) {
+                const uint2 wb = reinterpret_cast<const uint2*>(w)[i];
+                float w0, w1, w2, w3;
+                bf16x2_to_float(wb.x, &w0, &w1);
+                bf16x2_to_float(wb.y, &w2, &w3);
+                const float4 a = v[k];
+                reinterpret_cast<uint2*>(o)[i] = uint2{pack_bf16x2(a.x * inv * w0, a.y * inv * w1),
+                                                       pack_bf16x2(a.z * inv * w2, a.w * inv * w3)};
+            }
+        }
+        return;
+    }
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = ADD ? x[i] + delta[i] : x[i];
+        if (ADD) x[i] = v;
+        ss += v * v;
+    }
     const float inv = rsqrtf(block_sum(ss) / hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        o[i] = __float2bfloat16_rn(xr[i] * inv * __bfloat162float(w[i]));
+        o[i] = __float2bfloat16_rn(x[i] * inv * __bfloat162float(w[i]));
+}
+
+// One block per row: out = bf16(rmsnorm(x) * w), the next product's input.
+extern "C" __global__ void sg_rms_norm(const float* __restrict__ x, const bf16* __restrict__ w,
+                                       bf16* __restrict__ out, int hidden, float eps) {
+    // x is only read (ADD = false)
+    rms_norm_row<false>(const_cast<float*>(x) + (long)blockIdx.x * hidden, nullptr, w,
+                        out + (long)blockIdx.x * hidden, hidden, eps);
 }
 
 // residual += delta; out = bf16(rmsnorm(residual) * w) (one block per row).
@@ -48,18 +111,8 @@ extern "C" __global__ void sg_add_rms_norm(float* __restrict__ residual,
                                            const float* __restrict__ delta,
                                            const bf16* __restrict__ w, bf16* __restrict__ out,
                                            int hidden, float eps) {
-    float* r = residual + (long)blockIdx.x * hidden;
-    const float* d = delta + (long)blockIdx.x * hidden;
-    bf16* o = out + (long)blockIdx.x * hidden;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float v = r[i] + d[i];
-        r[i] = v;
-        ss += v * v;
-    }
-    const float inv = rsqrtf(block_sum(ss) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        o[i] = __float2bfloat16_rn(r[i] * inv * __bfloat162float(w[i]));
+    const long row = (long)blockIdx.x * hidden;
+    rms_norm_row<true>(residual + row, delta + row, w, out + row, hidden, eps);
 }
 
 // Activations to bf16 for the tensor-core matrix products (round to nearest even).
@@ -260,12 +313,6 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
     }
     __syncthreads();
     attention_write(smem, group, dim, t, q_heads, kvh, out, part_ml, part_acc);
-}
-
-// The bf16 pair in a 32-bit word (the lower address in the low half) as two floats.
-__device__ __forceinline__ void bf16x2_to_float(unsigned w, float* lo, float* hi) {
-    *lo = __uint_as_float(w << 16);
-    *hi = __uint_as_float(w & 0xffff0000u);
 }
 
 // Eight consecutive bf16 values (16-byte aligned) as floats, in one 16-byte load.

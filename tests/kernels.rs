@@ -422,7 +422,7 @@ fn rms_ref(x: &[f64], w: &[f32], eps: f32) -> Vec<f64> {
 
 fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     let eps = 1e-5f32;
-    for (rows, hidden) in [(1usize, 576usize), (7, 300), (3, 4096), (2, 33)] {
+    for (rows, hidden) in [(1usize, 576usize), (7, 300), (3, 4096), (2, 33), (1, 8200)] {
         let x = r.vec(rows * hidden, 3.0);
         let w = to_bf16(&r.vec(hidden, 1.0));
         let wf = from_bf16(&w);

@@ -69,6 +69,7 @@ inline float __bfloat162float(__nv_bfloat16 h) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
@@ -95,6 +96,12 @@ inline float __uint_as_float(unsigned u) {
 }
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
 };
 
 namespace sg_emu {
