@@ -183,6 +183,15 @@ extern "C" __global__ void sg_gather_rows(const bf16* __restrict__ x,
 #define MAX_GROUP 8
 #define MAX_PER_LANE 8  // head_dim <= 256
 
+// Positions [*begin, *end) of split blockIdx.z of a token at position `pos` (see
+// sg_attention): the whole context 0..=pos with one split.
+__device__ __forceinline__ void split_range(int pos, int min_split_len, int* begin, int* end) {
+    const int ctx = pos + 1;
+    const int len = max(min_split_len, (ctx + (int)gridDim.z - 1) / (int)gridDim.z);
+    *begin = (int)blockIdx.z * len;
+    *end = min(ctx, *begin + len);
+}
+
 // The end of every attention kernel: merges the ATTN_WARPS warps' online softmaxes, laid out
 // in shared memory as [warps][group] maxima, [warps][group] sums and [warps][group][dim]
 // accumulators, and writes the block's output: normalised bf16 with one split, else the
@@ -228,8 +237,11 @@ __device__ __forceinline__ void attention_write(const float* smem, int group, in
 // the warps then merge their partial results. Token t sits at position positions[t] of
 // sequence token_seq[t] and attends to positions 0..=positions[t] through that sequence's
 // pages.
-// Split along the sequence (flash-decoding): block z covers positions
-// [z * split_len, (z + 1) * split_len). With one split (gridDim.z == 1) the block writes the
+// Split along the sequence (flash-decoding): block z covers positions [z * len, (z + 1) * len)
+// of its token's context, len = max(min_split_len, ceil(context / gridDim.z)) (split_range):
+// the grid depends on the batch alone, not on context lengths (so a captured graph replays
+// at any length), and each token's own context is what gets divided. With one split
+// (gridDim.z == 1) the block writes the
 // normalised output; with several, each writes its running max and sum to part_ml
 // [token][q_head][split][2] and its unnormalised accumulator to part_acc
 // [token][q_head][split][dim], and sg_attention_merge combines them. Decode of a few
@@ -241,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
                  const uint32_t* __restrict__ positions, const uint32_t* __restrict__ token_seq,
                  const uint32_t* __restrict__ seq_table_start,
                  const uint32_t* __restrict__ block_tables, int page_size, int q_heads,
-                 int kv_heads, int dim, float scale, int split_len, float* __restrict__ part_ml,
+                 int kv_heads, int dim, float scale, int min_split_len, float* __restrict__ part_ml,
                  float* __restrict__ part_acc) {
     SG_DYN_SMEM(float, smem);
     const int t = blockIdx.x, kvh = blockIdx.y;
@@ -268,8 +280,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
                            : 0.0f;
         }
     }
-    const int begin = blockIdx.z * split_len;
-    const int end = min(pos + 1, begin + split_len);
+    int begin, end;
+    split_range(pos, min_split_len, &begin, &end);
     for (int p = begin + warp; p < end; p += ATTN_WARPS) {
         const long slot = (long)table[p / page_size] * page_size + p % page_size;
         const bf16* kr = kc + slot * kv_dim + (long)kvh * dim;
@@ -351,7 +363,7 @@ __device__ __forceinline__ void attention_fixed(
     const bf16* __restrict__ vc, bf16* __restrict__ out, const uint32_t* __restrict__ positions,
     const uint32_t* __restrict__ token_seq, const uint32_t* __restrict__ seq_table_start,
     const uint32_t* __restrict__ block_tables, int page_size, int q_heads, int kv_heads,
-    float scale, int split_len, float* __restrict__ part_ml, float* __restrict__ part_acc,
+    float scale, int min_split_len, float* __restrict__ part_ml, float* __restrict__ part_acc,
     float* smem) {
     constexpr int L = DIM / 8;     // lanes per position
     constexpr int P = WARP / L;    // positions per warp at a time
@@ -374,8 +386,8 @@ __device__ __forceinline__ void attention_fixed(
             acc[g][j] = 0.0f;
         }
     }
-    const int begin = blockIdx.z * split_len;
-    const int end = min(pos + 1, begin + split_len);
+    int begin, end;
+    split_range(pos, min_split_len, &begin, &end);
     // warp-uniform loop: every lane takes part in the shuffles, invalid positions are skipped
     for (int base = begin + warp * P; base < end; base += ATTN_WARPS * P) {
         const int p = base + slot_in_warp;
@@ -447,7 +459,7 @@ __device__ __forceinline__ void attention_fixed(
         const bf16 *__restrict__ vc, bf16 *__restrict__ out,                                   \
         const uint32_t *__restrict__ positions, const uint32_t *__restrict__ token_seq,        \
         const uint32_t *__restrict__ seq_table_start, const uint32_t *__restrict__ block_tables, \
-        int page_size, int q_heads, int kv_heads, int dim, float scale, int split_len,         \
+        int page_size, int q_heads, int kv_heads, int dim, float scale, int min_split_len,     \
         float *__restrict__ part_ml, float *__restrict__ part_acc
 #define SG_ATTN_FIXED(D, G)                                                                 \
     {                                                                                      \
@@ -455,7 +467,7 @@ __device__ __forceinline__ void attention_fixed(
         (void)dim;                                                                         \
         attention_fixed<D, G>(q, q_stride, kc, vc, out, positions, token_seq,              \
                               seq_table_start, block_tables, page_size, q_heads, kv_heads, \
-                              scale, split_len, part_ml, part_acc, smem);                  \
+                              scale, min_split_len, part_ml, part_acc, smem);              \
     }
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d64_g1(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 1)
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, 6) sg_attention_d64_g2(SG_ATTN_PARAMS) SG_ATTN_FIXED(64, 2)

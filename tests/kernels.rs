@@ -725,7 +725,8 @@ struct AttnCase {
     kv_heads: usize,
     dim: usize,
     page_size: usize,
-    /// Splits along the sequence (1: one pass), as `backend::split::attention_splits` picks.
+    /// Splits along the sequence (1: one pass), as `backend::split::attention_splits` picks;
+    /// some are empty for the shorter contexts.
     splits: usize,
 }
 
@@ -830,8 +831,9 @@ fn check_attention_case(
     let op = out::<u16>(d, tokens * qh * dim);
     let smem = (4 * group * (dim + 2) * 4) as u32;
     let (a, b, e, f) = (ps as i32, qh as i32, kvh as i32, dim as i32);
-    let max_ctx = c.seqs.iter().map(|(p, n)| p + n).max().unwrap();
-    let split_len = max_ctx.div_ceil(c.splits) as i32;
+    // each token's context divided among the splits, none below 16 positions here (the
+    // backend's 256 would leave these short contexts in one split)
+    let min_split_len = 16i32;
     let (ml, acc) = if c.splits > 1 {
         let rows = tokens * qh * c.splits;
         (out::<f32>(d, rows * 2), out::<f32>(d, rows * dim))
@@ -843,7 +845,25 @@ fn check_attention_case(
         (tokens as u32, kvh as u32, c.splits as u32),
         ATTN_THREADS,
         smem,
-        &mut args![qp, qs, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale, split_len, ml, acc],
+        &mut args![
+            qp,
+            qs,
+            kp,
+            vp,
+            op,
+            pp,
+            tsp,
+            stp,
+            btp,
+            a,
+            b,
+            e,
+            f,
+            scale,
+            min_split_len,
+            ml,
+            acc
+        ],
     );
     if c.splits > 1 {
         let splits = c.splits as i32;
@@ -897,6 +917,9 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         case(&[(2999, 1)], 3, 1, 64, 16, 12),
         case(&[(700, 1), (3, 1), (250, 1)], 9, 3, 64, 16, 4),
         case(&[(300, 4)], 8, 2, 128, 16, 3),
+        // more splits than the contexts need: most are empty, and a token's context may
+        // fit its first split
+        case(&[(20, 1), (3, 1)], 9, 3, 64, 16, 32),
     ];
     for c in &cases {
         check_attention_case(d, r, rep, c, "sg_attention");

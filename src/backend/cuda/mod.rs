@@ -5,7 +5,7 @@
 //! q, k and v are one product (their weights one after the other in one allocation, see
 //! [`Backend::weights`]), and so are gate and up; RoPE is applied while K and V are stored,
 //! from a cos/sin table kept on the device. A decode step makes 9 launches per layer (10
-//! when attention is split along the sequence).
+//! when attention is split along the sequence: at small batches, see `backend::split`).
 //!
 //! CUDA is loaded at run time (cudarc's dynamic loading): a binary built with `cuda` starts
 //! and serves on the CPU where no driver exists; [`driver_available`] is checked before any
@@ -948,10 +948,9 @@ impl Backend for CudaBackend {
         );
         let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
         let shared = (ATTN_WARPS as usize * group * (cfg.head_dim + 2) * 4) as u32;
-        let max_context = batch.seqs.iter().map(|s| s.context_len).max().unwrap_or(1);
         let t = step.n_tokens;
-        let (splits, split_len) =
-            super::split::attention_splits(t, cfg.num_kv_heads, max_context, self.sms);
+        // from the batch and the GPU only: each token's kernel divides its own context
+        let splits = super::split::attention_splits(t, cfg.num_kv_heads, self.sms);
         let mut scratch = self.scratch.lock();
         let (ml, acc) = if splits > 1 {
             let rows = t * cfg.num_heads * splits;
@@ -964,7 +963,7 @@ impl Backend for CudaBackend {
         } else {
             (0, 0) // not read with one split
         };
-        let split_len = split_len as i32;
+        let min_split_len = super::split::MIN_SPLIT_LEN as i32;
         // q's rows are [q | k | v] (see `qkv`)
         let q_stride = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as i32;
         out.bf16 = true;
@@ -994,7 +993,7 @@ impl Backend for CudaBackend {
                 kvh,
                 d,
                 scale,
-                split_len,
+                min_split_len,
                 ml,
                 acc
             ],
