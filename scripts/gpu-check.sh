@@ -3,8 +3,11 @@
 # there): every kernel against its reference (tests/kernels.rs, GPU only), model parity with
 # the CPU backend (tests/cuda.rs: the default model's shape and a Llama-3-8B shape, random
 # weights), a short decode benchmark (sglang-server bench), a cuda server answering one
-# request; then one summary table: max relative error per kernel, parity, ms per decode step
-# and achieved bandwidth. Logs go to $OUT (or /tmp).
+# request; the card's copy bandwidth measured with torch in the same run; compute-sanitizer
+# (memcheck, racecheck, synccheck) on the kernel tests where the machine has it; then one
+# summary table: error per kernel, parity, ms per decode step and achieved bandwidth as a
+# fraction of the measured copy bandwidth. Every phase has its own timeout and prints its
+# time as it ends (the whole run fits in 8 minutes). Logs go to $OUT (or /tmp).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${OUT:-/tmp}"
@@ -12,23 +15,64 @@ out="${OUT:-/tmp}"
 for d in /usr/local/cuda/lib64 $(python3 -c 'import glob,site;print(" ".join(glob.glob(site.getsitepackages()[0]+"/nvidia/*/lib")))' 2>/dev/null); do
   [[ -d "$d" ]] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
+t0=$SECONDS
+phase() { echo "== $* (at $((SECONDS - t0)) s)"; }
 gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n1)"
-echo "== $gpu"
-echo "== kernels (tests/kernels.rs)"
-SGLANG_KERNELS_NO_EMULATOR=1 timeout 300 "$here/kernels-test" --nocapture --test-threads=1 2>&1 | tee "$out/kernels.log"
-echo "== model parity (tests/cuda.rs)"
-SGLANG_CUDA_TEST_DUMMY="$here/model" timeout 300 "$here/cuda-test" --nocapture --test-threads=1 2>&1 | tee "$out/parity.log"
-echo "== decode benchmark"
+phase "$gpu"
+ld_path="${LD_LIBRARY_PATH:-}"
+cublas="$(for d in ${ld_path//:/ }; do ls "$d"/libcublas.so.13* 2>/dev/null; done | head -n1)"
+echo "libcublas: ${cublas:-not found in LD_LIBRARY_PATH (ldconfig: $(ldconfig -p 2>/dev/null | grep -m1 -o 'libcublas.so.13[^ ]*'))}"
+phase "copy bandwidth (torch, device to device, 1 GiB)"
+timeout 30 python3 - > "$out/copy-bw.txt" 2> "$out/copy-bw.log" <<'PY'
+import torch
+n = 1 << 30
+a = torch.empty(n, dtype=torch.uint8, device="cuda")
+b = torch.empty_like(a)
+for _ in range(3):
+    b.copy_(a)
+torch.cuda.synchronize()
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+for _ in range(20):
+    b.copy_(a)
+end.record()
+torch.cuda.synchronize()
+s = start.elapsed_time(end) / 1e3 / 20
+print(2 * n / s)  # bytes read + written per second
+PY
+if [[ -s "$out/copy-bw.txt" ]]; then
+  python3 -c 'import sys; print(f"{float(sys.argv[1]) / 1e12:.3f} TB/s (read + write)")' "$(cat "$out/copy-bw.txt")"
+else
+  echo "not measured:"; tail -n 3 "$out/copy-bw.log"
+fi
+phase "kernels (tests/kernels.rs)"
+SGLANG_KERNELS_NO_EMULATOR=1 timeout 90 "$here/kernels-test" --nocapture --test-threads=1 2>&1 | tee "$out/kernels.log"
+# a first run: synchronise after every launch, so that a faulting kernel is named
+phase "model parity (tests/cuda.rs, SGLANG_CUDA_SYNC_LAUNCHES=1)"
+SGLANG_CUDA_SYNC_LAUNCHES=1 SGLANG_CUDA_TEST_DUMMY="$here/model" timeout 90 "$here/cuda-test" --nocapture --test-threads=1 2>&1 | tee "$out/parity.log"
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck synccheck; do
+    phase "compute-sanitizer --tool $tool (tests/kernels.rs)"
+    SGLANG_KERNELS_NO_EMULATOR=1 timeout 25 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$here/kernels-test" --test-threads=1 > "$out/sanitizer-$tool.log" 2>&1
+    echo "exit $? (0 clean, 9 errors, 124 timed out)"; grep -m5 "ERROR SUMMARY\|=========  [A-Z]" "$out/sanitizer-$tool.log"
+  done
+else
+  phase "compute-sanitizer: not on this machine"
+fi
+phase "decode benchmark"
+# per-phase limits (30 + 90 + 90 + 3 x 25 + 40 + 90 + 40 s) keep the run under 8 minutes
 for m in model model-8b; do
-  timeout 240 "$here/sglang-server" bench --model-path "$here/$m" --load-format dummy --device cuda \
+  limit=40; [[ "$m" == model-8b ]] && limit=90
+  timeout "$limit" "$here/sglang-server" bench --model-path "$here/$m" --load-format dummy --device cuda \
     --prompt-lens 512 --batch 1,8 --decode-steps 64 --repeat 2 --json > "$out/bench-$m.json" 2> "$out/bench-$m.log" \
     || { echo "bench $m failed:"; tail -n 20 "$out/bench-$m.log"; }
 done
-echo "== server"
+phase "server"
 SGLANG_LOG_LEVEL=info "$here/sglang-server" --model-path "$here/model" --load-format dummy \
   --device cuda --port 30123 > "$out/server.log" 2>&1 &
 pid=$!
-for _ in $(seq 1 120); do
+for _ in $(seq 1 40); do
   curl -sf http://127.0.0.1:30123/health > /dev/null && break
   kill -0 "$pid" 2> /dev/null || break
   sleep 1
@@ -40,10 +84,14 @@ kill "$pid" 2> /dev/null; wait "$pid"
 tail -n 20 "$out/server.log"
 
 echo
-echo "== summary: $gpu"
+phase "summary: $gpu"
 python3 - "$out" "$gpu" <<'PY'
 import json, re, sys, os
 out, gpu = sys.argv[1], sys.argv[2]
+try:
+    copy_bw = float(open(os.path.join(out, "copy-bw.txt")).read().split()[0])
+except Exception:
+    copy_bw = None
 worst = {}
 for line in open(os.path.join(out, "kernels.log"), errors="replace"):
     f = line.split()
@@ -53,7 +101,7 @@ for line in open(os.path.join(out, "kernels.log"), errors="replace"):
             err, tol = float(m.group(1)), float(m.group(2))
             k = f[0]
             worst[k] = max(worst.get(k, (0.0, tol)), (err, tol))
-print("| kernel | max rel err (GPU vs reference) | tolerance |\n|---|---:|---:|")
+print("| kernel | worst error (GPU vs reference: relative, or half bf16 ulps) | tolerance |\n|---|---:|---:|")
 for k, (e, t) in sorted(worst.items()):
     print(f"| {k} | {e:.3e} | {t:.0e} |")
 if not worst:
@@ -78,6 +126,8 @@ for m in ("model", "model-8b"):
         steps = tps / int(b)
         bw = wb * steps
         ratio = f" ({bw / peak:.2f} of the {peak / 1e12:.2f} TB/s spec)" if peak else ""
+        if copy_bw:
+            ratio += f" ({bw / copy_bw:.2f} of the measured copy bandwidth, {copy_bw / 1e12:.2f} TB/s)"
         print(f"| {m} | {b} | {1000 / steps:.3f} | {tps:.1f} | {wb / 1e9:.2f} GB | {bw / 1e9:.0f} GB/s{ratio} |")
     for n, tps in r["prompt_tokens_per_s"].items():
         print(f"| {m} | prefill {n} | | {tps:.0f} | | |")
