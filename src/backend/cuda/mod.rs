@@ -67,6 +67,12 @@ const MAX_HEAD_DIM: usize = 256;
 /// for every group 1..=MAX_GROUP); other head sizes run the generic `sg_attention`.
 pub const FIXED_HEAD_DIMS: [usize; 2] = [64, 128];
 
+/// Dynamic shared memory of an attention block (csrc/kernels.cu): per warp and query head of
+/// the group, the running max, the sum and the accumulator.
+pub fn attention_smem_bytes(group: usize, head_dim: usize) -> u32 {
+    (ATTN_WARPS as usize * group * (head_dim + 2) * 4) as u32
+}
+
 /// The attention kernel for a head size and query-head group.
 pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
     if FIXED_HEAD_DIMS.contains(&head_dim) && (1..=MAX_GROUP).contains(&group) {
@@ -947,7 +953,7 @@ impl Backend for CudaBackend {
             cfg.head_dim as i32,
         );
         let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
-        let shared = (ATTN_WARPS as usize * group * (cfg.head_dim + 2) * 4) as u32;
+        let shared = attention_smem_bytes(group, cfg.head_dim);
         let t = step.n_tokens;
         // from the batch and the GPU only: each token's kernel divides its own context
         let splits = super::split::attention_splits(t, cfg.num_kv_heads, self.sms);
