@@ -5,6 +5,8 @@
 #ifndef SG_EMULATION  // tests/kernel_emu/cuda_emu.h runs these kernels on the CPU in tests
 #include <cuda_bf16.h>
 #define SG_DYN_SMEM(T, name) extern __shared__ T name[]
+// The emulator counts events a test asserts on (e.g. passes over a row); nothing on a GPU.
+#define SG_EMU_COUNT(what)
 #endif
 #include <stdint.h>
 

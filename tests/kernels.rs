@@ -95,6 +95,7 @@ macro_rules! args {
 /// library, once per test process.
 struct Emu {
     bufs: Vec<Vec<u64>>,
+    lib: &'static kernel_emu::Emulator,
 }
 
 /// Guard bytes before and after every emulator buffer.
@@ -105,9 +106,29 @@ fn emulator() -> &'static kernel_emu::Emulator {
     EMU.get_or_init(|| kernel_emu::Emulator::load(kernel_emu::library()))
 }
 
+/// The emulator with `sg_sample`'s gathering capacity at 8 tokens instead of 1024, so that
+/// small rows walk every level of its radix selection (in the same thread order as
+/// [`emulator`]).
+fn emulator_small_sample_cap() -> &'static kernel_emu::Emulator {
+    static EMU: std::sync::OnceLock<kernel_emu::Emulator> = std::sync::OnceLock::new();
+    EMU.get_or_init(|| {
+        let lib = kernel_emu::build_with(&kernel_emu::csrc_sources(), &["SAMPLE_CAP=8"]);
+        let e = kernel_emu::Emulator::load(&lib);
+        e.set_seed(emulator().seed());
+        e
+    })
+}
+
 impl Emu {
     fn new() -> Self {
-        Self { bufs: Vec::new() }
+        Self::on(emulator())
+    }
+
+    fn on(lib: &'static kernel_emu::Emulator) -> Self {
+        Self {
+            bufs: Vec::new(),
+            lib,
+        }
     }
 
     fn find(&self, ptr: u64) -> (usize, usize) {
@@ -176,7 +197,7 @@ impl Dev for Emu {
     ) {
         // SAFETY: `args` points at values of the kernel's parameter types, alive for the
         // call; device pointers are addresses of live emulator buffers.
-        if let Err(e) = unsafe { emulator().launch(kernel, grid, block, smem, args) } {
+        if let Err(e) = unsafe { self.lib.launch(kernel, grid, block, smem, args) } {
             panic!("{kernel} failed in the emulator: {e}");
         }
         self.check_guards(kernel);
@@ -941,6 +962,61 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     check_attention_case(d, r, rep, &c, &attention_kernel(128, 4));
 }
 
+/// `sg_sample` over `logits` (`sb.len()` rows of `vocab`) with blocks of `threads`: per row
+/// the token and its logprob, and the top logprobs ([rows][MAX_TOP_LOGPROBS]).
+fn launch_sample(
+    d: &mut dyn Dev,
+    sb: &sglang::sampling::SampleBatch,
+    logits: &[f32],
+    vocab: usize,
+    threads: u32,
+) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<f32>) {
+    let rows = sb.len();
+    use sglang::sampling::{device_work_words, MAX_TOP_LOGPROBS};
+    let max_top = MAX_TOP_LOGPROBS as i32;
+    let v = vocab as i32;
+    let lp = put(d, logits);
+    let work = out::<f32>(d, rows * device_work_words(vocab));
+    let row_bytes: Vec<u8> = sb
+        .rows
+        .iter()
+        .flat_map(|row| as_bytes(std::slice::from_ref(row)).to_vec())
+        .collect();
+    let rp = put(d, &row_bytes);
+    // empty lists still get a buffer (one element)
+    let list = |d: &mut dyn Dev, v: &[u32]| {
+        if v.is_empty() {
+            put(d, &[0u32])
+        } else {
+            put(d, v)
+        }
+    };
+    let (pt, pc, ps, bp, mk) = (
+        list(d, &sb.pen_tokens),
+        list(d, &sb.pen_counts),
+        list(d, &sb.pen_seen),
+        list(d, &sb.banned),
+        list(d, &sb.masks),
+    );
+    let (ot, ol) = (out::<u32>(d, rows), out::<f32>(d, rows));
+    let (oti, otl) = (
+        out::<u32>(d, rows * MAX_TOP_LOGPROBS),
+        out::<f32>(d, rows * MAX_TOP_LOGPROBS),
+    );
+    d.launch(
+        "sg_sample",
+        (rows as u32, 1, 1),
+        threads,
+        0,
+        &mut args![lp, work, rp, pt, pc, ps, bp, mk, v, max_top, ot, ol, oti, otl],
+    );
+    let tokens: Vec<u32> = get(d, ot, rows);
+    let lps: Vec<f32> = get(d, ol, rows);
+    let top_ids: Vec<u32> = get(d, oti, rows * MAX_TOP_LOGPROBS);
+    let top_lps: Vec<f32> = get(d, otl, rows * MAX_TOP_LOGPROBS);
+    (tokens, lps, top_ids, top_lps)
+}
+
 /// Device sampling against the host sampler on the same logits, parameters, penalty state and
 /// random numbers: the same tokens, logprobs and top logprobs.
 fn check_sampling(
@@ -1011,6 +1087,31 @@ fn check_sampling(
     ];
     // the default (temperature 1, no filter) drawn many times: many random numbers
     cases.extend(std::iter::repeat_n(base(1.0), 12));
+    // rows of many exact ties: every logit equal (the cuts fall inside one value's run of
+    // tokens, ordered by id), or all but a few tokens masked off (probability 0)
+    let ties = [
+        SamplingParams {
+            top_k: 7,
+            ..base(1.0)
+        },
+        SamplingParams {
+            top_p: 0.5,
+            ..base(1.0)
+        },
+        base(1.0),
+        SamplingParams {
+            top_k: 50,
+            ..base(1.0)
+        },
+        SamplingParams {
+            top_p: 0.99,
+            min_p: 0.001,
+            ..base(2.0)
+        },
+    ];
+    let first_tie = cases.len();
+    cases.extend(ties);
+    let mut cases: Vec<(usize, SamplingParams)> = cases.into_iter().enumerate().collect();
     if let Some(pick) = pick {
         cases = pick.iter().map(|&i| cases[i].clone()).collect();
     }
@@ -1018,8 +1119,12 @@ fn check_sampling(
     let mut want = Vec::new();
     let mut logits = Vec::new();
     let mut sampler = Sampler::new();
-    for (i, params) in cases.iter().enumerate() {
+    for &(i, ref params) in &cases {
+        let tie_row = i >= first_tie;
         let mut row = r.vec(vocab, 4.0);
+        if tie_row && i % 2 == 0 {
+            row.fill(1.25);
+        }
         if i % 4 == 1 {
             // exact ties at the top: the lower id comes first on both sides
             let m = row.iter().cloned().fold(f32::MIN, f32::max);
@@ -1046,6 +1151,14 @@ fn check_sampling(
         // a constraint's bitmask on some rows: about a third of the vocabulary, or one token
         let words = vocab.div_ceil(32);
         let mask: Option<Vec<u32>> = match i % 5 {
+            _ if tie_row && i % 2 == 1 => {
+                let mut m = vec![0u32; words];
+                for _ in 0..20 {
+                    let t = r.below(vocab);
+                    m[t / 32] |= 1 << (t % 32);
+                }
+                Some(m)
+            }
             2 => Some(
                 (0..words)
                     .map(|_| r.u64() as u32 & r.u64() as u32)
@@ -1076,47 +1189,7 @@ fn check_sampling(
         logits.extend(row);
     }
     let rows = sb.len();
-    let max_top = MAX_TOP_LOGPROBS as i32;
-    let v = vocab as i32;
-    let lp = put(d, &logits);
-    let work = out::<f32>(d, logits.len());
-    let row_bytes: Vec<u8> = sb
-        .rows
-        .iter()
-        .flat_map(|row| as_bytes(std::slice::from_ref(row)).to_vec())
-        .collect();
-    let rp = put(d, &row_bytes);
-    // empty lists still get a buffer (one element)
-    let list = |d: &mut dyn Dev, v: &[u32]| {
-        if v.is_empty() {
-            put(d, &[0u32])
-        } else {
-            put(d, v)
-        }
-    };
-    let (pt, pc, ps, bp, mk) = (
-        list(d, &sb.pen_tokens),
-        list(d, &sb.pen_counts),
-        list(d, &sb.pen_seen),
-        list(d, &sb.banned),
-        list(d, &sb.masks),
-    );
-    let (ot, ol) = (out::<u32>(d, rows), out::<f32>(d, rows));
-    let (oti, otl) = (
-        out::<u32>(d, rows * MAX_TOP_LOGPROBS),
-        out::<f32>(d, rows * MAX_TOP_LOGPROBS),
-    );
-    d.launch(
-        "sg_sample",
-        (rows as u32, 1, 1),
-        threads,
-        0,
-        &mut args![lp, work, rp, pt, pc, ps, bp, mk, v, max_top, ot, ol, oti, otl],
-    );
-    let tokens: Vec<u32> = get(d, ot, rows);
-    let lps: Vec<f32> = get(d, ol, rows);
-    let top_ids: Vec<u32> = get(d, oti, rows * MAX_TOP_LOGPROBS);
-    let top_lps: Vec<f32> = get(d, otl, rows * MAX_TOP_LOGPROBS);
+    let (tokens, lps, top_ids, top_lps) = launch_sample(d, &sb, &logits, vocab, threads);
     let (mut differ, mut lp_err) = (0usize, 0f64);
     for (i, w) in want.iter().enumerate() {
         if tokens[i] != w.token_id {
@@ -1160,6 +1233,111 @@ fn run_all(d: &mut dyn Dev, rep: &mut Report) {
     check_sampling(d, &mut r, rep, 1000, 128, None);
     // the backend's block size (the emulator is slow at 1024 threads: a few rows)
     check_sampling(d, &mut r, rep, 3001, 1024, Some(&[1, 8, 11]));
+    // a vocabulary beyond the gathering capacity: the selections go down a level or more
+    check_sampling(
+        d,
+        &mut r,
+        rep,
+        50_000,
+        1024,
+        Some(&[5, 8, 13, 25, 26, 27, 28, 29]),
+    );
+}
+
+/// Passes `sg_sample` makes over a row of Llama 3's 128,256-token vocabulary, counted by the
+/// emulator (issue 14: greedy in one, a draw with top-k / top-p / min-p in about 8; the three
+/// bisections this replaced made about 195).
+#[test]
+fn sampling_passes_over_the_vocabulary() {
+    use sglang::sampling::{SampleBatch, SampleSpec, Sampler, SamplerState, SamplingParams};
+    let vocab = 128_256;
+    let mut r = Rand(0x9a55);
+    let d = &mut Emu::new();
+    let base = |temperature: f32| SamplingParams {
+        temperature,
+        ..SamplingParams::default()
+    };
+    let cases = [
+        ("greedy", base(0.0), 0, 1),
+        ("greedy, 5 top logprobs", base(0.0), 5, 3),
+        ("temperature 1", base(1.0), 0, 4),
+        (
+            "top-p 0.95",
+            SamplingParams {
+                top_p: 0.95,
+                ..base(1.0)
+            },
+            0,
+            6,
+        ),
+        (
+            "top-k 50, top-p 0.9, min-p 0.05, temperature 0.8",
+            SamplingParams {
+                top_k: 50,
+                top_p: 0.9,
+                min_p: 0.05,
+                ..base(0.8)
+            },
+            0,
+            8,
+        ),
+    ];
+    for (what, params, n_top, most) in cases {
+        // a long tail and a few likely tokens
+        let mut logits = r.vec(vocab, 4.0);
+        for _ in 0..8 {
+            logits[r.below(vocab)] = 8.0 + r.f32();
+        }
+        let mut sb = SampleBatch::default();
+        let mut state = SamplerState::new(
+            &SamplingParams {
+                seed: Some(r.u64()),
+                ..params.clone()
+            },
+            &[],
+        );
+        let mut host_state = state.clone();
+        let spec = |state| SampleSpec {
+            params: &params,
+            state,
+            top_logprobs: n_top,
+            want_logprob: true,
+            banned: &[],
+            allowed: None,
+        };
+        sb.push(spec(&mut state));
+        let want = Sampler::new().sample(&logits, spec(&mut host_state));
+        emulator().take_count("sg_sample row pass");
+        let (tokens, _, top_ids, _) = launch_sample(d, &sb, &logits, vocab, 1024);
+        let passes = emulator().take_count("sg_sample row pass");
+        println!("sg_sample, vocab {vocab}, {what}: {passes} passes over the row");
+        assert_eq!(tokens[0], want.token_id, "{what}: the host sampler's token");
+        let host_top: Vec<u32> = want.top_logprobs.iter().map(|t| t.token_id).collect();
+        assert_eq!(top_ids[..n_top], host_top[..], "{what}: top logprobs");
+        assert!(
+            passes <= most,
+            "{what}: {passes} passes, expected at most {most}"
+        );
+    }
+}
+
+/// `sg_sample` with its gathering capacity at 8 tokens: every selection goes down the radix
+/// levels (into the tokens' ids where values tie) before it gathers.
+#[test]
+fn sampling_walks_every_selection_level() {
+    let mut rep = Report { rows: Vec::new() };
+    let mut r = Rand(0xca9);
+    let d = &mut Emu::on(emulator_small_sample_cap());
+    check_sampling(d, &mut r, &mut rep, 1000, 128, None);
+    check_sampling(
+        d,
+        &mut r,
+        &mut rep,
+        3001,
+        256,
+        Some(&[5, 8, 25, 26, 27, 28, 29]),
+    );
+    rep.print_and_check();
 }
 
 #[test]

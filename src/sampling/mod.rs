@@ -11,7 +11,7 @@ pub mod sampler;
 pub use params::{
     ParamError, SamplingParams, MAX_STOP_STRINGS, MAX_STOP_STRING_BYTES, MAX_TOP_LOGPROBS,
 };
-pub use rows::{SampleBatch, SampleRow};
+pub use rows::{device_work_words, SampleBatch, SampleRow};
 pub use sampler::{
     argmax, logprobs_of, Rng, SampleSpec, Sampler, SamplerState, TokenInfo, TokenLogprob,
 };

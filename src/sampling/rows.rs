@@ -64,6 +64,12 @@ pub struct SampleBatch {
     pub want_logprob: Vec<bool>,
 }
 
+/// 32-bit words of scratch `sg_sample` needs per row (its `work` argument): the row's
+/// processed logits, then a bitmap of the tokens the penalty and ban lists touch.
+pub fn device_work_words(vocab: usize) -> usize {
+    vocab + vocab.div_ceil(32)
+}
+
 impl SampleBatch {
     pub fn clear(&mut self) {
         self.rows.clear();

@@ -240,11 +240,14 @@ impl Sampler {
                     .enumerate()
                     .map(|(i, &v)| (i as u32, ((v - max) * inv_t).exp())),
             );
+            // most likely first, lower id first on ties (also at the cut: a top-k that
+            // falls inside a run of equal probabilities keeps the lowest ids, as the device)
+            let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
             if take < cands.len() {
-                cands.select_nth_unstable_by(take - 1, |a, b| b.1.total_cmp(&a.1));
+                cands.select_nth_unstable_by(take - 1, order);
                 cands.truncate(take);
             }
-            cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            cands.sort_unstable_by(order);
             let mass: f64 = cands.iter().map(|c| c.1 as f64).sum::<f64>() / total;
             if take >= k || mass >= params.top_p as f64 {
                 break;

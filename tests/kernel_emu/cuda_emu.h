@@ -20,7 +20,8 @@
 //   within the hardware's; static plus dynamic shared memory within 48 KB, or within the
 //   kernel's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute (sg_emu_set_max_dynamic_smem) up to
 //   sm_90's 227 KB.
-// - A launch log per kernel (launches, blocks, threads) for launch-count figures.
+// - A launch log per kernel (launches, blocks, threads) for launch-count figures, and counts
+//   of the events kernels mark with SG_EMU_COUNT (e.g. sg_sample's passes over a row).
 // A violation fails the launch (status -3) with its reason in sg_emu_last_error().
 #pragma once
 
@@ -54,6 +55,7 @@
 extern "C" __attribute__((weak, visibility("hidden"))) char __start_sg_shared[];
 extern "C" __attribute__((weak, visibility("hidden"))) char __stop_sg_shared[];
 #define SG_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(sg_emu::dyn_smem.data())
+#define SG_EMU_COUNT(what) sg_emu::count(what)
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -194,6 +196,10 @@ struct KernelInfo {
     unsigned long long launches = 0, blocks = 0, threads = 0;
 };
 inline std::map<std::string, KernelInfo> kernels;
+
+// Events the kernels count with SG_EMU_COUNT (sg_emu_take_count reads and resets one).
+inline std::map<std::string, unsigned long long> counts;
+inline void count(const char* what) { counts[what]++; }
 
 constexpr size_t kStaticSmemLimit = 48 * 1024;     // without the opt-in attribute
 constexpr size_t kOptInSmemLimit = 227 * 1024;     // sm_90, per block, with it
@@ -496,4 +502,27 @@ T __shfl_down_sync(unsigned mask, T v, unsigned d) {
     const int lane = sg_emu::current % sg_emu::kWarp;
     return sg_emu::shuffle(v, lane + (int)d < sg_emu::kWarp ? lane + (int)d : lane, mask,
                            "__shfl_down_sync");
+}
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned d) {
+    const int lane = sg_emu::current % sg_emu::kWarp;
+    return sg_emu::shuffle(v, lane >= (int)d ? lane - (int)d : lane, mask, "__shfl_up_sync");
+}
+
+// Atomics: the fibers of a block never interleave within a call, so a plain read-modify-write
+// is atomic here (blocks run one after the other).
+inline unsigned atomicAdd(unsigned* a, unsigned v) {
+    const unsigned old = *a;
+    *a = old + v;
+    return old;
+}
+inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+    const unsigned long long old = *a;
+    *a = old + v;
+    return old;
+}
+inline unsigned atomicOr(unsigned* a, unsigned v) {
+    const unsigned old = *a;
+    *a = old | v;
+    return old;
 }

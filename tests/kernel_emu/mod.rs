@@ -13,16 +13,19 @@ use std::path::{Path, PathBuf};
 /// The emulation library of `csrc/*.cu` (built on first use).
 pub fn library() -> &'static Path {
     static LIB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    LIB.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("csrc"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-            .collect();
-        sources.sort();
-        build(&sources)
-    })
+    LIB.get_or_init(|| build_with(&csrc_sources(), &[]))
+}
+
+/// `csrc/*.cu`, sorted.
+pub fn csrc_sources() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("csrc"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    sources
 }
 
 /// A kernel found in a source: its name and its `__launch_bounds__` expression (the
@@ -69,6 +72,12 @@ fn kernels_in(text: &str) -> Vec<Kernel> {
 /// Builds an emulation library from `sources` (CUDA files written against csrc's
 /// conventions: `extern "C" __global__` kernels with 1-D blocks) and returns its path.
 pub fn build(sources: &[PathBuf]) -> PathBuf {
+    build_with(sources, &[])
+}
+
+/// [`build`] with preprocessor definitions (`NAME=VALUE`), e.g. a kernel's capacity made
+/// small so that a test reaches the paths large inputs take.
+pub fn build_with(sources: &[PathBuf], defines: &[&str]) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap().keep();
     let mut unit = format!(
@@ -103,6 +112,12 @@ SG_EMU_API void sg_emu_set_max_dynamic_smem(const char* name, size_t bytes) {
 // Work done outside the emulated kernels (the CUDA backend's emulated cuBLAS products), in
 // the launch log under `name`.
 SG_EMU_API void sg_emu_log_external(const char* name) { sg_emu::kernels[name].launches++; }
+// How many times kernels marked `what` (SG_EMU_COUNT) since the last call; resets it.
+SG_EMU_API unsigned long long sg_emu_take_count(const char* what) {
+  const unsigned long long n = sg_emu::counts[what];
+  sg_emu::counts[what] = 0;
+  return n;
+}
 // One line per kernel launched since the last reset: "name launches blocks threads".
 SG_EMU_API size_t sg_emu_launch_log(char* out, size_t cap, int reset) {
   std::string s;
@@ -136,6 +151,7 @@ SG_EMU_API size_t sg_emu_launch_log(char* out, size_t cap, int reset) {
             "-Wall",
             "-Wno-unknown-pragmas",
         ])
+        .args(defines.iter().map(|d| format!("-D{d}")))
         .arg("-o")
         .arg(&lib)
         .arg(&src)
@@ -231,6 +247,16 @@ impl Emulator {
         let f: unsafe extern "C" fn(u64) = self.sym(b"sg_emu_set_seed");
         // SAFETY: sets a global between launches.
         unsafe { f(seed) }
+    }
+
+    /// How many times the kernels marked `what` with `SG_EMU_COUNT` since the last call.
+    pub fn take_count(&self, what: &str) -> u64 {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let f: unsafe extern "C" fn(*const std::ffi::c_char) -> u64 =
+            self.sym(b"sg_emu_take_count");
+        let name = std::ffi::CString::new(what).unwrap();
+        // SAFETY: reads and resets a counter between launches.
+        unsafe { f(name.as_ptr()) }
     }
 
     /// cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) for `kernel`.

@@ -36,7 +36,7 @@ use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::loader::{f32_to_bf16, Elems, Tensor};
 use crate::parallel::Communicator;
-use crate::sampling::{SampleBatch, TokenInfo, TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::sampling::{device_work_words, SampleBatch, TokenInfo, TokenLogprob, MAX_TOP_LOGPROBS};
 
 /// Bytes aligned for the driver: `cuModuleLoadData` reads the fatbin's header in place,
 /// which `include_bytes!` alone (1-byte alignment) does not promise.
@@ -1088,7 +1088,7 @@ impl Backend for CudaBackend {
         let pen_seen = self.put_slot(&mut b.pen_seen, &samples.pen_seen)?;
         let banned = self.put_slot(&mut b.banned, &samples.banned)?;
         let masks = self.put_slot(&mut b.masks, &samples.masks)?;
-        self.ensure(&mut b.work, rows * vocab * 4)?;
+        self.ensure(&mut b.work, rows * device_work_words(vocab) * 4)?;
         self.ensure(&mut b.token, rows * 4)?;
         self.ensure(&mut b.logprob, rows * 4)?;
         self.ensure(&mut b.top_ids, rows * MAX_TOP_LOGPROBS * 4)?;
