@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh (no Rust, no network
-# there): every kernel against its reference (tests/kernels.rs, GPU only), model parity with
-# the CPU backend (tests/cuda.rs: the default model's shape and a Llama-3-8B shape, random
-# weights), a short decode benchmark (sglang-server bench), a cuda server answering one
+# there): every kernel against its reference and timed at issue 14's anchor shapes
+# (tests/kernels.rs, GPU only), model parity with the CPU backend (tests/cuda.rs: the default
+# model's shape and a Llama-3-8B shape, random weights), a short decode benchmark (sglang-server bench), a cuda server answering one
 # request; the card's copy bandwidth measured with torch in the same run; compute-sanitizer
 # (memcheck, racecheck, synccheck) on the kernel tests where the machine has it; then one
 # summary table: error per kernel, parity, ms per decode step and achieved bandwidth as a
@@ -46,7 +46,9 @@ else
   echo "not measured:"; tail -n 3 "$out/copy-bw.log"
 fi
 phase "kernels (tests/kernels.rs)"
-SGLANG_KERNELS_NO_EMULATOR=1 timeout 90 "$here/kernels-test" --nocapture --test-threads=1 2>&1 | tee "$out/kernels.log"
+# (with the timings at issue 14's anchor shapes, as fractions of the copy bandwidth above)
+SGLANG_COPY_BW="$(cat "$out/copy-bw.txt" 2> /dev/null)" SGLANG_KERNELS_NO_EMULATOR=1 timeout 90 \
+  "$here/kernels-test" --nocapture --test-threads=1 2>&1 | tee "$out/kernels.log"
 # a first run: synchronise after every launch, so that a faulting kernel is named
 phase "model parity (tests/cuda.rs, SGLANG_CUDA_SYNC_LAUNCHES=1)"
 SGLANG_CUDA_SYNC_LAUNCHES=1 SGLANG_CUDA_TEST_DUMMY="$here/model" timeout 90 "$here/cuda-test" --nocapture --test-threads=1 2>&1 | tee "$out/parity.log"
@@ -54,7 +56,7 @@ if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do
     phase "compute-sanitizer --tool $tool (tests/kernels.rs)"
     SGLANG_KERNELS_NO_EMULATOR=1 timeout 25 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$here/kernels-test" --test-threads=1 > "$out/sanitizer-$tool.log" 2>&1
+      "$here/kernels-test" --test-threads=1 --skip kernel_timings > "$out/sanitizer-$tool.log" 2>&1
     echo "exit $? (0 clean, 9 errors, 124 timed out)"; grep -m5 "ERROR SUMMARY\|=========  [A-Z]" "$out/sanitizer-$tool.log"
   done
 else
@@ -106,6 +108,16 @@ for k, (e, t) in sorted(worst.items()):
     print(f"| {k} | {e:.3e} | {t:.0e} |")
 if not worst:
     print("| (no GPU kernel results: see kernels.log) | | |")
+timings = False
+for line in open(os.path.join(out, "kernels.log"), errors="replace"):
+    if line.startswith("## kernel timings"):
+        timings = True
+        print()
+    if timings:
+        if not line.strip():
+            break
+        print(line.rstrip())
+print()
 for line in open(os.path.join(out, "parity.log"), errors="replace"):
     if line.startswith("PARITY") or line.startswith("test result"):
         print(line.rstrip())
