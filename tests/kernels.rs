@@ -834,6 +834,81 @@ fn attention_kernel(dim: usize, group: usize) -> String {
     }
 }
 
+/// The device side of an attention step: the buffers and shape `sg_attention*` and
+/// `sg_attention_merge` take, launched as the backend launches them.
+struct AttnLaunch {
+    /// q rows `[q | k | v]` (f32), their stride, the K and V caches (bf16), the output (bf16)
+    q: u64,
+    q_stride: usize,
+    k: u64,
+    v: u64,
+    out: u64,
+    /// per token: position and sequence; per sequence: first block-table entry; the tables
+    positions: u64,
+    token_seq: u64,
+    table_start: u64,
+    block_tables: u64,
+    tokens: usize,
+    page_size: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    splits: usize,
+    min_split_len: usize,
+}
+
+impl AttnLaunch {
+    /// The attention kernel (and the merge when split), each timed over `reps` on a GPU.
+    fn run(&self, d: &mut dyn Dev, kernel: &str, reps: u32) -> (Option<f64>, Option<f64>) {
+        let (qh, dim) = (self.q_heads, self.dim);
+        let group = qh / self.kv_heads;
+        let (ml, acc) = if self.splits > 1 {
+            let rows = self.tokens * qh * self.splits;
+            (out::<f32>(d, rows * 2), out::<f32>(d, rows * dim))
+        } else {
+            (0u64, 0u64)
+        };
+        let smem = (4 * group * (dim + 2) * 4) as u32;
+        let (a, b, e, f) = (
+            self.page_size as i32,
+            qh as i32,
+            self.kv_heads as i32,
+            dim as i32,
+        );
+        let (qs, scale) = (self.q_stride as i32, 1.0 / (dim as f32).sqrt());
+        let msl = self.min_split_len as i32;
+        let (qp, kp, vp, op) = (self.q, self.k, self.v, self.out);
+        let (pp, tsp, stp, btp) = (
+            self.positions,
+            self.token_seq,
+            self.table_start,
+            self.block_tables,
+        );
+        let attention = d.time(
+            kernel,
+            (self.tokens as u32, self.kv_heads as u32, self.splits as u32),
+            ATTN_THREADS,
+            smem,
+            &mut args![qp, qs, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale, msl, ml, acc],
+            reps,
+        );
+        let merge = if self.splits > 1 {
+            let splits = self.splits as i32;
+            d.time(
+                "sg_attention_merge",
+                ((self.tokens * qh) as u32, 1, 1),
+                (dim as u32).next_multiple_of(32).min(ROW_THREADS),
+                0,
+                &mut args![ml, acc, op, splits, f],
+                reps,
+            )
+        } else {
+            None
+        };
+        (attention, merge)
+    }
+}
+
 fn check_attention_case(
     d: &mut dyn Dev,
     r: &mut Rand,
@@ -913,62 +988,28 @@ fn check_attention_case(
             row
         })
         .collect();
-    let qp = put(d, &rows);
-    let qs = q_stride as i32;
-    let (kp, vp) = (put(d, &kc), put(d, &vc));
-    let (pp, tsp, stp, btp) = (
-        put(d, &positions),
-        put(d, &token_seq),
-        put(d, &table_start),
-        put(d, &block_tables),
-    );
     let op = out::<u16>(d, tokens * qh * dim);
-    let smem = (4 * group * (dim + 2) * 4) as u32;
-    let (a, b, e, f) = (ps as i32, qh as i32, kvh as i32, dim as i32);
-    // each token's context divided among the splits, none below 16 positions here (the
-    // backend's 256 would leave these short contexts in one split)
-    let min_split_len = 16i32;
-    let (ml, acc) = if c.splits > 1 {
-        let rows = tokens * qh * c.splits;
-        (out::<f32>(d, rows * 2), out::<f32>(d, rows * dim))
-    } else {
-        (0u64, 0u64)
+    let launch = AttnLaunch {
+        q: put(d, &rows),
+        q_stride,
+        k: put(d, &kc),
+        v: put(d, &vc),
+        out: op,
+        positions: put(d, &positions),
+        token_seq: put(d, &token_seq),
+        table_start: put(d, &table_start),
+        block_tables: put(d, &block_tables),
+        tokens,
+        page_size: ps,
+        q_heads: qh,
+        kv_heads: kvh,
+        dim,
+        splits: c.splits,
+        // each token's context divided among the splits, none below 16 positions here (the
+        // backend's 256 would leave these short contexts in one split)
+        min_split_len: 16,
     };
-    d.launch(
-        kernel,
-        (tokens as u32, kvh as u32, c.splits as u32),
-        ATTN_THREADS,
-        smem,
-        &mut args![
-            qp,
-            qs,
-            kp,
-            vp,
-            op,
-            pp,
-            tsp,
-            stp,
-            btp,
-            a,
-            b,
-            e,
-            f,
-            scale,
-            min_split_len,
-            ml,
-            acc
-        ],
-    );
-    if c.splits > 1 {
-        let splits = c.splits as i32;
-        d.launch(
-            "sg_attention_merge",
-            ((tokens * qh) as u32, 1, 1),
-            (dim as u32).next_multiple_of(32).min(ROW_THREADS),
-            0,
-            &mut args![ml, acc, op, splits, f],
-        );
-    }
+    launch.run(d, kernel, 0);
     let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
     let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
     rep.add(
@@ -1499,26 +1540,28 @@ fn time_attention(
     let table_start: Vec<u32> = (0..batch).map(|s| (s * pages_per_seq) as u32).collect();
     let block_tables: Vec<u32> = (0..(batch * pages_per_seq) as u32).collect();
     let q_stride = (qh + 2 * kvh) * dim;
-    let qp = put(d, &r.vec(batch * q_stride, 8.0));
-    let (pp, tsp, stp, btp) = (
-        put(d, &positions),
-        put(d, &token_seq),
-        put(d, &table_start),
-        put(d, &block_tables),
-    );
     let op = out::<u16>(d, batch * qh * dim);
     let splits = sglang::backend::split::attention_splits(batch, kvh, d.sms());
-    let (ml, acc) = if splits > 1 {
-        let rows = batch * qh * splits;
-        (out::<f32>(d, rows * 2), out::<f32>(d, rows * dim))
-    } else {
-        (0u64, 0u64)
+    let launch = AttnLaunch {
+        q: put(d, &r.vec(batch * q_stride, 8.0)),
+        q_stride,
+        k: kp,
+        v: vp,
+        out: op,
+        positions: put(d, &positions),
+        token_seq: put(d, &token_seq),
+        table_start: put(d, &table_start),
+        block_tables: put(d, &block_tables),
+        tokens: batch,
+        page_size: ps,
+        q_heads: qh,
+        kv_heads: kvh,
+        dim,
+        splits,
+        min_split_len: sglang::backend::split::MIN_SPLIT_LEN,
     };
     let kernel = attention_kernel(dim, group);
-    let smem = (4 * group * (dim + 2) * 4) as u32;
-    let (a, b, e, f) = (ps as i32, qh as i32, kvh as i32, dim as i32);
-    let (qs, scale) = (q_stride as i32, 1.0 / (dim as f32).sqrt());
-    let min_split_len = sglang::backend::split::MIN_SPLIT_LEN as i32;
+    let (us, merge_us) = launch.run(d, &kernel, reps);
     let kv_bytes = (2 * batch * ctx * kvh * dim * 2) as f64;
     let io_bytes = (batch * qh * dim * (4 + 2)) as f64;
     let partial_bytes = if splits > 1 {
@@ -1526,32 +1569,6 @@ fn time_attention(
     } else {
         0.0
     };
-    let us = d.time(
-        &kernel,
-        (batch as u32, kvh as u32, splits as u32),
-        ATTN_THREADS,
-        smem,
-        &mut args![
-            qp,
-            qs,
-            kp,
-            vp,
-            op,
-            pp,
-            tsp,
-            stp,
-            btp,
-            a,
-            b,
-            e,
-            f,
-            scale,
-            min_split_len,
-            ml,
-            acc
-        ],
-        reps,
-    );
     let shape = format!("batch {batch}, context {ctx}, q32/kv8 d128, split {splits}");
     let mut t = vec![Timing {
         kernel: kernel.clone(),
@@ -1561,19 +1578,10 @@ fn time_attention(
         goal: "0.90 of copy",
     }];
     if splits > 1 {
-        let n_splits = splits as i32;
-        let us = d.time(
-            "sg_attention_merge",
-            ((batch * qh) as u32, 1, 1),
-            (dim as u32).next_multiple_of(32).min(ROW_THREADS),
-            0,
-            &mut args![ml, acc, op, n_splits, f],
-            reps,
-        );
         t.push(Timing {
             kernel: "sg_attention_merge".into(),
             shape,
-            us,
+            us: merge_us,
             bytes: partial_bytes + (batch * qh * dim * 2) as f64,
             goal: "",
         });
