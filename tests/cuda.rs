@@ -181,25 +181,14 @@ fn kernel_resources_on_sm90() {
     let kernels = report::parse_ptxas(report::PTXAS_REPORT);
     println!("{}", report::sm90_table());
     let sm90: Vec<_> = kernels.iter().filter(|k| k.arch == "sm_90a").collect();
-    for name in [
-        "sg_embedding",
-        "sg_rms_norm",
-        "sg_add_rms_norm",
-        "sg_f32_to_bf16",
-        "sg_silu_mul",
-        "sg_rope_store_kv",
-        "sg_gather_rows",
-        "sg_attention",
-        "sg_attention_merge",
-        "sg_sample",
-    ] {
+    for name in sglang::backend::kernels::all_kernel_names() {
         let k = sm90
             .iter()
-            .find(|k| k.name == name)
+            .find(|k| k.name == *name)
             .unwrap_or_else(|| panic!("{name} missing from the sm_90a ptxas report"));
         assert!(k.registers > 0, "{k:?}");
         assert_eq!(k.spill_stores + k.spill_loads, 0, "{name} spills registers");
-        let (threads, dyn_smem) = report::launch_geometry(name).unwrap();
+        let (threads, dyn_smem) = report::launch_geometry(&name).unwrap();
         let (blocks, _, why) = report::occupancy_sm90(k, threads, dyn_smem);
         assert!(blocks >= 1, "{name} cannot be resident ({why})");
     }

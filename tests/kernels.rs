@@ -19,6 +19,7 @@
 use std::ffi::c_void;
 
 use half::bf16;
+use sglang::backend::kernels::{self as k, Launch};
 
 mod kernel_emu;
 
@@ -29,10 +30,6 @@ const F32_TOL: f64 = 1e-5;
 /// that close to a tie may round either way; attention's outputs can be small sums of large
 /// terms).
 const BF16_HALF_ULPS: f64 = 1.0;
-/// Threads per block of the row kernels (as the backend: ROW_THREADS).
-const ROW_THREADS: u32 = 256;
-/// The attention kernel's block: ATTN_WARPS (4) warps.
-const ATTN_THREADS: u32 = 128;
 
 // ---------------------------------------------------------------- devices
 
@@ -78,9 +75,15 @@ fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-/// A row kernel: `blocks` blocks of ROW_THREADS (as the backend launches them).
-fn launch_rows(d: &mut dyn Dev, kernel: &str, blocks: u32, args: &mut [*mut c_void]) {
-    d.launch(kernel, (blocks, 1, 1), ROW_THREADS, 0, args);
+/// A launch built by `sglang::backend::kernels` (the backend's own geometry and arguments).
+fn run(d: &mut dyn Dev, l: Launch) {
+    time(d, l, 0);
+}
+
+/// [`run`], timed over `reps` launches after a warm-up on a GPU (µs per launch).
+fn time(d: &mut dyn Dev, mut l: Launch, reps: u32) -> Option<f64> {
+    let mut params = l.params();
+    d.time(&l.kernel, l.grid, l.block, l.shared, &mut params, reps)
 }
 
 fn put<T: Copy>(d: &mut dyn Dev, v: &[T]) -> u64 {
@@ -102,12 +105,6 @@ fn get<T: Copy + Default>(d: &mut dyn Dev, p: u64, n: usize) -> Vec<T> {
 /// A poisoned output buffer of `n` values of T.
 fn out<T>(d: &mut dyn Dev, n: usize) -> u64 {
     d.alloc(n * std::mem::size_of::<T>())
-}
-
-macro_rules! args {
-    ($($x:expr),* $(,)?) => {
-        [$( &$x as *const _ as *mut c_void ),*]
-    };
 }
 
 /// The emulator: `csrc/*.cu` compiled against `tests/kernel_emu/cuda_emu.h` into a shared
@@ -480,13 +477,7 @@ fn check_embedding(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let tp = put(d, &table);
         let ip = put(d, &ids);
         let op = out::<f32>(d, tokens * hidden);
-        let (h, s, n) = (hidden as i32, start as i32, rows as i32);
-        launch_rows(
-            d,
-            "sg_embedding",
-            tokens as u32,
-            &mut args![tp, ip, op, h, s, n],
-        );
+        run(d, k::embedding(tp, ip, op, tokens, hidden, start, rows));
         let got: Vec<f32> = get(d, op, tokens * hidden);
         let tf = from_bf16(&table);
         let mut want = vec![0.0f64; tokens * hidden];
@@ -523,13 +514,7 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let xp = put(d, &x);
         let wp = put(d, &w);
         let op = out::<u16>(d, rows * hidden);
-        let h = hidden as i32;
-        launch_rows(
-            d,
-            "sg_rms_norm",
-            rows as u32,
-            &mut args![xp, wp, op, h, eps],
-        );
+        run(d, k::rms_norm(xp, wp, op, rows, hidden, eps));
         let got = from_bf16(&get::<u16>(d, op, rows * hidden));
         let want: Vec<f64> = x
             .chunks(hidden)
@@ -548,12 +533,7 @@ fn check_norms(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let rp = put(d, &x);
         let dp = put(d, &delta);
         let op = out::<u16>(d, rows * hidden);
-        launch_rows(
-            d,
-            "sg_add_rms_norm",
-            rows as u32,
-            &mut args![rp, dp, wp, op, h, eps],
-        );
+        run(d, k::add_rms_norm(rp, dp, wp, op, rows, hidden, eps));
         let got = from_bf16(&get::<u16>(d, op, rows * hidden));
         let res: Vec<f32> = get(d, rp, rows * hidden);
         let sum: Vec<f64> = x
@@ -601,11 +581,12 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         f32::from_bits(0x3f81_8000),
         f32::from_bits(0xbf80_8000),
     ]);
-    let n = x.len() as i64;
+    let n = x.len();
     let xp = put(d, &x);
-    let yp = out::<u16>(d, x.len());
+    let yp = out::<u16>(d, n);
+    // one block (each thread strides over many values), and a grid of several
     for blocks in [1u32, 97] {
-        launch_rows(d, "sg_f32_to_bf16", blocks, &mut args![xp, yp, n]);
+        run(d, k::f32_to_bf16(xp, yp, n).with_grid((blocks, 1, 1)));
         let got: Vec<u16> = get(d, yp, x.len());
         let bad = got
             .iter()
@@ -621,9 +602,8 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         );
     }
     let nan = put(d, &[f32::NAN]);
-    let one = 1i64;
     let yn = out::<u16>(d, 1);
-    d.launch("sg_f32_to_bf16", (1, 1, 1), 32, 0, &mut args![nan, yn, one]);
+    run(d, k::f32_to_bf16(nan, yn, 1).with_block(32));
     let got: Vec<u16> = get(d, yn, 1);
     rep.add(
         "sg_f32_to_bf16",
@@ -652,9 +632,12 @@ fn check_elementwise(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let gup = put(d, &gu);
         let len = rows * inter;
         let op = out::<u16>(d, len);
-        let (width, n) = (inter as i32, len as i64);
-        let blocks = (len as u32).div_ceil(ROW_THREADS).clamp(1, 64);
-        launch_rows(d, "sg_silu_mul", blocks, &mut args![gup, op, width, n]);
+        // at most 64 blocks: the larger shapes stride
+        let blocks = (len as u32).div_ceil(k::ROW_THREADS).clamp(1, 64);
+        run(
+            d,
+            k::silu_mul(gup, op, inter, len).with_grid((blocks, 1, 1)),
+        );
         let got = from_bf16(&get::<u16>(d, op, len));
         let want: Vec<f64> = g
             .iter()
@@ -706,12 +689,9 @@ fn check_rope_store_kv(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         let (pp, slp) = (put(d, &pos), put(d, slots));
         let kc = out::<u16>(d, slots_total * kv_dim);
         let vc = out::<u16>(d, slots_total * kv_dim);
-        let (a, b, c) = (qh as i32, kvh as i32, dim as i32);
-        launch_rows(
+        run(
             d,
-            "sg_rope_store_kv",
-            tokens as u32,
-            &mut args![qp, cp, sp, pp, slp, kc, vc, a, b, c],
+            k::rope_store_kv(qp, cp, sp, pp, slp, kc, vc, tokens, qh, kvh, dim),
         );
         // the reference: head h of token t rotated by its position's angles
         let rot = |t: usize, h: usize| -> Vec<f64> {
@@ -787,13 +767,7 @@ fn check_gather(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     let pick: Vec<u32> = (0..9).map(|_| r.below(rows) as u32).collect();
     let (xp, ip) = (put(d, &x), put(d, &pick));
     let op = out::<u16>(d, pick.len() * width);
-    let w = width as i32;
-    launch_rows(
-        d,
-        "sg_gather_rows",
-        pick.len() as u32,
-        &mut args![xp, ip, op, w],
-    );
+    run(d, k::gather_rows(xp, ip, op, pick.len(), width));
     let got: Vec<u16> = get(d, op, pick.len() * width);
     let want: Vec<u16> = pick
         .iter()
@@ -824,89 +798,24 @@ struct AttnCase {
     splits: usize,
 }
 
-/// The kernel the backend runs for a head size and group: a compile-time instantiation for
-/// head_dim 64 and 128, else the generic one.
-fn attention_kernel(dim: usize, group: usize) -> String {
-    if dim == 64 || dim == 128 {
-        format!("sg_attention_d{dim}_g{group}")
+/// The split attention's partial results for `rows` (token, query head) pairs: max and sum,
+/// and accumulators (none with one split).
+fn split_partials(d: &mut dyn Dev, rows: usize, dim: usize, splits: usize) -> (u64, u64) {
+    if splits > 1 {
+        let n = rows * splits;
+        (out::<f32>(d, n * 2), out::<f32>(d, n * dim))
     } else {
-        "sg_attention".into()
+        (0, 0)
     }
 }
 
-/// The device side of an attention step: the buffers and shape `sg_attention*` and
-/// `sg_attention_merge` take, launched as the backend launches them.
-struct AttnLaunch {
-    /// q rows `[q | k | v]` (f32), their stride, the K and V caches (bf16), the output (bf16)
-    q: u64,
-    q_stride: usize,
-    k: u64,
-    v: u64,
-    out: u64,
-    /// per token: position and sequence; per sequence: first block-table entry; the tables
-    positions: u64,
-    token_seq: u64,
-    table_start: u64,
-    block_tables: u64,
-    tokens: usize,
-    page_size: usize,
-    q_heads: usize,
-    kv_heads: usize,
-    dim: usize,
-    splits: usize,
-    min_split_len: usize,
-}
-
-impl AttnLaunch {
-    /// The attention kernel (and the merge when split), each timed over `reps` on a GPU.
-    fn run(&self, d: &mut dyn Dev, kernel: &str, reps: u32) -> (Option<f64>, Option<f64>) {
-        let (qh, dim) = (self.q_heads, self.dim);
-        let group = qh / self.kv_heads;
-        let (ml, acc) = if self.splits > 1 {
-            let rows = self.tokens * qh * self.splits;
-            (out::<f32>(d, rows * 2), out::<f32>(d, rows * dim))
-        } else {
-            (0u64, 0u64)
-        };
-        let smem = (4 * group * (dim + 2) * 4) as u32;
-        let (a, b, e, f) = (
-            self.page_size as i32,
-            qh as i32,
-            self.kv_heads as i32,
-            dim as i32,
-        );
-        let (qs, scale) = (self.q_stride as i32, 1.0 / (dim as f32).sqrt());
-        let msl = self.min_split_len as i32;
-        let (qp, kp, vp, op) = (self.q, self.k, self.v, self.out);
-        let (pp, tsp, stp, btp) = (
-            self.positions,
-            self.token_seq,
-            self.table_start,
-            self.block_tables,
-        );
-        let attention = d.time(
-            kernel,
-            (self.tokens as u32, self.kv_heads as u32, self.splits as u32),
-            ATTN_THREADS,
-            smem,
-            &mut args![qp, qs, kp, vp, op, pp, tsp, stp, btp, a, b, e, f, scale, msl, ml, acc],
-            reps,
-        );
-        let merge = if self.splits > 1 {
-            let splits = self.splits as i32;
-            d.time(
-                "sg_attention_merge",
-                ((self.tokens * qh) as u32, 1, 1),
-                (dim as u32).next_multiple_of(32).min(ROW_THREADS),
-                0,
-                &mut args![ml, acc, op, splits, f],
-                reps,
-            )
-        } else {
-            None
-        };
-        (attention, merge)
-    }
+/// The attention kernel (`kernel`: the generic one, or the instantiation the backend picks
+/// for the shape; same parameters) and, when split, the merge, as `kernels::Attention`
+/// launches them; each timed over `reps` on a GPU.
+fn run_attention(d: &mut dyn Dev, a: &k::Attention, kernel: &str, reps: u32) -> Vec<Option<f64>> {
+    let mut launches = a.launches();
+    launches[0].kernel = kernel.to_string().into();
+    launches.into_iter().map(|l| time(d, l, reps)).collect()
 }
 
 fn check_attention_case(
@@ -989,27 +898,30 @@ fn check_attention_case(
         })
         .collect();
     let op = out::<u16>(d, tokens * qh * dim);
-    let launch = AttnLaunch {
+    let (ml, acc) = split_partials(d, tokens * qh, dim, c.splits);
+    let a = k::Attention {
         q: put(d, &rows),
         q_stride,
-        k: put(d, &kc),
-        v: put(d, &vc),
+        k_cache: put(d, &kc),
+        v_cache: put(d, &vc),
         out: op,
         positions: put(d, &positions),
         token_seq: put(d, &token_seq),
-        table_start: put(d, &table_start),
+        seq_table_start: put(d, &table_start),
         block_tables: put(d, &block_tables),
         tokens,
         page_size: ps,
         q_heads: qh,
         kv_heads: kvh,
-        dim,
+        head_dim: dim,
         splits: c.splits,
         // each token's context divided among the splits, none below 16 positions here (the
         // backend's 256 would leave these short contexts in one split)
         min_split_len: 16,
+        ml,
+        acc,
     };
-    launch.run(d, kernel, 0);
+    run_attention(d, &a, kernel, 0);
     let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
     let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
     rep.add(
@@ -1058,7 +970,7 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     ];
     for c in &cases {
         check_attention_case(d, r, rep, c, "sg_attention");
-        let fixed = attention_kernel(c.dim, c.q_heads / c.kv_heads);
+        let fixed = k::attention_kernel_name(c.dim, c.q_heads / c.kv_heads);
         if fixed != "sg_attention" {
             check_attention_case(d, r, rep, c, &fixed);
         }
@@ -1067,13 +979,13 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     for dim in [64, 128] {
         for group in 1..=8 {
             let c = case(&[(40, 1), (3, 2)], group * 2, 2, dim, 16, 1);
-            check_attention_case(d, r, rep, &c, &attention_kernel(dim, group));
+            check_attention_case(d, r, rep, &c, &k::attention_kernel_name(dim, group));
         }
     }
     let c = case(&[(0, 6), (5, 1)], 9, 3, 64, 1, 1);
-    check_attention_case(d, r, rep, &c, &attention_kernel(64, 3));
+    check_attention_case(d, r, rep, &c, &k::attention_kernel_name(64, 3));
     let c = case(&[(999, 1)], 4, 1, 128, 16, 4);
-    check_attention_case(d, r, rep, &c, &attention_kernel(128, 4));
+    check_attention_case(d, r, rep, &c, &k::attention_kernel_name(128, 4));
 }
 
 /// `sg_sample` over `logits` (`sb.len()` rows of `vocab`) with blocks of `threads`: per row
@@ -1101,8 +1013,6 @@ fn time_sample(
 ) -> (Vec<u32>, Vec<f32>, Vec<u32>, Vec<f32>, Option<f64>) {
     let rows = sb.len();
     use sglang::sampling::{device_work_words, MAX_TOP_LOGPROBS};
-    let max_top = MAX_TOP_LOGPROBS as i32;
-    let v = vocab as i32;
     let lp = put(d, logits);
     let work = out::<f32>(d, rows * device_work_words(vocab));
     let row_bytes: Vec<u8> = sb
@@ -1131,14 +1041,24 @@ fn time_sample(
         out::<u32>(d, rows * MAX_TOP_LOGPROBS),
         out::<f32>(d, rows * MAX_TOP_LOGPROBS),
     );
-    let us = d.time(
-        "sg_sample",
-        (rows as u32, 1, 1),
-        threads,
-        0,
-        &mut args![lp, work, rp, pt, pc, ps, bp, mk, v, max_top, ot, ol, oti, otl],
-        reps,
-    );
+    let sample = k::Sample {
+        logits: lp,
+        work,
+        rows_params: rp,
+        pen_tokens: pt,
+        pen_counts: pc,
+        pen_seen: ps,
+        banned: bp,
+        masks: mk,
+        rows,
+        vocab,
+        max_top: MAX_TOP_LOGPROBS,
+        token: ot,
+        logprob: ol,
+        top_ids: oti,
+        top_logprobs: otl,
+    };
+    let us = time(d, sample.launch().with_block(threads), reps);
     let tokens: Vec<u32> = get(d, ot, rows);
     let lps: Vec<f32> = get(d, ol, rows);
     let top_ids: Vec<u32> = get(d, oti, rows * MAX_TOP_LOGPROBS);
@@ -1542,26 +1462,30 @@ fn time_attention(
     let q_stride = (qh + 2 * kvh) * dim;
     let op = out::<u16>(d, batch * qh * dim);
     let splits = sglang::backend::split::attention_splits(batch, kvh, d.sms());
-    let launch = AttnLaunch {
+    let (ml, acc) = split_partials(d, batch * qh, dim, splits);
+    let a = k::Attention {
         q: put(d, &r.vec(batch * q_stride, 8.0)),
         q_stride,
-        k: kp,
-        v: vp,
+        k_cache: kp,
+        v_cache: vp,
         out: op,
         positions: put(d, &positions),
         token_seq: put(d, &token_seq),
-        table_start: put(d, &table_start),
+        seq_table_start: put(d, &table_start),
         block_tables: put(d, &block_tables),
         tokens: batch,
         page_size: ps,
         q_heads: qh,
         kv_heads: kvh,
-        dim,
+        head_dim: dim,
         splits,
         min_split_len: sglang::backend::split::MIN_SPLIT_LEN,
+        ml,
+        acc,
     };
-    let kernel = attention_kernel(dim, group);
-    let (us, merge_us) = launch.run(d, &kernel, reps);
+    let kernel = k::attention_kernel_name(dim, group);
+    let us = run_attention(d, &a, &kernel, reps);
+    let (us, merge_us) = (us[0], us.get(1).copied().flatten());
     let kv_bytes = (2 * batch * ctx * kvh * dim * 2) as f64;
     let io_bytes = (batch * qh * dim * (4 + 2)) as f64;
     let partial_bytes = if splits > 1 {
@@ -1607,15 +1531,7 @@ fn time_add_rms_norm(
     let dp = put(d, &r.vec(n, 1.0));
     let wp = put(d, &to_bf16(&r.vec(hidden, 1.0)));
     let op = out::<u16>(d, n);
-    let (h, eps) = (hidden as i32, 1e-5f32);
-    let us = d.time(
-        "sg_add_rms_norm",
-        (rows as u32, 1, 1),
-        ROW_THREADS,
-        0,
-        &mut args![rp, dp, wp, op, h, eps],
-        reps,
-    );
+    let us = time(d, k::add_rms_norm(rp, dp, wp, op, rows, hidden, 1e-5), reps);
     let got = from_bf16(&get::<u16>(d, op, n));
     assert!(
         got.iter().all(|v| v.is_finite()),

@@ -11,6 +11,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod kernels;
 pub mod split;
 
 use std::borrow::Cow;

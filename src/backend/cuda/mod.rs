@@ -54,33 +54,8 @@ pub static FATBIN: &[u8] = &FATBIN_IMAGE.0;
 
 /// Bytes of the pinned buffer weights are staged through.
 const STAGING_BYTES: usize = 32 << 20;
-/// Threads per block of `sg_sample` (one block per row).
-const SAMPLE_THREADS: u32 = 1024;
-/// Threads per block of the row kernels.
-const ROW_THREADS: u32 = 256;
-/// Warps (of 32 threads) per attention block; must match `ATTN_WARPS` in csrc/kernels.cu.
-const ATTN_WARPS: u32 = 4;
-/// Largest query-head group and head size the attention kernel handles (csrc/kernels.cu).
-const MAX_GROUP: usize = 8;
-const MAX_HEAD_DIM: usize = 256;
-/// Head sizes with attention kernels specialised at compile time (`sg_attention_d{dim}_g{g}`
-/// for every group 1..=MAX_GROUP); other head sizes run the generic `sg_attention`.
-pub const FIXED_HEAD_DIMS: [usize; 2] = [64, 128];
-
-/// Dynamic shared memory of an attention block (csrc/kernels.cu): per warp and query head of
-/// the group, the running max, the sum and the accumulator.
-pub fn attention_smem_bytes(group: usize, head_dim: usize) -> u32 {
-    (ATTN_WARPS as usize * group * (head_dim + 2) * 4) as u32
-}
-
-/// The attention kernel for a head size and query-head group.
-pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
-    if FIXED_HEAD_DIMS.contains(&head_dim) && (1..=MAX_GROUP).contains(&group) {
-        format!("sg_attention_d{head_dim}_g{group}")
-    } else {
-        "sg_attention".into()
-    }
-}
+use super::kernels::{self as k, Launch, MAX_GROUP, MAX_HEAD_DIM};
+pub use super::kernels::{attention_kernel_name, attention_smem_bytes, FIXED_HEAD_DIMS};
 
 /// True when the CUDA driver library loads, initialises and reports at least one device (or
 /// when the tests' CPU emulation stands in for one: `SGLANG_CUDA_EMULATOR`).
@@ -196,20 +171,8 @@ struct RopeDev {
     rows: usize,
 }
 
-struct Kernels {
-    embedding: Func,
-    rms_norm: Func,
-    add_rms_norm: Func,
-    f32_to_bf16: Func,
-    silu_mul: Func,
-    rope_store_kv: Func,
-    gather_rows: Func,
-    attention: Func,
-    /// The specialised instantiations: ((head_dim, group), kernel).
-    attention_fixed: Vec<((usize, usize), Func)>,
-    attention_merge: Func,
-    sample: Func,
-}
+/// Every kernel of the fatbin, by name (`kernels::all_kernel_names`).
+struct Kernels(std::collections::HashMap<&'static str, Func>);
 
 /// Scratch buffers of the matrix products (an f32 input cast to bf16; the fused gate and up
 /// output).
@@ -263,13 +226,6 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-/// Kernel arguments: pointers to each value, which must outlive the launch call.
-macro_rules! args {
-    ($($x:expr),* $(,)?) => {
-        [$( &$x as *const _ as *mut c_void ),*]
-    };
-}
-
 impl CudaBackend {
     /// Opens GPU `ordinal`: context, stream, the embedded kernels, cuBLAS (or the tests' CPU
     /// emulation, see [`EMULATOR_ENV`]).
@@ -285,27 +241,16 @@ impl CudaBackend {
             ));
         }
         let (drv, name, sms) = Driver::open(ordinal)?;
-        let f = |n: &'static str| drv.function(n);
-        let k = Kernels {
-            embedding: f("sg_embedding")?,
-            rms_norm: f("sg_rms_norm")?,
-            add_rms_norm: f("sg_add_rms_norm")?,
-            f32_to_bf16: f("sg_f32_to_bf16")?,
-            silu_mul: f("sg_silu_mul")?,
-            rope_store_kv: f("sg_rope_store_kv")?,
-            gather_rows: f("sg_gather_rows")?,
-            attention: f("sg_attention")?,
-            attention_fixed: FIXED_HEAD_DIMS
-                .iter()
-                .flat_map(|&d| (1..=MAX_GROUP).map(move |g| (d, g)))
-                .map(|(d, g)| {
-                    let name: &'static str = attention_kernel_name(d, g).leak();
-                    Ok(((d, g), f(name)?))
+        let k = Kernels(
+            k::all_kernel_names()
+                .into_iter()
+                .map(|n| {
+                    // (once per backend: the driver's launch records name kernels statically)
+                    let name: &'static str = n.leak();
+                    Ok((name, drv.function(name)?))
                 })
                 .collect::<Result<_, BackendError>>()?,
-            attention_merge: f("sg_attention_merge")?,
-            sample: f("sg_sample")?,
-        };
+        );
         let staging = drv.alloc_host(STAGING_BYTES)?;
         Ok(Self {
             drv,
@@ -390,27 +335,15 @@ impl CudaBackend {
         self.drv.bind()
     }
 
-    fn launch(
-        &self,
-        f: &Func,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared: u32,
-        params: &mut [*mut c_void],
-    ) -> Result<(), BackendError> {
-        // SAFETY: `params` points at live values whose types match the kernel's signature
-        // (each call site passes exactly the kernel's parameters, in order).
-        unsafe { self.drv.launch(f, grid, block, shared, params) }
-    }
-
-    /// A row kernel: one block of ROW_THREADS per row.
-    fn launch_rows(
-        &self,
-        f: &Func,
-        rows: usize,
-        params: &mut [*mut c_void],
-    ) -> Result<(), BackendError> {
-        self.launch(f, (rows as u32, 1, 1), ROW_THREADS, 0, params)
+    /// Runs a kernel launch (`backend::kernels`) on the backend's stream.
+    fn launch(&self, mut l: Launch) -> Result<(), BackendError> {
+        let f = self.k.0.get(l.kernel.as_ref()).ok_or_else(|| {
+            BackendError::Internal(format!("kernel {} is not in the fatbin", l.kernel))
+        })?;
+        let mut params = l.params();
+        // SAFETY: `backend::kernels` builds each launch with exactly its kernel's parameters,
+        // in order; the addresses are this backend's live device buffers.
+        unsafe { self.drv.launch(f, l.grid, l.block, l.shared, &mut params) }
     }
 
     fn sync(&self) -> Result<(), BackendError> {
@@ -455,15 +388,7 @@ impl CudaBackend {
         }
         self.ensure(&mut scratch.x_bf16, n * 2)?;
         let xb = scratch.x_bf16.as_ref().expect("ensured").ptr;
-        let count = n as i64;
-        let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
-        self.launch(
-            &self.k.f32_to_bf16,
-            (blocks, 1, 1),
-            ROW_THREADS,
-            0,
-            &mut args![x.mem.ptr, xb, count],
-        )?;
+        self.launch(k::f32_to_bf16(x.mem.ptr, xb, n))?;
         Ok(xb)
     }
 
@@ -786,13 +711,16 @@ impl Backend for CudaBackend {
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
         let ids = self.upload_ids(&self.token_ids, &batch.tokens)?;
-        let (hidden, start, rows) = (table.cols as i32, vocab_start as i32, table.rows as i32);
         out.bf16 = false;
-        self.launch_rows(
-            &self.k.embedding,
+        self.launch(k::embedding(
+            table.ptr(),
+            ids,
+            out.mem.ptr,
             batch.num_tokens(),
-            &mut args![table.ptr(), ids, out.mem.ptr, hidden, start, rows],
-        )
+            table.cols,
+            vocab_start,
+            table.rows,
+        ))
     }
 
     fn rms_norm(
@@ -803,13 +731,15 @@ impl Backend for CudaBackend {
         rows: usize,
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
-        let hidden = w.rows as i32;
         out.bf16 = true;
-        self.launch_rows(
-            &self.k.rms_norm,
+        self.launch(k::rms_norm(
+            x.mem.ptr,
+            w.ptr(),
+            out.mem.ptr,
             rows,
-            &mut args![x.mem.ptr, w.ptr(), out.mem.ptr, hidden, eps],
-        )
+            w.rows,
+            eps,
+        ))
     }
 
     fn add_rms_norm(
@@ -821,20 +751,16 @@ impl Backend for CudaBackend {
         rows: usize,
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
-        let hidden = w.rows as i32;
         out.bf16 = true;
-        self.launch_rows(
-            &self.k.add_rms_norm,
+        self.launch(k::add_rms_norm(
+            residual.mem.ptr,
+            delta.mem.ptr,
+            w.ptr(),
+            out.mem.ptr,
             rows,
-            &mut args![
-                residual.mem.ptr,
-                delta.mem.ptr,
-                w.ptr(),
-                out.mem.ptr,
-                hidden,
-                eps
-            ],
-        )
+            w.rows,
+            eps,
+        ))
     }
 
     fn matmul(
@@ -882,16 +808,8 @@ impl Backend for CudaBackend {
         self.ensure(&mut scratch.gate_up, 2 * n * 4)?;
         let gu = scratch.gate_up.as_ref().expect("ensured").ptr;
         self.gemm_group(x, rows, &[gate, up], gu, &mut scratch)?;
-        let (count, width) = (n as i64, inter as i32);
-        let blocks = (n as u32).div_ceil(ROW_THREADS).clamp(1, 4096);
         out.bf16 = true;
-        self.launch(
-            &self.k.silu_mul,
-            (blocks, 1, 1),
-            ROW_THREADS,
-            0,
-            &mut args![gu, out.mem.ptr, width, count],
-        )
+        self.launch(k::silu_mul(gu, out.mem.ptr, inter, n))
     }
 
     fn rope_and_store_kv(
@@ -905,27 +823,19 @@ impl Backend for CudaBackend {
         kv: &mut CudaKv,
         layer: usize,
     ) -> Result<(), BackendError> {
-        let (qh, kvh, d) = (
-            cfg.num_heads as i32,
-            cfg.num_kv_heads as i32,
-            cfg.head_dim as i32,
-        );
-        self.launch_rows(
-            &self.k.rope_store_kv,
+        self.launch(k::rope_store_kv(
+            q.mem.ptr,
+            step.cos,
+            step.sin,
+            step.positions.ptr,
+            step.slots.ptr,
+            kv.k[layer].ptr,
+            kv.v[layer].ptr,
             step.n_tokens,
-            &mut args![
-                q.mem.ptr,
-                step.cos,
-                step.sin,
-                step.positions.ptr,
-                step.slots.ptr,
-                kv.k[layer].ptr,
-                kv.v[layer].ptr,
-                qh,
-                kvh,
-                d
-            ],
-        )
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        ))
     }
 
     fn attention(
@@ -946,14 +856,6 @@ impl Backend for CudaBackend {
                 cfg.head_dim
             )));
         }
-        let (page, qh, kvh, d) = (
-            batch.page_size as i32,
-            cfg.num_heads as i32,
-            cfg.num_kv_heads as i32,
-            cfg.head_dim as i32,
-        );
-        let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
-        let shared = attention_smem_bytes(group, cfg.head_dim);
         let t = step.n_tokens;
         // from the batch and the GPU only: each token's kernel divides its own context
         let splits = super::split::attention_splits(t, cfg.num_kv_heads, self.sms);
@@ -969,50 +871,30 @@ impl Backend for CudaBackend {
         } else {
             (0, 0) // not read with one split
         };
-        let min_split_len = super::split::MIN_SPLIT_LEN as i32;
-        // q's rows are [q | k | v] (see `qkv`)
-        let q_stride = ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) as i32;
         out.bf16 = true;
-        let kernel = self
-            .k
-            .attention_fixed
-            .iter()
-            .find(|(shape, _)| *shape == (cfg.head_dim, group))
-            .map_or(&self.k.attention, |(_, f)| f);
-        self.launch(
-            kernel,
-            (t as u32, cfg.num_kv_heads as u32, splits as u32),
-            ATTN_WARPS * 32,
-            shared,
-            &mut args![
-                q.mem.ptr,
-                q_stride,
-                kv.k[layer].ptr,
-                kv.v[layer].ptr,
-                out.mem.ptr,
-                step.positions.ptr,
-                step.token_seq.ptr,
-                step.seq_table_start.ptr,
-                step.block_tables.ptr,
-                page,
-                qh,
-                kvh,
-                d,
-                scale,
-                min_split_len,
-                ml,
-                acc
-            ],
-        )?;
-        if splits > 1 {
-            let splits = splits as i32;
-            self.launch(
-                &self.k.attention_merge,
-                ((t * cfg.num_heads) as u32, 1, 1),
-                (cfg.head_dim as u32).next_multiple_of(32).min(ROW_THREADS),
-                0,
-                &mut args![ml, acc, out.mem.ptr, splits, d],
-            )?;
+        let a = k::Attention {
+            q: q.mem.ptr,
+            // q's rows are [q | k | v] (see `qkv`)
+            q_stride: (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+            k_cache: kv.k[layer].ptr,
+            v_cache: kv.v[layer].ptr,
+            out: out.mem.ptr,
+            positions: step.positions.ptr,
+            token_seq: step.token_seq.ptr,
+            seq_table_start: step.seq_table_start.ptr,
+            block_tables: step.block_tables.ptr,
+            tokens: t,
+            page_size: batch.page_size,
+            q_heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            splits,
+            min_split_len: super::split::MIN_SPLIT_LEN,
+            ml,
+            acc,
+        };
+        for l in a.launches() {
+            self.launch(l)?;
         }
         Ok(())
     }
@@ -1034,12 +916,13 @@ impl Backend for CudaBackend {
         }
         out.bf16 = true;
         let idx = self.upload_ids(&self.row_ids, rows)?;
-        let w = width as i32;
-        self.launch_rows(
-            &self.k.gather_rows,
+        self.launch(k::gather_rows(
+            x.mem.ptr,
+            idx,
+            out.mem.ptr,
             rows.len(),
-            &mut args![x.mem.ptr, idx, out.mem.ptr, w],
-        )
+            width,
+        ))
     }
 
     fn all_reduce(
@@ -1096,28 +979,25 @@ impl Backend for CudaBackend {
         let ptr = |m: &Option<DevMem>| m.as_ref().expect("ensured").ptr;
         let (work, token, logprob) = (ptr(&b.work), ptr(&b.token), ptr(&b.logprob));
         let (top_ids, top_lps) = (ptr(&b.top_ids), ptr(&b.top_logprobs));
-        let (v, max_top) = (vocab as i32, MAX_TOP_LOGPROBS as i32);
         self.launch(
-            &self.k.sample,
-            (rows as u32, 1, 1),
-            SAMPLE_THREADS,
-            0,
-            &mut args![
-                logits.mem.ptr,
+            k::Sample {
+                logits: logits.mem.ptr,
                 work,
-                row_ptr,
+                rows_params: row_ptr,
                 pen_tokens,
                 pen_counts,
                 pen_seen,
                 banned,
                 masks,
-                v,
-                max_top,
+                rows,
+                vocab,
+                max_top: MAX_TOP_LOGPROBS,
                 token,
                 logprob,
                 top_ids,
-                top_lps
-            ],
+                top_logprobs: top_lps,
+            }
+            .launch(),
         )?;
         let tokens: Vec<u32> = self.get(token, rows)?;
         let lps: Vec<f32> = self.get(logprob, rows)?;

@@ -3,7 +3,7 @@
 //! occupancy on sm_90 (H100/H200) those imply at the block size and dynamic shared memory
 //! the backend launches each kernel with. No GPU needed: `tests/cuda.rs` prints the table.
 
-use super::{attention_smem_bytes, ATTN_WARPS, ROW_THREADS, SAMPLE_THREADS};
+use crate::backend::kernels::anchor_launches;
 
 /// The ptxas report of the embedded kernels (`nvcc -Xptxas -v`, every architecture).
 pub static PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas-report.txt"));
@@ -83,26 +83,13 @@ pub fn occupancy_sm90(k: &KernelResources, threads: u32, dyn_smem: u32) -> (u32,
 }
 
 /// How the backend launches each kernel: threads per block and dynamic shared memory at the
-/// anchor shape (Llama-3-8B: 32 query heads, 8 KV heads, head_dim 128; the specialised
-/// attention kernels at their own).
+/// anchor shape (`kernels::anchor_launches`: Llama-3-8B; the specialised attention kernels at
+/// their own shapes).
 pub fn launch_geometry(kernel: &str) -> Option<(u32, u32)> {
-    let (group, dim) = (4, 128);
-    // sg_attention_d{dim}_g{group}: at its own shape
-    if let Some((d, g)) = kernel
-        .strip_prefix("sg_attention_d")
-        .and_then(|rest| rest.split_once("_g"))
-    {
-        let (d, g): (usize, usize) = (d.parse().ok()?, g.parse().ok()?);
-        return Some((ATTN_WARPS * 32, attention_smem_bytes(g, d)));
-    }
-    Some(match kernel {
-        "sg_attention" => (ATTN_WARPS * 32, attention_smem_bytes(group, dim)),
-        "sg_attention_merge" => ((dim as u32).next_multiple_of(32).min(ROW_THREADS), 0),
-        "sg_sample" => (SAMPLE_THREADS, 0),
-        "sg_embedding" | "sg_rms_norm" | "sg_add_rms_norm" | "sg_f32_to_bf16" | "sg_silu_mul"
-        | "sg_rope_store_kv" | "sg_gather_rows" => (ROW_THREADS, 0),
-        _ => return None,
-    })
+    anchor_launches()
+        .into_iter()
+        .find(|l| l.kernel == kernel)
+        .map(|l| (l.block, l.shared))
 }
 
 /// The table for sm_90a: per kernel, ptxas's figures and the occupancy they imply.
