@@ -51,7 +51,7 @@ SGLANG_COPY_BW="$(cat "$out/copy-bw.txt" 2> /dev/null)" SGLANG_KERNELS_NO_EMULAT
   "$here/kernels-test" --nocapture --test-threads=1 2>&1 | tee "$out/kernels.log"
 # a first run: synchronise after every launch, so that a faulting kernel is named
 phase "model parity (tests/cuda.rs, SGLANG_CUDA_SYNC_LAUNCHES=1)"
-SGLANG_CUDA_SYNC_LAUNCHES=1 SGLANG_CUDA_TEST_DUMMY="$here/model" timeout 90 "$here/cuda-test" --nocapture --test-threads=1 2>&1 | tee "$out/parity.log"
+SGLANG_KERNELS_NO_EMULATOR=1 SGLANG_CUDA_SYNC_LAUNCHES=1 SGLANG_CUDA_TEST_DUMMY="$here/model" timeout 90 "$here/cuda-test" --nocapture --test-threads=1 2>&1 | tee "$out/parity.log"
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do
     phase "compute-sanitizer --tool $tool (tests/kernels.rs)"

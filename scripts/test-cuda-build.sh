@@ -3,7 +3,8 @@
 # kernels, clippy is clean, and the cuda-built server refuses `--device cuda` with the reason
 # while `--device auto` serves on the CPU. Builds into target/cuda so the default build stays.
 # tests/kernels.rs checks every kernel on the CPU emulator here (and on the GPU where one is
-# present); the GPU half of tests/cuda.rs (model parity with the CPU) runs where a GPU is.
+# present); tests/cuda.rs runs its model-parity body on the emulator here (and on the GPU
+# where one is).
 # The kernels' static figures (ptxas registers, stack, spills; sm_90 occupancy) go into the log.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +15,7 @@ export CARGO_TARGET_DIR="$root/target/cuda"
 python="$(./scripts/venv.sh | tail -n1)"
 ./scripts/prepare-model.sh >&2
 cargo clippy -p sglang -p sglang-server --features sglang/cuda --all-targets --release -- -D warnings
-cargo test --release -p sglang --features cuda --test cuda --test kernels --test cuda_emulated
+cargo test --release -p sglang --features cuda --test cuda --test kernels
 echo "== kernels on sm_90: ptxas's registers, stack, spills; theoretical occupancy"
 cargo test --release -p sglang --features cuda --test cuda kernel_resources_on_sm90 -- --nocapture \
     | grep -v "^test \|^running\|^$"

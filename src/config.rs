@@ -495,7 +495,14 @@ pub struct EngineConfig {
     pub master_port: u16,
     /// How long ranks wait for each other (joining, and inside a collective), in seconds.
     pub dist_timeout_secs: u64,
+    /// What runs the CUDA backend's kernels: None, the GPU; a path, the CPU emulation library
+    /// of csrc/ (built by tests/kernel_emu; a test hook, far too slow to serve with). Defaults
+    /// to [`CUDA_EMULATOR_ENV`].
+    pub cuda_emulator: Option<PathBuf>,
 }
+
+/// `SGLANG_CUDA_EMULATOR`: the default of [`EngineConfig::cuda_emulator`].
+pub const CUDA_EMULATOR_ENV: &str = "SGLANG_CUDA_EMULATOR";
 
 impl EngineConfig {
     /// The model directory (config.json, tokenizer): the model path, or the directory holding
@@ -558,6 +565,7 @@ impl EngineConfig {
             master_addr: None,
             master_port: 23456,
             dist_timeout_secs: 300,
+            cuda_emulator: std::env::var_os(CUDA_EMULATOR_ENV).map(Into::into),
         }
     }
 

@@ -1,10 +1,17 @@
-//! The CUDA backend (built with `--features sglang/cuda`).
+//! The CUDA backend (built with `--features sglang/cuda`), checked against the CPU backend by
+//! one test body run on two drivers, chosen by `EngineConfig::cuda_emulator`: the GPU (where
+//! one exists) and the CPU emulation of `csrc/` (`tests/kernel_emu`: kernels run by the
+//! emulator, matrix products by a plain implementation of the cuBLAS call, everything else the
+//! code a GPU runs: weight upload through the staging buffer, buffer sizing, launch shapes and
+//! arguments, split attention, device sampling, the engine on top). Only the driver calls
+//! themselves (cudarc, cuBLAS) and the hardware are left to the GPU run.
 //!
 //! Without a GPU (CI): `--device cuda` is an error that says why, `--device auto` serves on
-//! the CPU. With a GPU: on the real default model, the logits of a prefill (every position)
-//! and of decode steps stay within tolerance of the CPU backend, the argmax agrees wherever
-//! the CPU's top two are not a near tie, and greedy generation through the whole engine gives
-//! the CPU's tokens.
+//! the CPU, and the body runs on the emulator. On the real default model: the logits of a
+//! prefill (every position) and of decode steps stay within tolerance of the CPU backend, the
+//! argmax agrees wherever the CPU's top two are not a near tie, greedy generation through the
+//! whole engine gives the CPU's tokens and logprobs, a seeded draw reproduces; on a small
+//! random model, a 300-token context (split attention).
 //!
 //! With `SGLANG_CUDA_TEST_DUMMY=DIR` the weights are random (`--load-format dummy`) and only
 //! the logits are compared.
@@ -17,85 +24,200 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+mod kernel_emu;
 
-use sglang::config::{Device, EngineConfig};
+use std::path::{Path, PathBuf};
+
+use sglang::config::{Device, EngineConfig, LoadFormat};
 use sglang::engine::{EngineHandle, GenerateRequest};
-use sglang::runner;
+use sglang::runner::{self, ModelRunner};
 use sglang::sampling::SamplingParams;
 
 /// `SGLANG_CUDA_TEST_DUMMY=DIR`: the model of DIR (config and tokenizer only) with
 /// deterministic random weights, for a GPU machine the real weights cannot be carried to.
-fn dummy_dir() -> Option<std::path::PathBuf> {
+fn dummy_dir() -> Option<PathBuf> {
     std::env::var_os("SGLANG_CUDA_TEST_DUMMY").map(Into::into)
 }
 
-fn config(device: Device) -> EngineConfig {
-    let mut cfg = match dummy_dir() {
-        Some(dir) => {
-            let mut c = EngineConfig::new(dir);
-            c.load_format = sglang::config::LoadFormat::Dummy;
+/// The engine's options on `dir` (None: the default model, or the dummy one) for `device`;
+/// the CUDA backend on the GPU, or on the emulator at `emulator`.
+fn config(dir: Option<&Path>, device: Device, emulator: Option<&Path>) -> EngineConfig {
+    let mut cfg = match (dir, dummy_dir()) {
+        (Some(dir), _) => EngineConfig::new(dir),
+        (None, Some(dummy)) => {
+            let mut c = EngineConfig::new(dummy);
+            c.load_format = LoadFormat::Dummy;
             c
         }
-        None => EngineConfig::new(common::model_dir()),
+        (None, None) => EngineConfig::new(common::model_dir()),
     };
     cfg.max_total_tokens = Some(4096);
     cfg.device = device;
+    cfg.cuda_emulator = emulator.map(Path::to_path_buf);
     // the CPU reference caches K and V in bf16 as the GPU does (common::BF16_LOGITS_TOLERANCE)
     cfg.kv_cache_dtype = sglang::config::KvCacheDtype::Bf16;
     cfg
 }
 
-#[test]
-fn cuda_matches_the_cpu_or_says_why_it_cannot_run() {
-    if !sglang::backend::cuda::driver_available() {
-        let e = runner::load(&config(Device::Cuda))
-            .err()
-            .expect("--device cuda without a driver must fail")
-            .to_string();
-        assert!(e.contains("--device cuda") && e.contains("libcuda"), "{e}");
-        let r = runner::load(&config(Device::Auto)).unwrap();
-        assert_eq!(r.backend_name(), "cpu", "auto falls back to the CPU");
-        return;
-    }
-    let mut gpu = runner::load(&config(Device::Cuda)).unwrap();
-    assert_eq!(gpu.backend_name(), "cuda");
-    let mut cpu = runner::load(&config(Device::Cpu)).unwrap();
-    let engine_gpu = EngineHandle::start(config(Device::Cuda)).unwrap();
-    let engine_cpu = EngineHandle::start(config(Device::Cpu)).unwrap();
+/// The body both drivers run (see the module's comment). Returns the CUDA runner of the small
+/// random model with its 300-token context, for the emulator's launch count.
+fn matches_the_cpu(emulator: Option<&Path>) -> (Box<dyn ModelRunner>, Vec<u32>) {
+    let t = std::time::Instant::now();
+    let cuda = |dir| config(dir, Device::Cuda, emulator);
+    let cpu = |dir| config(dir, Device::Cpu, None);
+    let mut gpu_runner = runner::load(&cuda(None)).unwrap();
+    assert_eq!(gpu_runner.backend_name(), "cuda");
+    let mut cpu_runner = runner::load(&cpu(None)).unwrap();
+    let engine_gpu = EngineHandle::start(cuda(None)).unwrap();
+    let engine_cpu = EngineHandle::start(cpu(None)).unwrap();
     let tok = engine_cpu.tokenizer().clone();
-    for text in [
+    let run = |e: &EngineHandle, ids: &[u32], params: SamplingParams| {
+        e.submit(GenerateRequest {
+            input_ids: ids.to_vec(),
+            params,
+            return_logprob: true,
+            top_logprobs_num: 3,
+            ..Default::default()
+        })
+        .unwrap()
+        .collect_blocking()
+        .unwrap()
+    };
+    let prompts = [
         "The capital of France is",
         "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
         "A lighthouse keeper wrote in his diary that the storm",
-    ] {
+    ];
+    for text in prompts {
         let ids = tok.encode(text, true).unwrap();
         common::assert_bf16_logits_close(
             &format!("default model {text:?}"),
-            &common::logits(gpu.as_mut(), &ids, 3),
-            &common::logits(cpu.as_mut(), &ids, 3),
+            &common::logits(gpu_runner.as_mut(), &ids, 3),
+            &common::logits(cpu_runner.as_mut(), &ids, 3),
         );
         if dummy_dir().is_some() {
             // random weights leave many near ties: the logits are the check
             continue;
         }
-        let run = |e: &EngineHandle| {
-            e.submit(GenerateRequest {
-                input_ids: ids.clone(),
-                params: SamplingParams::greedy(32),
-                ..Default::default()
-            })
-            .unwrap()
-            .collect_blocking()
-            .unwrap()
-            .token_ids
-        };
-        assert_eq!(
-            run(&engine_gpu),
-            run(&engine_cpu),
-            "{text:?}: greedy tokens"
+        let (g, w) = (
+            run(&engine_gpu, &ids, SamplingParams::greedy(16)),
+            run(&engine_cpu, &ids, SamplingParams::greedy(16)),
         );
+        assert_eq!(g.token_ids, w.token_ids, "{text:?}: greedy tokens");
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert!((a.logprob - b.logprob).abs() < 0.05, "{a:?} vs {b:?}");
+            assert_eq!(a.top_logprobs.len(), 3);
+        }
     }
+    drop(gpu_runner);
+    println!("  default model: {:.1} s", t.elapsed().as_secs_f64());
+
+    // seeded sampling on the device reproduces (the CPU's logits differ by the bf16 rounding
+    // above, enough to move a draw, so its tokens are not the reference here;
+    // tests/kernels.rs checks the sampling kernel against the host sampler on equal logits)
+    let ids = tok.encode(prompts[0], true).unwrap();
+    let seeded = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 40,
+        repetition_penalty: 1.1,
+        seed: Some(7),
+        ..SamplingParams::greedy(4)
+    };
+    let a = run(&engine_gpu, &ids, seeded.clone());
+    let b = run(&engine_gpu, &ids, seeded);
+    assert_eq!(a.token_ids.len(), 4);
+    assert_eq!(a.token_ids, b.token_ids, "a seed reproduces");
+    assert!(a
+        .logprobs
+        .iter()
+        .all(|l| l.logprob.is_finite() && l.logprob <= 0.0));
+    drop(engine_gpu);
+
+    // a long context on a small model (random weights): decode with split attention
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 512,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "torch_dtype": "bfloat16"}"#,
+    )
+    .unwrap();
+    let small = |c: EngineConfig| EngineConfig {
+        load_format: LoadFormat::Dummy,
+        ..c
+    };
+    let mut gpu_small = runner::load(&small(cuda(Some(dir.path())))).unwrap();
+    let mut cpu_small = runner::load(&small(cpu(Some(dir.path())))).unwrap();
+    let long: Vec<u32> = (0..300u32).map(|i| (i * 37 + 11) % 512).collect();
+    common::assert_bf16_logits_close(
+        "small model, 300-token context",
+        &common::logits(gpu_small.as_mut(), &long, 4),
+        &common::logits(cpu_small.as_mut(), &long, 4),
+    );
+    println!(
+        "  checks against the CPU: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    (gpu_small, long)
 }
+
+#[test]
+fn cuda_matches_the_cpu_or_says_why_it_cannot_run() {
+    if !sglang::backend::cuda::driver_available() {
+        let e = runner::load(&config(None, Device::Cuda, None))
+            .err()
+            .expect("--device cuda without a driver must fail")
+            .to_string();
+        assert!(e.contains("--device cuda") && e.contains("libcuda"), "{e}");
+        let r = runner::load(&config(None, Device::Auto, None)).unwrap();
+        assert_eq!(r.backend_name(), "cpu", "auto falls back to the CPU");
+        return;
+    }
+    matches_the_cpu(None);
+}
+
+#[test]
+fn emulated_cuda_matches_the_cpu() {
+    // SGLANG_KERNELS_NO_EMULATOR: on the GPU machine (no C++ compiler there)
+    if std::env::var_os("SGLANG_KERNELS_NO_EMULATOR").is_some() {
+        return;
+    }
+    let library = kernel_emu::library();
+    let (mut small, long) = matches_the_cpu(Some(library));
+
+    // launches of one decode step (batch 1, 2 layers, 301-token context, so split
+    // attention), from the emulator's launch log (the library the backend loaded, which also
+    // counts the emulated cuBLAS products): two decode steps less one, after the same prefill
+    let emulator = kernel_emu::Emulator::load(library);
+    emulator.launch_log(true);
+    common::logits(small.as_mut(), &long, 1);
+    let one = emulator.launch_log(true);
+    common::logits(small.as_mut(), &long, 2);
+    let two = emulator.launch_log(true);
+    println!("launches of one decode step (2 layers):");
+    let mut total = 0;
+    for (name, launches, _, _) in &two {
+        let before = one.iter().find(|k| &k.0 == name).map_or(0, |k| k.1);
+        println!("  {name:<20} {}", launches - before);
+        total += launches - before;
+    }
+    println!("  {:<20} {total}", "total");
+    // per layer: a norm, the q/k/v product, RoPE with the KV store, attention and its merge,
+    // the o product, add+norm, the gate/up product, SiLU-and-mul, the down product (10; 9
+    // without a split); per step: the embedding, the first norm, the row gather, the logits'
+    // product
+    assert_eq!(
+        total, DECODE_STEP_LAUNCHES_2_LAYERS,
+        "launches per decode step (2 layers)"
+    );
+}
+
+/// Launches (kernels and cuBLAS products) of one decode step of the 2-layer model above:
+/// 10 per layer, 4 per step.
+const DECODE_STEP_LAUNCHES_2_LAYERS: u64 = 24;
 
 /// Llama-3-8B's widths (4096 hidden, 32 query / 8 KV heads of 128, 14336 MLP, 128256 vocab,
 /// rope theta 500000) with 2 of its 32 layers and random weights: the GPU's logits stay within

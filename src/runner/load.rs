@@ -194,7 +194,7 @@ fn master(cfg: &EngineConfig) -> String {
 pub fn resolve_device(cfg: &EngineConfig) -> Result<Device, LoadModelError> {
     match cfg.device {
         Device::Cpu => Ok(Device::Cpu),
-        Device::Auto => Ok(if cuda_usable() {
+        Device::Auto => Ok(if cuda_usable(cfg) {
             Device::Cuda
         } else {
             Device::Cpu
@@ -202,7 +202,7 @@ pub fn resolve_device(cfg: &EngineConfig) -> Result<Device, LoadModelError> {
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                if crate::backend::cuda::driver_available() {
+                if cuda_usable(cfg) {
                     return Ok(Device::Cuda);
                 }
                 Err(LoadModelError::NoCuda(format!(
@@ -238,13 +238,15 @@ fn group_device(cfg: &EngineConfig) -> Result<Device, LoadModelError> {
     ))
 }
 
-fn cuda_usable() -> bool {
+/// A GPU with its driver, or the emulator the config names (`cuda_emulator`).
+fn cuda_usable(cfg: &EngineConfig) -> bool {
     #[cfg(feature = "cuda")]
     {
-        crate::backend::cuda::driver_available()
+        cfg.cuda_emulator.is_some() || crate::backend::cuda::driver_available()
     }
     #[cfg(not(feature = "cuda"))]
     {
+        let _ = cfg;
         false
     }
 }
@@ -423,7 +425,7 @@ fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, L
             "--kv-cache-dtype fp32 is CPU only: the CUDA backend keeps its KV cache in bf16".into(),
         ));
     }
-    let backend = CudaBackend::new(0)?;
+    let backend = CudaBackend::new(0, cfg.cuda_emulator.as_deref())?;
     let (free, total) = backend.memory()?;
     tracing::info!(
         "CUDA backend: {} ({:.1} GiB, {:.1} GiB free)",

@@ -219,7 +219,7 @@ pub fn logits(
 /// Logits of the CUDA backend (bf16 KV cache, bf16 inputs to the matrix products) against
 /// the CPU's with a bf16 KV cache (f32 activations): the rounding of the products' inputs
 /// carried through the layers. It is rounding luck more than kernel quality: on the CPU
-/// emulation of the CUDA backend (tests/cuda_emulated.rs), default model, two attention
+/// emulation of the CUDA backend (tests/cuda.rs), default model, two attention
 /// kernels whose outputs differ in 1-4 of 2,880 values by one bf16 ulp per layer give rows
 /// within 0.4 % to 2.1 % and 0.5 % to 2.6 % (relative L2), absolute differences up to 0.26
 /// (and up to 1.4 % after the one-pass norm changed the order of a sum of squares); against

@@ -3,7 +3,7 @@
 //! argument convention) and the emulator's controls (`sg_emu_last_error`, `sg_emu_seed`,
 //! `sg_emu_set_seed`, `sg_emu_set_max_dynamic_smem`, `sg_emu_launch_log`,
 //! `sg_emu_log_external`), once per test
-//! process. Used by tests/kernels.rs (each kernel alone), tests/cuda_emulated.rs (the CUDA
+//! process. Used by tests/kernels.rs (each kernel alone), tests/cuda.rs (the CUDA
 //! backend through `SGLANG_CUDA_EMULATOR`) and tests/kernel_emu_strict.rs (kernels broken on
 //! purpose, built from tests/kernel_emu/broken/).
 #![allow(dead_code)]

@@ -5,8 +5,8 @@
 //! (`tests/kernel_emu`), with host memory standing in for device memory and a plain f32
 //! product following cuBLAS's column-major contract: it lets CI run the backend's own host
 //! code (buffer sizes, launch shapes, argument order, cuBLAS operands) end to end on
-//! machines without a GPU. It is selected only by `SGLANG_CUDA_EMULATOR` (a path to that
-//! library) and is far too slow to serve with.
+//! machines without a GPU. It is chosen by the path to that library given to [`Driver::open`]
+//! (`EngineConfig::cuda_emulator`) and is far too slow to serve with.
 
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
@@ -19,9 +19,6 @@ use cudarc::driver::CudaContext;
 use parking_lot::Mutex;
 
 use super::super::BackendError;
-
-/// The environment variable naming the emulation library (tests only).
-pub const EMULATOR_ENV: &str = "SGLANG_CUDA_EMULATOR";
 
 /// `SGLANG_CUDA_SYNC_LAUNCHES=1`: synchronise after every kernel launch, so that a kernel
 /// that faults is named (with its grid and block) where it fails instead of at the next
@@ -109,14 +106,17 @@ unsafe impl Sync for Driver {}
 const EMULATED_MEMORY: usize = 8 << 30;
 
 impl Driver {
-    /// GPU `ordinal` through cudarc, or the emulator when `SGLANG_CUDA_EMULATOR` is set.
-    /// Returns the driver, the device's name and its multiprocessor count.
-    pub(super) fn open(ordinal: usize) -> Result<(Arc<Self>, String, usize), BackendError> {
-        if let Some(path) = std::env::var_os(EMULATOR_ENV) {
+    /// GPU `ordinal` through cudarc, or the emulation library at `emulator`. Returns the
+    /// driver, the device's name and its multiprocessor count.
+    pub(super) fn open(
+        ordinal: usize,
+        emulator: Option<&std::path::Path>,
+    ) -> Result<(Arc<Self>, String, usize), BackendError> {
+        if let Some(path) = emulator {
             // SAFETY: the library is the emulation build of our own csrc/ (tests/kernel_emu);
             // its initialisers only set up globals.
-            let lib = unsafe { libloading::Library::new(&path) }
-                .map_err(|e| dev_err(&format!("{EMULATOR_ENV}={path:?}"), e))?;
+            let lib = unsafe { libloading::Library::new(path) }
+                .map_err(|e| dev_err(&format!("the CUDA emulator {}", path.display()), e))?;
             // SAFETY: the symbol has this signature in the generated emulator unit.
             let launch = unsafe { lib.get::<EmuLaunch>(b"sg_emu_launch") }
                 .map(|s| *s)

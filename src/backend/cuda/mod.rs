@@ -18,6 +18,7 @@
 
 use std::borrow::Cow;
 use std::ffi::c_void;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -28,8 +29,8 @@ use parking_lot::Mutex;
 
 mod driver;
 pub mod report;
+pub use driver::SYNC_LAUNCHES_ENV;
 use driver::{Driver, Func};
-pub use driver::{EMULATOR_ENV, SYNC_LAUNCHES_ENV};
 
 use super::{Backend, BackendError, RopeTable};
 use crate::batch::StepBatch;
@@ -57,12 +58,8 @@ const STAGING_BYTES: usize = 32 << 20;
 use super::kernels::{self as k, Launch, MAX_GROUP, MAX_HEAD_DIM};
 pub use super::kernels::{attention_kernel_name, attention_smem_bytes, FIXED_HEAD_DIMS};
 
-/// True when the CUDA driver library loads, initialises and reports at least one device (or
-/// when the tests' CPU emulation stands in for one: `SGLANG_CUDA_EMULATOR`).
+/// True when the CUDA driver library loads, initialises and reports at least one device.
 pub fn driver_available() -> bool {
-    if std::env::var_os(EMULATOR_ENV).is_some() {
-        return true;
-    }
     // SAFETY: only tries to dlopen libcuda; no CUDA call is made when it is absent.
     if !unsafe { sys::is_culib_present() } {
         return false;
@@ -227,20 +224,24 @@ unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`: context, stream, the embedded kernels, cuBLAS (or the tests' CPU
-    /// emulation, see [`EMULATOR_ENV`]).
-    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
-        if !driver_available() {
-            return Err(BackendError::Unavailable(unavailable_reason()));
+    /// Opens GPU `ordinal`: context, stream, the embedded kernels, cuBLAS; or, given
+    /// `emulator` (the CPU emulation library of csrc/, built by tests/kernel_emu), the same
+    /// backend with its kernels run by that library and its products by plain host code.
+    pub fn new(ordinal: usize, emulator: Option<&Path>) -> Result<Self, BackendError> {
+        if emulator.is_none() {
+            if !driver_available() {
+                return Err(BackendError::Unavailable(unavailable_reason()));
+            }
+            // SAFETY: checks that libcublas can be loaded before cudarc touches it.
+            if !unsafe { blas_sys::is_culib_present() } {
+                return Err(BackendError::Unavailable(
+                    "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 runtime \
+                     libraries"
+                        .into(),
+                ));
+            }
         }
-        // SAFETY: checks that libcublas can be loaded before cudarc touches it.
-        if std::env::var_os(EMULATOR_ENV).is_none() && !unsafe { blas_sys::is_culib_present() } {
-            return Err(BackendError::Unavailable(
-                "cuBLAS (libcublas.so.13) cannot be loaded: install the CUDA 13 runtime libraries"
-                    .into(),
-            ));
-        }
-        let (drv, name, sms) = Driver::open(ordinal)?;
+        let (drv, name, sms) = Driver::open(ordinal, emulator)?;
         let k = Kernels(
             k::all_kernel_names()
                 .into_iter()
