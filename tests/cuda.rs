@@ -306,11 +306,11 @@ fn kernel_resources_on_sm90() {
     for name in sglang::backend::kernels::all_kernel_names() {
         let k = sm90
             .iter()
-            .find(|k| k.name == *name)
+            .find(|k| k.name == name)
             .unwrap_or_else(|| panic!("{name} missing from the sm_90a ptxas report"));
         assert!(k.registers > 0, "{k:?}");
         assert_eq!(k.spill_stores + k.spill_loads, 0, "{name} spills registers");
-        let (threads, dyn_smem) = report::launch_geometry(&name).unwrap();
+        let (threads, dyn_smem) = report::launch_geometry(name).unwrap();
         let (blocks, _, why) = report::occupancy_sm90(k, threads, dyn_smem);
         assert!(blocks >= 1, "{name} cannot be resident ({why})");
     }

@@ -16,8 +16,6 @@
 //! reference accumulates in f64; the GPU's `__expf` is a few ulp off `exp`); attention reads
 //! bf16 K/V and the reference uses the same bf16 values, so it is held to 1e-5 as well.
 
-use std::ffi::c_void;
-
 use half::bf16;
 use sglang::backend::kernels::{self as k, Launch};
 
@@ -41,31 +39,18 @@ trait Dev {
     fn alloc(&mut self, bytes: usize) -> u64;
     fn write(&mut self, ptr: u64, data: &[u8]);
     fn read(&mut self, ptr: u64, out: &mut [u8]);
-    fn launch(
-        &mut self,
-        kernel: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &mut [*mut c_void],
-    );
+    /// Runs `l` (built by `sglang::backend::kernels`: the backend's geometry and arguments)
+    /// to completion.
+    fn launch(&mut self, l: &mut Launch);
     /// Multiprocessors (the emulator stands in for an H200's 132).
     fn sms(&self) -> usize {
         132
     }
     /// One warm-up launch, then the mean time of `reps` more in microseconds, on a GPU;
     /// elsewhere (the emulator: no timing) or with `reps` 0, a single launch and None.
-    fn time(
-        &mut self,
-        kernel: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &mut [*mut c_void],
-        reps: u32,
-    ) -> Option<f64> {
+    fn time(&mut self, l: &mut Launch, reps: u32) -> Option<f64> {
         let _ = reps;
-        self.launch(kernel, grid, block, smem, args);
+        self.launch(l);
         None
     }
 }
@@ -76,14 +61,13 @@ fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
 }
 
 /// A launch built by `sglang::backend::kernels` (the backend's own geometry and arguments).
-fn run(d: &mut dyn Dev, l: Launch) {
-    time(d, l, 0);
+fn run(d: &mut dyn Dev, mut l: Launch) {
+    d.launch(&mut l);
 }
 
 /// [`run`], timed over `reps` launches after a warm-up on a GPU (µs per launch).
 fn time(d: &mut dyn Dev, mut l: Launch, reps: u32) -> Option<f64> {
-    let mut params = l.params();
-    d.time(&l.kernel, l.grid, l.block, l.shared, &mut params, reps)
+    d.time(&mut l, reps)
 }
 
 fn put<T: Copy>(d: &mut dyn Dev, v: &[T]) -> u64 {
@@ -209,17 +193,13 @@ impl Dev for Emu {
         out.copy_from_slice(&bytes[GUARD + off..GUARD + off + out.len()]);
     }
 
-    fn launch(
-        &mut self,
-        kernel: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        args: &mut [*mut c_void],
-    ) {
-        // SAFETY: `args` points at values of the kernel's parameter types, alive for the
-        // call; device pointers are addresses of live emulator buffers.
-        if let Err(e) = unsafe { self.lib.launch(kernel, grid, block, smem, args) } {
+    fn launch(&mut self, l: &mut Launch) {
+        let (kernel, grid, block, smem) = (l.kernel, l.grid, l.block, l.shared);
+        let lib = self.lib;
+        // SAFETY: the launch holds exactly the kernel's parameters; device pointers are
+        // addresses of live emulator buffers.
+        if let Err(e) = l.with_params(|args| unsafe { lib.launch(kernel, grid, block, smem, args) })
+        {
             panic!("{kernel} failed in the emulator: {e}");
         }
         self.check_guards(kernel);
@@ -230,7 +210,7 @@ impl Dev for Emu {
 mod gpu {
     use super::*;
     use cudarc::driver::{result as drv, sys};
-    use std::ffi::CString;
+    use std::ffi::{c_void, CString};
 
     pub struct Gpu {
         _ctx: std::sync::Arc<cudarc::driver::CudaContext>,
@@ -255,6 +235,22 @@ mod gpu {
                 module,
                 bufs: Vec::new(),
             })
+        }
+    }
+
+    impl Gpu {
+        /// Queues `l` on the default stream (no synchronisation).
+        fn queue(&self, l: &mut Launch) {
+            let (kernel, grid, block, smem) = (l.kernel, l.grid, l.block, l.shared);
+            // SAFETY: the module is loaded; the launch holds exactly the kernel's parameters.
+            unsafe {
+                let f =
+                    drv::module::get_function(self.module, CString::new(kernel).unwrap()).unwrap();
+                l.with_params(|args| {
+                    drv::launch_kernel(f, grid, (block, 1, 1), smem, std::ptr::null_mut(), args)
+                })
+                .unwrap_or_else(|e| panic!("{kernel}: launch failed: {e:?}"));
+            }
         }
     }
 
@@ -292,41 +288,18 @@ mod gpu {
             unsafe { drv::memcpy_dtoh_sync(out, ptr) }.unwrap();
         }
 
-        fn launch(
-            &mut self,
-            kernel: &str,
-            grid: (u32, u32, u32),
-            block: u32,
-            smem: u32,
-            args: &mut [*mut c_void],
-        ) {
-            // SAFETY: the module is loaded; args match the kernel's parameters.
-            unsafe {
-                let f =
-                    drv::module::get_function(self.module, CString::new(kernel).unwrap()).unwrap();
-                drv::launch_kernel(f, grid, (block, 1, 1), smem, std::ptr::null_mut(), args)
-                    .unwrap_or_else(|e| panic!("{kernel}: launch failed: {e:?}"));
-                drv::ctx::synchronize().unwrap_or_else(|e| panic!("{kernel}: {e:?}"));
-            }
+        fn launch(&mut self, l: &mut Launch) {
+            self.queue(l);
+            drv::ctx::synchronize().unwrap_or_else(|e| panic!("{}: {e:?}", l.kernel));
         }
 
-        fn time(
-            &mut self,
-            kernel: &str,
-            grid: (u32, u32, u32),
-            block: u32,
-            smem: u32,
-            args: &mut [*mut c_void],
-            reps: u32,
-        ) -> Option<f64> {
-            self.launch(kernel, grid, block, smem, args);
+        fn time(&mut self, l: &mut Launch, reps: u32) -> Option<f64> {
+            self.launch(l);
             if reps == 0 {
                 return None;
             }
-            // SAFETY: as in `launch`; the events live until destroyed below.
+            // SAFETY: the events live until destroyed below.
             unsafe {
-                let f =
-                    drv::module::get_function(self.module, CString::new(kernel).unwrap()).unwrap();
                 let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
                 let (a, b) = (
                     drv::event::create(flags).unwrap(),
@@ -334,11 +307,10 @@ mod gpu {
                 );
                 drv::event::record(a, std::ptr::null_mut()).unwrap();
                 for _ in 0..reps {
-                    drv::launch_kernel(f, grid, (block, 1, 1), smem, std::ptr::null_mut(), args)
-                        .unwrap_or_else(|e| panic!("{kernel}: launch failed: {e:?}"));
+                    self.queue(l);
                 }
                 drv::event::record(b, std::ptr::null_mut()).unwrap();
-                drv::ctx::synchronize().unwrap_or_else(|e| panic!("{kernel}: {e:?}"));
+                drv::ctx::synchronize().unwrap_or_else(|e| panic!("{}: {e:?}", l.kernel));
                 let ms = drv::event::elapsed(a, b).unwrap();
                 drv::event::destroy(a).unwrap();
                 drv::event::destroy(b).unwrap();
@@ -812,9 +784,14 @@ fn split_partials(d: &mut dyn Dev, rows: usize, dim: usize, splits: usize) -> (u
 /// The attention kernel (`kernel`: the generic one, or the instantiation the backend picks
 /// for the shape; same parameters) and, when split, the merge, as `kernels::Attention`
 /// launches them; each timed over `reps` on a GPU.
-fn run_attention(d: &mut dyn Dev, a: &k::Attention, kernel: &str, reps: u32) -> Vec<Option<f64>> {
+fn run_attention(
+    d: &mut dyn Dev,
+    a: &k::Attention,
+    kernel: &'static str,
+    reps: u32,
+) -> Vec<Option<f64>> {
     let mut launches = a.launches();
-    launches[0].kernel = kernel.to_string().into();
+    launches[0].kernel = kernel;
     launches.into_iter().map(|l| time(d, l, reps)).collect()
 }
 
@@ -823,7 +800,7 @@ fn check_attention_case(
     r: &mut Rand,
     rep: &mut Report,
     c: &AttnCase,
-    kernel: &str,
+    kernel: &'static str,
 ) {
     let (qh, kvh, dim, ps) = (c.q_heads, c.kv_heads, c.dim, c.page_size);
     let kv_dim = kvh * dim;
@@ -972,20 +949,20 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
         check_attention_case(d, r, rep, c, "sg_attention");
         let fixed = k::attention_kernel_name(c.dim, c.q_heads / c.kv_heads);
         if fixed != "sg_attention" {
-            check_attention_case(d, r, rep, c, &fixed);
+            check_attention_case(d, r, rep, c, fixed);
         }
     }
     // every instantiation once: head_dim 64 and 128, groups 1 to 8, a split decode
     for dim in [64, 128] {
         for group in 1..=8 {
             let c = case(&[(40, 1), (3, 2)], group * 2, 2, dim, 16, 1);
-            check_attention_case(d, r, rep, &c, &k::attention_kernel_name(dim, group));
+            check_attention_case(d, r, rep, &c, k::attention_kernel_name(dim, group));
         }
     }
     let c = case(&[(0, 6), (5, 1)], 9, 3, 64, 1, 1);
-    check_attention_case(d, r, rep, &c, &k::attention_kernel_name(64, 3));
+    check_attention_case(d, r, rep, &c, k::attention_kernel_name(64, 3));
     let c = case(&[(999, 1)], 4, 1, 128, 16, 4);
-    check_attention_case(d, r, rep, &c, &k::attention_kernel_name(128, 4));
+    check_attention_case(d, r, rep, &c, k::attention_kernel_name(128, 4));
 }
 
 /// `sg_sample` over `logits` (`sb.len()` rows of `vocab`) with blocks of `threads`: per row
@@ -1484,7 +1461,7 @@ fn time_attention(
         acc,
     };
     let kernel = k::attention_kernel_name(dim, group);
-    let us = run_attention(d, &a, &kernel, reps);
+    let us = run_attention(d, &a, kernel, reps);
     let (us, merge_us) = (us[0], us.get(1).copied().flatten());
     let kv_bytes = (2 * batch * ctx * kvh * dim * 2) as f64;
     let io_bytes = (batch * qh * dim * (4 + 2)) as f64;
@@ -1495,7 +1472,7 @@ fn time_attention(
     };
     let shape = format!("batch {batch}, context {ctx}, q32/kv8 d128, split {splits}");
     let mut t = vec![Timing {
-        kernel: kernel.clone(),
+        kernel: kernel.into(),
         shape: shape.clone(),
         us,
         bytes: kv_bytes + io_bytes + partial_bytes,

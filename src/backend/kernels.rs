@@ -8,7 +8,6 @@
 //! `cuda` feature. Building a `Launch` is safe; running one is `unsafe` at the driver, whose
 //! caller promises that the addresses are live device buffers of the shapes stated below.
 
-use std::borrow::Cow;
 use std::ffi::c_void;
 
 /// A device address (`CUdeviceptr`; the emulator's host address).
@@ -29,9 +28,35 @@ pub const FIXED_HEAD_DIMS: [usize; 2] = [64, 128];
 /// Most blocks a grid-stride elementwise kernel is launched with.
 const MAX_ELEMENTWISE_BLOCKS: u32 = 4096;
 
+/// The specialised attention kernels, `[head size][group - 1]` (`FIXED_HEAD_DIMS` order).
+const FIXED_ATTENTION: [[&str; MAX_GROUP]; FIXED_HEAD_DIMS.len()] = [
+    [
+        "sg_attention_d64_g1",
+        "sg_attention_d64_g2",
+        "sg_attention_d64_g3",
+        "sg_attention_d64_g4",
+        "sg_attention_d64_g5",
+        "sg_attention_d64_g6",
+        "sg_attention_d64_g7",
+        "sg_attention_d64_g8",
+    ],
+    [
+        "sg_attention_d128_g1",
+        "sg_attention_d128_g2",
+        "sg_attention_d128_g3",
+        "sg_attention_d128_g4",
+        "sg_attention_d128_g5",
+        "sg_attention_d128_g6",
+        "sg_attention_d128_g7",
+        "sg_attention_d128_g8",
+    ],
+];
+/// Most parameters a kernel takes (the attention kernels').
+const MAX_PARAMS: usize = 17;
+
 /// Every kernel of the fatbin, by name (the specialised attention instantiations included).
-pub fn all_kernel_names() -> Vec<String> {
-    let mut names: Vec<String> = [
+pub fn all_kernel_names() -> Vec<&'static str> {
+    let mut names = vec![
         "sg_embedding",
         "sg_rms_norm",
         "sg_add_rms_norm",
@@ -42,13 +67,8 @@ pub fn all_kernel_names() -> Vec<String> {
         "sg_attention",
         "sg_attention_merge",
         "sg_sample",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for d in FIXED_HEAD_DIMS {
-        names.extend((1..=MAX_GROUP).map(|g| attention_kernel_name(d, g)));
-    }
+    ];
+    names.extend(FIXED_ATTENTION.iter().flatten());
     names
 }
 
@@ -59,23 +79,24 @@ pub fn attention_smem_bytes(group: usize, head_dim: usize) -> u32 {
 }
 
 /// The attention kernel for a head size and query-head group.
-pub fn attention_kernel_name(head_dim: usize, group: usize) -> String {
-    if FIXED_HEAD_DIMS.contains(&head_dim) && (1..=MAX_GROUP).contains(&group) {
-        format!("sg_attention_d{head_dim}_g{group}")
-    } else {
-        "sg_attention".into()
+pub fn attention_kernel_name(head_dim: usize, group: usize) -> &'static str {
+    match FIXED_HEAD_DIMS.iter().position(|&d| d == head_dim) {
+        Some(d) if (1..=MAX_GROUP).contains(&group) => FIXED_ATTENTION[d][group - 1],
+        _ => "sg_attention",
     }
 }
 
 /// One kernel launch: name, geometry and arguments (each at most 8 bytes, kept in its own
 /// 8-byte slot, little-endian, as the kernel reads its parameter's size from the address).
+/// Built and run without allocating (a decode step makes about ten per layer).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
-    pub kernel: Cow<'static, str>,
+    pub kernel: &'static str,
     pub grid: (u32, u32, u32),
     pub block: u32,
     pub shared: u32,
-    slots: Vec<u64>,
+    slots: [u64; MAX_PARAMS],
+    n: usize,
 }
 
 /// A kernel parameter: a device address or a scalar.
@@ -88,13 +109,14 @@ enum Arg {
 }
 
 impl Launch {
-    fn new(kernel: impl Into<Cow<'static, str>>, grid: (u32, u32, u32), block: u32) -> Self {
+    fn new(kernel: &'static str, grid: (u32, u32, u32), block: u32) -> Self {
         Self {
-            kernel: kernel.into(),
+            kernel,
             grid,
             block,
             shared: 0,
-            slots: Vec::new(),
+            slots: [0; MAX_PARAMS],
+            n: 0,
         }
     }
 
@@ -111,15 +133,20 @@ impl Launch {
     }
 
     fn args(mut self, args: &[Arg]) -> Self {
-        self.slots = args
-            .iter()
-            .map(|a| match *a {
+        for (slot, a) in self.slots.iter_mut().zip(args) {
+            *slot = match *a {
                 Arg::Ptr(p) => p,
                 Arg::I32(v) => v as u32 as u64,
                 Arg::I64(v) => v as u64,
                 Arg::F32(v) => v.to_bits() as u64,
-            })
-            .collect();
+            };
+        }
+        assert!(
+            args.len() <= MAX_PARAMS,
+            "{}: raise MAX_PARAMS",
+            self.kernel
+        );
+        self.n = args.len();
         self
     }
 
@@ -137,13 +164,14 @@ impl Launch {
         self
     }
 
-    /// `cuLaunchKernel`'s parameter array: one pointer per parameter, into this launch
-    /// (valid while it lives and is not moved).
-    pub fn params(&mut self) -> Vec<*mut c_void> {
-        self.slots
-            .iter_mut()
-            .map(|s| s as *mut u64 as *mut c_void)
-            .collect()
+    /// Calls `f` with `cuLaunchKernel`'s parameter array: one pointer per parameter, into
+    /// this launch.
+    pub fn with_params<R>(&mut self, f: impl FnOnce(&mut [*mut c_void]) -> R) -> R {
+        let mut params = [std::ptr::null_mut::<c_void>(); MAX_PARAMS];
+        for (p, s) in params.iter_mut().zip(&mut self.slots) {
+            *p = s as *mut u64 as *mut c_void;
+        }
+        f(&mut params[..self.n])
     }
 }
 
@@ -411,7 +439,7 @@ pub fn anchor_launches() -> Vec<Launch> {
     ];
     // the generic kernel at the anchor's own shape (whose instantiation exists), the merge
     let mut generic = attention(dim, heads / kv_heads).launches();
-    generic[0].kernel = "sg_attention".into();
+    generic[0].kernel = "sg_attention";
     out.extend(generic);
     for d in FIXED_HEAD_DIMS {
         out.extend((1..=MAX_GROUP).map(|g| attention(d, g).launches().remove(0)));
@@ -448,14 +476,15 @@ mod tests {
         let mut l = rms_norm(0x1000, 0x2000, 0x3000, 3, 576, 1e-5);
         assert_eq!(l.kernel, "sg_rms_norm");
         assert_eq!((l.grid, l.block, l.shared), ((3, 1, 1), ROW_THREADS, 0));
-        let p = l.params();
-        assert_eq!(p.len(), 5);
-        // SAFETY: each pointer addresses a live 8-byte slot of `l`.
-        unsafe {
-            assert_eq!(*(p[0] as *const u64), 0x1000);
-            assert_eq!(*(p[3] as *const i32), 576);
-            assert_eq!(*(p[4] as *const f32), 1e-5);
-        }
+        l.with_params(|p| {
+            assert_eq!(p.len(), 5);
+            // SAFETY: each pointer addresses a live 8-byte slot of `l`.
+            unsafe {
+                assert_eq!(*(p[0] as *const u64), 0x1000);
+                assert_eq!(*(p[3] as *const i32), 576);
+                assert_eq!(*(p[4] as *const f32), 1e-5);
+            }
+        });
     }
 
     #[test]
@@ -496,11 +525,22 @@ mod tests {
     }
 
     #[test]
+    fn attention_names_follow_the_instantiations_in_csrc() {
+        for d in FIXED_HEAD_DIMS {
+            for g in 1..=MAX_GROUP {
+                assert_eq!(
+                    attention_kernel_name(d, g),
+                    format!("sg_attention_d{d}_g{g}")
+                );
+            }
+            assert_eq!(attention_kernel_name(d, MAX_GROUP + 1), "sg_attention");
+        }
+        assert_eq!(attention_kernel_name(80, 2), "sg_attention");
+    }
+
+    #[test]
     fn the_anchor_shape_launches_every_kernel_once() {
-        let mut launched: Vec<String> = anchor_launches()
-            .into_iter()
-            .map(|l| l.kernel.into_owned())
-            .collect();
+        let mut launched: Vec<&str> = anchor_launches().into_iter().map(|l| l.kernel).collect();
         let mut all = all_kernel_names();
         launched.sort();
         all.sort();

@@ -245,11 +245,7 @@ impl CudaBackend {
         let k = Kernels(
             k::all_kernel_names()
                 .into_iter()
-                .map(|n| {
-                    // (once per backend: the driver's launch records name kernels statically)
-                    let name: &'static str = n.leak();
-                    Ok((name, drv.function(name)?))
-                })
+                .map(|name| Ok((name, drv.function(name)?)))
                 .collect::<Result<_, BackendError>>()?,
         );
         let staging = drv.alloc_host(STAGING_BYTES)?;
@@ -338,13 +334,13 @@ impl CudaBackend {
 
     /// Runs a kernel launch (`backend::kernels`) on the backend's stream.
     fn launch(&self, mut l: Launch) -> Result<(), BackendError> {
-        let f = self.k.0.get(l.kernel.as_ref()).ok_or_else(|| {
+        let f = self.k.0.get(l.kernel).ok_or_else(|| {
             BackendError::Internal(format!("kernel {} is not in the fatbin", l.kernel))
         })?;
-        let mut params = l.params();
+        let (grid, block, shared) = (l.grid, l.block, l.shared);
         // SAFETY: `backend::kernels` builds each launch with exactly its kernel's parameters,
         // in order; the addresses are this backend's live device buffers.
-        unsafe { self.drv.launch(f, l.grid, l.block, l.shared, &mut params) }
+        l.with_params(|params| unsafe { self.drv.launch(f, grid, block, shared, params) })
     }
 
     fn sync(&self) -> Result<(), BackendError> {
