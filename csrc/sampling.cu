@@ -31,10 +31,10 @@ struct SampleRow {
     int top_k;   // <= 0: no top-k filter
     int greedy;  // argmax of the processed logits
     double u;    // uniform in [0, 1) for the draw
-    int pen_start, pen_end;  // penalty entries of this row
-    int ban_start, ban_end;  // banned tokens of this row
+    int pen_start, pen_end;  // words of this row's penalty triples in `lists`
+    int ban_start, ban_end;  // words of this row's banned tokens in `lists`
     int n_top;               // top logprobs wanted (<= max_top)
-    int mask_start;          // first word of the allowed-token bitmask in `masks`; -1: none
+    int mask_start;          // first word of the allowed-token bitmask in `lists`; -1: none
 };
 
 typedef unsigned long long u64;
@@ -381,17 +381,16 @@ __device__ float block_lse(float m, double s) {
 // One block per row. logits [rows][vocab] (raw, left unchanged); work: per row
 // `vocab + ceil(vocab / 32)` 32-bit words of scratch (the processed logits, then their
 // probabilities; a bitmap of the tokens the penalty and ban lists touch).
-// pen_tokens/pen_counts/pen_seen: per entry a token, its count among the output tokens and
-// whether it was seen at all (prompt or output); banned: token ids; masks: allowed-token
-// bitmasks (bit t % 32 of word t / 32 allows token t) where a row's mask_start >= 0.
+// lists: the rows' lists, each row's at the words its SampleRow names: penalty entries as
+// (token, its count among the output tokens, 1 if it was seen at all: prompt or output)
+// triples; banned token ids; the allowed-token bitmask (bit t % 32 of word t / 32 allows
+// token t) where mask_start >= 0. One array, so a step's whole sampling input is one upload
+// (and a captured graph's pointers stay fixed).
 // Out: the chosen token, its logprob under the raw distribution, and the n_top most likely
 // tokens with theirs ([rows][max_top], most likely first, lower id first on ties).
 extern "C" __global__ void __launch_bounds__(1024)
     sg_sample(const float* __restrict__ logits, float* __restrict__ work,
-              const SampleRow* __restrict__ rows, const uint32_t* __restrict__ pen_tokens,
-              const uint32_t* __restrict__ pen_counts, const uint32_t* __restrict__ pen_seen,
-              const uint32_t* __restrict__ banned, const uint32_t* __restrict__ masks,
-              int vocab, int max_top,
+              const SampleRow* __restrict__ rows, const uint32_t* __restrict__ lists, int vocab, int max_top,
               uint32_t* __restrict__ out_token, float* __restrict__ out_logprob,
               uint32_t* __restrict__ out_top_ids, float* __restrict__ out_top_logprobs) {
     __shared__ Hist root, level;
@@ -405,31 +404,30 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int words = (vocab + 31) / 32;
     float* w = work + (long)row * (vocab + words);
     uint32_t* touched = (uint32_t*)(w + vocab);
-    const uint32_t* mask = P.mask_start >= 0 ? masks + P.mask_start : nullptr;
+    const uint32_t* mask = P.mask_start >= 0 ? lists + P.mask_start : nullptr;
     const int n_top = min(P.n_top, min(max_top, vocab));
 
     // 1. the tokens the penalty and ban lists touch: marked, and processed alone
     for (int j = threadIdx.x; j < words; j += blockDim.x) touched[j] = 0;
     clear_hist(&root);
     __syncthreads();
-    for (int e = P.pen_start + threadIdx.x; e < P.pen_end; e += blockDim.x)
-        if (pen_tokens[e] < (uint32_t)vocab)
-            atomicOr(&touched[pen_tokens[e] >> 5], 1u << (pen_tokens[e] & 31));
+    for (int e = P.pen_start + 3 * threadIdx.x; e < P.pen_end; e += 3 * blockDim.x)
+        if (lists[e] < (uint32_t)vocab) atomicOr(&touched[lists[e] >> 5], 1u << (lists[e] & 31));
     for (int e = P.ban_start + threadIdx.x; e < P.ban_end; e += blockDim.x)
-        if (banned[e] < (uint32_t)vocab) atomicOr(&touched[banned[e] >> 5], 1u << (banned[e] & 31));
-    for (int e = P.pen_start + threadIdx.x; e < P.pen_end; e += blockDim.x) {
-        const uint32_t t = pen_tokens[e];
+        if (lists[e] < (uint32_t)vocab) atomicOr(&touched[lists[e] >> 5], 1u << (lists[e] & 31));
+    for (int e = P.pen_start + 3 * threadIdx.x; e < P.pen_end; e += 3 * blockDim.x) {
+        const uint32_t t = lists[e], count = lists[e + 1], seen = lists[e + 2];
         if (t >= (uint32_t)vocab) continue;
         float v = (mask == nullptr || ((mask[t >> 5] >> (t & 31)) & 1u)) ? x[t] : -INFINITY;
-        if (P.repetition_penalty != 1.0f && pen_seen[e])
+        if (P.repetition_penalty != 1.0f && seen)
             v = v > 0.0f ? v / P.repetition_penalty : v * P.repetition_penalty;
-        if (pen_counts[e] > 0 && (P.frequency_penalty != 0.0f || P.presence_penalty != 0.0f))
-            v -= P.frequency_penalty * (float)pen_counts[e] + P.presence_penalty;
+        if (count > 0 && (P.frequency_penalty != 0.0f || P.presence_penalty != 0.0f))
+            v -= P.frequency_penalty * (float)count + P.presence_penalty;
         w[t] = v;
     }
     __syncthreads();
     for (int e = P.ban_start + threadIdx.x; e < P.ban_end; e += blockDim.x)
-        if (banned[e] < (uint32_t)vocab) w[banned[e]] = -INFINITY;
+        if (lists[e] < (uint32_t)vocab) w[lists[e]] = -INFINITY;
     __syncthreads();
 
     // 2. one pass: the processed logits (kept when the row samples), their best token, the

@@ -499,6 +499,10 @@ pub struct EngineConfig {
     /// of csrc/ (built by tests/kernel_emu; a test hook, far too slow to serve with). Defaults
     /// to [`CUDA_EMULATOR_ENV`].
     pub cuda_emulator: Option<PathBuf>,
+    /// Run every step eagerly (`--disable-cuda-graph`).
+    pub disable_cuda_graph: bool,
+    /// The largest decode batch replayed from a CUDA graph (`--cuda-graph-max-bs`).
+    pub cuda_graph_max_bs: usize,
 }
 
 /// `SGLANG_CUDA_EMULATOR`: the default of [`EngineConfig::cuda_emulator`].
@@ -566,6 +570,8 @@ impl EngineConfig {
             master_port: 23456,
             dist_timeout_secs: 300,
             cuda_emulator: std::env::var_os(CUDA_EMULATOR_ENV).map(Into::into),
+            disable_cuda_graph: false,
+            cuda_graph_max_bs: 160,
         }
     }
 

@@ -54,6 +54,9 @@ fn config(dir: Option<&Path>, device: Device, emulator: Option<&Path>) -> Engine
     cfg.max_total_tokens = Some(4096);
     cfg.device = device;
     cfg.cuda_emulator = emulator.map(Path::to_path_buf);
+    // decode graphs of batch 1, 2 and 4 (captured at start-up: on the emulator each size's
+    // warm-up is a real step)
+    cfg.cuda_graph_max_bs = 4;
     // the CPU reference caches K and V in bf16 as the GPU does (common::BF16_LOGITS_TOLERANCE)
     cfg.kv_cache_dtype = sglang::config::KvCacheDtype::Bf16;
     cfg
@@ -69,6 +72,8 @@ fn matches_the_cpu(emulator: Option<&Path>) -> (Box<dyn ModelRunner>, Vec<u32>) 
     assert_eq!(gpu_runner.backend_name(), "cuda");
     let mut cpu_runner = runner::load(&cpu(None)).unwrap();
     let engine_gpu = EngineHandle::start(cuda(None)).unwrap();
+    // the decode step was captured (a failed capture would only be logged: serving goes on)
+    assert_eq!(engine_gpu.info().cuda_graph_sizes, vec![1, 2, 4]);
     let engine_cpu = EngineHandle::start(cpu(None)).unwrap();
     let tok = engine_cpu.tokenizer().clone();
     let run = |e: &EngineHandle, ids: &[u32], params: SamplingParams| {
@@ -179,12 +184,21 @@ fn cuda_matches_the_cpu_or_says_why_it_cannot_run() {
     matches_the_cpu(None);
 }
 
+/// The emulator's launch log is one per process: the tests that read it run one at a time.
+static EMULATOR_LOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether the emulator can run here (SGLANG_KERNELS_NO_EMULATOR: on the GPU machine, which
+/// has no C++ compiler).
+fn emulator_here() -> bool {
+    std::env::var_os("SGLANG_KERNELS_NO_EMULATOR").is_none()
+}
+
 #[test]
 fn emulated_cuda_matches_the_cpu() {
-    // SGLANG_KERNELS_NO_EMULATOR: on the GPU machine (no C++ compiler there)
-    if std::env::var_os("SGLANG_KERNELS_NO_EMULATOR").is_some() {
+    if !emulator_here() {
         return;
     }
+    let _log = EMULATOR_LOG.lock().unwrap_or_else(|e| e.into_inner());
     let library = kernel_emu::library();
     let (mut small, long) = matches_the_cpu(Some(library));
 
@@ -199,7 +213,11 @@ fn emulated_cuda_matches_the_cpu() {
     let two = emulator.launch_log(true);
     println!("launches of one decode step (2 layers):");
     let mut total = 0;
-    for (name, launches, _, _) in &two {
+    // kernels and products (the log also counts copies and synchronisations)
+    let kernels = two
+        .iter()
+        .filter(|k| k.0.starts_with("sg_") || k.0 == "cublas_gemm");
+    for (name, launches, _, _) in kernels {
         let before = one.iter().find(|k| &k.0 == name).map_or(0, |k| k.1);
         println!("  {name:<20} {}", launches - before);
         total += launches - before;
@@ -212,6 +230,186 @@ fn emulated_cuda_matches_the_cpu() {
     assert_eq!(
         total, DECODE_STEP_LAUNCHES_2_LAYERS,
         "launches per decode step (2 layers)"
+    );
+}
+
+/// Graphs on the emulator, through the engine on the real default model: the tokens and
+/// logprobs of replayed decode steps equal eager execution's bit for bit, for batch 1, for
+/// 3 requests (padded to 4), and for a batch whose members finish and join; a replayed decode
+/// step costs the host one copy in, one graph launch, one copy back and one wait (counted by
+/// the emulator's log).
+#[test]
+fn emulated_graphs_replay_the_eager_step() {
+    if !emulator_here() {
+        return;
+    }
+    let _log = EMULATOR_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    let library = kernel_emu::library();
+    let engine = |graphs: bool| {
+        let mut c = config(None, Device::Cuda, Some(library));
+        c.disable_cuda_graph = !graphs;
+        c.enable_radix_cache = false; // every run prefills the same way
+        EngineHandle::start(c).unwrap()
+    };
+    let (with, without) = (engine(true), engine(false));
+    assert_eq!(with.info().cuda_graph_sizes, vec![1, 2, 4]);
+    assert!(without.info().cuda_graph_sizes.is_empty());
+    let tok = with.tokenizer().clone();
+    let prompts = [
+        "The capital of France is",
+        "def add(a, b):",
+        "Once upon a time",
+        "The three primary colours are",
+    ];
+    let submit = |e: &EngineHandle, i: usize, n: usize| {
+        e.submit(GenerateRequest {
+            input_ids: tok.encode(prompts[i], true).unwrap(),
+            params: SamplingParams::greedy(n),
+            return_logprob: true,
+            top_logprobs_num: 2,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    // (prompt, tokens, submitted after the first request finished)
+    let script = [(0, 3, false), (1, 8, false), (2, 12, false), (3, 6, true)];
+    let run = |e: &EngineHandle| {
+        let mut streams: Vec<_> = script
+            .iter()
+            .filter(|s| !s.2)
+            .map(|&(i, n, _)| submit(e, i, n))
+            .collect();
+        let first = streams.remove(0).collect_blocking().unwrap();
+        // joins while the other two decode
+        streams.extend(
+            script
+                .iter()
+                .filter(|s| s.2)
+                .map(|&(i, n, _)| submit(e, i, n)),
+        );
+        let mut out = vec![first];
+        out.extend(streams.into_iter().map(|s| s.collect_blocking().unwrap()));
+        out
+    };
+    // what must be equal: text, tokens, logprobs (f32 compared exactly: the same bits, these
+    // being nonzero); not the timings
+    let key = |o: Vec<sglang::engine::Output>| {
+        let key = |r: sglang::engine::Output| (r.text, r.token_ids, r.logprobs);
+        o.into_iter().map(key).collect::<Vec<_>>()
+    };
+    // batch 1 alone
+    let one = |e: &EngineHandle| key(vec![submit(e, 0, 5).collect_blocking().unwrap()]);
+    assert_eq!(one(&with), one(&without), "batch 1");
+    let replays = with.metrics().cuda_graph_replays_total.get();
+    assert!(replays >= 4, "{replays} replays for 4 decode steps");
+    // 3 requests (padded to 4), finishing and joining
+    let (a, b) = (key(run(&with)), key(run(&without)));
+    assert_eq!(a, b, "a batch whose members change");
+    for (r, &(_, n, _)) in a.iter().zip(&script) {
+        assert_eq!(r.1.len(), n);
+    }
+    // the longest request decodes 11 steps; the steps that also prefill (the requests arrive
+    // one by one, and one joins later) run eagerly
+    let more = with.metrics().cuda_graph_replays_total.get() - replays;
+    println!("replayed decode steps: {replays} for batch 1, {more} for the changing batch");
+    assert!(more >= 5, "{more} replays");
+    assert_eq!(without.metrics().cuda_graph_replays_total.get(), 0);
+
+    // what a decode step costs the host: two runs of one request, 4 decode steps apart
+    let emulator = kernel_emu::Emulator::load(library);
+    let count = |n: usize| {
+        emulator.launch_log(true);
+        submit(&with, 1, n).collect_blocking().unwrap();
+        emulator.launch_log(true)
+    };
+    let (short, long) = (count(2), count(6));
+    let per_step = |name: &str| {
+        let of = |log: &Vec<(String, u64, u64, u64)>| {
+            log.iter().find(|k| k.0 == name).map_or(0, |k| k.1)
+        };
+        (of(&long) - of(&short)) as f64 / 4.0
+    };
+    for (name, want) in [
+        ("cuMemcpyHtoDAsync", 1.0),
+        ("cuGraphLaunch", 1.0),
+        ("cuMemcpyDtoHAsync", 1.0),
+        ("cuStreamSynchronize", 1.0),
+    ] {
+        println!("{name:<22} {} per decode step", per_step(name));
+        assert_eq!(per_step(name), want, "{name} per decode step");
+    }
+    assert_eq!(
+        per_step("sg_embedding"),
+        1.0,
+        "the replay runs the step's kernels"
+    );
+}
+
+/// A capture refuses what a captured stream cannot hold, naming the call, as the driver does:
+/// an allocation, a free, a copy from pageable memory, a copy back (which waits).
+#[test]
+fn emulated_capture_refuses_what_a_graph_cannot_hold() {
+    use sglang::backend::cuda::CudaBackend;
+    use sglang::backend::Backend;
+    use sglang::batch::{LogitsWanted, StepBatch};
+    use sglang::sampling::SampleBatch;
+    if !emulator_here() {
+        return;
+    }
+    let b = CudaBackend::new(0, Some(kernel_emu::library())).unwrap();
+    let mut batch = StepBatch {
+        page_size: 16,
+        ..Default::default()
+    };
+    batch.push_seq(&[1], 0, &[0], LogitsWanted::Last);
+    let mut samples = SampleBatch::default();
+    samples.push_unused();
+    assert!(b.begin_capture().is_err(), "a capture reads a staged step");
+    b.stage(&batch, &samples).unwrap();
+    let mut buf = b.buffer(16).unwrap();
+    let refused = |what: &str, call: &dyn Fn() -> bool, name: &str| {
+        b.begin_capture().unwrap();
+        assert!(call(), "{what}: the call itself fails");
+        let e = b
+            .end_capture()
+            .err()
+            .unwrap_or_else(|| panic!("{what} was captured"))
+            .to_string();
+        assert!(e.contains(name), "{what}: {e}");
+    };
+    refused(
+        "an allocation",
+        &|| b.buffer(1 << 20).is_err(),
+        "cuMemAlloc",
+    );
+    refused(
+        "a copy back",
+        &|| b.to_host(&buf, 4).is_err(),
+        "cuMemcpyDtoHAsync",
+    );
+    b.begin_capture().unwrap();
+    assert!(b.upload(&[1.0; 4], &mut buf).is_err());
+    let e = b.end_capture().err().unwrap().to_string();
+    assert!(e.contains("pageable"), "a copy from pageable memory: {e}");
+    let victim = b.buffer(16).unwrap();
+    b.begin_capture().unwrap();
+    drop(victim);
+    let e = b.end_capture().err().unwrap().to_string();
+    assert!(e.contains("cuMemFree"), "a free: {e}");
+    // a capture that holds nothing it cannot is a graph
+    b.begin_capture().unwrap();
+    let g = b.end_capture().unwrap();
+    b.replay(&g).unwrap();
+    let mut other = StepBatch {
+        page_size: 16,
+        ..Default::default()
+    };
+    other.push_seq(&[1, 2], 0, &[0], LogitsWanted::Last);
+    b.stage(&other, &samples).unwrap();
+    let e = b.replay(&g).err().unwrap().to_string();
+    assert!(
+        e.contains("replayed on"),
+        "a graph replays only the counts it was captured with: {e}"
     );
 }
 

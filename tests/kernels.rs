@@ -999,20 +999,11 @@ fn time_sample(
         .collect();
     let rp = put(d, &row_bytes);
     // empty lists still get a buffer (one element)
-    let list = |d: &mut dyn Dev, v: &[u32]| {
-        if v.is_empty() {
-            put(d, &[0u32])
-        } else {
-            put(d, v)
-        }
+    let lists = if sb.lists.is_empty() {
+        put(d, &[0u32])
+    } else {
+        put(d, &sb.lists)
     };
-    let (pt, pc, ps, bp, mk) = (
-        list(d, &sb.pen_tokens),
-        list(d, &sb.pen_counts),
-        list(d, &sb.pen_seen),
-        list(d, &sb.banned),
-        list(d, &sb.masks),
-    );
     let (ot, ol) = (out::<u32>(d, rows), out::<f32>(d, rows));
     let (oti, otl) = (
         out::<u32>(d, rows * MAX_TOP_LOGPROBS),
@@ -1022,11 +1013,7 @@ fn time_sample(
         logits: lp,
         work,
         rows_params: rp,
-        pen_tokens: pt,
-        pen_counts: pc,
-        pen_seen: ps,
-        banned: bp,
-        masks: mk,
+        lists,
         rows,
         vocab,
         max_top: MAX_TOP_LOGPROBS,

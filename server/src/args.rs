@@ -80,6 +80,15 @@ pub struct EngineArgs {
     #[arg(long)]
     pub disable_radix_cache: bool,
 
+    /// Run every step eagerly: no CUDA graphs of the decode step (SGLANG_DISABLE_CUDA_GRAPH=1
+    /// does the same).
+    #[arg(long)]
+    pub disable_cuda_graph: bool,
+
+    /// The largest decode batch replayed from a CUDA graph (larger batches run eagerly).
+    #[arg(long, env = "SGLANG_CUDA_GRAPH_MAX_BS", default_value_t = 160)]
+    pub cuda_graph_max_bs: usize,
+
     /// A Jinja chat template file that replaces the model's own.
     #[arg(long, env = "SGLANG_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
@@ -156,6 +165,9 @@ impl EngineArgs {
         // the flag wins over the variable
         c.enable_radix_cache =
             !self.disable_radix_cache && env_bool("SGLANG_ENABLE_RADIX_CACHE")?.unwrap_or(true);
+        c.disable_cuda_graph =
+            self.disable_cuda_graph || env_bool("SGLANG_DISABLE_CUDA_GRAPH")?.unwrap_or(false);
+        c.cuda_graph_max_bs = self.cuda_graph_max_bs;
         if let Some(path) = &self.chat_template {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 format!(

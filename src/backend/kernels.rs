@@ -360,17 +360,13 @@ impl Attention {
 }
 
 /// Device sampling of `rows` logits rows of `vocab` (csrc/sampling.cu): `rows_params` holds
-/// one `SampleRow` per row, `work` `device_work_words(vocab)` words per row, the lists and
-/// masks as `SampleBatch` lays them out (a one-element buffer where a list is empty).
+/// one `SampleRow` per row, `work` `device_work_words(vocab)` words per row, `lists` the
+/// rows' lists as `SampleBatch::lists` lays them out (at least one element).
 pub struct Sample {
     pub logits: DevPtr,
     pub work: DevPtr,
     pub rows_params: DevPtr,
-    pub pen_tokens: DevPtr,
-    pub pen_counts: DevPtr,
-    pub pen_seen: DevPtr,
-    pub banned: DevPtr,
-    pub masks: DevPtr,
+    pub lists: DevPtr,
     pub rows: usize,
     pub vocab: usize,
     pub max_top: usize,
@@ -387,11 +383,7 @@ impl Sample {
             Ptr(self.logits),
             Ptr(self.work),
             Ptr(self.rows_params),
-            Ptr(self.pen_tokens),
-            Ptr(self.pen_counts),
-            Ptr(self.pen_seen),
-            Ptr(self.banned),
-            Ptr(self.masks),
+            Ptr(self.lists),
             I32(self.vocab as i32),
             I32(self.max_top as i32),
             Ptr(self.token),
@@ -449,11 +441,7 @@ pub fn anchor_launches() -> Vec<Launch> {
             logits: 0,
             work: 0,
             rows_params: 0,
-            pen_tokens: 0,
-            pen_counts: 0,
-            pen_seen: 0,
-            banned: 0,
-            masks: 0,
+            lists: 0,
             rows: 1,
             vocab: 128_256,
             max_top: 20,

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod kernels;
 pub mod split;
+pub mod step_meta;
 
 use std::borrow::Cow;
 
@@ -78,6 +79,8 @@ pub trait Backend: Send + Sync {
     type Buf: Send;
     /// The paged KV cache of all layers.
     type Kv: Send;
+    /// A captured step (see [`Backend::captures_graphs`]).
+    type Graph: Send;
     /// Per-step state prepared once (e.g. RoPE cos/sin for the step's positions).
     type Step;
 
@@ -118,6 +121,7 @@ pub trait Backend: Send + Sync {
     /// give zeros (another rank adds their rows).
     fn embedding(
         &self,
+        step: &Self::Step,
         table: &Self::Weight,
         vocab_start: usize,
         batch: &StepBatch,
@@ -206,9 +210,11 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Buf,
     ) -> Result<(), BackendError>;
 
-    /// `out[i] = x[rows[i]]` for rows of `width` values.
+    /// `out[i] = x[rows[i]]` for rows of `width` values (`rows`: the step's
+    /// `batch.logit_rows`, which the step's state may also hold).
     fn gather_rows(
         &self,
+        step: &Self::Step,
         x: &Self::Buf,
         rows: &[u32],
         width: usize,
@@ -258,5 +264,76 @@ pub trait Backend: Send + Sync {
             "the {} backend samples on the host",
             self.name()
         )))
+    }
+
+    /// Whether the backend can capture a step into a graph and replay it (the operations
+    /// below). A backend that can samples on the device too, and its KV cache holds one page
+    /// beyond the `num_pages` asked for (index `num_pages`), where the padding rows of a
+    /// replayed step write.
+    fn captures_graphs(&self) -> bool {
+        false
+    }
+
+    /// Makes the step state ready for positions below `positions` ahead of time (a captured
+    /// step cannot grow it).
+    fn prepare_positions(&self, _rope: &RopeTable, _positions: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Sends the whole input of the next step (`batch` and its sampling rows) to the device in
+    /// one copy; the step's [`Backend::begin_step`] and [`Backend::sample_staged`] then use
+    /// it (a replayed graph too), until [`Backend::unstage`].
+    fn stage(&self, _batch: &StepBatch, _samples: &SampleBatch) -> Result<(), BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// Forgets what [`Backend::stage`] sent (later steps send their own input again).
+    fn unstage(&self) {}
+
+    /// Chooses a token for each row of `logits` with the staged sampling rows, leaving the
+    /// results on the device for [`Backend::read_samples`] (capturable: no copy, no wait).
+    fn sample_staged(&self, _logits: &Self::Buf, _vocab: usize) -> Result<(), BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// The results of the last [`Backend::sample_staged`] (one row per row of `samples`, the
+    /// staged rows' parameters): one copy back, the step's one wait.
+    fn read_samples(&self, _samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// Starts recording the device work of the calls that follow into a graph.
+    fn begin_capture(&self) -> Result<(), BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// Ends the recording; fails (naming the call) when a call could not be captured.
+    fn end_capture(&self) -> Result<Self::Graph, BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// Replays a graph on the staged input (same counts of tokens, sequences and rows as at
+    /// capture).
+    fn replay(&self, _graph: &Self::Graph) -> Result<(), BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// A number that changes whenever device memory may have moved (an allocation): a graph
+    /// captured under another value must be captured again.
+    fn memory_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Device memory in use, bytes (None: not known), for the graphs' memory report.
+    fn memory_used(&self) -> Option<usize> {
+        None
+    }
+
+    #[doc(hidden)]
+    fn no_graphs(&self) -> BackendError {
+        BackendError::Unsupported(format!(
+            "the {} backend does not capture graphs",
+            self.name()
+        ))
     }
 }

@@ -285,6 +285,8 @@ pub struct EngineInfo {
     pub weight_bytes: usize,
     /// Ranks of the tensor-parallel group (1 without tensor parallelism).
     pub tp_size: usize,
+    /// Decode batch sizes captured in CUDA graphs (empty: none).
+    pub cuda_graph_sizes: Vec<usize>,
 }
 
 pub(super) struct Shared {
@@ -445,6 +447,7 @@ impl EngineHandle {
             page_size,
             weight_bytes: runner.weight_bytes(),
             tp_size: parallel.ranks,
+            cuda_graph_sizes: runner.graph_sizes(),
             model_config,
             engine_config: cfg.clone(),
         };

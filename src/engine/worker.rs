@@ -251,13 +251,25 @@ impl EngineLoop {
             .map(|i| i.id)
             .collect();
         let masking = self.start_masks(&constrained);
+        // without masks to wait for, the step's sampling rows go with its input (one copy, a
+        // replayed graph for a decode step): built now, from the requests' state before it
+        let sampled_with_step = on_device && constrained.is_empty();
+        if sampled_with_step {
+            self.build_samples(&plan);
+        }
         let runner = &mut self.runner;
         let batch = &self.batch;
+        let samples = &self.samples;
         // reused across steps: no allocation for the logits in steady state
         let mut logits = std::mem::take(&mut self.logits);
+        let mut sampled = None;
         let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
-            if on_device {
+            if sampled_with_step {
+                runner
+                    .forward_sampled(batch, samples)
+                    .map(|s| sampled = Some(s))
+            } else if on_device {
                 runner.forward_kept(batch).map(|_| ())
             } else {
                 runner.forward(batch).map(|l| {
@@ -300,7 +312,16 @@ impl EngineLoop {
         for (id, message) in mask_failures {
             self.fail_constraint(id, message);
         }
-        if on_device {
+        let replays = self.runner.graph_replays();
+        let m = &self.shared.metrics;
+        m.cuda_graph_replays_total
+            .inc_by(replays.saturating_sub(m.cuda_graph_replays_total.get()));
+        if let Some(sampled) = sampled {
+            let ids = plan.items.iter().filter(|i| i.sample).map(|i| i.id);
+            for (id, s) in ids.zip(sampled) {
+                self.on_sampled(id, Some(s));
+            }
+        } else if on_device {
             self.build_samples(&plan);
             let sampled = catch_unwind(AssertUnwindSafe(|| self.runner.sample_kept(&self.samples)));
             let sampled = match sampled {

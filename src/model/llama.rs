@@ -308,6 +308,29 @@ impl<B: Backend> LlamaModel<B> {
         &self.shard
     }
 
+    /// Grows `ws` ahead of time for steps of up to `tokens` tokens and `logit_rows` logits
+    /// rows (so that no later step allocates: a captured graph holds the buffers' addresses).
+    pub fn reserve_workspace(
+        &self,
+        backend: &B,
+        ws: &mut Workspace<B>,
+        tokens: usize,
+        logit_rows: usize,
+    ) -> Result<(), BackendError> {
+        ws.reserve(
+            backend,
+            &self.local,
+            self.cfg.vocab_size,
+            tokens,
+            logit_rows,
+        )
+    }
+
+    /// RoPE's frequencies.
+    pub fn rope(&self) -> &RopeTable {
+        &self.rope
+    }
+
     /// Runs one step: writes the new tokens' K/V into `kv` and leaves the logits of
     /// `batch.logit_rows` in `ws.logits()` (`[rows][vocab]`). Returns the number of rows.
     ///
@@ -343,7 +366,7 @@ impl<B: Backend> LlamaModel<B> {
         ws.reserve(backend, cfg, self.cfg.vocab_size, t, n_logits)?;
         let eps = cfg.rms_norm_eps;
         let step = backend.begin_step(batch, &self.rope)?;
-        backend.embedding(&self.embed, self.shard.vocab.start, batch, &mut ws.x)?;
+        backend.embedding(&step, &self.embed, self.shard.vocab.start, batch, &mut ws.x)?;
         reduce(&mut ws.x)?;
         backend.rms_norm(&ws.x, &self.layers[0].attn_norm, eps, t, &mut ws.h)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -364,11 +387,14 @@ impl<B: Backend> LlamaModel<B> {
             };
             backend.add_rms_norm(&mut ws.x, &ws.delta, next_norm, eps, t, &mut ws.h)?;
         }
-        backend.end_step(step);
         if n_logits == 0 {
+            backend.end_step(step);
             return Ok(0);
         }
-        backend.gather_rows(&ws.h, &batch.logit_rows, cfg.hidden_size, &mut ws.selected)?;
+        let rows = &batch.logit_rows;
+        let gathered = backend.gather_rows(&step, &ws.h, rows, h, &mut ws.selected);
+        backend.end_step(step);
+        gathered?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let Some(comm) = comm else {
             backend.matmul(&ws.selected, n_logits, head, &mut ws.logits)?;

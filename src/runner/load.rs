@@ -450,13 +450,13 @@ fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, L
             let q = c.num_heads * c.head_dim;
             let per_row = 6 * c.hidden_size + 3 * c.intermediate_size + 3 * q;
             let reserve = cfg.chunked_prefill_size * per_row * 4
-                + cfg.max_running_requests * c.vocab_size * 4
+                + 2 * cfg.max_running_requests * c.vocab_size * 4 // logits, sampling work
                 + (512 << 20);
             backend.kv_pages_for(cfg.mem_fraction_static, per_token * page_size, reserve)?
         }
     };
     let weight_bytes = weight_bytes(c, &p.weights);
-    let runner = Runner::new(backend, model, num_pages, page_size, weight_bytes, None)?;
+    let mut runner = Runner::new(backend, model, num_pages, page_size, weight_bytes, None)?;
     tracing::info!(
         "KV cache: {} pages x {} tokens = {} tokens, {:.1} MB ({} bytes per token)",
         num_pages,
@@ -465,6 +465,22 @@ fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, L
         (num_pages * page_size * per_token) as f64 / 1e6,
         per_token
     );
+    if cfg.disable_cuda_graph {
+        tracing::info!("CUDA graphs disabled: every step runs eagerly");
+    } else {
+        let captured = runner.capture_graphs(super::GraphOptions {
+            max_bs: cfg.cuda_graph_max_bs.min(cfg.max_running_requests),
+            max_tokens: cfg.chunked_prefill_size,
+            max_rows: cfg.max_running_requests,
+            max_positions: cfg.context_length.unwrap_or(c.max_position_embeddings),
+        });
+        // serving eagerly beats not serving; /get_server_info then lists no graph sizes
+        if let Err(e) = captured {
+            tracing::error!(
+                "capturing the decode step's CUDA graphs failed, every step runs eagerly: {e}"
+            );
+        }
+    }
     Ok(Box::new(runner))
 }
 

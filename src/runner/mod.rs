@@ -10,6 +10,7 @@
 //!
 //! Nothing below this module (model, backends, parallel, KV pool, scheduler) imports it.
 
+mod graphs;
 mod load;
 pub mod tp;
 
@@ -24,6 +25,7 @@ use crate::model::llama::{self, LlamaModel, Workspace};
 use crate::parallel::Communicator;
 use crate::sampling::{SampleBatch, TokenInfo};
 
+pub use graphs::{graph_sizes, GraphOptions};
 pub use load::{
     build_rank, gguf_tokenizer, load, model_config, resolve_device, serve_rank, KvPool,
     LoadModelError,
@@ -60,6 +62,26 @@ pub trait ModelRunner: Send {
     fn sample_kept(&mut self, _samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
         Err(samples_on_host(self.backend_name()))
     }
+    /// One forward step and the sampling of its logits rows (`samples`: one row each, built
+    /// before the step) on the device: [`ModelRunner::forward_kept`] then
+    /// [`ModelRunner::sample_kept`], or, where the backend captures graphs, the step's whole
+    /// input in one copy and a decode step replayed from its graph.
+    fn forward_sampled(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<Vec<TokenInfo>, BackendError> {
+        self.forward_kept(batch)?;
+        self.sample_kept(samples)
+    }
+    /// The decode batch sizes captured in graphs (empty: none).
+    fn graph_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// Decode steps replayed from a graph so far.
+    fn graph_replays(&self) -> u64 {
+        0
+    }
     /// Pages in the KV pool and tokens per page.
     fn kv_pages(&self) -> (usize, usize);
     /// Bytes of KV cache per token.
@@ -95,6 +117,8 @@ pub struct Runner<B: Backend> {
     comm: Option<Arc<dyn Communicator>>,
     /// Logits rows the last `forward_kept` left in the workspace.
     kept_rows: usize,
+    /// The decode step's graphs (None: every step runs eagerly).
+    graphs: Option<graphs::Graphs<B::Graph>>,
 }
 
 impl<B: Backend + 'static> Runner<B> {
@@ -119,7 +143,119 @@ impl<B: Backend + 'static> Runner<B> {
             weight_bytes,
             comm,
             kept_rows: 0,
+            graphs: None,
         })
+    }
+
+    /// Sizes the buffers for the largest step of `opts` and captures the decode step in a
+    /// graph for each padded batch size (a backend that cannot capture: nothing to do).
+    pub fn capture_graphs(&mut self, opts: GraphOptions) -> Result<(), BackendError> {
+        if !self.backend.captures_graphs() || opts.max_bs == 0 || self.comm.is_some() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let before = self.backend.memory_used();
+        let mut g = graphs::Graphs::new(opts.max_bs, self.num_pages as u32, self.page_size);
+        let (tokens, rows) = (
+            opts.max_tokens.max(opts.max_bs),
+            opts.max_rows.max(opts.max_bs),
+        );
+        self.model
+            .reserve_workspace(&self.backend, &mut self.ws, tokens, rows)?;
+        self.backend
+            .prepare_positions(self.model.rope(), opts.max_positions)?;
+        let empty = (StepBatch::default(), SampleBatch::default());
+        // every size once eagerly first (which sizes every buffer), then the captures (which
+        // must not allocate)
+        for capture in [false, true] {
+            for i in (0..g.sizes().len()).rev() {
+                g.pad(i, &empty.0, &empty.1);
+                let (batch, samples) = (&g.padded, &g.padded_samples);
+                let ran = if capture {
+                    self.staged_capture(batch, samples).map(|graph| {
+                        g.captured[i] = Some((graph, self.backend.memory_epoch()));
+                    })
+                } else {
+                    self.staged_eager(batch, samples).map(|_| ())
+                };
+                self.backend.unstage();
+                ran?;
+            }
+        }
+        graphs::log_capture(g.sizes(), started, before, self.backend.memory_used());
+        self.graphs = Some(g);
+        Ok(())
+    }
+
+    /// Sends a step's input with its sampling rows (one copy), runs it and samples it; the
+    /// sampled rows.
+    fn staged_eager(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<Vec<TokenInfo>, BackendError> {
+        self.backend.stage(batch, samples)?;
+        self.step(batch)?;
+        let vocab = self.model.config().vocab_size;
+        self.backend.sample_staged(self.ws.logits(), vocab)?;
+        self.backend.read_samples(samples)
+    }
+
+    /// Sends a step's input with its sampling rows and captures the step and its sampling in
+    /// a graph (run by replaying it).
+    fn staged_capture(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<B::Graph, BackendError> {
+        self.backend.stage(batch, samples)?;
+        self.backend.begin_capture()?;
+        let vocab = self.model.config().vocab_size;
+        let ran = self
+            .step(batch)
+            .and_then(|_| self.backend.sample_staged(self.ws.logits(), vocab));
+        // the capture ends whatever happened, so that the stream leaves capture mode
+        let graph = self.backend.end_capture();
+        ran?;
+        graph
+    }
+
+    /// A step with its sampling on a backend that captures graphs: replayed when it is a
+    /// decode step of a captured size, else run eagerly; one copy of its input either way.
+    fn staged_step(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<Vec<TokenInfo>, BackendError> {
+        let mut g = self.graphs.take();
+        let result = (|| {
+            let Some((g, i)) = g
+                .as_mut()
+                .and_then(|g| g.size_for(batch, samples).map(|i| (g, i)))
+            else {
+                return self.staged_eager(batch, samples);
+            };
+            g.pad(i, batch, samples);
+            let (padded, padded_samples) = (&g.padded, &g.padded_samples);
+            let epoch = self.backend.memory_epoch();
+            if !matches!(&g.captured[i], Some((_, at)) if *at == epoch) {
+                // captured before a buffer moved (or never): sized by an eager run, captured
+                tracing::debug!("capturing the decode step of {} again", g.sizes()[i]);
+                g.captured[i] = None;
+                self.staged_eager(padded, padded_samples)?;
+                let graph = self.staged_capture(padded, padded_samples)?;
+                g.captured[i] = Some((graph, self.backend.memory_epoch()));
+            }
+            let (graph, _) = g.captured[i].as_ref().expect("captured above");
+            self.backend.stage(padded, padded_samples)?;
+            self.backend.replay(graph)?;
+            g.replays += 1;
+            let sampled = self.backend.read_samples(padded_samples)?;
+            Ok(graphs::real_rows(sampled, batch.seqs.len()))
+        })();
+        self.backend.unstage();
+        self.graphs = g;
+        result
     }
 
     /// One forward step; the logits rows it leaves in the workspace.
@@ -153,6 +289,25 @@ impl<B: Backend + 'static> ModelRunner for Runner<B> {
         self.kept_rows = 0;
         self.kept_rows = self.step(batch)?;
         Ok(self.kept_rows)
+    }
+    fn forward_sampled(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<Vec<TokenInfo>, BackendError> {
+        if self.backend.captures_graphs() {
+            return self.staged_step(batch, samples);
+        }
+        self.forward_kept(batch)?;
+        self.sample_kept(samples)
+    }
+    fn graph_sizes(&self) -> Vec<usize> {
+        self.graphs
+            .as_ref()
+            .map_or(Vec::new(), |g| g.sizes().to_vec())
+    }
+    fn graph_replays(&self) -> u64 {
+        self.graphs.as_ref().map_or(0, |g| g.replays)
     }
     fn sample_kept(&mut self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
         if self.kept_rows != samples.len() {

@@ -1,6 +1,7 @@
 //! The per-row layout device sampling takes: one [`SampleRow`] per logits row (the same
-//! struct as `SampleRow` in csrc/sampling.cu) and the flat penalty and ban lists the rows
-//! index, built from the same parameters, state and random draw as the host sampler uses.
+//! struct as `SampleRow` in csrc/sampling.cu) and one flat array of the lists the rows index
+//! (penalties, bans, masks), built from the same parameters, state and random draw as the
+//! host sampler uses.
 
 use super::params::{SamplingParams, MAX_TOP_LOGPROBS};
 use super::sampler::SampleSpec;
@@ -21,12 +22,15 @@ pub struct SampleRow {
     pub greedy: i32,
     /// The draw's uniform number in [0, 1), from the request's generator.
     pub u: f64,
+    /// Words `[pen_start, pen_end)` of [`SampleBatch::lists`]: this row's penalty entries,
+    /// `(token, its count among the output tokens, 1 if seen in prompt or output)` triples.
     pub pen_start: i32,
     pub pen_end: i32,
+    /// Words `[ban_start, ban_end)` of [`SampleBatch::lists`]: the tokens banned now.
     pub ban_start: i32,
     pub ban_end: i32,
     pub n_top: i32,
-    /// First word of this row's allowed-token bitmask in [`SampleBatch::masks`] (bit `t % 32`
+    /// First word of this row's allowed-token bitmask in [`SampleBatch::lists`] (bit `t % 32`
     /// of word `t / 32` allows token `t`); -1: every token is allowed.
     pub mask_start: i32,
 }
@@ -51,14 +55,10 @@ impl SampleRow {
 #[derive(Debug, Clone, Default)]
 pub struct SampleBatch {
     pub rows: Vec<SampleRow>,
-    /// Penalty entries: a token, its count among the output tokens, and 1 when it was seen
-    /// (prompt or output) for the repetition penalty.
-    pub pen_tokens: Vec<u32>,
-    pub pen_counts: Vec<u32>,
-    pub pen_seen: Vec<u32>,
-    pub banned: Vec<u32>,
-    /// Allowed-token bitmasks of the constrained rows (see `SampleRow::mask_start`).
-    pub masks: Vec<u32>,
+    /// The rows' penalty entries, banned tokens and allowed-token bitmasks, one after the
+    /// other, at the words each [`SampleRow`] names: one array, so that a device takes a
+    /// step's sampling input in one copy.
+    pub lists: Vec<u32>,
     /// Whether each row's caller wants the chosen token's logprob (else it is reported as 0,
     /// as the host sampler does).
     pub want_logprob: Vec<bool>,
@@ -73,11 +73,7 @@ pub fn device_work_words(vocab: usize) -> usize {
 impl SampleBatch {
     pub fn clear(&mut self) {
         self.rows.clear();
-        self.pen_tokens.clear();
-        self.pen_counts.clear();
-        self.pen_seen.clear();
-        self.banned.clear();
-        self.masks.clear();
+        self.lists.clear();
         self.want_logprob.clear();
     }
 
@@ -101,30 +97,27 @@ impl SampleBatch {
             allowed,
         } = spec;
         let greedy = params.is_greedy();
-        let pen_start = self.pen_tokens.len() as i32;
+        let lists = &mut self.lists;
+        let pen_start = lists.len() as i32;
         if params.repetition_penalty != 1.0 {
             for &t in state.seen.keys() {
-                self.pen_tokens.push(t);
-                self.pen_counts
-                    .push(state.output_counts.get(&t).copied().unwrap_or(0));
-                self.pen_seen.push(1);
+                let count = state.output_counts.get(&t).copied().unwrap_or(0);
+                lists.extend_from_slice(&[t, count, 1]);
             }
         }
         if params.frequency_penalty != 0.0 || params.presence_penalty != 0.0 {
             for (&t, &c) in &state.output_counts {
                 if !state.seen.contains_key(&t) {
-                    self.pen_tokens.push(t);
-                    self.pen_counts.push(c);
-                    self.pen_seen.push(0);
+                    lists.extend_from_slice(&[t, c, 0]);
                 }
             }
         }
-        let ban_start = self.banned.len() as i32;
-        self.banned.extend_from_slice(banned);
+        let pen_end = lists.len() as i32;
+        lists.extend_from_slice(banned);
         let mask_start = match allowed {
             Some(mask) => {
-                let at = self.masks.len() as i32;
-                self.masks.extend_from_slice(mask);
+                let at = lists.len() as i32;
+                lists.extend_from_slice(mask);
                 at
             }
             None => -1,
@@ -136,9 +129,9 @@ impl SampleBatch {
             greedy: i32::from(greedy),
             u: if greedy { 0.0 } else { state.rng.next_f64() },
             pen_start,
-            pen_end: self.pen_tokens.len() as i32,
-            ban_start,
-            ban_end: self.banned.len() as i32,
+            pen_end,
+            ban_start: pen_end,
+            ban_end: pen_end + banned.len() as i32,
             n_top: top_logprobs.min(MAX_TOP_LOGPROBS) as i32,
             mask_start,
             ..SampleRow::filters(params)
@@ -149,16 +142,16 @@ impl SampleBatch {
     /// A row whose result is not used (a request that only scores its prompt): greedy, no
     /// penalties, no draw from any generator.
     pub fn push_unused(&mut self) {
-        let (p, b) = (self.pen_tokens.len() as i32, self.banned.len() as i32);
+        let at = self.lists.len() as i32;
         self.rows.push(SampleRow {
             temperature: 1.0,
             top_p: 1.0,
             repetition_penalty: 1.0,
             greedy: 1,
-            pen_start: p,
-            pen_end: p,
-            ban_start: b,
-            ban_end: b,
+            pen_start: at,
+            pen_end: at,
+            ban_start: at,
+            ban_end: at,
             mask_start: -1,
             ..SampleRow::default()
         });

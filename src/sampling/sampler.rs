@@ -176,23 +176,24 @@ impl Sampler {
         let work = &mut self.work;
         work.clear();
         match row.mask_start {
-            m if m >= 0 => apply_mask(logits, &samples.masks[m as usize..], work),
+            m if m >= 0 => apply_mask(logits, &samples.lists[m as usize..], work),
             _ => work.extend_from_slice(logits),
         }
-        for &b in &samples.banned[row.ban_start as usize..row.ban_end as usize] {
+        let lists = &samples.lists;
+        for &b in &lists[row.ban_start as usize..row.ban_end as usize] {
             if let Some(v) = work.get_mut(b as usize) {
                 *v = f32::NEG_INFINITY;
             }
         }
-        for e in row.pen_start as usize..row.pen_end as usize {
-            let Some(v) = work.get_mut(samples.pen_tokens[e] as usize) else {
+        for e in lists[row.pen_start as usize..row.pen_end as usize].chunks_exact(3) {
+            let &[token, c, seen] = e else { continue };
+            let Some(v) = work.get_mut(token as usize) else {
                 continue;
             };
             let p = row.repetition_penalty;
-            if p != 1.0 && samples.pen_seen[e] != 0 {
+            if p != 1.0 && seen != 0 {
                 *v = if *v > 0.0 { *v / p } else { *v * p };
             }
-            let c = samples.pen_counts[e];
             if c > 0 && (row.frequency_penalty != 0.0 || row.presence_penalty != 0.0) {
                 *v -= row.frequency_penalty * c as f32 + row.presence_penalty;
             }

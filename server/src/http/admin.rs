@@ -208,6 +208,7 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
             "available_tokens": s.kv_available_tokens,
         });
         v["weight_bytes"] = json!(info.weight_bytes);
+        v["cuda_graph_bs"] = json!(info.cuda_graph_sizes);
         v["tensor_parallel"] = json!({
             "ranks": info.tp_size,
             "ranks_ready": s.tp_ranks_ready,

@@ -387,6 +387,7 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Kv = CpuKv;
     type Step = CpuStep;
+    type Graph = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -475,6 +476,7 @@ impl Backend for CpuBackend {
 
     fn embedding(
         &self,
+        _step: &CpuStep,
         table: &CpuWeight,
         vocab_start: usize,
         batch: &StepBatch,
@@ -653,6 +655,7 @@ impl Backend for CpuBackend {
 
     fn gather_rows(
         &self,
+        _step: &CpuStep,
         x: &Vec<f32>,
         rows: &[u32],
         width: usize,

@@ -7,8 +7,19 @@
 //! code (buffer sizes, launch shapes, argument order, cuBLAS operands) end to end on
 //! machines without a GPU. It is chosen by the path to that library given to [`Driver::open`]
 //! (`EngineConfig::cuda_emulator`) and is far too slow to serve with.
+//!
+//! Stream capture (CUDA graphs) is part of the contract: between [`Driver::begin_capture`] and
+//! [`Driver::end_capture`] launches, products and copies from pinned memory are recorded,
+//! not run, and [`Driver::launch_graph`] replays them. A call a capture cannot hold
+//! (synchronisation, allocation, freeing, a copy from pageable memory or to the host) fails
+//! there, naming the call, and invalidates the capture, on both drivers: the real one
+//! because the CUDA driver refuses it (thread-local capture mode), the emulator because it
+//! checks the same rules. The emulator also logs each copy, synchronisation and graph launch
+//! in its launch log (`cuMemcpyHtoDAsync`, `cuMemcpyDtoHAsync`, `cuStreamSynchronize`,
+//! `cuGraphLaunch`), so tests count what a step costs the host.
 
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::result as blas;
@@ -59,16 +70,23 @@ impl std::fmt::Display for Launched {
     }
 }
 
+/// cuBLAS's own workspace (set explicitly so that a captured product never allocates; 32 MiB
+/// is what NVIDIA recommends for Hopper).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
 pub(super) struct Real {
     ctx: Arc<CudaContext>,
     stream: sys::CUstream,
     module: sys::CUmodule,
     blas: blas_sys::cublasHandle_t,
+    blas_workspace: sys::CUdeviceptr,
     /// SGLANG_CUDA_SYNC_LAUNCHES: synchronise (and name the kernel) after every launch.
     sync_launches: bool,
     /// The last kernel queued, named by a failed synchronisation (kernel faults surface
     /// there).
     last: Mutex<Option<Launched>>,
+    allocations: AtomicU64,
+    syncs: AtomicU64,
 }
 
 type EmuLaunch = unsafe extern "C" fn(
@@ -90,6 +108,41 @@ pub(super) struct Emulated {
     log_external: unsafe extern "C" fn(*const std::ffi::c_char),
     /// Live allocations (address -> layout), for `free` and the memory report.
     allocs: Mutex<std::collections::HashMap<u64, std::alloc::Layout>>,
+    /// The pinned ones among them (address -> bytes): the only host memory a captured copy
+    /// may read.
+    pinned: Mutex<std::collections::HashMap<u64, usize>>,
+    /// The capture in progress: what it recorded, and the first call it could not hold.
+    capture: Mutex<Option<(Vec<Op>, Option<String>)>>,
+    allocations: AtomicU64,
+    syncs: AtomicU64,
+}
+
+/// One operation a capture recorded on the emulator.
+pub(super) enum Op {
+    Launch {
+        f: CString,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        /// The parameters' values (each in an 8-byte slot, as `Launch` packs them).
+        slots: Vec<u64>,
+    },
+    Gemm([usize; 9]),
+    Htod {
+        dst: u64,
+        src: u64,
+        bytes: usize,
+    },
+}
+
+/// An instantiated graph: the real driver's, or the emulator's recorded operations.
+pub(super) enum Graph {
+    Cuda {
+        graph: sys::CUgraph,
+        exec: sys::CUgraphExec,
+    },
+    Emulated(Vec<Op>),
 }
 
 pub(super) enum Driver {
@@ -139,6 +192,10 @@ impl Driver {
                 last_error,
                 log_external,
                 allocs: Mutex::new(Default::default()),
+                pinned: Mutex::new(Default::default()),
+                capture: Mutex::new(None),
+                allocations: AtomicU64::new(0),
+                syncs: AtomicU64::new(0),
             };
             return Ok((
                 Arc::new(Driver::Emulated(d)),
@@ -168,6 +225,20 @@ impl Driver {
         // SAFETY: both handles are valid; the cast only changes the pointee's nominal type.
         unsafe { blas::set_stream(handle, stream as blas_sys::cudaStream_t) }
             .map_err(|e| dev_err("cuBLAS stream", e))?;
+        // SAFETY: a fresh allocation, handed to cuBLAS for the handle's lifetime (freed after
+        // the handle in Drop).
+        let blas_workspace = unsafe { drv::malloc_sync(CUBLAS_WORKSPACE_BYTES) }
+            .map_err(|e| dev_err("cuBLAS workspace", e))?;
+        // SAFETY: the handle and the workspace are valid.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                handle,
+                blas_workspace as *mut c_void,
+                CUBLAS_WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| dev_err("cuBLAS workspace", e))?;
         let sync_launches = std::env::var(SYNC_LAUNCHES_ENV).is_ok_and(|v| v == "1");
         if sync_launches {
             tracing::warn!(
@@ -180,8 +251,11 @@ impl Driver {
             stream,
             module,
             blas: handle,
+            blas_workspace,
             sync_launches,
             last: Mutex::new(None),
+            allocations: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         };
         Ok((Arc::new(Driver::Cuda(real)), name, sms))
     }
@@ -219,12 +293,15 @@ impl Driver {
             BackendError::OutOfMemory(format!("cannot allocate {bytes} bytes on the GPU: {e:?}"))
         };
         match self {
-            Driver::Cuda(_) => {
+            Driver::Cuda(r) => {
                 self.bind()?;
+                r.allocations.fetch_add(1, Ordering::Relaxed);
                 // SAFETY: a fresh allocation of at least one byte.
                 unsafe { drv::malloc_sync(bytes.max(1)) }.map_err(|e| oom(&e))
             }
             Driver::Emulated(e) => {
+                e.refuse_in_capture("cuMemAlloc")?;
+                e.allocations.fetch_add(1, Ordering::Relaxed);
                 let layout =
                     std::alloc::Layout::from_size_align(bytes.max(1), 256).map_err(|x| oom(&x))?;
                 // SAFETY: a non-zero size; NaN-poisoned like fresh GPU memory is garbage.
@@ -249,6 +326,9 @@ impl Driver {
                 }
             }
             Driver::Emulated(e) => {
+                // (freed all the same: the capture fails at its end)
+                let _ = e.refuse_in_capture("cuMemFree");
+                e.pinned.lock().remove(&ptr);
                 if let Some(layout) = e.allocs.lock().remove(&ptr) {
                     // SAFETY: allocated by `alloc` with this layout, freed once.
                     unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
@@ -266,7 +346,22 @@ impl Driver {
                 unsafe { drv::malloc_host(bytes, 0) }
                     .map_err(|e| dev_err("pinned staging buffer", e))
             }
-            Driver::Emulated(_) => Ok(self.alloc(bytes)? as *mut c_void),
+            Driver::Emulated(e) => {
+                e.refuse_in_capture("cuMemAllocHost")?;
+                let p = self.alloc(bytes)?;
+                e.pinned.lock().insert(p, bytes);
+                Ok(p as *mut c_void)
+            }
+        }
+    }
+
+    /// Device allocations made so far: a captured graph holds the addresses it was captured
+    /// with, so an allocation after a capture may have moved a buffer it uses (the backend
+    /// compares this count before replaying).
+    pub(super) fn allocations(&self) -> u64 {
+        match self {
+            Driver::Cuda(r) => r.allocations.load(Ordering::Relaxed),
+            Driver::Emulated(e) => e.allocations.load(Ordering::Relaxed),
         }
     }
 
@@ -313,8 +408,21 @@ impl Driver {
                 drv::memcpy_htod_async(dst, src, r.stream)
                     .map_err(|e| r.named(dev_err("copy to device", e)))
             }
-            Driver::Emulated(_) => {
+            Driver::Emulated(e) => {
                 let n = std::mem::size_of_val(src);
+                (e.log_external)(c"cuMemcpyHtoDAsync".as_ptr());
+                let from = src.as_ptr() as u64;
+                if let Some((ops, _)) = e.capture.lock().as_mut() {
+                    if e.is_pinned(from, n) {
+                        ops.push(Op::Htod {
+                            dst,
+                            src: from,
+                            bytes: n,
+                        });
+                        return Ok(());
+                    }
+                }
+                e.refuse_in_capture("cuMemcpyHtoDAsync from pageable memory")?;
                 std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, n);
                 Ok(())
             }
@@ -337,7 +445,9 @@ impl Driver {
                     drv::memcpy_dtoh_async(dst, src, r.stream)
                         .map_err(|e| r.named(dev_err("copy to host", e)))?
                 }
-                Driver::Emulated(_) => {
+                Driver::Emulated(e) => {
+                    (e.log_external)(c"cuMemcpyDtoHAsync".as_ptr());
+                    e.refuse_in_capture("cuMemcpyDtoHAsync")?;
                     let n = std::mem::size_of_val(dst);
                     std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr() as *mut u8, n);
                 }
@@ -346,7 +456,19 @@ impl Driver {
         self.sync()
     }
 
+    /// Synchronisations so far (a pinned buffer handed to a copy is free again after one).
+    pub(super) fn syncs(&self) -> u64 {
+        match self {
+            Driver::Cuda(r) => r.syncs.load(Ordering::Relaxed),
+            Driver::Emulated(e) => e.syncs.load(Ordering::Relaxed),
+        }
+    }
+
     pub(super) fn sync(&self) -> Result<(), BackendError> {
+        match self {
+            Driver::Cuda(r) => r.syncs.fetch_add(1, Ordering::Relaxed),
+            Driver::Emulated(e) => e.syncs.fetch_add(1, Ordering::Relaxed),
+        };
         match self {
             Driver::Cuda(r) => {
                 r.bind()?;
@@ -354,7 +476,11 @@ impl Driver {
                 unsafe { drv::stream::synchronize(r.stream) }
                     .map_err(|e| r.named(dev_err("synchronize", e)))
             }
-            Driver::Emulated(_) => Ok(()),
+            Driver::Emulated(e) => {
+                // SAFETY: a NUL-terminated name; the emulator copies it into its log.
+                unsafe { (e.log_external)(c"cuStreamSynchronize".as_ptr()) };
+                e.refuse_in_capture("cuStreamSynchronize")
+            }
         }
     }
 
@@ -389,27 +515,19 @@ impl Driver {
                 Ok(())
             }
             Driver::Emulated(e) => {
-                static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-                let _g = ONE_AT_A_TIME.lock();
-                let rc = (e.launch)(
-                    f.cname.as_ptr(),
-                    grid.0,
-                    grid.1,
-                    grid.2,
-                    block,
-                    shared as usize,
-                    params.as_mut_ptr(),
-                );
-                if rc != 0 {
-                    return Err(BackendError::Device {
-                        call: format!("kernel {} (emulator)", f.name),
-                        message: format!(
-                            "failed with status {rc}: {}",
-                            std::ffi::CStr::from_ptr((e.last_error)()).to_string_lossy()
-                        ),
+                if let Some((ops, _)) = e.capture.lock().as_mut() {
+                    ops.push(Op::Launch {
+                        f: f.cname.clone(),
+                        name: f.name,
+                        grid,
+                        block,
+                        shared,
+                        // each parameter lives in an 8-byte slot (`kernels::Launch`)
+                        slots: params.iter().map(|&p| *(p as *const u64)).collect(),
                     });
+                    return Ok(());
                 }
-                Ok(())
+                e.run(&f.cname, f.name, grid, block, shared, params)
             }
         }
     }
@@ -460,37 +578,239 @@ impl Driver {
                 .map_err(|e| dev_err("cuBLAS gemm", e))
             }
             Driver::Emulated(e) => {
-                (e.log_external)(c"cublas_gemm".as_ptr());
-                let bf = |p: sys::CUdeviceptr, i: usize| {
-                    half::bf16::from_bits(*(p as *const u16).add(i)).to_f32()
-                };
-                let cp = c as *mut f32;
-                // B's columns (one per output column) in f32 once, then each row of op(A)
-                let bt: Vec<f32> = (0..n)
-                    .flat_map(|j| (0..k).map(move |l| (j, l)))
-                    .map(|(j, l)| bf(b, l + j * ldb))
-                    .collect();
-                let mut row_a = vec![0f32; k];
-                for i in 0..m {
-                    // op(A)(i, l) = A(l, i) = a[l + i * lda]
-                    for (l, v) in row_a.iter_mut().enumerate() {
-                        *v = bf(a, l + i * lda);
-                    }
-                    for (j, col) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
-                        let mut acc = [0f32; 4];
-                        let (ra, rb) = (row_a.chunks_exact(4), col.chunks_exact(4));
-                        let (ta, tb) = (ra.remainder(), rb.remainder());
-                        for (x, y) in ra.zip(rb) {
-                            for q in 0..4 {
-                                acc[q] += x[q] * y[q];
+                let args = [m, n, k, a as usize, lda, b as usize, ldb, c as usize, ldc];
+                if let Some((ops, _)) = e.capture.lock().as_mut() {
+                    ops.push(Op::Gemm(args));
+                    return Ok(());
+                }
+                emulated_gemm(e, args);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts capturing the stream's work into a graph (see the module's comment).
+    pub(super) fn begin_capture(&self) -> Result<(), BackendError> {
+        match self {
+            Driver::Cuda(r) => {
+                r.bind()?;
+                // SAFETY: the stream is valid; thread-local mode makes this thread's unsafe
+                // calls (allocation, synchronisation) fail during the capture.
+                unsafe {
+                    sys::cuStreamBeginCapture_v2(
+                        r.stream,
+                        sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                    )
+                }
+                .result()
+                .map_err(|e| dev_err("cuStreamBeginCapture", e))
+            }
+            Driver::Emulated(e) => {
+                let mut c = e.capture.lock();
+                if c.is_some() {
+                    return Err(dev_err("cuStreamBeginCapture", "a capture is in progress"));
+                }
+                *c = Some((Vec::new(), None));
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the capture and instantiates its graph; fails (naming the first call the capture
+    /// could not hold) when the capture was invalidated.
+    pub(super) fn end_capture(&self) -> Result<Graph, BackendError> {
+        match self {
+            Driver::Cuda(r) => {
+                r.bind()?;
+                let mut graph = std::ptr::null_mut();
+                // SAFETY: the stream is capturing (or the call fails and says so).
+                unsafe { sys::cuStreamEndCapture(r.stream, &mut graph) }
+                    .result()
+                    .map_err(|e| dev_err("cuStreamEndCapture (the capture was invalidated)", e))?;
+                let mut exec = std::ptr::null_mut();
+                // SAFETY: `graph` is the graph just captured.
+                if let Err(e) = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }
+                    .result()
+                {
+                    // SAFETY: destroyed once, not used again.
+                    unsafe { sys::cuGraphDestroy(graph) };
+                    return Err(dev_err("cuGraphInstantiate", e));
+                }
+                Ok(Graph::Cuda { graph, exec })
+            }
+            Driver::Emulated(e) => match e.capture.lock().take() {
+                None => Err(dev_err("cuStreamEndCapture", "no capture in progress")),
+                Some((_, Some(call))) => Err(BackendError::Device {
+                    call: "cuStreamEndCapture".into(),
+                    message: format!(
+                        "the capture was invalidated by {call}, which a captured stream cannot                          hold"
+                    ),
+                }),
+                Some((ops, None)) => Ok(Graph::Emulated(ops)),
+            },
+        }
+    }
+
+    /// Queues a replay of `graph` on the stream.
+    pub(super) fn launch_graph(&self, graph: &Graph) -> Result<(), BackendError> {
+        match (self, graph) {
+            (Driver::Cuda(r), Graph::Cuda { exec, .. }) => {
+                r.bind()?;
+                // SAFETY: an instantiated graph of this context.
+                unsafe { sys::cuGraphLaunch(*exec, r.stream) }
+                    .result()
+                    .map_err(|e| r.named(dev_err("cuGraphLaunch", e)))
+            }
+            (Driver::Emulated(e), Graph::Emulated(ops)) => {
+                // SAFETY: as in `sync`.
+                unsafe { (e.log_external)(c"cuGraphLaunch".as_ptr()) };
+                e.refuse_in_capture("cuGraphLaunch")?;
+                for op in ops {
+                    match op {
+                        Op::Launch {
+                            f,
+                            name,
+                            grid,
+                            block,
+                            shared,
+                            slots,
+                        } => {
+                            let mut slots = slots.clone();
+                            let mut params: Vec<*mut c_void> = slots
+                                .iter_mut()
+                                .map(|s| s as *mut u64 as *mut c_void)
+                                .collect();
+                            // SAFETY: recorded from a launch whose parameters matched its
+                            // kernel; the buffers are alive (the backend replays only while
+                            // no allocation has happened since the capture).
+                            unsafe { e.run(f, name, *grid, *block, *shared, &mut params) }?;
+                        }
+                        // SAFETY: as above, for the product's buffers.
+                        Op::Gemm(args) => unsafe { emulated_gemm(e, *args) },
+                        Op::Htod { dst, src, bytes } => {
+                            // SAFETY: a pinned buffer and a device buffer, both alive.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    *src as *const u8,
+                                    *dst as *mut u8,
+                                    *bytes,
+                                )
                             }
                         }
-                        let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
-                        *cp.add(i + j * ldc) = acc.iter().sum::<f32>() + tail;
                     }
                 }
                 Ok(())
             }
+            _ => Err(BackendError::Internal(
+                "a graph replayed on another driver".into(),
+            )),
+        }
+    }
+
+    /// Releases a graph.
+    pub(super) fn destroy_graph(&self, graph: &Graph) {
+        if let (Driver::Cuda(r), Graph::Cuda { graph, exec }) = (self, graph) {
+            if r.bind().is_ok() {
+                // SAFETY: both were created by `end_capture` and are destroyed once.
+                unsafe {
+                    sys::cuGraphExecDestroy(*exec);
+                    sys::cuGraphDestroy(*graph);
+                }
+            }
+        }
+    }
+}
+
+impl Emulated {
+    /// Refuses `call` while a capture is in progress (and invalidates it, as the driver does).
+    fn refuse_in_capture(&self, call: &str) -> Result<(), BackendError> {
+        let mut c = self.capture.lock();
+        let Some((_, error)) = c.as_mut() else {
+            return Ok(());
+        };
+        error.get_or_insert_with(|| call.to_string());
+        Err(BackendError::Device {
+            call: call.to_string(),
+            message: "not permitted while the stream is being captured into a graph                       (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)"
+                .into(),
+        })
+    }
+
+    fn is_pinned(&self, p: u64, bytes: usize) -> bool {
+        self.pinned
+            .lock()
+            .iter()
+            .any(|(&at, &len)| p >= at && p + bytes as u64 <= at + len as u64)
+    }
+
+    /// Runs one kernel launch on the emulator.
+    ///
+    /// # Safety
+    /// As [`Driver::launch`].
+    unsafe fn run(
+        &self,
+        f: &CString,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<(), BackendError> {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _g = ONE_AT_A_TIME.lock();
+        let rc = (self.launch)(
+            f.as_ptr(),
+            grid.0,
+            grid.1,
+            grid.2,
+            block,
+            shared as usize,
+            params.as_mut_ptr(),
+        );
+        if rc != 0 {
+            return Err(BackendError::Device {
+                call: format!("kernel {name} (emulator)"),
+                message: format!(
+                    "failed with status {rc}: {}",
+                    std::ffi::CStr::from_ptr((self.last_error)()).to_string_lossy()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The emulator's cuBLAS product (see [`Driver::gemm_tn_bf16`]), `[m, n, k, a, lda, b, ldb,
+/// c, ldc]`.
+///
+/// # Safety
+/// The addresses are live buffers of those shapes.
+unsafe fn emulated_gemm(e: &Emulated, [m, n, k, a, lda, b, ldb, c, ldc]: [usize; 9]) {
+    (e.log_external)(c"cublas_gemm".as_ptr());
+    let bf = |p: usize, i: usize| half::bf16::from_bits(*(p as *const u16).add(i)).to_f32();
+    let cp = c as *mut f32;
+    // B's columns (one per output column) in f32 once, then each row of op(A)
+    let bt: Vec<f32> = (0..n)
+        .flat_map(|j| (0..k).map(move |l| (j, l)))
+        .map(|(j, l)| bf(b, l + j * ldb))
+        .collect();
+    let mut row_a = vec![0f32; k];
+    for i in 0..m {
+        // op(A)(i, l) = A(l, i) = a[l + i * lda]
+        for (l, v) in row_a.iter_mut().enumerate() {
+            *v = bf(a, l + i * lda);
+        }
+        for (j, col) in bt.chunks_exact(k.max(1)).enumerate().take(n) {
+            let mut acc = [0f32; 4];
+            let (ra, rb) = (row_a.chunks_exact(4), col.chunks_exact(4));
+            let (ta, tb) = (ra.remainder(), rb.remainder());
+            for (x, y) in ra.zip(rb) {
+                for q in 0..4 {
+                    acc[q] += x[q] * y[q];
+                }
+            }
+            let tail: f32 = ta.iter().zip(tb).map(|(x, y)| x * y).sum();
+            *cp.add(i + j * ldc) = acc.iter().sum::<f32>() + tail;
         }
     }
 }
@@ -526,6 +846,7 @@ impl Drop for Driver {
                 unsafe {
                     let _ = drv::stream::synchronize(r.stream);
                     let _ = blas::destroy_handle(r.blas);
+                    let _ = drv::free_sync(r.blas_workspace);
                     let _ = drv::module::unload(r.module);
                     let _ = drv::stream::destroy(r.stream);
                 }

@@ -32,6 +32,7 @@ pub mod report;
 pub use driver::SYNC_LAUNCHES_ENV;
 use driver::{Driver, Func};
 
+use super::step_meta::{self, MetaLayout, OutLayout};
 use super::{Backend, BackendError, RopeTable};
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
@@ -143,20 +144,86 @@ pub struct CudaKv {
     v: Vec<DevMem>,
 }
 
-/// A step's metadata on the device (buffers reused from step to step).
+/// A step's metadata on the device: addresses in the one array the step's input was sent in
+/// (`backend::step_meta`).
 pub struct CudaStep {
-    tokens: DevMem,
-    positions: DevMem,
-    slots: DevMem,
-    token_seq: DevMem,
-    seq_table_start: DevMem,
-    block_tables: DevMem,
+    tokens: sys::CUdeviceptr,
+    positions: sys::CUdeviceptr,
+    slots: sys::CUdeviceptr,
+    token_seq: sys::CUdeviceptr,
+    seq_table_start: sys::CUdeviceptr,
+    /// The array's base: block-table offsets are absolute (see `step_meta`).
+    block_tables: sys::CUdeviceptr,
+    logit_rows: sys::CUdeviceptr,
     /// The RoPE table's cos and sin (owned by the backend; only grown between steps).
     cos: sys::CUdeviceptr,
     sin: sys::CUdeviceptr,
     n_tokens: usize,
-    /// Host staging of the same, kept to avoid allocating per step.
-    host_u32: Vec<u32>,
+}
+
+/// Pinned host memory, freed on drop.
+struct Pinned {
+    ptr: *mut c_void,
+    bytes: usize,
+    drv: Arc<Driver>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if !self.ptr.is_null() {
+            self.drv.free_host(self.ptr);
+        }
+    }
+}
+
+/// One direction of a step's input or output: the words packed on the host, their pinned
+/// copy (what the one asynchronous copy reads or writes) and the device array.
+struct Channel {
+    host: Vec<u32>,
+    pinned: Pinned,
+    dev: Option<DevMem>,
+    /// The driver's synchronisation count when the pinned copy was last handed to a copy:
+    /// it is not written again before a synchronisation has passed.
+    sent_at: u64,
+}
+
+impl Channel {
+    fn new(drv: &Arc<Driver>) -> Self {
+        Self {
+            host: Vec::new(),
+            pinned: Pinned {
+                ptr: std::ptr::null_mut(),
+                bytes: 0,
+                drv: drv.clone(),
+            },
+            dev: None,
+            sent_at: u64::MAX,
+        }
+    }
+}
+
+/// A step's input sent by [`Backend::stage`]: its layout and the array it is in.
+#[derive(Clone, Copy)]
+struct Staged {
+    layout: MetaLayout,
+    base: sys::CUdeviceptr,
+}
+
+/// A captured step: the graph, and the input layout and array it reads.
+pub struct CudaGraph {
+    graph: driver::Graph,
+    staged: Staged,
+    drv: Arc<Driver>,
+}
+
+// SAFETY: the graph's handles are used only on the engine thread that owns the runner (the
+// context is made current before each use).
+unsafe impl Send for CudaGraph {}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        self.drv.destroy_graph(&self.graph);
+    }
 }
 
 /// RoPE's cos and sin on the device, `[position][head_dim / 2]` f32 for positions below
@@ -181,21 +248,13 @@ struct Scratch {
     attn_acc: Option<DevMem>,
 }
 
-/// Device buffers of `sg_sample`: its inputs (rows, penalty and ban lists), the processed
-/// logits, and its outputs.
-#[derive(Default)]
+/// Device buffers of `sg_sample` beside its input: the processed logits (`work`), and its
+/// outputs in one array (`step_meta::OutLayout`).
 struct SampleBufs {
-    rows: Option<DevMem>,
-    pen_tokens: Option<DevMem>,
-    pen_counts: Option<DevMem>,
-    pen_seen: Option<DevMem>,
-    banned: Option<DevMem>,
-    masks: Option<DevMem>,
     work: Option<DevMem>,
-    token: Option<DevMem>,
-    logprob: Option<DevMem>,
-    top_ids: Option<DevMem>,
-    top_logprobs: Option<DevMem>,
+    out: Channel,
+    /// The layout of the last sampling's outputs.
+    out_layout: OutLayout,
 }
 
 pub struct CudaBackend {
@@ -203,13 +262,15 @@ pub struct CudaBackend {
     k: Kernels,
     staging: *mut c_void,
     scratch: Mutex<Scratch>,
-    spare_step: Mutex<Option<CudaStep>>,
     rope: Mutex<Option<RopeDev>>,
     sample_bufs: Mutex<SampleBufs>,
-    /// Index lists uploaded by `embedding` (token ids) and `gather_rows` (rows): reused, and
-    /// safe to overwrite because copies and kernels are ordered on the one stream.
-    token_ids: Mutex<Option<DevMem>>,
-    row_ids: Mutex<Option<DevMem>>,
+    /// The step's input (`step_meta`), sent in one copy; and the input of a sampling run on
+    /// its own (`Backend::sample`), in another array so neither overwrites the other's pinned
+    /// copy before it has been sent.
+    meta: Mutex<Channel>,
+    sample_meta: Mutex<Channel>,
+    /// What `Backend::stage` sent, until `Backend::unstage`.
+    staged: Mutex<Option<Staged>>,
     /// Weight upload progress: bytes expected and done (logged every 10 %).
     upload_total: AtomicUsize,
     uploaded: AtomicUsize,
@@ -249,6 +310,7 @@ impl CudaBackend {
                 .collect::<Result<_, BackendError>>()?,
         );
         let staging = drv.alloc_host(STAGING_BYTES)?;
+        let (meta, sample_meta, out) = (Channel::new(&drv), Channel::new(&drv), Channel::new(&drv));
         Ok(Self {
             drv,
             k,
@@ -259,11 +321,15 @@ impl CudaBackend {
                 attn_ml: None,
                 attn_acc: None,
             }),
-            spare_step: Mutex::new(None),
             rope: Mutex::new(None),
-            sample_bufs: Mutex::new(SampleBufs::default()),
-            token_ids: Mutex::new(None),
-            row_ids: Mutex::new(None),
+            sample_bufs: Mutex::new(SampleBufs {
+                work: None,
+                out,
+                out_layout: OutLayout::new(0),
+            }),
+            meta: Mutex::new(meta),
+            sample_meta: Mutex::new(sample_meta),
+            staged: Mutex::new(None),
             upload_total: AtomicUsize::new(0),
             uploaded: AtomicUsize::new(0),
             name,
@@ -479,68 +545,91 @@ impl CudaBackend {
         Ok((t.cos.ptr, t.sin.ptr))
     }
 
-    fn new_step(&self) -> Result<CudaStep, BackendError> {
-        let m = || DevMem::new(&self.drv, 4096);
-        Ok(CudaStep {
-            tokens: m()?,
-            positions: m()?,
-            slots: m()?,
-            token_seq: m()?,
-            seq_table_start: m()?,
-            block_tables: m()?,
+    /// Sends `ch.host[..words]` to the device in one asynchronous copy from pinned memory
+    /// (both grown when needed); the device array's address.
+    fn send(&self, ch: &mut Channel, words: usize) -> Result<sys::CUdeviceptr, BackendError> {
+        let bytes = words * 4;
+        self.pinned_fit(ch, bytes)?;
+        // SAFETY: the pinned buffer holds `bytes`; no copy reads it any more (pinned_fit).
+        let pinned = unsafe { std::slice::from_raw_parts_mut(ch.pinned.ptr as *mut u32, words) };
+        pinned.copy_from_slice(&ch.host[..words]);
+        self.ensure(&mut ch.dev, bytes.max(8))?;
+        let dev = ch.dev.as_ref().expect("ensured").ptr;
+        // SAFETY: the device array holds `bytes`; the pinned source is not written again
+        // before a synchronisation (`sent_at`).
+        unsafe { self.drv.htod(dev, &*pinned) }?;
+        ch.sent_at = self.drv.syncs();
+        Ok(dev)
+    }
+
+    /// Makes `ch`'s pinned buffer hold `bytes` and safe to write: no copy still reading it.
+    fn pinned_fit(&self, ch: &mut Channel, bytes: usize) -> Result<(), BackendError> {
+        if ch.sent_at == self.drv.syncs() {
+            self.sync()?; // the last copy from it may not have run yet
+        }
+        if ch.pinned.bytes < bytes {
+            let size = bytes.next_power_of_two().max(4096);
+            let ptr = self.drv.alloc_host(size)?;
+            ch.pinned = Pinned {
+                ptr,
+                bytes: size,
+                drv: self.drv.clone(),
+            };
+        }
+        Ok(())
+    }
+
+    /// The step's addresses in an input array at `base` laid out as `l`.
+    fn step_at(&self, l: &MetaLayout, base: sys::CUdeviceptr, n_tokens: usize) -> CudaStep {
+        let at = |words: usize| base + (words * 4) as u64;
+        CudaStep {
+            tokens: at(l.tokens),
+            positions: at(l.positions),
+            slots: at(l.slots),
+            token_seq: at(l.token_seq),
+            seq_table_start: at(l.seq_table_start),
+            block_tables: base,
+            logit_rows: at(l.logit_rows),
             cos: 0,
             sin: 0,
-            n_tokens: 0,
-            host_u32: Vec::new(),
-        })
-    }
-
-    /// Uploads `data` into the reusable buffer `slot` (grown when needed); its device pointer.
-    fn upload_ids(
-        &self,
-        slot: &Mutex<Option<DevMem>>,
-        data: &[u32],
-    ) -> Result<sys::CUdeviceptr, BackendError> {
-        let mut slot = slot.lock();
-        self.ensure(&mut slot, data.len() * 4)?;
-        let mem = slot.as_ref().expect("ensured");
-        self.htod(mem, data)?;
-        Ok(mem.ptr)
-    }
-
-    /// Uploads `data` into `slot` (grown when needed; at least one element's room, so an
-    /// empty list still has a valid pointer); its device pointer.
-    fn put_slot<T: Copy>(
-        &self,
-        slot: &mut Option<DevMem>,
-        data: &[T],
-    ) -> Result<sys::CUdeviceptr, BackendError> {
-        self.ensure(slot, std::mem::size_of_val(data).max(8))?;
-        let mem = slot.as_ref().expect("ensured");
-        self.htod(mem, data)?;
-        Ok(mem.ptr)
-    }
-
-    /// Copies `n` values of T from the device.
-    fn get<T: Copy + Default>(
-        &self,
-        src: sys::CUdeviceptr,
-        n: usize,
-    ) -> Result<Vec<T>, BackendError> {
-        let mut host = vec![T::default(); n];
-        // SAFETY: `src` holds at least `n` values of T (the caller's buffer).
-        unsafe { self.drv.dtoh(&mut host, src) }?;
-        Ok(host)
-    }
-
-    /// Copies `data` into `dst`, growing it first when needed.
-    fn put<T: Copy>(&self, dst: &mut DevMem, data: &[T]) -> Result<(), BackendError> {
-        let bytes = std::mem::size_of_val(data);
-        if dst.bytes < bytes {
-            self.sync()?;
-            *dst = DevMem::new(&self.drv, bytes.next_power_of_two())?;
+            n_tokens,
         }
-        self.htod(dst, data)
+    }
+
+    /// Launches `sg_sample` over `rows` rows of `logits`, their `SampleRow`s at `rows_params`
+    /// and their lists at `lists`, its outputs into the sampling output array.
+    fn launch_sample(
+        &self,
+        logits: &CudaBuf,
+        vocab: usize,
+        rows: usize,
+        rows_params: sys::CUdeviceptr,
+        lists: sys::CUdeviceptr,
+    ) -> Result<(), BackendError> {
+        let mut b = self.sample_bufs.lock();
+        let b = &mut *b;
+        let o = OutLayout::new(rows);
+        self.ensure(&mut b.work, rows * device_work_words(vocab) * 4)?;
+        self.ensure(&mut b.out.dev, o.words * 4)?;
+        b.out_layout = o;
+        let out = b.out.dev.as_ref().expect("ensured").ptr;
+        let at = |words: usize| out + (words * 4) as u64;
+        self.launch(
+            k::Sample {
+                logits: logits.mem.ptr,
+                work: b.work.as_ref().expect("ensured").ptr,
+                rows_params,
+                lists,
+                rows,
+                vocab,
+                max_top: MAX_TOP_LOGPROBS,
+                token: at(o.token),
+                logprob: at(o.logprob),
+                top_ids: at(o.top_ids),
+                top_logprobs: at(o.top_logprobs),
+            }
+            .launch(),
+        )
     }
 
     /// Uploads `t` (`n` values, converted to bf16 on the way) to `dst` through the pinned
@@ -600,6 +689,7 @@ impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Kv = CudaKv;
     type Step = CudaStep;
+    type Graph = CudaGraph;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -655,7 +745,9 @@ impl Backend for CudaBackend {
         num_pages: usize,
         page_size: usize,
     ) -> Result<CudaKv, BackendError> {
-        let bytes = num_pages * page_size * cfg.num_kv_heads * cfg.head_dim * KV_ELEM_BYTES;
+        // one page more: where the padding rows of a replayed step write (`captures_graphs`)
+        let pages = num_pages + 1;
+        let bytes = pages * page_size * cfg.num_kv_heads * cfg.head_dim * KV_ELEM_BYTES;
         let mut k = Vec::with_capacity(cfg.num_layers);
         let mut v = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
@@ -671,47 +763,46 @@ impl Backend for CudaBackend {
 
     fn begin_step(&self, batch: &StepBatch, rope: &RopeTable) -> Result<CudaStep, BackendError> {
         self.bind()?;
-        let mut step = match self.spare_step.lock().take() {
-            Some(s) => s,
-            None => self.new_step()?,
-        };
         let t = batch.num_tokens();
-        step.n_tokens = t;
-        let mut h = std::mem::take(&mut step.host_u32);
-        self.put(&mut step.tokens, &batch.tokens)?;
-        self.put(&mut step.positions, &batch.positions)?;
-        self.put(&mut step.slots, &batch.slots)?;
-        h.clear();
-        for (i, s) in batch.seqs.iter().enumerate() {
-            h.extend(std::iter::repeat_n(i as u32, s.num_tokens));
-        }
-        self.put(&mut step.token_seq, &h)?;
-        h.clear();
-        h.extend(batch.seqs.iter().map(|s| s.block_table_start as u32));
-        self.put(&mut step.seq_table_start, &h)?;
-        self.put(&mut step.block_tables, &batch.block_tables)?;
-        step.host_u32 = h;
+        let mut step = match *self.staged.lock() {
+            // sent by `stage` (a step that samples, or is captured or replayed)
+            Some(s) => {
+                if s.layout.seq_table_start - s.layout.token_seq != t {
+                    return Err(BackendError::Internal(format!(
+                        "the staged input has {} tokens, the step {t}",
+                        s.layout.seq_table_start - s.layout.token_seq
+                    )));
+                }
+                self.step_at(&s.layout, s.base, t)
+            }
+            None => {
+                let mut m = self.meta.lock();
+                let l = step_meta::pack(batch, None, &mut m.host);
+                let base = self.send(&mut m, l.words)?;
+                self.step_at(&l, base, t)
+            }
+        };
         let last = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
         (step.cos, step.sin) = self.rope_table(rope, last)?;
         Ok(step)
     }
 
-    fn end_step(&self, step: CudaStep) {
-        *self.spare_step.lock() = Some(step);
+    fn prepare_positions(&self, rope: &RopeTable, positions: usize) -> Result<(), BackendError> {
+        self.rope_table(rope, positions).map(|_| ())
     }
 
     fn embedding(
         &self,
+        step: &CudaStep,
         table: &CudaWeight,
         vocab_start: usize,
         batch: &StepBatch,
         out: &mut CudaBuf,
     ) -> Result<(), BackendError> {
-        let ids = self.upload_ids(&self.token_ids, &batch.tokens)?;
         out.bf16 = false;
         self.launch(k::embedding(
             table.ptr(),
-            ids,
+            step.tokens,
             out.mem.ptr,
             batch.num_tokens(),
             table.cols,
@@ -824,8 +915,8 @@ impl Backend for CudaBackend {
             q.mem.ptr,
             step.cos,
             step.sin,
-            step.positions.ptr,
-            step.slots.ptr,
+            step.positions,
+            step.slots,
             kv.k[layer].ptr,
             kv.v[layer].ptr,
             step.n_tokens,
@@ -876,10 +967,10 @@ impl Backend for CudaBackend {
             k_cache: kv.k[layer].ptr,
             v_cache: kv.v[layer].ptr,
             out: out.mem.ptr,
-            positions: step.positions.ptr,
-            token_seq: step.token_seq.ptr,
-            seq_table_start: step.seq_table_start.ptr,
-            block_tables: step.block_tables.ptr,
+            positions: step.positions,
+            token_seq: step.token_seq,
+            seq_table_start: step.seq_table_start,
+            block_tables: step.block_tables,
             tokens: t,
             page_size: batch.page_size,
             q_heads: cfg.num_heads,
@@ -898,6 +989,7 @@ impl Backend for CudaBackend {
 
     fn gather_rows(
         &self,
+        step: &CudaStep,
         x: &CudaBuf,
         rows: &[u32],
         width: usize,
@@ -912,10 +1004,10 @@ impl Backend for CudaBackend {
             ));
         }
         out.bf16 = true;
-        let idx = self.upload_ids(&self.row_ids, rows)?;
+        // the rows are the step's logits rows, sent with its input
         self.launch(k::gather_rows(
             x.mem.ptr,
-            idx,
+            step.logit_rows,
             out.mem.ptr,
             rows.len(),
             width,
@@ -949,6 +1041,8 @@ impl Backend for CudaBackend {
         true
     }
 
+    /// Sampling on its own (the step's input was sent without its sampling rows): the rows
+    /// and lists in one copy, the results back in one.
     fn sample(
         &self,
         logits: &CudaBuf,
@@ -960,68 +1054,141 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        let (l, base) = {
+            let mut m = self.sample_meta.lock();
+            let l = step_meta::pack(&StepBatch::default(), Some(samples), &mut m.host);
+            (l, self.send(&mut m, l.words)?)
+        };
+        let at = |words: usize| base + (words * 4) as u64;
+        self.launch_sample(logits, vocab, rows, at(l.sample_rows), base)?;
+        self.read_samples(samples)
+    }
+
+    fn captures_graphs(&self) -> bool {
+        true
+    }
+
+    fn stage(&self, batch: &StepBatch, samples: &SampleBatch) -> Result<(), BackendError> {
+        self.bind()?;
+        let mut m = self.meta.lock();
+        let layout = step_meta::pack(batch, Some(samples), &mut m.host);
+        let base = self.send(&mut m, layout.words)?;
+        *self.staged.lock() = Some(Staged { layout, base });
+        Ok(())
+    }
+
+    fn unstage(&self) {
+        *self.staged.lock() = None;
+    }
+
+    fn sample_staged(&self, logits: &CudaBuf, vocab: usize) -> Result<(), BackendError> {
+        let Some(Staged { layout: l, base }) = *self.staged.lock() else {
+            return Err(BackendError::Internal(
+                "sample_staged without a staged step".into(),
+            ));
+        };
+        let rows = (l.arena - l.sample_rows) / step_meta::ROW_WORDS;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch_sample(logits, vocab, rows, base + (l.sample_rows * 4) as u64, base)
+    }
+
+    fn read_samples(&self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        self.bind()?;
         let mut b = self.sample_bufs.lock();
         let b = &mut *b;
-        let row_ptr = self.put_slot(&mut b.rows, &samples.rows)?;
-        let pen_tokens = self.put_slot(&mut b.pen_tokens, &samples.pen_tokens)?;
-        let pen_counts = self.put_slot(&mut b.pen_counts, &samples.pen_counts)?;
-        let pen_seen = self.put_slot(&mut b.pen_seen, &samples.pen_seen)?;
-        let banned = self.put_slot(&mut b.banned, &samples.banned)?;
-        let masks = self.put_slot(&mut b.masks, &samples.masks)?;
-        self.ensure(&mut b.work, rows * device_work_words(vocab) * 4)?;
-        self.ensure(&mut b.token, rows * 4)?;
-        self.ensure(&mut b.logprob, rows * 4)?;
-        self.ensure(&mut b.top_ids, rows * MAX_TOP_LOGPROBS * 4)?;
-        self.ensure(&mut b.top_logprobs, rows * MAX_TOP_LOGPROBS * 4)?;
-        let ptr = |m: &Option<DevMem>| m.as_ref().expect("ensured").ptr;
-        let (work, token, logprob) = (ptr(&b.work), ptr(&b.token), ptr(&b.logprob));
-        let (top_ids, top_lps) = (ptr(&b.top_ids), ptr(&b.top_logprobs));
-        self.launch(
-            k::Sample {
-                logits: logits.mem.ptr,
-                work,
-                rows_params: row_ptr,
-                pen_tokens,
-                pen_counts,
-                pen_seen,
-                banned,
-                masks,
-                rows,
-                vocab,
-                max_top: MAX_TOP_LOGPROBS,
-                token,
-                logprob,
-                top_ids,
-                top_logprobs: top_lps,
-            }
-            .launch(),
-        )?;
-        let tokens: Vec<u32> = self.get(token, rows)?;
-        let lps: Vec<f32> = self.get(logprob, rows)?;
+        let o = b.out_layout;
+        let rows = samples.len();
+        if rows > o.rows {
+            return Err(BackendError::Internal(format!(
+                "{rows} sampling rows read, {} sampled",
+                o.rows
+            )));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
         let wants_top = samples.rows.iter().any(|r| r.n_top > 0);
-        let (tids, tlps): (Vec<u32>, Vec<f32>) = if wants_top {
-            (
-                self.get(top_ids, rows * MAX_TOP_LOGPROBS)?,
-                self.get(top_lps, rows * MAX_TOP_LOGPROBS)?,
-            )
-        } else {
-            (Vec::new(), Vec::new())
-        };
+        let words = o.words_to_read(wants_top);
+        let ch = &mut b.out;
+        self.pinned_fit(ch, words * 4)?;
+        let src = ch.dev.as_ref().expect("sampled into it").ptr;
+        // SAFETY: the pinned buffer holds `words`; no copy uses it (pinned_fit).
+        let host = unsafe { std::slice::from_raw_parts_mut(ch.pinned.ptr as *mut u32, words) };
+        // SAFETY: the output array holds `o.words` >= `words`. One copy, one wait.
+        unsafe { self.drv.dtoh(host, src) }?;
+        let f = |w: u32| f32::from_bits(w);
         Ok((0..rows)
             .map(|i| {
                 let n = samples.rows[i].n_top as usize;
+                let top = |k: usize| i * MAX_TOP_LOGPROBS + k;
                 TokenInfo {
-                    token_id: tokens[i],
-                    logprob: if samples.want_logprob[i] { lps[i] } else { 0.0 },
+                    token_id: host[o.token + i],
+                    logprob: if samples.want_logprob[i] {
+                        f(host[o.logprob + i])
+                    } else {
+                        0.0
+                    },
                     top_logprobs: (0..n)
                         .map(|k| TokenLogprob {
-                            token_id: tids[i * MAX_TOP_LOGPROBS + k],
-                            logprob: tlps[i * MAX_TOP_LOGPROBS + k],
+                            token_id: host[o.top_ids + top(k)],
+                            logprob: f(host[o.top_logprobs + top(k)]),
                         })
                         .collect(),
                 }
             })
             .collect())
+    }
+
+    fn begin_capture(&self) -> Result<(), BackendError> {
+        self.bind()?;
+        if self.staged.lock().is_none() {
+            return Err(BackendError::Internal(
+                "a capture reads a staged step's input".into(),
+            ));
+        }
+        self.drv.begin_capture()
+    }
+
+    fn end_capture(&self) -> Result<CudaGraph, BackendError> {
+        let graph = self.drv.end_capture()?;
+        let staged = (*self.staged.lock()).ok_or_else(|| {
+            BackendError::Internal("the staged input was dropped during a capture".into())
+        })?;
+        Ok(CudaGraph {
+            graph,
+            staged,
+            drv: self.drv.clone(),
+        })
+    }
+
+    fn replay(&self, g: &CudaGraph) -> Result<(), BackendError> {
+        self.bind()?;
+        let Some(now) = *self.staged.lock() else {
+            return Err(BackendError::Internal(
+                "a replay without a staged step".into(),
+            ));
+        };
+        if now.base != g.staged.base || !now.layout.same_fixed_part(&g.staged.layout) {
+            return Err(BackendError::Internal(format!(
+                "a graph captured for {:?} replayed on {:?}",
+                g.staged.layout, now.layout
+            )));
+        }
+        self.drv.launch_graph(&g.graph)?;
+        // the output layout is the one the capture's sampling set
+        let rows = (now.layout.arena - now.layout.sample_rows) / step_meta::ROW_WORDS;
+        self.sample_bufs.lock().out_layout = OutLayout::new(rows);
+        Ok(())
+    }
+
+    fn memory_epoch(&self) -> u64 {
+        self.drv.allocations()
+    }
+
+    fn memory_used(&self) -> Option<usize> {
+        self.memory().ok().map(|(free, total)| total - free)
     }
 
     fn upload(&self, data: &[f32], out: &mut CudaBuf) -> Result<(), BackendError> {
