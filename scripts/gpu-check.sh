@@ -2,11 +2,14 @@
 # Runs on the GPU machine from a bundle made by scripts/gpu-bundle.sh (no Rust, no network
 # there): every kernel against its reference and timed at issue 14's anchor shapes
 # (tests/kernels.rs, GPU only), model parity with the CPU backend (tests/cuda.rs: the default
-# model's shape and a Llama-3-8B shape, random weights), a short decode benchmark (sglang-server bench), a cuda server answering one
-# request; the card's copy bandwidth measured with torch in the same run; compute-sanitizer
-# (memcheck, racecheck, synccheck) on the kernel tests where the machine has it; then one
-# summary table: error per kernel, parity, ms per decode step and achieved bandwidth as a
-# fraction of the measured copy bandwidth. Every phase has its own timeout and prints its
+# model's shape and a Llama-3-8B shape, random weights), a decode benchmark (sglang-server
+# bench: the default model's shape, and Llama-3-8B's with all 32 layers at batch 1, 8 and 64,
+# with CUDA graphs and without) beside its PyTorch peer (torch_decode_peer.py: the same shapes,
+# a static KV cache, the step captured in a CUDA graph), a cuda server answering one request;
+# the card's copy bandwidth measured with torch in the same run; compute-sanitizer (memcheck,
+# racecheck, synccheck) on the kernel tests where the machine has it; then one summary table:
+# error per kernel, parity, ms per decode step against the weight-read floor and the peer,
+# achieved bandwidth as a fraction of the measured copy bandwidth. Every phase has its own timeout and prints its
 # time as it ends (the whole run fits in 8 minutes). Logs go to $OUT (or /tmp).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -55,7 +58,7 @@ SGLANG_KERNELS_NO_EMULATOR=1 SGLANG_CUDA_SYNC_LAUNCHES=1 SGLANG_CUDA_TEST_DUMMY=
 if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck synccheck; do
     phase "compute-sanitizer --tool $tool (tests/kernels.rs)"
-    SGLANG_KERNELS_NO_EMULATOR=1 timeout 25 compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    SGLANG_KERNELS_NO_EMULATOR=1 timeout 20 compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$here/kernels-test" --test-threads=1 --skip kernel_timings > "$out/sanitizer-$tool.log" 2>&1
     echo "exit $? (0 clean, 9 errors, 124 timed out)"; grep -m5 "ERROR SUMMARY\|=========  [A-Z]" "$out/sanitizer-$tool.log"
   done
@@ -63,13 +66,18 @@ else
   phase "compute-sanitizer: not on this machine"
 fi
 phase "decode benchmark"
-# per-phase limits (30 + 90 + 90 + 3 x 25 + 40 + 90 + 40 s) keep the run under 8 minutes
+# per-phase limits (30 + 90 + 90 + 3 x 20 + 30 + 75 + 50 + 30 s) keep the run under 8 minutes
 for m in model model-8b; do
-  limit=40; [[ "$m" == model-8b ]] && limit=90
+  limit=30; batch=1,8; [[ "$m" == model-8b ]] && limit=75 && batch=1,8,64
   timeout "$limit" "$here/sglang-server" bench --model-path "$here/$m" --load-format dummy --device cuda \
-    --prompt-lens 512 --batch 1,8 --decode-steps 64 --repeat 2 --json > "$out/bench-$m.json" 2> "$out/bench-$m.log" \
+    --prompt-lens 512 --batch "$batch" --decode-context 512 --decode-steps 64 --repeat 2 --json \
+    > "$out/bench-$m.json" 2> "$out/bench-$m.log" \
     || { echo "bench $m failed:"; tail -n 20 "$out/bench-$m.log"; }
 done
+phase "PyTorch peer (torch_decode_peer.py, model-8b, CUDA graph)"
+timeout 50 python3 "$here/torch_decode_peer.py" "$here/model-8b/config.json" --batch 1,8,64 \
+  --context 512 --steps 64 > "$out/torch-peer.json" 2> "$out/torch-peer.log" \
+  || { echo "PyTorch peer failed:"; tail -n 20 "$out/torch-peer.log"; }
 phase "server"
 SGLANG_LOG_LEVEL=info "$here/sglang-server" --model-path "$here/model" --load-format dummy \
   --device cuda --port 30123 > "$out/server.log" 2>&1 &
@@ -143,4 +151,25 @@ for m in ("model", "model-8b"):
         print(f"| {m} | {b} | {1000 / steps:.3f} | {tps:.1f} | {wb / 1e9:.2f} GB | {bw / 1e9:.0f} GB/s{ratio} |")
     for n, tps in r["prompt_tokens_per_s"].items():
         print(f"| {m} | prefill {n} | | {tps:.0f} | | |")
+# issue 15: graphs against eager steps, the weight-read floor and the PyTorch peer
+try:
+    r = json.load(open(os.path.join(out, "bench-model-8b.json")))
+    peer = json.load(open(os.path.join(out, "torch-peer.json")))
+except Exception as e:
+    print(f"\n(graphs against the peer: not measured: {e})")
+else:
+    wb = r["weight_bytes"]
+    floor = f"{wb / copy_bw * 1e3:.3f} ms" if copy_bw else "(no copy bandwidth)"
+    print(f"\nLlama-3-8B shape, 32 layers, 512-token context; weight-read floor at batch 1: {floor}"
+          f" ({wb / 1e9:.2f} GB / measured copy bandwidth); peer: PyTorch {peer.get('torch')}"
+          f" (SDPA GQA: {peer.get('sdpa_gqa')}), static KV cache, CUDA graph")
+    print("| batch | ours, graphs (ms/step) | ours, eager | PyTorch peer | peer / ours | floor / ours |\n|---:|---:|---:|---:|---:|---:|")
+    eager = r.get("decode_tokens_per_s_eager", {})
+    for b, tps in sorted(r["decode_tokens_per_s"].items(), key=lambda kv: int(kv[0])):
+        ms = 1000 * int(b) / tps
+        e = f"{1000 * int(b) / eager[b]:.3f}" if b in eager else "-"
+        p = peer["ms_per_step"].get(b)
+        ratio = f"{p / ms:.2f}" if p else "-"
+        fl = f"{wb / copy_bw * 1e3 / ms:.2f}" if copy_bw and b == "1" else ""
+        print(f"| {b} | {ms:.3f} | {e} | {p if p is None else round(p, 3)} | {ratio} | {fl} |")
 PY

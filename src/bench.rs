@@ -105,11 +105,24 @@ pub fn decode(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize) -> f64 {
         page_size,
         ..Default::default()
     };
+    // greedy rows, sampled where the logits are when the backend can (the engine's path: a
+    // replayed graph for a decode step where the backend captures them)
+    let mut samples = crate::sampling::SampleBatch::default();
+    (0..s.next.len()).for_each(|_| samples.push_unused());
+    let on_device = r.samples_on_device();
     let t = Instant::now();
     for _ in 0..steps {
         batch.clear();
         for i in 0..s.next.len() {
             batch.push_seq(&[s.next[i]], s.cached[i], &s.tables[i], LogitsWanted::Last);
+        }
+        if on_device {
+            let out = r.forward_sampled(&batch, &samples).expect("forward");
+            for (i, t) in out.iter().enumerate() {
+                s.next[i] = t.token_id;
+                s.cached[i] += 1;
+            }
+            continue;
         }
         let l = r.forward(&batch).expect("forward");
         for i in 0..s.next.len() {

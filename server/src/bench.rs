@@ -57,18 +57,29 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             .fold(0.0, f64::max);
         pp.insert(n.to_string(), best.into());
     }
+    // decode with CUDA graphs where they were captured, and then without them
+    let graph_sizes = r.graph_sizes();
     let mut tg = serde_json::Map::new();
-    for &b in &a.batch {
-        let mut best = 0.0f64;
-        for k in 0..reps {
-            let prompts: Vec<Vec<u32>> = (0..b)
-                .map(|i| prompt(a.decode_context, (100 * k + i) as u32, vocab))
-                .collect();
-            let mut s = prefill(r.as_mut(), &prompts, a.decode_steps + 1);
-            best = best.max(decode(r.as_mut(), &mut s, a.decode_steps));
+    let mut tg_eager = serde_json::Map::new();
+    for graphs in [true, false] {
+        if !graphs && graph_sizes.is_empty() {
+            break;
         }
-        tg.insert(b.to_string(), best.into());
+        r.use_graphs(graphs);
+        for &b in &a.batch {
+            let mut best = 0.0f64;
+            for k in 0..reps {
+                let prompts: Vec<Vec<u32>> = (0..b)
+                    .map(|i| prompt(a.decode_context, (100 * k + i) as u32, vocab))
+                    .collect();
+                let mut s = prefill(r.as_mut(), &prompts, a.decode_steps + 1);
+                best = best.max(decode(r.as_mut(), &mut s, a.decode_steps));
+            }
+            let m = if graphs { &mut tg } else { &mut tg_eager };
+            m.insert(b.to_string(), best.into());
+        }
     }
+    r.use_graphs(true);
     let weight_bytes = r.weight_bytes();
     let threads = cfg
         .num_threads
@@ -80,6 +91,8 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
     let out = serde_json::json!({
         "prompt_tokens_per_s": pp,
         "decode_tokens_per_s": tg,
+        "decode_tokens_per_s_eager": tg_eager,
+        "cuda_graph_bs": graph_sizes,
         "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bw,
         "peak_rss_bytes": peak,
@@ -99,6 +112,12 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
     }
     for (b, v) in &tg {
         println!("| decode, batch {b} | {:.1} |", v.as_f64().unwrap_or(0.0));
+    }
+    for (b, v) in &tg_eager {
+        println!(
+            "| decode, batch {b}, without CUDA graphs | {:.1} |",
+            v.as_f64().unwrap_or(0.0)
+        );
     }
     if let Some(bw) = bw {
         println!(

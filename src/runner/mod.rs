@@ -82,6 +82,9 @@ pub trait ModelRunner: Send {
     fn graph_replays(&self) -> u64 {
         0
     }
+    /// Replays captured graphs (true, the default) or runs every step eagerly (false): for
+    /// benchmarks comparing the two on one loaded model.
+    fn use_graphs(&mut self, _on: bool) {}
     /// Pages in the KV pool and tokens per page.
     fn kv_pages(&self) -> (usize, usize);
     /// Bytes of KV cache per token.
@@ -119,6 +122,8 @@ pub struct Runner<B: Backend> {
     kept_rows: usize,
     /// The decode step's graphs (None: every step runs eagerly).
     graphs: Option<graphs::Graphs<B::Graph>>,
+    /// False: the graphs are kept but not replayed (`use_graphs`).
+    graphs_on: bool,
 }
 
 impl<B: Backend + 'static> Runner<B> {
@@ -144,6 +149,7 @@ impl<B: Backend + 'static> Runner<B> {
             comm,
             kept_rows: 0,
             graphs: None,
+            graphs_on: true,
         })
     }
 
@@ -228,9 +234,11 @@ impl<B: Backend + 'static> Runner<B> {
         samples: &SampleBatch,
     ) -> Result<Vec<TokenInfo>, BackendError> {
         let mut g = self.graphs.take();
+        let on = self.graphs_on;
         let result = (|| {
             let Some((g, i)) = g
                 .as_mut()
+                .filter(|_| on)
                 .and_then(|g| g.size_for(batch, samples).map(|i| (g, i)))
             else {
                 return self.staged_eager(batch, samples);
@@ -308,6 +316,9 @@ impl<B: Backend + 'static> ModelRunner for Runner<B> {
     }
     fn graph_replays(&self) -> u64 {
         self.graphs.as_ref().map_or(0, |g| g.replays)
+    }
+    fn use_graphs(&mut self, on: bool) {
+        self.graphs_on = on;
     }
     fn sample_kept(&mut self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
         if self.kept_rows != samples.len() {
