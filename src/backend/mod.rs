@@ -274,6 +274,12 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// Makes room for a step input (`step_meta`) of `words` 32-bit words ahead of time, so
+    /// that no later step moves the array a captured graph reads.
+    fn reserve_step_input(&self, _words: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Makes the step state ready for positions below `positions` ahead of time (a captured
     /// step cannot grow it).
     fn prepare_positions(&self, _rope: &RopeTable, _positions: usize) -> Result<(), BackendError> {

@@ -170,6 +170,14 @@ impl<B: Backend + 'static> Runner<B> {
             .reserve_workspace(&self.backend, &mut self.ws, tokens, rows)?;
         self.backend
             .prepare_positions(self.model.rope(), opts.max_positions)?;
+        // the step input at its largest: every row's block table at the longest context, a
+        // constraint mask and some penalty entries per row
+        let cfg = self.model.config();
+        let pages = opts.max_positions.div_ceil(self.page_size) + 1;
+        let per_row = pages + cfg.vocab_size.div_ceil(32) + 3 * 256;
+        let words = crate::backend::step_meta::MetaLayout::fixed(tokens, rows, rows, rows).words
+            + rows * per_row;
+        self.backend.reserve_step_input(words)?;
         let empty = (StepBatch::default(), SampleBatch::default());
         // every size once eagerly first (which sizes every buffer), then the captures (which
         // must not allocate)

@@ -787,6 +787,13 @@ impl Backend for CudaBackend {
         Ok(step)
     }
 
+    fn reserve_step_input(&self, words: usize) -> Result<(), BackendError> {
+        self.bind()?;
+        let mut m = self.meta.lock();
+        self.pinned_fit(&mut m, words * 4)?;
+        self.ensure(&mut m.dev, words * 4)
+    }
+
     fn prepare_positions(&self, rope: &RopeTable, positions: usize) -> Result<(), BackendError> {
         self.rope_table(rope, positions).map(|_| ())
     }
