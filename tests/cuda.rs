@@ -187,6 +187,16 @@ fn cuda_matches_the_cpu_or_says_why_it_cannot_run() {
 /// The emulator's launch log is one per process: the tests that read it run one at a time.
 static EMULATOR_LOG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Launches of `name` in the emulator's log `after` beyond those in `before`.
+fn launches_between(
+    before: &[(String, u64, u64, u64)],
+    after: &[(String, u64, u64, u64)],
+    name: &str,
+) -> u64 {
+    let of = |log: &[(String, u64, u64, u64)]| log.iter().find(|k| k.0 == name).map_or(0, |k| k.1);
+    of(after) - of(before)
+}
+
 /// Whether the emulator can run here (SGLANG_KERNELS_NO_EMULATOR: on the GPU machine, which
 /// has no C++ compiler).
 fn emulator_here() -> bool {
@@ -217,10 +227,10 @@ fn emulated_cuda_matches_the_cpu() {
     let kernels = two
         .iter()
         .filter(|k| k.0.starts_with("sg_") || k.0 == "cublas_gemm");
-    for (name, launches, _, _) in kernels {
-        let before = one.iter().find(|k| &k.0 == name).map_or(0, |k| k.1);
-        println!("  {name:<20} {}", launches - before);
-        total += launches - before;
+    for (name, _, _, _) in kernels {
+        let n = launches_between(&one, &two, name);
+        println!("  {name:<20} {n}");
+        total += n;
     }
     println!("  {:<20} {total}", "total");
     // per layer: a norm, the q/k/v product, RoPE with the KV store, attention and its merge,
@@ -323,12 +333,7 @@ fn emulated_graphs_replay_the_eager_step() {
         emulator.launch_log(true)
     };
     let (short, long) = (count(2), count(6));
-    let per_step = |name: &str| {
-        let of = |log: &Vec<(String, u64, u64, u64)>| {
-            log.iter().find(|k| k.0 == name).map_or(0, |k| k.1)
-        };
-        (of(&long) - of(&short)) as f64 / 4.0
-    };
+    let per_step = |name: &str| launches_between(&short, &long, name) as f64 / 4.0;
     for (name, want) in [
         ("cuMemcpyHtoDAsync", 1.0),
         ("cuGraphLaunch", 1.0),

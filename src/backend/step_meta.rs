@@ -60,6 +60,16 @@ impl MetaLayout {
         }
     }
 
+    /// Tokens of the step (the length of each per-token array).
+    pub fn token_count(&self) -> usize {
+        self.seq_table_start - self.token_seq
+    }
+
+    /// `SampleRow`s of the step.
+    pub fn sample_row_count(&self) -> usize {
+        (self.arena - self.sample_rows) / ROW_WORDS
+    }
+
     /// Whether a graph captured with `self` reads a step laid out as `other` correctly (the
     /// same fixed part; the arena's contents may differ).
     pub fn same_fixed_part(&self, other: &MetaLayout) -> bool {
@@ -199,6 +209,7 @@ mod tests {
             "sampling rows are part of the fixed part"
         );
         assert_eq!(la.words, wa.len());
+        assert_eq!((la.token_count(), la.sample_row_count()), (2, 2));
         // a: tokens, positions, slots, token_seq, seq_table_start, logit_rows
         assert_eq!(&wa[..4], &[5, 9, 7, 0]);
         assert_eq!(wa[la.slots], 3 * 4 + 3, "position 7 is in page 3");

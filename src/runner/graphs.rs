@@ -15,7 +15,7 @@
 use std::time::Instant;
 
 use crate::batch::{LogitsWanted, StepBatch};
-use crate::sampling::{SampleBatch, TokenInfo};
+use crate::sampling::SampleBatch;
 
 /// How the runner uses graphs (`--cuda-graph-max-bs`, and the sizes a server needs).
 #[derive(Debug, Clone, Copy)]
@@ -133,12 +133,6 @@ pub(super) fn log_capture(
         "CUDA graphs captured for decode batch sizes {sizes:?} in {:.2}s{held}",
         started.elapsed().as_secs_f64()
     );
-}
-
-/// The sampled rows of a padded step: the real rows only.
-pub(super) fn real_rows(mut sampled: Vec<TokenInfo>, n: usize) -> Vec<TokenInfo> {
-    sampled.truncate(n);
-    sampled
 }
 
 #[cfg(test)]

@@ -266,8 +266,10 @@ impl<B: Backend + 'static> Runner<B> {
             self.backend.stage(padded, padded_samples)?;
             self.backend.replay(graph)?;
             g.replays += 1;
-            let sampled = self.backend.read_samples(padded_samples)?;
-            Ok(graphs::real_rows(sampled, batch.seqs.len()))
+            // the real rows only (the padding rows' tokens are dropped)
+            let mut sampled = self.backend.read_samples(padded_samples)?;
+            sampled.truncate(batch.seqs.len());
+            Ok(sampled)
         })();
         self.backend.unstage();
         self.graphs = g;

@@ -161,6 +161,25 @@ pub struct CudaStep {
     n_tokens: usize,
 }
 
+impl CudaStep {
+    /// The step's addresses in an input array at `base` laid out as `l`.
+    fn at(l: &MetaLayout, base: sys::CUdeviceptr) -> Self {
+        let at = |words: usize| base + (words * 4) as u64;
+        Self {
+            tokens: at(l.tokens),
+            positions: at(l.positions),
+            slots: at(l.slots),
+            token_seq: at(l.token_seq),
+            seq_table_start: at(l.seq_table_start),
+            block_tables: base,
+            logit_rows: at(l.logit_rows),
+            cos: 0,
+            sin: 0,
+            n_tokens: l.token_count(),
+        }
+    }
+}
+
 /// Pinned host memory, freed on drop.
 struct Pinned {
     ptr: *mut c_void,
@@ -579,23 +598,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The step's addresses in an input array at `base` laid out as `l`.
-    fn step_at(&self, l: &MetaLayout, base: sys::CUdeviceptr, n_tokens: usize) -> CudaStep {
-        let at = |words: usize| base + (words * 4) as u64;
-        CudaStep {
-            tokens: at(l.tokens),
-            positions: at(l.positions),
-            slots: at(l.slots),
-            token_seq: at(l.token_seq),
-            seq_table_start: at(l.seq_table_start),
-            block_tables: base,
-            logit_rows: at(l.logit_rows),
-            cos: 0,
-            sin: 0,
-            n_tokens,
-        }
-    }
-
     /// Launches `sg_sample` over `rows` rows of `logits`, their `SampleRow`s at `rows_params`
     /// and their lists at `lists`, its outputs into the sampling output array.
     fn launch_sample(
@@ -767,19 +769,19 @@ impl Backend for CudaBackend {
         let mut step = match *self.staged.lock() {
             // sent by `stage` (a step that samples, or is captured or replayed)
             Some(s) => {
-                if s.layout.seq_table_start - s.layout.token_seq != t {
+                if s.layout.token_count() != t {
                     return Err(BackendError::Internal(format!(
                         "the staged input has {} tokens, the step {t}",
-                        s.layout.seq_table_start - s.layout.token_seq
+                        s.layout.token_count()
                     )));
                 }
-                self.step_at(&s.layout, s.base, t)
+                CudaStep::at(&s.layout, s.base)
             }
             None => {
                 let mut m = self.meta.lock();
                 let l = step_meta::pack(batch, None, &mut m.host);
                 let base = self.send(&mut m, l.words)?;
-                self.step_at(&l, base, t)
+                CudaStep::at(&l, base)
             }
         };
         let last = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
@@ -1094,7 +1096,7 @@ impl Backend for CudaBackend {
                 "sample_staged without a staged step".into(),
             ));
         };
-        let rows = (l.arena - l.sample_rows) / step_meta::ROW_WORDS;
+        let rows = l.sample_row_count();
         if rows == 0 {
             return Ok(());
         }
@@ -1185,8 +1187,7 @@ impl Backend for CudaBackend {
         }
         self.drv.launch_graph(&g.graph)?;
         // the output layout is the one the capture's sampling set
-        let rows = (now.layout.arena - now.layout.sample_rows) / step_meta::ROW_WORDS;
-        self.sample_bufs.lock().out_layout = OutLayout::new(rows);
+        self.sample_bufs.lock().out_layout = OutLayout::new(now.layout.sample_row_count());
         Ok(())
     }
 
