@@ -15,13 +15,19 @@
 
 #include "common.cuh"
 
-// out[t] = table[tokens[t] - vocab_start], zeros for ids outside this shard's rows.
+// out[t] = table[tokens[t] - vocab_start], zeros for ids outside this shard's rows. An id
+// with its top bit set is not known to the host yet: it is the token the previous step
+// sampled in row (id & 0x7fffffff) of its outputs, `future` (the overlap scheduler queues a
+// decode step before it has read the tokens of the step before).
 extern "C" __global__ void sg_embedding(const bf16* __restrict__ table,
                                         const uint32_t* __restrict__ tokens,
+                                        const uint32_t* __restrict__ future,
                                         float* __restrict__ out, int hidden, int vocab_start,
                                         int rows) {
     const int t = blockIdx.x;
-    const long row = (long)tokens[t] - vocab_start;
+    uint32_t id = tokens[t];
+    if (id & 0x80000000u) id = future[id & 0x7fffffffu];
+    const long row = (long)id - vocab_start;
     float* o = out + (long)t * hidden;
     if (row < 0 || row >= rows) {
         for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = 0.0f;

@@ -5,6 +5,12 @@
 //!
 //! It depends on nothing else in the crate, so the scheduler needs only this and the KV pool.
 
+/// Set in a token id of a [`StepBatch`]: the token is not known to the host yet; the rest of
+/// the id is the row of the previous step's sampling that holds it on the device (the overlap
+/// scheduler queues a decode step before reading the tokens of the step it follows). Only
+/// backends that sample on the device see such ids.
+pub const FUTURE_TOKEN: u32 = 1 << 31;
+
 /// One sequence's part of a [`StepBatch`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeqSlice {

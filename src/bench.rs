@@ -99,6 +99,13 @@ pub fn time_prefill(r: &mut dyn ModelRunner, prompt: &[u32]) -> f64 {
 
 /// Decodes `steps` tokens for every sequence together; returns output tokens/s.
 pub fn decode(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize) -> f64 {
+    decode_with(r, s, steps, true)
+}
+
+/// [`decode`], choosing whether each step is queued before the tokens of the one before are
+/// read (`overlap`, the engine's default where the runner can; its input then names them on
+/// the device, `FUTURE_TOKEN`) or each step is waited for.
+pub fn decode_with(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize, overlap: bool) -> f64 {
     let (_, page_size) = r.kv_pages();
     let vocab = r.config().vocab_size;
     let mut batch = StepBatch {
@@ -110,11 +117,27 @@ pub fn decode(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize) -> f64 {
     let mut samples = crate::sampling::SampleBatch::default();
     (0..s.next.len()).for_each(|_| samples.push_unused());
     let on_device = r.samples_on_device();
+    let overlap = overlap && on_device && r.overlaps();
     let t = Instant::now();
+    let mut queued = false;
     for _ in 0..steps {
         batch.clear();
         for i in 0..s.next.len() {
-            batch.push_seq(&[s.next[i]], s.cached[i], &s.tables[i], LogitsWanted::Last);
+            let token = if queued {
+                crate::batch::FUTURE_TOKEN | i as u32
+            } else {
+                s.next[i]
+            };
+            batch.push_seq(&[token], s.cached[i], &s.tables[i], LogitsWanted::Last);
+        }
+        if overlap {
+            r.launch_sampled(&batch, &samples).expect("forward");
+            s.cached.iter_mut().for_each(|c| *c += 1);
+            if queued {
+                r.collect_sampled(&samples).expect("forward");
+            }
+            queued = true;
+            continue;
         }
         if on_device {
             let out = r.forward_sampled(&batch, &samples).expect("forward");
@@ -128,6 +151,12 @@ pub fn decode(r: &mut dyn ModelRunner, s: &mut Sequences, steps: usize) -> f64 {
         for i in 0..s.next.len() {
             s.next[i] = argmax(&l[i * vocab..(i + 1) * vocab]) as u32;
             s.cached[i] += 1;
+        }
+    }
+    if queued {
+        let out = r.collect_sampled(&samples).expect("forward");
+        for (i, t) in out.iter().enumerate() {
+            s.next[i] = t.token_id;
         }
     }
     (steps * s.next.len()) as f64 / t.elapsed().as_secs_f64()

@@ -503,6 +503,10 @@ pub struct EngineConfig {
     pub disable_cuda_graph: bool,
     /// The largest decode batch replayed from a CUDA graph (`--cuda-graph-max-bs`).
     pub cuda_graph_max_bs: usize,
+    /// Run each step to its end before planning the next (`--disable-overlap-schedule`); by
+    /// default a backend that samples on the device gets the next decode step queued while
+    /// the current one runs.
+    pub disable_overlap_schedule: bool,
 }
 
 /// `SGLANG_CUDA_EMULATOR`: the default of [`EngineConfig::cuda_emulator`].
@@ -571,6 +575,7 @@ impl EngineConfig {
             dist_timeout_secs: 300,
             cuda_emulator: std::env::var_os(CUDA_EMULATOR_ENV).map(Into::into),
             disable_cuda_graph: false,
+            disable_overlap_schedule: false,
             cuda_graph_max_bs: 160,
         }
     }

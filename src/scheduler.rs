@@ -481,6 +481,32 @@ impl<R> Scheduler<R> {
         plan
     }
 
+    /// Whether, once the running sequences `ids` each have one more token (and the step
+    /// computing their last one is done), the next [`Scheduler::schedule`] decodes them and
+    /// does nothing else: no waiting sequence can take a free running slot, and the pool has
+    /// their pages without evicting or retracting (the caller knows that the other running
+    /// sequences have nothing pending). The overlap scheduler asks before it plans a step on
+    /// tokens it has not read yet.
+    pub fn can_decode_again(&self, ids: &[u64]) -> bool {
+        if self.num_waiting > 0 && self.num_running < self.cfg.max_running {
+            return false;
+        }
+        let mut need = 0;
+        for id in ids {
+            match self.seqs.get(id) {
+                Some(seq) if seq.running => {
+                    let upto = seq.tokens.len() + 1;
+                    need += self
+                        .pool
+                        .pages_for(upto)
+                        .saturating_sub(seq.block_table.len());
+                }
+                _ => return false,
+            }
+        }
+        need <= self.pool.free_pages()
+    }
+
     /// Writes the plan's tokens into `batch` (cleared first).
     pub fn fill_batch(&self, plan: &Plan, batch: &mut StepBatch) {
         batch.clear();
@@ -554,6 +580,33 @@ mod tests {
             }
         }
         steps
+    }
+
+    /// The overlap scheduler's question: the next step is the decode of these sequences and
+    /// nothing else, only with their pages free and no waiting sequence able to join.
+    #[test]
+    fn decoding_again_needs_pages_and_no_joiner() {
+        // 2 pages of 4 tokens; a 3-token prompt and its first output token fill the first, the
+        // next step's position 4 takes the second
+        let mut s = sched(2, 4, 2, 16);
+        s.add(Seq::new(1, vec![1, 2, 3], ()));
+        let p = s.schedule();
+        s.step_done(&p);
+        s.get_mut(1).unwrap().tokens.push(7); // 4 tokens: the page is full after the next step
+        assert!(s.can_decode_again(&[1]), "the second page is free");
+        assert!(!s.can_decode_again(&[2]), "not a running sequence");
+        // a waiting sequence that could take the free running slot
+        s.add(Seq::new(2, vec![1], ()));
+        assert!(!s.can_decode_again(&[1]), "a sequence waits to join");
+        s.remove(2);
+        assert!(s.can_decode_again(&[1]));
+        // one page in all: the next position has no page without retracting
+        let mut s = sched(1, 4, 2, 16);
+        s.add(Seq::new(1, vec![1, 2, 3], ()));
+        let p = s.schedule();
+        s.step_done(&p);
+        s.get_mut(1).unwrap().tokens.push(7);
+        assert!(!s.can_decode_again(&[1]), "no page for position 4");
     }
 
     #[test]

@@ -243,11 +243,14 @@ fn emulated_cuda_matches_the_cpu() {
     );
 }
 
-/// Graphs on the emulator, through the engine on the real default model: the tokens and
-/// logprobs of replayed decode steps equal eager execution's bit for bit, for batch 1, for
-/// 3 requests (padded to 4), and for a batch whose members finish and join; a replayed decode
+/// Graphs and the overlap scheduler on the emulator, through the engine on the real default
+/// model: the tokens and logprobs of replayed decode steps, queued before the tokens of the
+/// step before are read or not, equal eager execution's bit for bit, for batch 1, for 3
+/// requests (padded to 4), and for a batch whose members finish and join; a replayed decode
 /// step costs the host one copy in, one graph launch, one copy back and one wait (counted by
-/// the emulator's log).
+/// the emulator's log, which also holds back what the host sees of an asynchronous copy until
+/// a wait covers it); with the overlap, a request ended by a stop token has had its next step
+/// queued already (one step more is launched, its token dropped).
 #[test]
 fn emulated_graphs_replay_the_eager_step() {
     if !emulator_here() {
@@ -255,15 +258,23 @@ fn emulated_graphs_replay_the_eager_step() {
     }
     let _log = EMULATOR_LOG.lock().unwrap_or_else(|e| e.into_inner());
     let library = kernel_emu::library();
-    let engine = |graphs: bool| {
+    let engine = |graphs: bool, overlap: bool| {
         let mut c = config(None, Device::Cuda, Some(library));
         c.disable_cuda_graph = !graphs;
+        c.disable_overlap_schedule = !overlap;
         c.enable_radix_cache = false; // every run prefills the same way
         EngineHandle::start(c).unwrap()
     };
-    let (with, without) = (engine(true), engine(false));
+    // graphs and overlap (the default), graphs alone, neither
+    let (with, alone, without) = (
+        engine(true, true),
+        engine(true, false),
+        engine(false, false),
+    );
     assert_eq!(with.info().cuda_graph_sizes, vec![1, 2, 4]);
     assert!(without.info().cuda_graph_sizes.is_empty());
+    assert!(with.info().overlap_schedule);
+    assert!(!alone.info().overlap_schedule);
     let tok = with.tokenizer().clone();
     let prompts = [
         "The capital of France is",
@@ -271,16 +282,14 @@ fn emulated_graphs_replay_the_eager_step() {
         "Once upon a time",
         "The three primary colours are",
     ];
-    let submit = |e: &EngineHandle, i: usize, n: usize| {
-        e.submit(GenerateRequest {
-            input_ids: tok.encode(prompts[i], true).unwrap(),
-            params: SamplingParams::greedy(n),
-            return_logprob: true,
-            top_logprobs_num: 2,
-            ..Default::default()
-        })
-        .unwrap()
+    let request = |i: usize, n: usize| GenerateRequest {
+        input_ids: tok.encode(prompts[i], true).unwrap(),
+        params: SamplingParams::greedy(n),
+        return_logprob: true,
+        top_logprobs_num: 2,
+        ..Default::default()
     };
+    let submit = |e: &EngineHandle, i: usize, n: usize| e.submit(request(i, n)).unwrap();
     // (prompt, tokens, submitted after the first request finished)
     let script = [(0, 3, false), (1, 8, false), (2, 12, false), (3, 6, true)];
     let run = |e: &EngineHandle| {
@@ -309,13 +318,24 @@ fn emulated_graphs_replay_the_eager_step() {
     };
     // batch 1 alone
     let one = |e: &EngineHandle| key(vec![submit(e, 0, 5).collect_blocking().unwrap()]);
-    assert_eq!(one(&with), one(&without), "batch 1");
+    let base = one(&without);
+    assert_eq!(one(&alone), base, "batch 1, graphs");
+    assert_eq!(one(&with), base, "batch 1, graphs and overlap");
     let replays = with.metrics().cuda_graph_replays_total.get();
     assert!(replays >= 4, "{replays} replays for 4 decode steps");
     // 3 requests (padded to 4), finishing and joining
-    let (a, b) = (key(run(&with)), key(run(&without)));
-    assert_eq!(a, b, "a batch whose members change");
-    for (r, &(_, n, _)) in a.iter().zip(&script) {
+    let base = key(run(&without));
+    assert_eq!(
+        key(run(&alone)),
+        base,
+        "a batch whose members change, graphs"
+    );
+    assert_eq!(
+        key(run(&with)),
+        base,
+        "a batch whose members change, overlap"
+    );
+    for (r, &(_, n, _)) in base.iter().zip(&script) {
         assert_eq!(r.1.len(), n);
     }
     // the longest request decodes 11 steps; the steps that also prefill (the requests arrive
@@ -327,26 +347,57 @@ fn emulated_graphs_replay_the_eager_step() {
 
     // what a decode step costs the host: two runs of one request, 4 decode steps apart
     let emulator = kernel_emu::Emulator::load(library);
-    let count = |n: usize| {
-        emulator.launch_log(true);
-        submit(&with, 1, n).collect_blocking().unwrap();
-        emulator.launch_log(true)
-    };
-    let (short, long) = (count(2), count(6));
-    let per_step = |name: &str| launches_between(&short, &long, name) as f64 / 4.0;
-    for (name, want) in [
-        ("cuMemcpyHtoDAsync", 1.0),
-        ("cuGraphLaunch", 1.0),
-        ("cuMemcpyDtoHAsync", 1.0),
-        ("cuStreamSynchronize", 1.0),
-    ] {
-        println!("{name:<22} {} per decode step", per_step(name));
-        assert_eq!(per_step(name), want, "{name} per decode step");
+    for (what, e) in [("overlap", &with), ("graphs alone", &alone)] {
+        let count = |n: usize| {
+            emulator.launch_log(true);
+            submit(e, 1, n).collect_blocking().unwrap();
+            emulator.launch_log(true)
+        };
+        let (short, long) = (count(2), count(6));
+        let per_step = |name: &str| launches_between(&short, &long, name) as f64 / 4.0;
+        for (name, want) in [
+            ("cuMemcpyHtoDAsync", 1.0),
+            ("cuGraphLaunch", 1.0),
+            ("cuMemcpyDtoHAsync", 1.0),
+            // the one wait is for the copy back (an event), never the whole stream
+            ("cuEventSynchronize", 1.0),
+            ("cuStreamSynchronize", 0.0),
+        ] {
+            println!("{what}: {name:<22} {} per decode step", per_step(name));
+            assert_eq!(per_step(name), want, "{what}: {name} per decode step");
+        }
+        assert_eq!(
+            per_step("sg_embedding"),
+            1.0,
+            "the replay runs the step's kernels"
+        );
     }
+
+    // the overlap queues the step after a stop token before the host has read it: one graph
+    // launch more than without, the same output
+    let greedy = submit(&without, 1, 12)
+        .collect_blocking()
+        .unwrap()
+        .token_ids;
+    let k = (3..greedy.len())
+        .find(|&k| !greedy[..k].contains(&greedy[k]))
+        .expect("a token not seen before");
+    let stopped = |e: &EngineHandle| {
+        let mut r = request(1, 12);
+        r.params.stop_token_ids = vec![greedy[k]];
+        emulator.launch_log(true);
+        let out = e.submit(r).unwrap().collect_blocking().unwrap();
+        let log = emulator.launch_log(true);
+        (key(vec![out]), launches_between(&[], &log, "cuGraphLaunch"))
+    };
+    let ((a, with_launches), (b, alone_launches)) = (stopped(&with), stopped(&alone));
+    assert_eq!(a, b, "stopped by a token");
+    assert_eq!(a[0].1.len(), k + 1, "ends at its stop token");
+    println!("graph launches for a request stopped at token {}: {alone_launches} without the overlap, {with_launches} with", k + 1);
     assert_eq!(
-        per_step("sg_embedding"),
-        1.0,
-        "the replay runs the step's kernels"
+        with_launches,
+        alone_launches + 1,
+        "the step after the stop was queued"
     );
 }
 

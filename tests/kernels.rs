@@ -18,6 +18,7 @@
 
 use half::bf16;
 use sglang::backend::kernels::{self as k, Launch};
+use sglang::batch::FUTURE_TOKEN;
 
 mod kernel_emu;
 
@@ -443,17 +444,32 @@ fn check_embedding(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     {
         let table = to_bf16(&r.vec(rows * hidden, 1.0));
         // ids around this shard's range [start, start + rows): some fall outside (zeros)
+        let mut draw = || (r.below(rows + 200) + start.saturating_sub(100)) as u32;
+        let future: Vec<u32> = (0..7).map(|_| draw()).collect();
+        // every third id is a future token: a row of the previous step's outputs
         let ids: Vec<u32> = (0..tokens)
-            .map(|_| (r.below(rows + 200) + start.saturating_sub(100)) as u32)
+            .map(|t| {
+                if t % 3 == 1 {
+                    FUTURE_TOKEN | (t % future.len()) as u32
+                } else {
+                    draw()
+                }
+            })
             .collect();
         let tp = put(d, &table);
         let ip = put(d, &ids);
+        let fp = put(d, &future);
         let op = out::<f32>(d, tokens * hidden);
-        run(d, k::embedding(tp, ip, op, tokens, hidden, start, rows));
+        run(d, k::embedding(tp, ip, fp, op, tokens, hidden, start, rows));
         let got: Vec<f32> = get(d, op, tokens * hidden);
         let tf = from_bf16(&table);
         let mut want = vec![0.0f64; tokens * hidden];
         for (t, &id) in ids.iter().enumerate() {
+            let id = if id & FUTURE_TOKEN != 0 {
+                future[(id & !FUTURE_TOKEN) as usize]
+            } else {
+                id
+            };
             let row = id as i64 - start as i64;
             if (0..rows as i64).contains(&row) {
                 for i in 0..hidden {

@@ -85,6 +85,12 @@ pub struct EngineArgs {
     #[arg(long)]
     pub disable_cuda_graph: bool,
 
+    /// Run each step to its end before planning the next: no overlap of the host's work on
+    /// the next decode step with the GPU's on this one (SGLANG_DISABLE_OVERLAP_SCHEDULE=1 does
+    /// the same).
+    #[arg(long)]
+    pub disable_overlap_schedule: bool,
+
     /// The largest decode batch replayed from a CUDA graph (larger batches run eagerly).
     #[arg(long, env = "SGLANG_CUDA_GRAPH_MAX_BS", default_value_t = 160)]
     pub cuda_graph_max_bs: usize,
@@ -168,6 +174,8 @@ impl EngineArgs {
         c.disable_cuda_graph =
             self.disable_cuda_graph || env_bool("SGLANG_DISABLE_CUDA_GRAPH")?.unwrap_or(false);
         c.cuda_graph_max_bs = self.cuda_graph_max_bs;
+        c.disable_overlap_schedule = self.disable_overlap_schedule
+            || env_bool("SGLANG_DISABLE_OVERLAP_SCHEDULE")?.unwrap_or(false);
         if let Some(path) = &self.chat_template {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 format!(

@@ -3,7 +3,7 @@
 //! the peak resident memory, as a table or one JSON object (for benches/vs_llamacpp.py).
 
 use clap::Args;
-use sglang::bench::{decode, prefill, prompt, stream_read_bandwidth, time_prefill};
+use sglang::bench::{decode_with, prefill, prompt, stream_read_bandwidth, time_prefill};
 use sglang::runner;
 
 use crate::args::EngineArgs;
@@ -57,13 +57,16 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
             .fold(0.0, f64::max);
         pp.insert(n.to_string(), best.into());
     }
-    // decode with CUDA graphs where they were captured, and then without them
+    // decode with CUDA graphs where they were captured (each step queued before the one
+    // before is read, as the engine does, and then each step waited for), and without them
     let graph_sizes = r.graph_sizes();
+    let overlaps = r.overlaps();
     let mut tg = serde_json::Map::new();
     let mut tg_eager = serde_json::Map::new();
-    for graphs in [true, false] {
-        if !graphs && graph_sizes.is_empty() {
-            break;
+    let mut tg_no_overlap = serde_json::Map::new();
+    for (graphs, overlap) in [(true, true), (true, false), (false, true)] {
+        if (!graphs && graph_sizes.is_empty()) || (graphs && !overlap && !overlaps) {
+            continue;
         }
         r.use_graphs(graphs);
         for &b in &a.batch {
@@ -73,9 +76,13 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
                     .map(|i| prompt(a.decode_context, (100 * k + i) as u32, vocab))
                     .collect();
                 let mut s = prefill(r.as_mut(), &prompts, a.decode_steps + 1);
-                best = best.max(decode(r.as_mut(), &mut s, a.decode_steps));
+                best = best.max(decode_with(r.as_mut(), &mut s, a.decode_steps, overlap));
             }
-            let m = if graphs { &mut tg } else { &mut tg_eager };
+            let m = match (graphs, overlap) {
+                (false, _) => &mut tg_eager,
+                (true, false) => &mut tg_no_overlap,
+                (true, true) => &mut tg,
+            };
             m.insert(b.to_string(), best.into());
         }
     }
@@ -92,6 +99,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         "prompt_tokens_per_s": pp,
         "decode_tokens_per_s": tg,
         "decode_tokens_per_s_eager": tg_eager,
+        "decode_tokens_per_s_no_overlap": tg_no_overlap,
         "cuda_graph_bs": graph_sizes,
         "weight_bytes": weight_bytes,
         "bandwidth_bytes_per_s": bw,

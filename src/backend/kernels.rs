@@ -178,10 +178,14 @@ impl Launch {
 use Arg::{Ptr, F32, I32, I64};
 
 /// `out[t] = table[ids[t] - start]` as f32 (0 where the id is outside `[start, start+rows)`:
-/// another rank's vocabulary shard); table bf16 `[rows][hidden]`, one block per token.
+/// another rank's vocabulary shard); table bf16 `[rows][hidden]`, one block per token. An id
+/// with [`FUTURE_TOKEN`](crate::batch::FUTURE_TOKEN) set is `future[id & !FUTURE_TOKEN]` (the previous step's sampled
+/// tokens, still on the device).
+#[allow(clippy::too_many_arguments)]
 pub fn embedding(
     table: DevPtr,
     ids: DevPtr,
+    future: DevPtr,
     out: DevPtr,
     tokens: usize,
     hidden: usize,
@@ -191,6 +195,7 @@ pub fn embedding(
     Launch::rows("sg_embedding", tokens).args(&[
         Ptr(table),
         Ptr(ids),
+        Ptr(future),
         Ptr(out),
         I32(hidden as i32),
         I32(start as i32),
@@ -421,7 +426,7 @@ pub fn anchor_launches() -> Vec<Launch> {
         acc: 0,
     };
     let mut out = vec![
-        embedding(0, 0, 0, 1, hidden, 0, 128_256),
+        embedding(0, 0, 0, 0, 1, hidden, 0, 128_256),
         rms_norm(0, 0, 0, 1, hidden, 1e-5),
         add_rms_norm(0, 0, 0, 0, 1, hidden, 1e-5),
         f32_to_bf16(0, 0, hidden),

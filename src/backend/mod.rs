@@ -302,10 +302,24 @@ pub trait Backend: Send + Sync {
         Err(self.no_graphs())
     }
 
-    /// The results of the last [`Backend::sample_staged`] (one row per row of `samples`, the
-    /// staged rows' parameters): one copy back, the step's one wait.
-    fn read_samples(&self, _samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+    /// Queues the copy of the last sampling's results (one row per row of `samples`, the
+    /// sampled rows' parameters) to the host, without waiting: while it and the step before
+    /// it run, the host may queue the next step ([`Backend::take_samples`] takes it later).
+    /// At most two copies are pending at a time.
+    fn send_samples_back(&self, _samples: &SampleBatch) -> Result<(), BackendError> {
         Err(self.no_graphs())
+    }
+
+    /// Waits for the oldest copy [`Backend::send_samples_back`] queued (the step's one wait)
+    /// and returns its rows (`samples`: the rows it was sent for, or their first rows).
+    fn take_samples(&self, _samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        Err(self.no_graphs())
+    }
+
+    /// The results of the last [`Backend::sample_staged`]: one copy back, one wait.
+    fn read_samples(&self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        self.send_samples_back(samples)?;
+        self.take_samples(samples)
     }
 
     /// Starts recording the device work of the calls that follow into a graph.

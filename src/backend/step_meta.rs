@@ -146,6 +146,9 @@ pub struct OutLayout {
 }
 
 impl OutLayout {
+    /// The layout for `rows` rows. The tokens come first, whatever the row count: a
+    /// [`FUTURE_TOKEN`](crate::batch::FUTURE_TOKEN) id of the next step indexes the array's
+    /// start.
     pub fn new(rows: usize) -> Self {
         let top = rows * MAX_TOP_LOGPROBS;
         Self {

@@ -287,6 +287,9 @@ pub struct EngineInfo {
     pub tp_size: usize,
     /// Decode batch sizes captured in CUDA graphs (empty: none).
     pub cuda_graph_sizes: Vec<usize>,
+    /// Whether decode steps are queued before the tokens of the step before are read (the
+    /// overlap scheduler: a backend that can, unless `--disable-overlap-schedule`).
+    pub overlap_schedule: bool,
 }
 
 pub(super) struct Shared {
@@ -448,6 +451,7 @@ impl EngineHandle {
             weight_bytes: runner.weight_bytes(),
             tp_size: parallel.ranks,
             cuda_graph_sizes: runner.graph_sizes(),
+            overlap_schedule: runner.overlaps() && !cfg.disable_overlap_schedule,
             model_config,
             engine_config: cfg.clone(),
         };
@@ -492,7 +496,9 @@ impl EngineHandle {
             },
             PagePool::new(pages, page_size),
         );
-        let mut engine = worker::EngineLoop::new(rx, runner, shared.clone(), scheduler);
+        let overlap = shared.info.overlap_schedule;
+        let mut engine =
+            worker::EngineLoop::new(rx, runner, shared.clone(), scheduler).with_overlap(overlap);
         // the KV and queue gauges read true from the start, not 0 until the first request
         engine.publish_stats();
         let thread = std::thread::Builder::new()

@@ -1,5 +1,12 @@
 //! The engine thread: owns the model, the scheduler (KV pool, radix cache, and every request's
 //! state, one [`Seq`] each) and the sampler. See the module above for the message protocol.
+//!
+//! Where the runner samples on the device and can queue steps ahead (CUDA), a step is queued
+//! and its tokens read on the next turn of the loop; in between, when the next step is the
+//! decode of the same requests, it is planned and queued first, its input naming the tokens
+//! not read yet (`FUTURE_TOKEN`), so that the host's work on one step (reading, detokenising,
+//! stop checks, planning and packing the next) happens while the GPU runs the next (the
+//! overlap scheduler; `EngineLoop::queue_next` says when it applies).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -16,7 +23,7 @@ use super::{
     Usage,
 };
 use crate::backend::BackendError;
-use crate::batch::StepBatch;
+use crate::batch::{StepBatch, FUTURE_TOKEN};
 use crate::constraint::Constraint;
 use crate::runner::ModelRunner;
 use crate::sampling::{logprobs_of, SampleBatch, Sampler, TokenInfo};
@@ -44,6 +51,24 @@ pub(super) struct EngineLoop {
     masker: Option<Masker>,
     /// Masks computed on this thread when the helper is not there.
     mask_results: Vec<Done>,
+    /// Queue decode steps ahead of their tokens (the overlap scheduler; backends that can).
+    overlap: bool,
+    /// The step queued on the device whose tokens have not been read yet.
+    in_flight: Option<InFlight>,
+    /// When the last queued step's tokens were read (forward time is counted from there).
+    last_read: Instant,
+    /// Sampling rows of finished steps, for reuse.
+    spare_samples: Vec<SampleBatch>,
+}
+
+/// A step queued on the device whose tokens the engine reads later.
+struct InFlight {
+    plan: Plan,
+    samples: SampleBatch,
+    queued: Instant,
+    /// Whether the scheduler has recorded the step as done (it has when the next step was
+    /// planned on top of it).
+    done: bool,
 }
 
 impl EngineLoop {
@@ -65,14 +90,25 @@ impl EngineLoop {
             samples: SampleBatch::default(),
             masker: None,
             mask_results: Vec::new(),
+            overlap: false,
+            in_flight: None,
+            last_read: Instant::now(),
+            spare_samples: Vec::new(),
         }
+    }
+
+    /// Queues each decode step before the tokens of the one before are read, where the
+    /// runner can (`ModelRunner::overlaps`).
+    pub(super) fn with_overlap(mut self, on: bool) -> Self {
+        self.overlap = on && self.runner.overlaps();
+        self
     }
 
     pub(super) fn run(&mut self) {
         tracing::info!("engine thread started");
         loop {
             // Block only when there is nothing to do.
-            if self.sched.is_idle() && !self.stop {
+            if self.sched.is_idle() && self.in_flight.is_none() && !self.stop {
                 match self.rx.recv_timeout(GROUP_CHECK_INTERVAL) {
                     Ok(msg) => self.handle(msg),
                     // while idle, notice a tensor-parallel rank that went away
@@ -84,9 +120,12 @@ impl EngineLoop {
             if self.stop {
                 break;
             }
-            if !self.sched.is_idle() {
+            if !self.sched.is_idle() || self.in_flight.is_some() {
                 self.step();
             }
+        }
+        if let Some(f) = self.in_flight.take() {
+            self.read_in_flight(f, None);
         }
         for id in self.sched.ids() {
             self.abort(id, AbortReason::Shutdown);
@@ -207,6 +246,12 @@ impl EngineLoop {
     }
 
     fn step(&mut self) {
+        if let Some(mut f) = self.in_flight.take() {
+            // the overlap: the next step goes to the device before this one's tokens are read
+            let next = self.queue_next(&mut f);
+            self.read_in_flight(f, next);
+            return;
+        }
         let plan = self.sched.schedule();
         let counters = &self.shared.counters;
         if !plan.retracted.is_empty() {
@@ -256,7 +301,14 @@ impl EngineLoop {
         let sampled_with_step = on_device && constrained.is_empty();
         if sampled_with_step {
             self.build_samples(&plan);
+            if self.overlap {
+                // queued; its tokens are read by the next call, after the step after it is
+                // queued when it can be
+                self.queue(plan);
+                return;
+            }
         }
+        let vocab = self.runner.config().vocab_size;
         let runner = &mut self.runner;
         let batch = &self.batch;
         let samples = &self.samples;
@@ -268,6 +320,7 @@ impl EngineLoop {
             if sampled_with_step {
                 runner
                     .forward_sampled(batch, samples)
+                    .and_then(|s| checked(s, vocab))
                     .map(|s| sampled = Some(s))
             } else if on_device {
                 runner.forward_kept(batch).map(|_| ())
@@ -323,7 +376,9 @@ impl EngineLoop {
             }
         } else if on_device {
             self.build_samples(&plan);
-            let sampled = catch_unwind(AssertUnwindSafe(|| self.runner.sample_kept(&self.samples)));
+            let sampled = catch_unwind(AssertUnwindSafe(|| {
+                checked(self.runner.sample_kept(&self.samples)?, vocab)
+            }));
             let sampled = match sampled {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -348,6 +403,148 @@ impl EngineLoop {
         }
         self.logits = logits;
         self.publish_stats();
+    }
+
+    /// Queues `plan` (its batch filled, its sampling rows built) without waiting for it.
+    fn queue(&mut self, plan: Plan) -> bool {
+        let runner = &mut self.runner;
+        let (batch, samples) = (&self.batch, &self.samples);
+        let queued = Instant::now();
+        let error = match catch_unwind(AssertUnwindSafe(|| runner.launch_sampled(batch, samples))) {
+            Ok(Ok(())) => {
+                let spare = self.spare_samples.pop().unwrap_or_default();
+                self.in_flight = Some(InFlight {
+                    plan,
+                    samples: std::mem::replace(&mut self.samples, spare),
+                    queued,
+                    done: false,
+                });
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::error!("forward step failed: {e}");
+                RequestError::Model(e)
+            }
+            Err(_) => {
+                tracing::error!("forward step panicked");
+                RequestError::Panicked
+            }
+        };
+        self.fail_items(&plan, error);
+        false
+    }
+
+    /// While step `f` runs, plans and queues the step after it when that step is the decode
+    /// of the same sequences, whatever their tokens: each sequence's next input is the token
+    /// `f` samples for it, named by its row ([`FUTURE_TOKEN`]) and read on the device. Not
+    /// when the tokens steer what comes next on the host: constraints, penalties (their
+    /// lists are built from the tokens), a request `f` ends by length (it leaves the step),
+    /// waiting requests that could join, a pool that would have to evict or retract. A
+    /// request that `f` ends otherwise (a stop token or string) runs one step more, whose
+    /// token is dropped. Returns the queued step.
+    fn queue_next(&mut self, f: &mut InFlight) -> Option<InFlight> {
+        if self.stop
+            || f.plan.items.len() != self.sched.num_running()
+            || !f.plan.items.iter().all(|i| i.len == 1 && i.sample)
+        {
+            return None;
+        }
+        let mut next = Vec::with_capacity(f.plan.items.len());
+        for (row, item) in f.plan.items.iter().enumerate() {
+            let seq = self.sched.get(item.id)?;
+            let r = &seq.req;
+            if r.constraint.is_some() || r.params.has_penalties() {
+                return None;
+            }
+            if seq.generated() + 1 < r.max_new_tokens {
+                next.push((item.id, row as u32));
+            }
+        }
+        let ids: Vec<u64> = next.iter().map(|&(id, _)| id).collect();
+        if ids.is_empty() || !self.sched.can_decode_again(&ids) {
+            return None;
+        }
+        for &(id, row) in &next {
+            self.sched.get_mut(id)?.tokens.push(FUTURE_TOKEN | row);
+        }
+        self.sched.step_done(&f.plan);
+        f.done = true;
+        let plan = self.sched.schedule();
+        debug_assert!(
+            plan.retracted.is_empty()
+                && plan.admitted.is_empty()
+                && plan.items.iter().map(|i| i.id).eq(ids.iter().copied()),
+            "the step planned ahead is the decode of {ids:?}: {plan:?}"
+        );
+        self.sched.fill_batch(&plan, &mut self.batch);
+        self.build_samples(&plan);
+        if self.queue(plan) {
+            self.in_flight.take()
+        } else {
+            None
+        }
+    }
+
+    /// Reads the tokens of the queued step `f` (waiting for it) and hands them out; `next`
+    /// is the step queued after it, which becomes the one in flight.
+    fn read_in_flight(&mut self, f: InFlight, next: Option<InFlight>) {
+        let runner = &mut self.runner;
+        let samples = &f.samples;
+        let vocab = runner.config().vocab_size;
+        let sampled = catch_unwind(AssertUnwindSafe(|| {
+            checked(runner.collect_sampled(samples)?, vocab)
+        }));
+        let now = Instant::now();
+        // the device's time on this step: from when it was queued or the last step was read
+        let nanos = now.duration_since(f.queued.max(self.last_read)).as_nanos() as u64;
+        self.last_read = now;
+        let counters = &self.shared.counters;
+        counters.forward_nanos.fetch_add(nanos, Ordering::Relaxed);
+        if f.plan.items.iter().all(|i| i.len == 1) {
+            counters.decode_steps.fetch_add(1, Ordering::Relaxed);
+            counters
+                .decode_forward_nanos
+                .fetch_add(nanos, Ordering::Relaxed);
+        }
+        let error = match sampled {
+            Ok(Ok(sampled)) => {
+                if !f.done {
+                    self.sched.step_done(&f.plan);
+                }
+                self.shared.counters.steps.fetch_add(1, Ordering::Relaxed);
+                let replays = self.runner.graph_replays();
+                let m = &self.shared.metrics;
+                m.cuda_graph_replays_total
+                    .inc_by(replays.saturating_sub(m.cuda_graph_replays_total.get()));
+                let ids = f.plan.items.iter().filter(|i| i.sample).map(|i| i.id);
+                for (id, s) in ids.zip(sampled) {
+                    self.on_sampled(id, Some(s));
+                }
+                self.spare_samples.push(f.samples);
+                self.in_flight = next;
+                self.publish_stats();
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::error!("forward step failed: {e}");
+                match e {
+                    BackendError::Collective(c) => RequestError::EngineFailed(c.reason().into()),
+                    e => RequestError::Model(e),
+                }
+            }
+            Err(_) => {
+                tracing::error!("forward step panicked");
+                RequestError::Panicked
+            }
+        };
+        // the step queued after it read its tokens: it fails with it
+        self.fail_items(&f.plan, error.clone());
+        if let Some(n) = next {
+            let runner = &mut self.runner;
+            let _ = catch_unwind(AssertUnwindSafe(|| runner.collect_sampled(&n.samples)));
+            self.fail_items(&n.plan, error);
+        }
+        self.check_parallel();
     }
 
     /// A tensor-parallel group that lost a rank cannot run another step: every request
@@ -543,7 +740,11 @@ impl EngineLoop {
                 return;
             }
         }
-        seq.tokens.push(info.token_id);
+        match seq.tokens.last_mut() {
+            // planned on before it was known (the overlap scheduler)
+            Some(last) if *last & FUTURE_TOKEN != 0 => *last = info.token_id,
+            _ => seq.tokens.push(info.token_id),
+        }
         let generated = seq.generated();
         let r = &mut seq.req;
         let now = Instant::now();
@@ -617,5 +818,17 @@ impl EngineLoop {
         // stats first: a caller that sees the finish also sees the pages returned
         self.publish_stats();
         let _ = r.tx.send(Event::Finished(finish));
+    }
+}
+
+/// Tokens sampled on the device, refused when one is outside the vocabulary (a fault of the
+/// backend, which must not reach a request's tokens, let alone a later step's input).
+fn checked(sampled: Vec<TokenInfo>, vocab: usize) -> Result<Vec<TokenInfo>, BackendError> {
+    match sampled.iter().find(|s| s.token_id as usize >= vocab) {
+        Some(s) => Err(BackendError::Internal(format!(
+            "the device sampled token {}, outside the vocabulary of {vocab}",
+            s.token_id
+        ))),
+        None => Ok(sampled),
     }
 }

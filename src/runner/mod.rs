@@ -74,6 +74,27 @@ pub trait ModelRunner: Send {
         self.forward_kept(batch)?;
         self.sample_kept(samples)
     }
+    /// Whether [`ModelRunner::launch_sampled`] and [`ModelRunner::collect_sampled`] can run:
+    /// a step is queued on the device and the host goes on (the overlap scheduler).
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// Queues a step and its sampling (`samples`: one row per logits row, built before the
+    /// step) and the copy of its tokens back, without waiting for them. The step's token ids
+    /// may name tokens the step queued before samples
+    /// ([`FUTURE_TOKEN`](crate::batch::FUTURE_TOKEN)). At most two steps are in flight.
+    fn launch_sampled(
+        &mut self,
+        _batch: &StepBatch,
+        _samples: &SampleBatch,
+    ) -> Result<(), BackendError> {
+        Err(no_overlap(self.backend_name()))
+    }
+    /// Waits for the oldest step [`ModelRunner::launch_sampled`] queued and returns its
+    /// sampled rows (`samples`: the rows it was launched with).
+    fn collect_sampled(&mut self, _samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        Err(no_overlap(self.backend_name()))
+    }
     /// The decode batch sizes captured in graphs (empty: none).
     fn graph_sizes(&self) -> Vec<usize> {
         Vec::new()
@@ -104,6 +125,11 @@ pub trait ModelRunner: Send {
 /// What a runner whose backend samples on the host answers to the device-sampling calls.
 fn samples_on_host(backend: &str) -> BackendError {
     BackendError::Internal(format!("the {backend} backend samples on the host"))
+}
+
+/// What a runner that runs each step to its end answers to the overlap calls.
+fn no_overlap(backend: &str) -> BackendError {
+    BackendError::Internal(format!("the {backend} backend does not queue steps ahead"))
 }
 
 /// One model (or one rank's shard of it) on backend `B`, with its KV cache and the activation
@@ -208,11 +234,17 @@ impl<B: Backend + 'static> Runner<B> {
         batch: &StepBatch,
         samples: &SampleBatch,
     ) -> Result<Vec<TokenInfo>, BackendError> {
+        self.run_staged(batch, samples)?;
+        self.backend.read_samples(samples)
+    }
+
+    /// Sends a step's input with its sampling rows (one copy) and queues the step and its
+    /// sampling; the results stay on the device.
+    fn run_staged(&mut self, batch: &StepBatch, samples: &SampleBatch) -> Result<(), BackendError> {
         self.backend.stage(batch, samples)?;
         self.step(batch)?;
         let vocab = self.model.config().vocab_size;
-        self.backend.sample_staged(self.ws.logits(), vocab)?;
-        self.backend.read_samples(samples)
+        self.backend.sample_staged(self.ws.logits(), vocab)
     }
 
     /// Sends a step's input with its sampling rows and captures the step and its sampling in
@@ -234,13 +266,15 @@ impl<B: Backend + 'static> Runner<B> {
         graph
     }
 
-    /// A step with its sampling on a backend that captures graphs: replayed when it is a
-    /// decode step of a captured size, else run eagerly; one copy of its input either way.
-    fn staged_step(
+    /// Queues a step with its sampling on a backend that captures graphs, and the copy of its
+    /// results back, without waiting for any of it: replayed when it is a decode step of a
+    /// captured size, else run eagerly; one copy of its input either way. The backend's
+    /// `take_samples` returns the results.
+    fn launch_staged(
         &mut self,
         batch: &StepBatch,
         samples: &SampleBatch,
-    ) -> Result<Vec<TokenInfo>, BackendError> {
+    ) -> Result<(), BackendError> {
         let mut g = self.graphs.take();
         let on = self.graphs_on;
         let result = (|| {
@@ -249,27 +283,29 @@ impl<B: Backend + 'static> Runner<B> {
                 .filter(|_| on)
                 .and_then(|g| g.size_for(batch, samples).map(|i| (g, i)))
             else {
-                return self.staged_eager(batch, samples);
+                self.run_staged(batch, samples)?;
+                return self.backend.send_samples_back(samples);
             };
             g.pad(i, batch, samples);
             let (padded, padded_samples) = (&g.padded, &g.padded_samples);
             let epoch = self.backend.memory_epoch();
-            if !matches!(&g.captured[i], Some((_, at)) if *at == epoch) {
-                // captured before a buffer moved (or never): sized by an eager run, captured
+            if matches!(&g.captured[i], Some((_, at)) if *at == epoch) {
+                let (graph, _) = g.captured[i].as_ref().expect("matched above");
+                self.backend.stage(padded, padded_samples)?;
+                self.backend.replay(graph)?;
+                g.replays += 1;
+            } else {
+                // captured before a buffer moved (or never): this step runs eagerly (which
+                // sizes the buffers; its results are the step's: a step reading the tokens of
+                // the one before must not run twice), then it is captured for the next
                 tracing::debug!("capturing the decode step of {} again", g.sizes()[i]);
                 g.captured[i] = None;
-                self.staged_eager(padded, padded_samples)?;
+                self.run_staged(padded, padded_samples)?;
                 let graph = self.staged_capture(padded, padded_samples)?;
                 g.captured[i] = Some((graph, self.backend.memory_epoch()));
             }
-            let (graph, _) = g.captured[i].as_ref().expect("captured above");
-            self.backend.stage(padded, padded_samples)?;
-            self.backend.replay(graph)?;
-            g.replays += 1;
-            // the real rows only (the padding rows' tokens are dropped)
-            let mut sampled = self.backend.read_samples(padded_samples)?;
-            sampled.truncate(batch.seqs.len());
-            Ok(sampled)
+            // the padding rows' results come back too; `take_samples` reads the real rows
+            self.backend.send_samples_back(padded_samples)
         })();
         self.backend.unstage();
         self.graphs = g;
@@ -314,10 +350,30 @@ impl<B: Backend + 'static> ModelRunner for Runner<B> {
         samples: &SampleBatch,
     ) -> Result<Vec<TokenInfo>, BackendError> {
         if self.backend.captures_graphs() {
-            return self.staged_step(batch, samples);
+            self.launch_staged(batch, samples)?;
+            return self.backend.take_samples(samples);
         }
         self.forward_kept(batch)?;
         self.sample_kept(samples)
+    }
+    fn overlaps(&self) -> bool {
+        self.backend.captures_graphs() && self.comm.is_none()
+    }
+    fn launch_sampled(
+        &mut self,
+        batch: &StepBatch,
+        samples: &SampleBatch,
+    ) -> Result<(), BackendError> {
+        if !self.overlaps() {
+            return Err(no_overlap(self.backend_name()));
+        }
+        self.launch_staged(batch, samples)
+    }
+    fn collect_sampled(&mut self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        if !self.overlaps() {
+            return Err(no_overlap(self.backend_name()));
+        }
+        self.backend.take_samples(samples)
     }
     fn graph_sizes(&self) -> Vec<usize> {
         self.graphs

@@ -96,6 +96,14 @@ impl SamplingParams {
         self.temperature < 1e-6 || self.top_k == 1
     }
 
+    /// Whether a penalty (frequency, presence, repetition) makes each token's sampling
+    /// depend on the tokens before it.
+    pub fn has_penalties(&self) -> bool {
+        self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+            || self.repetition_penalty != 1.0
+    }
+
     /// Checks every field against its bound; the error names the field.
     pub fn validate(&self, vocab_size: usize) -> Result<(), ParamError> {
         let finite = |name: &str, v: f32| {

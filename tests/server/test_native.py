@@ -79,6 +79,8 @@ def test_tokenize_detokenize_and_info(server):
     assert server.request("GET", "/get_server_info")[0] == 401
     status, _, r = server.request("GET", "/get_server_info", headers={"Authorization": "Bearer admin-secret"})
     assert status == 200 and r["kv_cache"]["capacity_tokens"] > 0
+    # the CPU backend runs each step to its end (no overlap scheduler, no graphs)
+    assert r["disable_overlap_schedule"] is True and r["cuda_graph_bs"] == []
     assert "admin-secret" not in str(r) and r["admin_api_key"] == "set (redacted)"
     status, _, r = server.request("GET", "/config", headers={"Authorization": "Bearer admin-secret"})
     assert status == 200 and r["page_size"] == 16

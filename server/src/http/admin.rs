@@ -209,6 +209,8 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
         });
         v["weight_bytes"] = json!(info.weight_bytes);
         v["cuda_graph_bs"] = json!(info.cuda_graph_sizes);
+        // SGLang's name; also true where the backend runs each step to its end (the CPU)
+        v["disable_overlap_schedule"] = json!(!info.overlap_schedule);
         v["tensor_parallel"] = json!({
             "ranks": info.tp_size,
             "ranks_ready": s.tp_ranks_ready,

@@ -16,7 +16,15 @@
 //! because the CUDA driver refuses it (thread-local capture mode), the emulator because it
 //! checks the same rules. The emulator also logs each copy, synchronisation and graph launch
 //! in its launch log (`cuMemcpyHtoDAsync`, `cuMemcpyDtoHAsync`, `cuStreamSynchronize`,
-//! `cuGraphLaunch`), so tests count what a step costs the host.
+//! `cuEventSynchronize`, `cuGraphLaunch`), so tests count what a step costs the host.
+//!
+//! Copies between pinned host memory and the device are asynchronous, and the host learns that
+//! one has completed from a synchronisation or an event recorded after it ([`Driver::record`],
+//! [`Driver::wait`]). The emulator runs device work at once but holds back what the host can
+//! see of such a copy until a wait covers it, as a GPU would: a copy back lands in its pinned
+//! destination only then (which holds a poison pattern before), and a pinned source written
+//! again before the wait that covers its copy fails that wait, naming the address. So host
+//! code that reads a result early or reuses a buffer too soon fails on the emulator too.
 
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,7 +94,7 @@ pub(super) struct Real {
     /// there).
     last: Mutex<Option<Launched>>,
     allocations: AtomicU64,
-    syncs: AtomicU64,
+    fences: Fences,
 }
 
 type EmuLaunch = unsafe extern "C" fn(
@@ -114,7 +122,82 @@ pub(super) struct Emulated {
     /// The capture in progress: what it recorded, and the first call it could not hold.
     capture: Mutex<Option<(Vec<Op>, Option<String>)>>,
     allocations: AtomicU64,
-    syncs: AtomicU64,
+    fences: Fences,
+    /// What the host may not see yet of the asynchronous copies queued (see the module).
+    host_effects: Mutex<Vec<HostEffect>>,
+}
+
+/// Ordinals of the stream's asynchronous work: each fence recorded (and, on the emulator,
+/// each copy touching pinned memory) takes the next; `completed` is the highest one the host
+/// has waited for (the stream runs in order, so everything below it has completed too).
+#[derive(Default)]
+struct Fences {
+    issued: AtomicU64,
+    completed: AtomicU64,
+}
+
+impl Fences {
+    fn next(&self) -> u64 {
+        self.issued.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    fn done(&self, upto: u64) {
+        self.completed.fetch_max(upto, Ordering::Relaxed);
+    }
+    fn all_done(&self) {
+        self.done(self.issued.load(Ordering::Relaxed));
+    }
+    fn is_done(&self, seq: u64) -> bool {
+        self.completed.load(Ordering::Relaxed) >= seq
+    }
+}
+
+/// An asynchronous copy's effect on pinned host memory, held back by the emulator until a
+/// wait covers the copy (its ordinal `seq`).
+struct HostEffect {
+    seq: u64,
+    at: u64,
+    bytes: Vec<u8>,
+    /// A copy back (the bytes land at `at`), or a copy from `at` (which must still hold
+    /// `bytes`).
+    lands: bool,
+}
+
+/// A CUDA event the backend records after a copy and waits on before it touches the copy's
+/// pinned memory again (null on the emulator, which tracks ordinals only).
+pub(super) struct Event {
+    ev: sys::CUevent,
+    drv: Arc<Driver>,
+}
+
+// SAFETY: as for `Driver`: used under the engine's step discipline, context bound first.
+unsafe impl Send for Event {}
+
+impl Event {
+    pub(super) fn new(drv: &Arc<Driver>) -> Result<Self, BackendError> {
+        let ev = match &**drv {
+            Driver::Cuda(r) => {
+                r.bind()?;
+                drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                    .map_err(|e| dev_err("cuEventCreate", e))?
+            }
+            Driver::Emulated(_) => std::ptr::null_mut(),
+        };
+        Ok(Self {
+            ev,
+            drv: drv.clone(),
+        })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if let Driver::Cuda(r) = &*self.drv {
+            if r.bind().is_ok() {
+                // SAFETY: created by `Event::new`, destroyed once.
+                let _ = unsafe { drv::event::destroy(self.ev) };
+            }
+        }
+    }
 }
 
 /// One operation a capture recorded on the emulator.
@@ -195,7 +278,8 @@ impl Driver {
                 pinned: Mutex::new(Default::default()),
                 capture: Mutex::new(None),
                 allocations: AtomicU64::new(0),
-                syncs: AtomicU64::new(0),
+                fences: Fences::default(),
+                host_effects: Mutex::new(Vec::new()),
             };
             return Ok((
                 Arc::new(Driver::Emulated(d)),
@@ -255,7 +339,7 @@ impl Driver {
             sync_launches,
             last: Mutex::new(None),
             allocations: AtomicU64::new(0),
-            syncs: AtomicU64::new(0),
+            fences: Fences::default(),
         };
         Ok((Arc::new(Driver::Cuda(real)), name, sms))
     }
@@ -328,7 +412,11 @@ impl Driver {
             Driver::Emulated(e) => {
                 // (freed all the same: the capture fails at its end)
                 let _ = e.refuse_in_capture("cuMemFree");
-                e.pinned.lock().remove(&ptr);
+                if let Some(len) = e.pinned.lock().remove(&ptr) {
+                    // (a copy still queued on it is the caller's bug; its effect is dropped)
+                    let end = ptr + len as u64;
+                    e.host_effects.lock().retain(|h| h.at < ptr || h.at >= end);
+                }
                 if let Some(layout) = e.allocs.lock().remove(&ptr) {
                     // SAFETY: allocated by `alloc` with this layout, freed once.
                     unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
@@ -422,7 +510,19 @@ impl Driver {
                         return Ok(());
                     }
                 }
-                e.refuse_in_capture("cuMemcpyHtoDAsync from pageable memory")?;
+                if !e.is_pinned(from, n) {
+                    e.refuse_in_capture("cuMemcpyHtoDAsync from pageable memory")?;
+                } else {
+                    e.refuse_in_capture("cuMemcpyHtoDAsync")?;
+                    // the source must hold these bytes until a wait covers the copy
+                    let bytes = std::slice::from_raw_parts(from as *const u8, n).to_vec();
+                    e.host_effects.lock().push(HostEffect {
+                        seq: e.fences.next(),
+                        at: from,
+                        bytes,
+                        lands: false,
+                    });
+                }
                 std::ptr::copy_nonoverlapping(src.as_ptr() as *const u8, dst as *mut u8, n);
                 Ok(())
             }
@@ -456,30 +556,109 @@ impl Driver {
         self.sync()
     }
 
-    /// Synchronisations so far (a pinned buffer handed to a copy is free again after one).
-    pub(super) fn syncs(&self) -> u64 {
+    /// Queues a copy of `dst.len()` values from `src` into pinned memory; they are there once
+    /// a wait covers the copy ([`Driver::record`] after it, then [`Driver::wait`]).
+    ///
+    /// # Safety
+    /// `dst` is pinned (`alloc_host`) and not read or written before that wait; `src` holds
+    /// at least `size_of_val(dst)` bytes.
+    pub(super) unsafe fn dtoh_async<T>(
+        &self,
+        dst: &mut [T],
+        src: sys::CUdeviceptr,
+    ) -> Result<(), BackendError> {
+        let n = std::mem::size_of_val(dst);
         match self {
-            Driver::Cuda(r) => r.syncs.load(Ordering::Relaxed),
-            Driver::Emulated(e) => e.syncs.load(Ordering::Relaxed),
+            Driver::Cuda(r) => {
+                r.bind()?;
+                drv::memcpy_dtoh_async(dst, src, r.stream)
+                    .map_err(|e| r.named(dev_err("copy to host", e)))
+            }
+            Driver::Emulated(e) => {
+                (e.log_external)(c"cuMemcpyDtoHAsync".as_ptr());
+                e.refuse_in_capture("cuMemcpyDtoHAsync")?;
+                let at = dst.as_mut_ptr() as u64;
+                if !e.is_pinned(at, n) {
+                    return Err(dev_err(
+                        "cuMemcpyDtoHAsync",
+                        "an asynchronous copy back into pageable memory",
+                    ));
+                }
+                // the data as the stream has it now; the destination holds garbage until a
+                // wait covers the copy
+                let bytes = std::slice::from_raw_parts(src as *const u8, n).to_vec();
+                std::ptr::write_bytes(at as *mut u8, 0xff, n);
+                e.host_effects.lock().push(HostEffect {
+                    seq: e.fences.next(),
+                    at,
+                    bytes,
+                    lands: true,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Records `ev` after the work queued so far; returns the fence's ordinal for
+    /// [`Driver::wait`].
+    pub(super) fn record(&self, ev: &Event) -> Result<u64, BackendError> {
+        match self {
+            Driver::Cuda(r) => {
+                r.bind()?;
+                // SAFETY: a live event and the backend's stream.
+                unsafe { drv::event::record(ev.ev, r.stream) }
+                    .map_err(|e| dev_err("cuEventRecord", e))?;
+                Ok(r.fences.next())
+            }
+            Driver::Emulated(e) => {
+                e.refuse_in_capture("cuEventRecord")?;
+                Ok(e.fences.next())
+            }
+        }
+    }
+
+    /// Waits until the work queued before the fence `seq` (recorded on `ev`) has completed;
+    /// no wait when a later wait or synchronisation already covered it.
+    pub(super) fn wait(&self, ev: &Event, seq: u64) -> Result<(), BackendError> {
+        match self {
+            Driver::Cuda(r) => {
+                if r.fences.is_done(seq) {
+                    return Ok(());
+                }
+                r.bind()?;
+                // SAFETY: a live event recorded on this context's stream.
+                unsafe { drv::event::synchronize(ev.ev) }
+                    .map_err(|e| r.named(dev_err("cuEventSynchronize", e)))?;
+                r.fences.done(seq);
+                Ok(())
+            }
+            Driver::Emulated(e) => {
+                if e.fences.is_done(seq) {
+                    return Ok(());
+                }
+                // SAFETY: a NUL-terminated name.
+                unsafe { (e.log_external)(c"cuEventSynchronize".as_ptr()) };
+                e.refuse_in_capture("cuEventSynchronize")?;
+                e.complete(seq)
+            }
         }
     }
 
     pub(super) fn sync(&self) -> Result<(), BackendError> {
         match self {
-            Driver::Cuda(r) => r.syncs.fetch_add(1, Ordering::Relaxed),
-            Driver::Emulated(e) => e.syncs.fetch_add(1, Ordering::Relaxed),
-        };
-        match self {
             Driver::Cuda(r) => {
                 r.bind()?;
                 // SAFETY: the stream is valid.
                 unsafe { drv::stream::synchronize(r.stream) }
-                    .map_err(|e| r.named(dev_err("synchronize", e)))
+                    .map_err(|e| r.named(dev_err("synchronize", e)))?;
+                r.fences.all_done();
+                Ok(())
             }
             Driver::Emulated(e) => {
                 // SAFETY: a NUL-terminated name; the emulator copies it into its log.
                 unsafe { (e.log_external)(c"cuStreamSynchronize".as_ptr()) };
-                e.refuse_in_capture("cuStreamSynchronize")
+                e.refuse_in_capture("cuStreamSynchronize")?;
+                e.complete(e.fences.issued.load(Ordering::Relaxed))
             }
         }
     }
@@ -629,8 +808,8 @@ impl Driver {
                     .map_err(|e| dev_err("cuStreamEndCapture (the capture was invalidated)", e))?;
                 let mut exec = std::ptr::null_mut();
                 // SAFETY: `graph` is the graph just captured.
-                if let Err(e) = unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }
-                    .result()
+                if let Err(e) =
+                    unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result()
                 {
                     // SAFETY: destroyed once, not used again.
                     unsafe { sys::cuGraphDestroy(graph) };
@@ -643,7 +822,8 @@ impl Driver {
                 Some((_, Some(call))) => Err(BackendError::Device {
                     call: "cuStreamEndCapture".into(),
                     message: format!(
-                        "the capture was invalidated by {call}, which a captured stream cannot                          hold"
+                        "the capture was invalidated by {call}, which a captured stream cannot \
+                         hold"
                     ),
                 }),
                 Some((ops, None)) => Ok(Graph::Emulated(ops)),
@@ -731,9 +911,44 @@ impl Emulated {
         error.get_or_insert_with(|| call.to_string());
         Err(BackendError::Device {
             call: call.to_string(),
-            message: "not permitted while the stream is being captured into a graph                       (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)"
+            message: "not permitted while the stream is being captured into a graph \
+                      (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)"
                 .into(),
         })
+    }
+
+    /// Makes visible to the host every queued copy up to ordinal `upto`: copies back land,
+    /// and the sources of copies from pinned memory are checked to be as they were queued.
+    fn complete(&self, upto: u64) -> Result<(), BackendError> {
+        let due: Vec<HostEffect> = {
+            let mut q = self.host_effects.lock();
+            let (due, rest) = std::mem::take(&mut *q)
+                .into_iter()
+                .partition(|h| h.seq <= upto);
+            *q = rest;
+            due
+        };
+        self.fences.done(upto);
+        for h in due {
+            let n = h.bytes.len();
+            // SAFETY: pinned buffers stay allocated while copies use them (the backend frees
+            // one only after a synchronisation), and a copy's span was checked when queued.
+            unsafe {
+                if h.lands {
+                    std::ptr::copy_nonoverlapping(h.bytes.as_ptr(), h.at as *mut u8, n);
+                } else if std::slice::from_raw_parts(h.at as *const u8, n) != h.bytes {
+                    return Err(dev_err(
+                        "cuMemcpyHtoDAsync",
+                        format!(
+                            "the pinned source at {:#x} ({n} bytes) was written before the copy \
+                             reading it had completed",
+                            h.at
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn is_pinned(&self, p: u64, bytes: usize) -> bool {

@@ -30,11 +30,11 @@ use parking_lot::Mutex;
 mod driver;
 pub mod report;
 pub use driver::SYNC_LAUNCHES_ENV;
-use driver::{Driver, Func};
+use driver::{Driver, Event, Func};
 
 use super::step_meta::{self, MetaLayout, OutLayout};
 use super::{Backend, BackendError, RopeTable};
-use crate::batch::StepBatch;
+use crate::batch::{StepBatch, FUTURE_TOKEN};
 use crate::config::ModelConfig;
 use crate::loader::{f32_to_bf16, Elems, Tensor};
 use crate::parallel::Communicator;
@@ -158,6 +158,8 @@ pub struct CudaStep {
     /// The RoPE table's cos and sin (owned by the backend; only grown between steps).
     cos: sys::CUdeviceptr,
     sin: sys::CUdeviceptr,
+    /// The sampling output array, whose tokens a future token id names.
+    future: sys::CUdeviceptr,
     n_tokens: usize,
 }
 
@@ -175,6 +177,7 @@ impl CudaStep {
             logit_rows: at(l.logit_rows),
             cos: 0,
             sin: 0,
+            future: 0,
             n_tokens: l.token_count(),
         }
     }
@@ -195,30 +198,59 @@ impl Drop for Pinned {
     }
 }
 
-/// One direction of a step's input or output: the words packed on the host, their pinned
-/// copy (what the one asynchronous copy reads or writes) and the device array.
+/// A pinned buffer and the fence of the last asynchronous copy that used it: it is not
+/// written (or, for a copy back, read) before that fence has passed.
+struct Slot {
+    pinned: Pinned,
+    event: Option<Event>,
+    /// The fence's ordinal (0: none yet).
+    fence: u64,
+}
+
+/// One direction of a step's input or output: the words packed on the host, two pinned
+/// copies used in turn (what the asynchronous copies read or write: while one step's copy is
+/// in flight the next step's words go into the other) and the device array.
 struct Channel {
     host: Vec<u32>,
-    pinned: Pinned,
+    slots: [Slot; 2],
+    /// The slot the next copy uses.
+    next: usize,
     dev: Option<DevMem>,
-    /// The driver's synchronisation count when the pinned copy was last handed to a copy:
-    /// it is not written again before a synchronisation has passed.
-    sent_at: u64,
 }
 
 impl Channel {
     fn new(drv: &Arc<Driver>) -> Self {
-        Self {
-            host: Vec::new(),
+        let slot = || Slot {
             pinned: Pinned {
                 ptr: std::ptr::null_mut(),
                 bytes: 0,
                 drv: drv.clone(),
             },
+            event: None,
+            fence: 0,
+        };
+        Self {
+            host: Vec::new(),
+            slots: [slot(), slot()],
+            next: 0,
             dev: None,
-            sent_at: u64::MAX,
         }
     }
+
+    /// The slot the next copy uses (and the one after it uses the other).
+    fn take_slot(&mut self) -> usize {
+        let i = self.next;
+        self.next ^= 1;
+        i
+    }
+}
+
+/// A copy of sampling results on its way back (`Backend::send_samples_back`): the slot it
+/// lands in, the layout of the array it came from, and the words copied.
+struct Readback {
+    slot: usize,
+    layout: OutLayout,
+    words: usize,
 }
 
 /// A step's input sent by [`Backend::stage`]: its layout and the array it is in.
@@ -274,6 +306,8 @@ struct SampleBufs {
     out: Channel,
     /// The layout of the last sampling's outputs.
     out_layout: OutLayout,
+    /// Copies back not yet taken, oldest first (at most one per slot).
+    pending: std::collections::VecDeque<Readback>,
 }
 
 pub struct CudaBackend {
@@ -345,6 +379,7 @@ impl CudaBackend {
                 work: None,
                 out,
                 out_layout: OutLayout::new(0),
+                pending: Default::default(),
             }),
             meta: Mutex::new(meta),
             sample_meta: Mutex::new(sample_meta),
@@ -568,33 +603,44 @@ impl CudaBackend {
     /// (both grown when needed); the device array's address.
     fn send(&self, ch: &mut Channel, words: usize) -> Result<sys::CUdeviceptr, BackendError> {
         let bytes = words * 4;
-        self.pinned_fit(ch, bytes)?;
-        // SAFETY: the pinned buffer holds `bytes`; no copy reads it any more (pinned_fit).
-        let pinned = unsafe { std::slice::from_raw_parts_mut(ch.pinned.ptr as *mut u32, words) };
+        let slot = &mut ch.slots[ch.take_slot()];
+        self.slot_fit(slot, bytes)?;
+        // SAFETY: the pinned buffer holds `bytes`; no copy reads it any more (slot_fit).
+        let pinned = unsafe { std::slice::from_raw_parts_mut(slot.pinned.ptr as *mut u32, words) };
         pinned.copy_from_slice(&ch.host[..words]);
         self.ensure(&mut ch.dev, bytes.max(8))?;
         let dev = ch.dev.as_ref().expect("ensured").ptr;
         // SAFETY: the device array holds `bytes`; the pinned source is not written again
-        // before a synchronisation (`sent_at`).
+        // before the fence recorded next has passed.
         unsafe { self.drv.htod(dev, &*pinned) }?;
-        ch.sent_at = self.drv.syncs();
+        self.fence(slot)?;
         Ok(dev)
     }
 
-    /// Makes `ch`'s pinned buffer hold `bytes` and safe to write: no copy still reading it.
-    fn pinned_fit(&self, ch: &mut Channel, bytes: usize) -> Result<(), BackendError> {
-        if ch.sent_at == self.drv.syncs() {
-            self.sync()?; // the last copy from it may not have run yet
+    /// Makes `slot`'s pinned buffer hold `bytes` and safe to touch: the last copy that used
+    /// it has completed.
+    fn slot_fit(&self, slot: &mut Slot, bytes: usize) -> Result<(), BackendError> {
+        if let Some(ev) = &slot.event {
+            self.drv.wait(ev, slot.fence)?;
         }
-        if ch.pinned.bytes < bytes {
+        if slot.pinned.bytes < bytes {
             let size = bytes.next_power_of_two().max(4096);
             let ptr = self.drv.alloc_host(size)?;
-            ch.pinned = Pinned {
+            slot.pinned = Pinned {
                 ptr,
                 bytes: size,
                 drv: self.drv.clone(),
             };
         }
+        Ok(())
+    }
+
+    /// Records a fence after the copy just queued on `slot`.
+    fn fence(&self, slot: &mut Slot) -> Result<(), BackendError> {
+        if slot.event.is_none() {
+            slot.event = Some(Event::new(&self.drv)?);
+        }
+        slot.fence = self.drv.record(slot.event.as_ref().expect("made above"))?;
         Ok(())
     }
 
@@ -784,6 +830,19 @@ impl Backend for CudaBackend {
                 CudaStep::at(&l, base)
             }
         };
+        // the previous step's sampled tokens (token ids with FUTURE_TOKEN set read them)
+        step.future = self
+            .sample_bufs
+            .lock()
+            .out
+            .dev
+            .as_ref()
+            .map_or(0, |m| m.ptr);
+        if step.future == 0 && batch.tokens.iter().any(|&t| t & FUTURE_TOKEN != 0) {
+            return Err(BackendError::Internal(
+                "a step reads the tokens of a previous step that sampled nothing".into(),
+            ));
+        }
         let last = batch.positions.iter().max().map_or(0, |&p| p as usize + 1);
         (step.cos, step.sin) = self.rope_table(rope, last)?;
         Ok(step)
@@ -792,7 +851,9 @@ impl Backend for CudaBackend {
     fn reserve_step_input(&self, words: usize) -> Result<(), BackendError> {
         self.bind()?;
         let mut m = self.meta.lock();
-        self.pinned_fit(&mut m, words * 4)?;
+        for slot in &mut m.slots {
+            self.slot_fit(slot, words * 4)?;
+        }
         self.ensure(&mut m.dev, words * 4)
     }
 
@@ -812,6 +873,7 @@ impl Backend for CudaBackend {
         self.launch(k::embedding(
             table.ptr(),
             step.tokens,
+            step.future,
             out.mem.ptr,
             batch.num_tokens(),
             table.cols,
@@ -1103,7 +1165,7 @@ impl Backend for CudaBackend {
         self.launch_sample(logits, vocab, rows, base + (l.sample_rows * 4) as u64, base)
     }
 
-    fn read_samples(&self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+    fn send_samples_back(&self, samples: &SampleBatch) -> Result<(), BackendError> {
         self.bind()?;
         let mut b = self.sample_bufs.lock();
         let b = &mut *b;
@@ -1115,18 +1177,65 @@ impl Backend for CudaBackend {
                 o.rows
             )));
         }
+        if b.pending.len() == b.out.slots.len() {
+            return Err(BackendError::Internal(
+                "a third copy of sampling results before the first was taken".into(),
+            ));
+        }
+        let wants_top = samples.rows.iter().any(|r| r.n_top > 0);
+        let words = if rows == 0 {
+            0
+        } else {
+            o.words_to_read(wants_top)
+        };
+        let i = b.out.take_slot();
+        if words > 0 {
+            let slot = &mut b.out.slots[i];
+            self.slot_fit(slot, words * 4)?;
+            let src = b.out.dev.as_ref().expect("sampled into it").ptr;
+            // SAFETY: the slot's pinned buffer holds `words` and no copy uses it (slot_fit);
+            // it is read only after the fence recorded next (`take_samples`).
+            let host =
+                unsafe { std::slice::from_raw_parts_mut(slot.pinned.ptr as *mut u32, words) };
+            // SAFETY: the output array holds `o.words` >= `words`.
+            unsafe { self.drv.dtoh_async(host, src) }?;
+            self.fence(slot)?;
+        }
+        b.pending.push_back(Readback {
+            slot: i,
+            layout: o,
+            words,
+        });
+        Ok(())
+    }
+
+    fn take_samples(&self, samples: &SampleBatch) -> Result<Vec<TokenInfo>, BackendError> {
+        self.bind()?;
+        let mut b = self.sample_bufs.lock();
+        let b = &mut *b;
+        let Some(r) = b.pending.pop_front() else {
+            return Err(BackendError::Internal(
+                "sampling results taken that were not sent back".into(),
+            ));
+        };
+        let rows = samples.len();
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let wants_top = samples.rows.iter().any(|r| r.n_top > 0);
-        let words = o.words_to_read(wants_top);
-        let ch = &mut b.out;
-        self.pinned_fit(ch, words * 4)?;
-        let src = ch.dev.as_ref().expect("sampled into it").ptr;
-        // SAFETY: the pinned buffer holds `words`; no copy uses it (pinned_fit).
-        let host = unsafe { std::slice::from_raw_parts_mut(ch.pinned.ptr as *mut u32, words) };
-        // SAFETY: the output array holds `o.words` >= `words`. One copy, one wait.
-        unsafe { self.drv.dtoh(host, src) }?;
+        let o = r.layout;
+        if rows > o.rows || r.words < o.top_ids {
+            return Err(BackendError::Internal(format!(
+                "{rows} sampling rows taken from a copy of {} rows",
+                o.rows
+            )));
+        }
+        let slot = &b.out.slots[r.slot];
+        if let Some(ev) = &slot.event {
+            // the step's one wait
+            self.drv.wait(ev, slot.fence)?;
+        }
+        // SAFETY: the copy into the slot's `words` has completed (waited above).
+        let host = unsafe { std::slice::from_raw_parts(slot.pinned.ptr as *const u32, r.words) };
         let f = |w: u32| f32::from_bits(w);
         Ok((0..rows)
             .map(|i| {
