@@ -399,6 +399,46 @@ fn emulated_graphs_replay_the_eager_step() {
         alone_launches + 1,
         "the step after the stop was queued"
     );
+
+    // a request aborted while its next step is queued, beside a request with a penalty (whose
+    // steps are not planned ahead) and a plain one: theirs are the output without the
+    // overlap, and every KV page comes back
+    let mixed = |e: &EngineHandle| {
+        let mut penalised = request(2, 8);
+        penalised.params.frequency_penalty = 0.5;
+        let plain = e.submit(request(0, 10)).unwrap();
+        let penalised = e.submit(penalised).unwrap();
+        let mut doomed = e.submit(request(3, 40)).unwrap();
+        let mut chunks = 0;
+        while let Some(ev) = doomed.next_blocking() {
+            match ev {
+                sglang::engine::Event::Chunk(_) => {
+                    chunks += 1;
+                    if chunks == 3 {
+                        e.abort(doomed.id());
+                    }
+                }
+                _ => break,
+            }
+        }
+        let out = key(vec![
+            plain.collect_blocking().unwrap(),
+            penalised.collect_blocking().unwrap(),
+        ]);
+        let s = e.stats();
+        assert_eq!(
+            (s.running, s.waiting, s.kv_used_tokens),
+            (0, 0, 0),
+            "every page back"
+        );
+        (out, chunks)
+    };
+    let ((a, chunks), (b, _)) = (mixed(&with), mixed(&alone));
+    assert!(
+        chunks < 40,
+        "the aborted request stopped early ({chunks} chunks)"
+    );
+    assert_eq!(a, b, "beside an abort and a penalty");
 }
 
 /// A capture refuses what a captured stream cannot hold, naming the call, as the driver does:
