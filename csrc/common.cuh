@@ -12,6 +12,20 @@
 
 typedef __nv_bfloat16 bf16;
 
+#ifndef SG_EMULATION
+// d += A·B on the tensor cores for one warp (every lane): A 16 x 16 bf16 (row-major
+// fragments), B 16 x 8 bf16 (column-major), d 16 x 8 f32; sm_80 and later. The emulator
+// (tests/kernel_emu/cuda_emu.h) implements the same lane layout.
+__device__ __forceinline__ void mma_bf16_16816(float d[4], const unsigned a[4],
+                                               const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
 #define WARP 32
 
 // The bf16 pair in a 32-bit word (the lower address in the low half) as two floats.

@@ -492,6 +492,214 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g7(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 7)
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_attention_d128_g8(SG_ATTN_PARAMS) SG_ATTN_FIXED(128, 8)
 
+// ---------------------------------------------------------------- prefill on tensor cores
+
+// Prefill attention on tensor cores: FlashAttention-2 over the paged KV cache, causal. One
+// warp per tile of 16 consecutive new tokens and one query head (ATTN_WARPS tiles per block:
+// grid (ceil(tokens / (16 * ATTN_WARPS)), q_heads)). The tile's query rows (scaled, bf16) stay
+// in registers as mma A operands; K and V come from the cache 16 positions at a time straight
+// into B operands (no shared memory); scores S = Q·Kᵀ and outputs O += P·V accumulate in f32
+// with mma.sync m16n8k16 (bf16 in), the softmax online per row. So a prompt reads its context
+// once per 16 tokens (and per query head, from L2 for the heads of a group), where
+// sg_attention reads it once per token. The scores' accumulator fragments are the P operand's
+// layout (FlashAttention-2's register reuse). A tile holding tokens of several sequences (the
+// step packs them one after the other) takes them one sequence at a time, the other rows
+// masked. Tokens before `first` are not its (the step's decode tokens, which sg_attention
+// takes, so that a token's result does not depend on what else the step holds). Precision:
+// the scaled query rows and the softmax weights each enter the products as two bf16 terms
+// (value and remainder, twice the products), so they carry about 16 bits, as near f32 as the
+// cache's bf16 K and V allow. Output normalised bf16 [token][q_head][DIM]. Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16): lane = 4 g + t;
+// A regs {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)} (row, first of a column pair);
+// B regs {(2t, g), (2t + 8, g)} (k pair, column); C/D {(g, 2t), (g, 2t + 1), (g + 8, 2t),
+// (g + 8, 2t + 1)}.
+#define PREFILL_ROWS 16
+
+// (lo, hi) as a bf16 pair `v` and the pair of what rounding left, `r` (v + r carries about
+// 16 bits of each).
+__device__ __forceinline__ void split_bf16x2(float lo, float hi, unsigned* v, unsigned* r) {
+    const bf16 l = __float2bfloat16_rn(lo), h = __float2bfloat16_rn(hi);
+    *v = (unsigned)__bfloat16_as_ushort(l) | ((unsigned)__bfloat16_as_ushort(h) << 16);
+    *r = pack_bf16x2(lo - __bfloat162float(l), hi - __bfloat162float(h));
+}
+
+// The raw bits of row[d] (0 without a row).
+__device__ __forceinline__ unsigned bf16_bits(const bf16* row, int d) {
+    return row ? (unsigned)__bfloat16_as_ushort(row[d]) : 0u;
+}
+
+template <int DIM>
+__device__ __forceinline__ void prefill_attention(
+    const float* __restrict__ q, int q_stride, const bf16* __restrict__ kc,
+    const bf16* __restrict__ vc, bf16* __restrict__ out, const uint32_t* __restrict__ positions,
+    const uint32_t* __restrict__ token_seq, const uint32_t* __restrict__ seq_table_start,
+    const uint32_t* __restrict__ block_tables, int first, int tokens, int page_size, int q_heads,
+    int kv_heads, float scale) {
+    constexpr int KC = DIM / 16;  // k-steps of Q·Kᵀ
+    constexpr int NT = DIM / 8;   // column tiles of O
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int g = lane / 4, t = lane % 4;
+    const int tile = first + ((int)blockIdx.x * ATTN_WARPS + warp) * PREFILL_ROWS;
+    if (tile >= tokens) return;  // the whole warp
+    const int qh = blockIdx.y, kvh = qh / (q_heads / kv_heads);
+    const long kv_dim = (long)kv_heads * DIM;
+    const int row[2] = {tile + g, tile + g + 8};
+    const bool valid[2] = {row[0] < tokens, row[1] < tokens};
+    const int pos[2] = {valid[0] ? (int)positions[row[0]] : -1,
+                        valid[1] ? (int)positions[row[1]] : -1};
+    // Q (scaled) as A operands, all of DIM: bf16 values and their remainders
+    unsigned qa[KC][4], qr[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; kc++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int i = j & 1, col = kc * 16 + (j >> 1) * 8 + 2 * t;
+            const float* src = q + (long)row[i] * q_stride + (long)qh * DIM + col;
+            const float x0 = valid[i] ? src[0] * scale : 0.0f;
+            const float x1 = valid[i] ? src[1] * scale : 0.0f;
+            split_bf16x2(x0, x1, &qa[kc][j], &qr[kc][j]);
+        }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) o[n][j] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const int tile_end = min(tile + PREFILL_ROWS, tokens);
+    // the tile's sequences in turn (every lane reads the same ids: warp-uniform)
+    for (int first = tile; first < tile_end;) {
+        const uint32_t s = token_seq[first];
+        int last = first;
+        while (last + 1 < tile_end && token_seq[last + 1] == s) last++;
+        const bool active[2] = {row[0] >= first && row[0] <= last,
+                                row[1] >= first && row[1] <= last};
+        const int ctx = (int)positions[last] + 1;  // the sequence's rows see up to its last
+        const uint32_t* table = block_tables + seq_table_start[s];
+        for (int c0 = 0; c0 < ctx; c0 += 16) {
+            // S = Q·Kᵀ for positions c0..c0+15: two column tiles of 8
+            float sc[2][4];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++) {
+                const int p = c0 + nt * 8 + g;  // this lane's K row (B's column)
+                const bf16* kr = nullptr;
+                if (p < ctx)
+                    kr = kc + ((long)table[p / page_size] * page_size + p % page_size) * kv_dim +
+                         (long)kvh * DIM;
+#pragma unroll
+                for (int j = 0; j < 4; j++) sc[nt][j] = 0.0f;
+#pragma unroll
+                for (int kc2 = 0; kc2 < KC; kc2++) {
+                    unsigned b[2];
+                    b[0] = kr ? *reinterpret_cast<const unsigned*>(kr + kc2 * 16 + 2 * t) : 0u;
+                    b[1] = kr ? *reinterpret_cast<const unsigned*>(kr + kc2 * 16 + 8 + 2 * t) : 0u;
+                    mma_bf16_16816(sc[nt], qa[kc2], b);
+                    mma_bf16_16816(sc[nt], qr[kc2], b);
+                }
+            }
+            // mask (causal, other sequences' rows, beyond the context), row maxima
+            float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int i = j >> 1, p = c0 + nt * 8 + 2 * t + (j & 1);
+                    if (!active[i] || p > pos[i]) sc[nt][j] = -INFINITY;
+                    mx[i] = fmaxf(mx[i], sc[nt][j]);
+                }
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            }
+            // online softmax: rescale by the new maxima (rows of other sequences untouched)
+            float nm[2], corr[2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                nm[i] = fmaxf(m[i], mx[i]);
+                const bool live = active[i] && nm[i] != -INFINITY;
+                corr[i] = live ? __expf(m[i] - nm[i]) : 1.0f;
+                if (live) m[i] = nm[i];
+            }
+            float ps[2][4];
+#pragma unroll
+            for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int i = j >> 1;
+                    ps[nt][j] = sc[nt][j] == -INFINITY ? 0.0f : __expf(sc[nt][j] - m[i]);
+                }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+                l[i] = l[i] * corr[i] + ps[0][2 * i] + ps[0][2 * i + 1] + ps[1][2 * i] +
+                       ps[1][2 * i + 1];
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                o[n][0] *= corr[0];
+                o[n][1] *= corr[0];
+                o[n][2] *= corr[1];
+                o[n][3] *= corr[1];
+            }
+            // O += P·V: P (16 x 16 positions) is the A operand the score tiles lay out
+            unsigned pa[4], pr[4];
+            split_bf16x2(ps[0][0], ps[0][1], &pa[0], &pr[0]);
+            split_bf16x2(ps[0][2], ps[0][3], &pa[1], &pr[1]);
+            split_bf16x2(ps[1][0], ps[1][1], &pa[2], &pr[2]);
+            split_bf16x2(ps[1][2], ps[1][3], &pa[3], &pr[3]);
+            // this lane's V rows (B's k): positions c0 + 2t, +1, c0 + 8 + 2t, +1
+            const bf16* vr[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int p = c0 + (j >> 1) * 8 + 2 * t + (j & 1);
+                vr[j] = p < ctx ? vc + ((long)table[p / page_size] * page_size + p % page_size) *
+                                           kv_dim +
+                                      (long)kvh * DIM
+                                : nullptr;
+            }
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                const int d = n * 8 + g;
+                // the lower position in the lower half
+                const unsigned b[2] = {bf16_bits(vr[0], d) | bf16_bits(vr[1], d) << 16,
+                                       bf16_bits(vr[2], d) | bf16_bits(vr[3], d) << 16};
+                mma_bf16_16816(o[n], pa, b);
+                mma_bf16_16816(o[n], pr, b);
+            }
+        }
+        first = last + 1;
+    }
+    // the rows' sums over the four lanes of each group, then the normalised output
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (!valid[i]) continue;
+        const float inv = 1.0f / l[i];
+        bf16* dst = out + ((long)row[i] * q_heads + qh) * DIM + 2 * t;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+            *reinterpret_cast<unsigned*>(dst + n * 8) =
+                pack_bf16x2(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    }
+}
+
+#define SG_PREFILL_PARAMS                                                                      \
+    const float *__restrict__ q, int q_stride, const bf16 *__restrict__ kc,                     \
+        const bf16 *__restrict__ vc, bf16 *__restrict__ out,                                    \
+        const uint32_t *__restrict__ positions, const uint32_t *__restrict__ token_seq,          \
+        const uint32_t *__restrict__ seq_table_start, const uint32_t *__restrict__ block_tables, \
+        int first, int tokens, int page_size, int q_heads, int kv_heads, float scale
+#define SG_PREFILL(D)                                                                        \
+    {                                                                                        \
+        prefill_attention<D>(q, q_stride, kc, vc, out, positions, token_seq, seq_table_start, \
+                             block_tables, first, tokens, page_size, q_heads, kv_heads,       \
+                             scale);                                                          \
+    }
+// (d64: at least 3 blocks per SM, up to 168 registers: ptxas's own choice of 128 spills)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, 3) sg_prefill_attention_d64(SG_PREFILL_PARAMS) SG_PREFILL(64)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32) sg_prefill_attention_d128(SG_PREFILL_PARAMS) SG_PREFILL(128)
+
 // Combines the splits of sg_attention: one block per (token, query head).
 extern "C" __global__ void sg_attention_merge(const float* __restrict__ part_ml,
                                               const float* __restrict__ part_acc,

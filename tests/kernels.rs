@@ -29,6 +29,10 @@ const F32_TOL: f64 = 1e-5;
 /// that close to a tie may round either way; attention's outputs can be small sums of large
 /// terms).
 const BF16_HALF_ULPS: f64 = 1.0;
+/// Relative L2 error allowed the tensor-core prefill attention: its query rows (scaled) and
+/// softmax weights enter the products as two bf16 terms each (about 16 bits), and its output
+/// is bf16 (2^-9).
+const PREFILL_REL_ERR: f64 = 3e-3;
 
 // ---------------------------------------------------------------- devices
 
@@ -914,9 +918,34 @@ fn check_attention_case(
         ml,
         acc,
     };
+    let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
+    if kernel.starts_with("sg_prefill_attention") {
+        // as the backend launches it: leading decode tokens by sg_attention, the rest here
+        let first = c.seqs.iter().take_while(|&&(_, n)| n == 1).count();
+        if first > 0 {
+            let decode = k::Attention { tokens: first, ..a };
+            run_attention(d, &decode, k::attention_kernel_name(dim, qh / kvh), 0);
+        }
+        let l = a
+            .prefill_launch(first)
+            .expect("a tensor-core kernel for this head size");
+        assert_eq!(l.kernel, kernel);
+        time(d, l, 0);
+        let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
+        rep.add(
+            kernel,
+            format!(
+                "seqs {} q{qh}/kv{kvh} d{dim} page {ps} from {first}",
+                seqs.join(",")
+            ),
+            d,
+            rel_err(&got, &want),
+            PREFILL_REL_ERR,
+        );
+        return;
+    }
     run_attention(d, &a, kernel, 0);
     let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
-    let seqs: Vec<String> = c.seqs.iter().map(|(p, n)| format!("{p}+{n}")).collect();
     rep.add(
         kernel,
         format!(
@@ -979,6 +1008,22 @@ fn check_attention(d: &mut dyn Dev, r: &mut Rand, rep: &mut Report) {
     check_attention_case(d, r, rep, &c, k::attention_kernel_name(64, 3));
     let c = case(&[(999, 1)], 4, 1, 128, 16, 4);
     check_attention_case(d, r, rep, &c, k::attention_kernel_name(128, 4));
+    // the tensor-core prefill: a prompt longer than a block's 64 tokens, a chunk after a cached
+    // prefix, sequences sharing a 16-token tile with each other and with decode tokens, odd
+    // page sizes, no GQA and the largest group
+    let prefill = [
+        case(&[(0, 70)], 9, 3, 64, 16, 1),
+        case(&[(37, 21), (0, 1), (100, 1), (0, 9)], 9, 3, 64, 16, 1),
+        // decode tokens first (as the scheduler plans them): the kernel starts after them
+        case(&[(40, 1), (7, 1), (0, 19), (3, 1)], 9, 3, 64, 16, 1),
+        case(&[(0, 5), (3, 7), (1, 1), (20, 12)], 4, 4, 64, 7, 1),
+        case(&[(200, 40), (0, 3)], 8, 1, 128, 16, 1),
+        case(&[(0, 33)], 8, 2, 128, 1, 1),
+    ];
+    for c in &prefill {
+        let kernel = k::prefill_attention_kernel_name(c.dim).expect("64 or 128");
+        check_attention_case(d, r, rep, c, kernel);
+    }
 }
 
 /// `sg_sample` over `logits` (`sb.len()` rows of `vocab`) with blocks of `threads`: per row
@@ -1579,6 +1624,60 @@ fn time_sampling(d: &mut dyn Dev, r: &mut Rand, reps: u32) -> Vec<Timing> {
         .collect()
 }
 
+/// The tensor-core prefill attention at Llama-3-8B's heads (32 query / 8 KV heads of 128):
+/// one prompt of `tokens` tokens from position 0, causal. Its least bytes are the cache's K
+/// and V, the queries and the output; the shape names its multiply-adds (it is bound by the
+/// tensor cores, not by memory).
+fn time_prefill_attention(d: &mut dyn Dev, r: &mut Rand, tokens: usize, reps: u32) -> Timing {
+    let (qh, kvh, dim, ps) = (32usize, 8usize, 128usize, 16usize);
+    let pages = tokens.div_ceil(ps);
+    let kp = put_bf16_tiled(d, r, pages * ps * kvh * dim);
+    let vp = put_bf16_tiled(d, r, pages * ps * kvh * dim);
+    let positions: Vec<u32> = (0..tokens as u32).collect();
+    let q_stride = (qh + 2 * kvh) * dim;
+    let op = out::<u16>(d, tokens * qh * dim);
+    let a = k::Attention {
+        q: put(d, &r.vec(tokens * q_stride, 8.0)),
+        q_stride,
+        k_cache: kp,
+        v_cache: vp,
+        out: op,
+        positions: put(d, &positions),
+        token_seq: put(d, &vec![0u32; tokens]),
+        seq_table_start: put(d, &[0u32]),
+        block_tables: put(d, &(0..pages as u32).collect::<Vec<u32>>()),
+        tokens,
+        page_size: ps,
+        q_heads: qh,
+        kv_heads: kvh,
+        head_dim: dim,
+        splits: 1,
+        min_split_len: sglang::backend::split::MIN_SPLIT_LEN,
+        ml: 0,
+        acc: 0,
+    };
+    let l = a.prefill_launch(0).expect("d128");
+    let kernel = l.kernel;
+    let us = time(d, l, reps);
+    let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
+    assert!(
+        got.iter().all(|v| v.is_finite() && v.abs() <= 1.0),
+        "{kernel}: attention of values in [-1, 1) left that range"
+    );
+    // Q·Kᵀ and P·V over the causal triangle, twice each (value and remainder terms)
+    let macs = 2 * 2 * qh * dim * tokens * (tokens + 1) / 2;
+    Timing {
+        kernel: kernel.into(),
+        shape: format!(
+            "prompt {tokens}, q32/kv8 d128, {:.2e} multiply-adds",
+            macs as f64
+        ),
+        us,
+        bytes: (2 * tokens * kvh * dim * 2 + tokens * qh * dim * (4 + 2)) as f64,
+        goal: "tensor cores",
+    }
+}
+
 /// Prints the table of kernel timings at issue 14's anchor shapes: µs per launch and the
 /// achieved bandwidth as a fraction of the copy bandwidth the GPU check measured with torch
 /// (`SGLANG_COPY_BW`, bytes read + written per second).
@@ -1627,6 +1726,12 @@ fn kernel_timings_at_anchor_shapes() {
                 reps,
             ));
         }
+        rows.push(time_prefill_attention(
+            d,
+            &mut r,
+            if full { 512 } else { 40 },
+            reps,
+        ));
         rows.push(time_add_rms_norm(
             d,
             &mut r,

@@ -66,6 +66,8 @@ pub fn all_kernel_names() -> Vec<&'static str> {
         "sg_gather_rows",
         "sg_attention",
         "sg_attention_merge",
+        "sg_prefill_attention_d64",
+        "sg_prefill_attention_d128",
         "sg_sample",
     ];
     names.extend(FIXED_ATTENTION.iter().flatten());
@@ -76,6 +78,19 @@ pub fn all_kernel_names() -> Vec<&'static str> {
 /// the group, the running max, the sum and the accumulator.
 pub fn attention_smem_bytes(group: usize, head_dim: usize) -> u32 {
     (ATTN_WARPS as usize * group * (head_dim + 2) * 4) as u32
+}
+
+/// New tokens per warp of the tensor-core prefill attention (csrc/kernels.cu, PREFILL_ROWS).
+pub const PREFILL_ROWS: usize = 16;
+
+/// The tensor-core prefill attention kernel for a head size (None: not instantiated; prefill
+/// then runs the decode kernels).
+pub fn prefill_attention_kernel_name(head_dim: usize) -> Option<&'static str> {
+    match head_dim {
+        64 => Some("sg_prefill_attention_d64"),
+        128 => Some("sg_prefill_attention_d128"),
+        _ => None,
+    }
 }
 
 /// The attention kernel for a head size and query-head group.
@@ -323,16 +338,7 @@ impl Attention {
             (self.tokens as u32, self.kv_heads as u32, self.splits as u32),
             ATTN_WARPS * 32,
         )
-        .args(&[
-            Ptr(self.q),
-            I32(self.q_stride as i32),
-            Ptr(self.k_cache),
-            Ptr(self.v_cache),
-            Ptr(self.out),
-            Ptr(self.positions),
-            Ptr(self.token_seq),
-            Ptr(self.seq_table_start),
-            Ptr(self.block_tables),
+        .args(&self.with_step_args(&[
             I32(self.page_size as i32),
             I32(self.q_heads as i32),
             I32(self.kv_heads as i32),
@@ -341,7 +347,7 @@ impl Attention {
             I32(self.min_split_len as i32),
             Ptr(self.ml),
             Ptr(self.acc),
-        ]);
+        ]));
         attention.shared = attention_smem_bytes(group, self.head_dim);
         let mut out = vec![attention];
         if self.splits > 1 {
@@ -361,6 +367,49 @@ impl Attention {
             );
         }
         out
+    }
+
+    /// Prefill attention on tensor cores (`sg_prefill_attention_d{64,128}`) for the tokens
+    /// from `first` on (those before are decode tokens, for [`Attention::launches`] with
+    /// `tokens: first`): one warp per [`PREFILL_ROWS`] tokens and query head, ATTN_WARPS
+    /// warps per block, no split (the split fields are not read). None for other head sizes.
+    pub fn prefill_launch(&self, first: usize) -> Option<Launch> {
+        let kernel = prefill_attention_kernel_name(self.head_dim)?;
+        let tiles =
+            (self.tokens - first.min(self.tokens)).div_ceil(PREFILL_ROWS * ATTN_WARPS as usize);
+        Some(
+            Launch::new(
+                kernel,
+                (tiles.max(1) as u32, self.q_heads as u32, 1),
+                ATTN_WARPS * 32,
+            )
+            .args(&self.with_step_args(&[
+                I32(first as i32),
+                I32(self.tokens as i32),
+                I32(self.page_size as i32),
+                I32(self.q_heads as i32),
+                I32(self.kv_heads as i32),
+                F32(1.0 / (self.head_dim as f32).sqrt()),
+            ])),
+        )
+    }
+
+    /// The arguments every attention kernel starts with (q and its stride, the caches, the
+    /// output, the step's positions, sequences and block tables), then `rest`.
+    fn with_step_args(&self, rest: &[Arg]) -> Vec<Arg> {
+        let mut args = vec![
+            Ptr(self.q),
+            I32(self.q_stride as i32),
+            Ptr(self.k_cache),
+            Ptr(self.v_cache),
+            Ptr(self.out),
+            Ptr(self.positions),
+            Ptr(self.token_seq),
+            Ptr(self.seq_table_start),
+            Ptr(self.block_tables),
+        ];
+        args.extend_from_slice(rest);
+        args
     }
 }
 
@@ -440,6 +489,12 @@ pub fn anchor_launches() -> Vec<Launch> {
     out.extend(generic);
     for d in FIXED_HEAD_DIMS {
         out.extend((1..=MAX_GROUP).map(|g| attention(d, g).launches().remove(0)));
+        // the tensor-core prefill, at a 512-token chunk
+        let prefill = Attention {
+            tokens: 512,
+            ..attention(d, heads / kv_heads)
+        };
+        out.extend(prefill.prefill_launch(0));
     }
     out.push(
         Sample {
@@ -514,7 +569,17 @@ mod tests {
         assert_eq!(two[1].kernel, "sg_attention_merge");
         assert_eq!(two[1].grid, (64, 1, 1));
         assert_eq!(two[1].block, 96);
-        assert_eq!(all_kernel_names().len(), 10 + 16);
+        assert_eq!(all_kernel_names().len(), 12 + 16);
+        // the tensor-core prefill: tokens from `first` on, 64 per block, one block row per
+        // query head; none for a head size without its instantiation
+        a.head_dim = 128;
+        a.tokens = 2 + 130;
+        let p = a.prefill_launch(2).expect("d128");
+        assert_eq!(p.kernel, "sg_prefill_attention_d128");
+        assert_eq!(p.grid, (3, 32, 1));
+        assert_eq!(p.block, ATTN_WARPS * 32);
+        a.head_dim = 80;
+        assert!(a.prefill_launch(0).is_none());
     }
 
     #[test]

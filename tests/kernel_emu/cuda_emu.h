@@ -14,6 +14,7 @@
 //   write and another thread's read fails whichever thread index writes.
 // - Shared memory: dynamic and static `__shared__` memory is NaN-poisoned (0xff bytes) before
 //   every block, so a read before a write, or a value left by another block, shows.
+// - Tensor-core products (mma_bf16_16816): every lane of a full warp takes part.
 // - Shuffles: the lane must be in the mask, all lanes taking part must pass the same mask,
 //   and the source lane must take part; `__syncwarp(mask)` must name its caller.
 // - Launch limits: block size within the kernel's `__launch_bounds__` (else 1024); grid
@@ -164,6 +165,7 @@ struct Warp {
     uint64_t slot[kWarp];
     unsigned mask[kWarp];      // the mask each lane passed to the shuffle in progress
     unsigned arrived[kWarp];   // the barrier generation at which the lane last arrived
+    unsigned frag[kWarp][6];   // each lane's operands of the mma in progress (A, then B)
 };
 
 // The first violation of the running launch (empty: none).
@@ -507,6 +509,47 @@ template <class T>
 T __shfl_up_sync(unsigned mask, T v, unsigned d) {
     const int lane = sg_emu::current % sg_emu::kWarp;
     return sg_emu::shuffle(v, lane >= (int)d ? lane - (int)d : lane, mask, "__shfl_up_sync");
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for one warp: d += A·B, A 16 x 16 and
+// B 16 x 8 bf16, d 16 x 8 f32, each spread over the 32 lanes as the PTX ISA lays them out
+// (lane = 4 g + t; A regs {(g, 2t), (g + 8, 2t), (g, 2t + 8), (g + 8, 2t + 8)}, two columns
+// each; B regs {(2t, g), (2t + 8, g)}, two rows each; d {(g, 2t), (g, 2t + 1), (g + 8, 2t),
+// (g + 8, 2t + 1)}). Every lane of a full warp must take part (else the launch fails); the
+// products accumulate in f32 in k order.
+inline void mma_bf16_16816(float d[4], const unsigned a[4], const unsigned b[2]) {
+    using namespace sg_emu;
+    Warp& w = warps[current / kWarp];
+    const int lane = current % kWarp;
+    const int base = current - lane;
+    for (int i = 0; i < 4; i++) w.frag[lane][i] = a[i];
+    for (int i = 0; i < 2; i++) w.frag[lane][4 + i] = b[i];
+    const unsigned gen = w.bar.gen;
+    w.arrived[lane] = gen;
+    wait(w.bar);
+    for (int l = 0; l < kWarp; l++)
+        if (base + l >= nthreads || w.arrived[l] != gen) {
+            fail("mma.sync: lane " + std::to_string(l) + " of the warp does not take part");
+            break;
+        }
+    auto half = [](unsigned word, int hi) { return __uint_as_float(hi ? word & 0xffff0000u : word << 16); };
+    // A(r, k) and B(k, n) from the lanes holding them
+    auto A = [&](int r, int k) {
+        const unsigned word = w.frag[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)];
+        return half(word, k % 2);
+    };
+    auto B = [&](int k, int n) {
+        const unsigned word = w.frag[n * 4 + (k % 8) / 2][4 + k / 8];
+        return half(word, k % 2);
+    };
+    const int g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; j++) {
+        const int r = g + (j >> 1) * 8, n = 2 * t + (j & 1);
+        float s = d[j];
+        for (int k = 0; k < 16; k++) s += A(r, k) * B(k, n);
+        d[j] = s;
+    }
+    wait(w.bar);  // no lane overwrites its fragments before every lane has read them
 }
 
 // Atomics: the fibers of a block never interleave within a call, so a plain read-modify-write

@@ -6,6 +6,9 @@
 //! [`Backend::weights`]), and so are gate and up; RoPE is applied while K and V are stored,
 //! from a cos/sin table kept on the device. A decode step makes 9 launches per layer (10
 //! when attention is split along the sequence: at small batches, see `backend::split`).
+//! Prompt chunks take a tensor-core attention kernel (`sg_prefill_attention_d{64,128}`:
+//! mma.sync, FlashAttention-2 tiles of 16 tokens over the paged cache); a step's decode
+//! tokens, which the scheduler plans first, keep the decode kernels.
 //!
 //! CUDA is loaded at run time (cudarc's dynamic loading): a binary built with `cuda` starts
 //! and serves on the CPU where no driver exists; [`driver_available`] is checked before any
@@ -1016,11 +1019,20 @@ impl Backend for CudaBackend {
             )));
         }
         let t = step.n_tokens;
+        // The step's decode tokens come first (the scheduler plans decodes before prompt
+        // chunks): they take sg_attention (split by their count), the rest the tensor-core
+        // prefill kernel, so that a token's result does not depend on what else the step
+        // holds. Head sizes without a tensor-core kernel take sg_attention throughout.
+        let decode = if k::prefill_attention_kernel_name(cfg.head_dim).is_some() {
+            batch.seqs.iter().take_while(|s| s.num_tokens == 1).count()
+        } else {
+            t
+        };
         // from the batch and the GPU only: each token's kernel divides its own context
-        let splits = super::split::attention_splits(t, cfg.num_kv_heads, self.sms);
+        let splits = super::split::attention_splits(decode, cfg.num_kv_heads, self.sms);
         let mut scratch = self.scratch.lock();
-        let (ml, acc) = if splits > 1 {
-            let rows = t * cfg.num_heads * splits;
+        let (ml, acc) = if splits > 1 && decode > 0 {
+            let rows = decode * cfg.num_heads * splits;
             self.ensure(&mut scratch.attn_ml, rows * 2 * 4)?;
             self.ensure(&mut scratch.attn_acc, rows * cfg.head_dim * 4)?;
             (
@@ -1052,10 +1064,20 @@ impl Backend for CudaBackend {
             ml,
             acc,
         };
-        for l in a.launches() {
-            self.launch(l)?;
+        if decode > 0 {
+            for l in (k::Attention {
+                tokens: decode,
+                ..a
+            })
+            .launches()
+            {
+                self.launch(l)?;
+            }
         }
-        Ok(())
+        match a.prefill_launch(decode).filter(|_| decode < t) {
+            Some(l) => self.launch(l),
+            None => Ok(()),
+        }
     }
 
     fn gather_rows(
