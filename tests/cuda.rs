@@ -513,15 +513,9 @@ fn emulated_capture_refuses_what_a_graph_cannot_hold() {
 /// 10 per layer, 4 per step.
 const DECODE_STEP_LAUNCHES_2_LAYERS: u64 = 24;
 
-/// Llama-3-8B's widths (4096 hidden, 32 query / 8 KV heads of 128, 14336 MLP, 128256 vocab,
-/// rope theta 500000) with 2 of its 32 layers and random weights: the GPU's logits stay within
-/// tolerance of the CPU's for a prefill and decode steps.
-#[test]
-fn llama3_8b_shape_matches_the_cpu() {
-    if !sglang::backend::cuda::driver_available() {
-        println!("skipped: {}", sglang::backend::cuda::unavailable_reason());
-        return;
-    }
+/// A model directory (config only: weights `--load-format dummy`) of Llama-3-8B's shape with 2
+/// of its 32 layers.
+fn llama3_8b_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("config.json"),
@@ -533,6 +527,86 @@ fn llama3_8b_shape_matches_the_cpu() {
             "bos_token_id": 128000, "eos_token_id": 128001}"#,
     )
     .unwrap();
+    dir
+}
+
+/// Bytes a decode step moves, statically (issue 14 item 7): one decode step of the
+/// Llama-3-8B shape (2 layers, random weights) at a 4,096-token context through the CUDA
+/// backend, on the emulator built to count the bytes each kernel reads and writes in device
+/// memory (and each emulated cuBLAS product its operands): at most 1.05x its weights plus its
+/// KV cache, each read once; the attention kernels read the whole KV cache (the counts are
+/// live). Counts are per thread's access (a value all 32 lanes load counts 32 times, where a
+/// GPU broadcasts it), so they bound the traffic from above. The table goes into the test's
+/// output.
+#[test]
+fn emulated_decode_step_moves_its_weights_and_kv_once() {
+    use sglang::batch::{LogitsWanted, StepBatch};
+    if !emulator_here() {
+        return;
+    }
+    let library = kernel_emu::library_counting_bytes();
+    let dir = llama3_8b_dir();
+    let ctx = 4096;
+    let mut c = EngineConfig::new(dir.path());
+    c.load_format = sglang::config::LoadFormat::Dummy;
+    c.device = Device::Cuda;
+    c.cuda_emulator = Some(library.to_path_buf());
+    c.disable_cuda_graph = true; // the eager step (a graph replays the same launches)
+    c.max_total_tokens = Some(ctx + 64);
+    let mut r = runner::load(&c).unwrap();
+    let (_, page_size) = r.kv_pages();
+    // position ctx - 1 of a sequence whose first ctx - 1 positions are cached (the cache holds
+    // whatever: the bytes do not depend on the values)
+    let table: Vec<u32> = (0..ctx.div_ceil(page_size) as u32).collect();
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    batch.push_seq(&[17], ctx - 1, &table, LogitsWanted::Last);
+    let emulator = kernel_emu::Emulator::load(library);
+    emulator.bytes_log(true);
+    r.forward(&batch).unwrap();
+    let log = emulator.bytes_log(true);
+    let cfg = r.config().clone();
+    let kv = cfg.num_layers * ctx * cfg.num_kv_heads * cfg.head_dim * 2 * 2;
+    let floor = (r.weight_bytes() + kv) as f64;
+    println!("bytes of one decode step, Llama-3-8B shape, 2 layers, {ctx}-token context:");
+    println!("| kernel | read | written |\n|---|---:|---:|");
+    let mut total = 0u64;
+    for (name, read, written) in &log {
+        println!("| {name} | {read} | {written} |");
+        total += read + written;
+    }
+    let ratio = total as f64 / floor;
+    println!(
+        "| total | {total} | ({ratio:.4} of weights {} + KV {kv}) |",
+        r.weight_bytes()
+    );
+    let attention: u64 = log
+        .iter()
+        .filter(|k| k.0.starts_with("sg_attention"))
+        .map(|k| k.1)
+        .sum();
+    assert!(
+        attention as f64 >= 0.99 * kv as f64,
+        "the attention kernels read {attention} bytes of a {kv}-byte KV cache"
+    );
+    assert!(
+        (1.0..=1.05).contains(&ratio),
+        "a decode step moves {ratio:.4}x its weights plus its KV cache"
+    );
+}
+
+/// Llama-3-8B's widths (4096 hidden, 32 query / 8 KV heads of 128, 14336 MLP, 128256 vocab,
+/// rope theta 500000) with 2 of its 32 layers and random weights: the GPU's logits stay within
+/// tolerance of the CPU's for a prefill and decode steps.
+#[test]
+fn llama3_8b_shape_matches_the_cpu() {
+    if !sglang::backend::cuda::driver_available() {
+        println!("skipped: {}", sglang::backend::cuda::unavailable_reason());
+        return;
+    }
+    let dir = llama3_8b_dir();
     let cfg = |device| {
         let mut c = EngineConfig::new(dir.path());
         c.load_format = sglang::config::LoadFormat::Dummy;

@@ -4,7 +4,8 @@
 //! limits ignored) and fails now: a race whose writer has the lower thread index, a read of
 //! shared memory before any write, a shuffle outside its mask, a block above its
 //! `__launch_bounds__`, shared memory above the 48 KB default without the attribute (and
-//! above sm_90's 227 KB with it). Also the launch log.
+//! above sm_90's 227 KB with it); and a tensor-core product in divergent code (a rule that
+//! came with the first such product). Also the launch log.
 
 use std::ffi::c_void;
 use std::path::PathBuf;
@@ -193,6 +194,18 @@ fn shared_memory_limits_are_enforced() {
     let mut out = vec![0f32; 32];
     let err = fails(&emu, "static_shared_64k", (1, 32, 0), &mut out);
     assert!(err.contains("65536 bytes of static"), "{err}");
+}
+
+/// A tensor-core product is warp-wide: called by half a warp it fails the launch, naming a
+/// lane that did not take part; called by every lane it computes A·B (all-ones operands: 16 in
+/// each of the 16 x 8 outputs, each lane holding its four).
+#[test]
+fn a_tensor_core_product_needs_the_whole_warp() {
+    let mut out = vec![0f32; 64 * 4];
+    let e = fails(lib(), "mma_in_divergent_code", (1, 64, 0), &mut out);
+    assert!(e.contains("does not take part"), "{e}");
+    run(lib(), "mma_whole_warp", (1, 64, 0), None, &mut out, None).unwrap();
+    assert!(out.iter().all(|&v| v == 16.0), "{out:?}");
 }
 
 #[test]

@@ -22,7 +22,8 @@
 //   kernel's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute (sg_emu_set_max_dynamic_smem) up to
 //   sm_90's 227 KB.
 // - A launch log per kernel (launches, blocks, threads) for launch-count figures, and counts
-//   of the events kernels mark with SG_EMU_COUNT (e.g. sg_sample's passes over a row).
+//   of the events kernels mark with SG_EMU_COUNT (e.g. sg_sample's passes over a row); in the
+//   build with SG_EMU_COUNT_BYTES, the bytes each kernel reads and writes in device memory.
 // A violation fails the launch (status -3) with its reason in sg_emu_last_error().
 #pragma once
 
@@ -196,8 +197,101 @@ inline uint64_t mix(uint64_t z) {  // SplitMix64's finaliser
 struct KernelInfo {
     size_t max_dynamic_smem = 0;
     unsigned long long launches = 0, blocks = 0, threads = 0;
+    unsigned long long read = 0, written = 0;  // bytes of device memory (see below)
 };
 inline std::map<std::string, KernelInfo> kernels;
+}  // namespace sg_emu
+
+// ---- bytes moved per kernel ----
+// Device memory is what the host registers (sg_emu_device_memory: the CUDA backend's
+// emulated allocations); a kernel's reads and writes of it are counted per kernel
+// (KernelInfo::read, ::written) in the library built with SG_EMU_COUNT_BYTES, whose unit is
+// compiled with -fsanitize=thread but linked without its runtime: the compiler's
+// __tsan_read*/__tsan_write* calls before every memory access land in the hooks below, which
+// count the accesses falling in device memory while a kernel's threads run (shared memory,
+// the threads' stacks and the emulator's own state are not device memory). Each thread's
+// access counts (a value all lanes of a warp load counts once per lane, where a GPU
+// broadcasts it): an upper bound on the memory traffic. Other builds count nothing.
+namespace sg_emu {
+constexpr int kMaxRanges = 1 << 16;
+inline uint64_t range_lo[kMaxRanges], range_hi[kMaxRanges];  // sorted by address
+inline int nranges = 0;
+inline KernelInfo* counting = nullptr;  // the kernel whose threads run
+
+inline void device_memory(uint64_t p, uint64_t len, bool add) {
+    int i = 0;
+    while (i < nranges && range_lo[i] < p) i++;
+    if (add) {
+        if (nranges == kMaxRanges) return;  // beyond: not counted
+        for (int j = nranges; j > i; j--) {
+            range_lo[j] = range_lo[j - 1];
+            range_hi[j] = range_hi[j - 1];
+        }
+        range_lo[i] = p;
+        range_hi[i] = p + len;
+        nranges++;
+    } else if (i < nranges && range_lo[i] == p) {
+        for (int j = i; j + 1 < nranges; j++) {
+            range_lo[j] = range_lo[j + 1];
+            range_hi[j] = range_hi[j + 1];
+        }
+        nranges--;
+    }
+}
+}  // namespace sg_emu
+
+#ifdef SG_EMU_COUNT_BYTES
+#define SG_EMU_NO_TSAN __attribute__((no_sanitize_thread, noinline))
+namespace sg_emu {
+SG_EMU_NO_TSAN inline void touch(const void* a, unsigned size, bool write) {
+    KernelInfo* k = counting;
+    if (!k) return;
+    const uint64_t p = (uint64_t)a;
+    int lo = 0, hi = nranges;  // the last range starting at or below p
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (range_lo[mid] <= p) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0 || p >= range_hi[lo - 1]) return;
+    if (write) k->written += size;
+    else k->read += size;
+}
+}  // namespace sg_emu
+#define SG_EMU_HOOK(n)                                                                        \
+    extern "C" SG_EMU_NO_TSAN void __tsan_read##n(void* p) { sg_emu::touch(p, n, false); }     \
+    extern "C" SG_EMU_NO_TSAN void __tsan_write##n(void* p) { sg_emu::touch(p, n, true); }     \
+    extern "C" SG_EMU_NO_TSAN void __tsan_unaligned_read##n(void* p) {                         \
+        sg_emu::touch(p, n, false);                                                            \
+    }                                                                                          \
+    extern "C" SG_EMU_NO_TSAN void __tsan_unaligned_write##n(void* p) {                        \
+        sg_emu::touch(p, n, true);                                                             \
+    }                                                                                          \
+    extern "C" SG_EMU_NO_TSAN void __tsan_volatile_read##n(void* p) {                          \
+        sg_emu::touch(p, n, false);                                                            \
+    }                                                                                          \
+    extern "C" SG_EMU_NO_TSAN void __tsan_volatile_write##n(void* p) {                         \
+        sg_emu::touch(p, n, true);                                                             \
+    }
+SG_EMU_HOOK(1)
+SG_EMU_HOOK(2)
+SG_EMU_HOOK(4)
+SG_EMU_HOOK(8)
+SG_EMU_HOOK(16)
+extern "C" SG_EMU_NO_TSAN void __tsan_read_range(void* p, unsigned long n) {
+    sg_emu::touch(p, (unsigned)n, false);
+}
+extern "C" SG_EMU_NO_TSAN void __tsan_write_range(void* p, unsigned long n) {
+    sg_emu::touch(p, (unsigned)n, true);
+}
+extern "C" SG_EMU_NO_TSAN void __tsan_func_entry(void*) {}
+extern "C" SG_EMU_NO_TSAN void __tsan_func_exit() {}
+extern "C" SG_EMU_NO_TSAN void __tsan_init() {}
+extern "C" SG_EMU_NO_TSAN void __tsan_vptr_update(void**, void*) {}
+extern "C" SG_EMU_NO_TSAN void __tsan_vptr_read(void**) {}
+#endif
+
+namespace sg_emu {
 
 // Events the kernels count with SG_EMU_COUNT (sg_emu_take_count reads and resets one).
 inline std::map<std::string, unsigned long long> counts;
@@ -386,6 +480,11 @@ inline int run(const char* name, dim3 grid, dim3 block, size_t shared, unsigned 
     }
     const int n = (int)(block.x * block.y * block.z);
     KernelInfo& info = kernels[name];
+    // its threads' accesses to device memory count for it until it returns
+    struct Counting {
+        explicit Counting(KernelInfo* k) { counting = k; }
+        ~Counting() { counting = nullptr; }
+    } counting_for(&info);
     info.launches++;
     info.blocks += (unsigned long long)grid.x * grid.y * grid.z;
     info.threads += (unsigned long long)grid.x * grid.y * grid.z * n;

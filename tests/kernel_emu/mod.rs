@@ -16,6 +16,15 @@ pub fn library() -> &'static Path {
     LIB.get_or_init(|| build_with(&csrc_sources(), &[]))
 }
 
+/// The emulation library of `csrc/*.cu` that counts the bytes each kernel reads and writes in
+/// device memory (`Emulator::bytes_log`): compiled with `-fsanitize=thread` for the compiler's
+/// access hooks, which `cuda_emu.h` implements (linked without the sanitizer's runtime); a few
+/// times slower than [`library`].
+pub fn library_counting_bytes() -> &'static Path {
+    static LIB: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIB.get_or_init(|| build_inner(&csrc_sources(), &["SG_EMU_COUNT_BYTES=1"], true))
+}
+
 /// `csrc/*.cu`, sorted.
 pub fn csrc_sources() -> Vec<PathBuf> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -78,6 +87,10 @@ pub fn build(sources: &[PathBuf]) -> PathBuf {
 /// [`build`] with preprocessor definitions (`NAME=VALUE`), e.g. a kernel's capacity made
 /// small so that a test reaches the paths large inputs take.
 pub fn build_with(sources: &[PathBuf], defines: &[&str]) -> PathBuf {
+    build_inner(sources, defines, false)
+}
+
+fn build_inner(sources: &[PathBuf], defines: &[&str], count_bytes: bool) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap().keep();
     let mut unit = format!(
@@ -112,6 +125,33 @@ SG_EMU_API void sg_emu_set_max_dynamic_smem(const char* name, size_t bytes) {
 // Work done outside the emulated kernels (the CUDA backend's emulated cuBLAS products), in
 // the launch log under `name`.
 SG_EMU_API void sg_emu_log_external(const char* name) { sg_emu::kernels[name].launches++; }
+// The same with the bytes that work read and wrote (the emulated cuBLAS products).
+SG_EMU_API void sg_emu_log_external_bytes(const char* name, unsigned long long read,
+                                          unsigned long long written) {
+  auto& k = sg_emu::kernels[name];
+  k.launches++;
+  k.read += read;
+  k.written += written;
+}
+// Device memory the kernels' byte counts cover (add) or no longer (remove).
+SG_EMU_API void sg_emu_device_memory(unsigned long long p, unsigned long long len, int add) {
+  sg_emu::device_memory(p, len, add != 0);
+}
+// One line per kernel that moved bytes since the last reset: "name read written".
+SG_EMU_API size_t sg_emu_bytes_log(char* out, size_t cap, int reset) {
+  std::string s;
+  for (auto& [name, k] : sg_emu::kernels) {
+    if (k.read == 0 && k.written == 0) continue;
+    s += name + " " + std::to_string(k.read) + " " + std::to_string(k.written) + "\n";
+    if (reset) k.read = k.written = 0;
+  }
+  if (out && cap) {
+    const size_t n = s.size() < cap - 1 ? s.size() : cap - 1;
+    std::memcpy(out, s.data(), n);
+    out[n] = 0;
+  }
+  return s.size();
+}
 // How many times kernels marked `what` (SG_EMU_COUNT) since the last call; resets it.
 SG_EMU_API unsigned long long sg_emu_take_count(const char* what) {
   const unsigned long long n = sg_emu::counts[what];
@@ -139,25 +179,47 @@ SG_EMU_API size_t sg_emu_launch_log(char* out, size_t cap, int reset) {
     std::fs::write(&src, unit).unwrap();
     let lib = dir.join("libsg_emu.so");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let status = std::process::Command::new(&cxx)
-        .args([
-            "-std=c++17",
-            "-O2",
-            "-g",
-            "-fPIC",
-            "-shared",
-            // each library keeps its own globals (no symbol shared between two loaded ones)
-            "-fvisibility=hidden",
-            "-Wall",
-            "-Wno-unknown-pragmas",
-        ])
-        .args(defines.iter().map(|d| format!("-D{d}")))
-        .arg("-o")
-        .arg(&lib)
-        .arg(&src)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
-    assert!(status.success(), "the emulator build of {sources:?} failed");
+    let flags = [
+        "-std=c++17",
+        "-O2",
+        "-g",
+        "-fPIC",
+        // each library keeps its own globals (no symbol shared between two loaded ones)
+        "-fvisibility=hidden",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+    ];
+    let run = |cmd: &mut std::process::Command| {
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C++ compiler `{cxx}`: {e}"));
+        assert!(status.success(), "the emulator build of {sources:?} failed");
+    };
+    let defines = defines.iter().map(|d| format!("-D{d}"));
+    if count_bytes {
+        // the access hooks without the sanitizer's runtime: compile instrumented, link plain
+        let obj = dir.join("emu.o");
+        run(std::process::Command::new(&cxx)
+            .args(flags)
+            .arg("-fsanitize=thread")
+            .args(defines)
+            .arg("-c")
+            .arg("-o")
+            .arg(&obj)
+            .arg(&src));
+        run(std::process::Command::new(&cxx)
+            .args(["-shared", "-o"])
+            .arg(&lib)
+            .arg(&obj));
+    } else {
+        run(std::process::Command::new(&cxx)
+            .args(flags)
+            .arg("-shared")
+            .args(defines)
+            .arg("-o")
+            .arg(&lib)
+            .arg(&src));
+    }
     lib
 }
 
@@ -271,19 +333,36 @@ impl Emulator {
 
     /// Per kernel launched since the last reset: (name, launches, blocks, threads).
     pub fn launch_log(&self, reset: bool) -> Vec<(String, u64, u64, u64)> {
+        self.log(b"sg_emu_launch_log", reset)
+            .into_iter()
+            .map(|(name, n)| (name, n[0], n[1], n[2]))
+            .collect()
+    }
+
+    /// Per kernel (and emulated cuBLAS product) that moved bytes of device memory since the
+    /// last reset: (name, bytes read, bytes written). Only the library from
+    /// [`library_counting_bytes`] counts the kernels'.
+    pub fn bytes_log(&self, reset: bool) -> Vec<(String, u64, u64)> {
+        self.log(b"sg_emu_bytes_log", reset)
+            .into_iter()
+            .map(|(name, n)| (name, n[0], n[1]))
+            .collect()
+    }
+
+    /// One of the library's logs: lines of a name and numbers.
+    fn log(&self, symbol: &[u8], reset: bool) -> Vec<(String, Vec<u64>)> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let f: unsafe extern "C" fn(*mut std::ffi::c_char, usize, i32) -> usize =
-            self.sym(b"sg_emu_launch_log");
+        let f: unsafe extern "C" fn(*mut std::ffi::c_char, usize, i32) -> usize = self.sym(symbol);
         let mut buf = vec![0u8; 1 << 16];
         // SAFETY: writes at most buf.len() bytes, NUL-terminated.
         let n = unsafe { f(buf.as_mut_ptr() as *mut _, buf.len(), reset as i32) };
-        assert!(n < buf.len(), "launch log longer than its buffer");
+        assert!(n < buf.len(), "log longer than its buffer");
         String::from_utf8_lossy(&buf[..n])
             .lines()
             .map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                let num = |i: usize| f[i].parse::<u64>().unwrap();
-                (f[0].to_string(), num(1), num(2), num(3))
+                let mut f = l.split(' ');
+                let name = f.next().unwrap_or_default().to_string();
+                (name, f.map(|v| v.parse::<u64>().unwrap()).collect())
             })
             .collect()
     }

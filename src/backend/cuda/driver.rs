@@ -114,6 +114,10 @@ pub(super) struct Emulated {
     last_error: unsafe extern "C" fn() -> *const std::ffi::c_char,
     /// Counts a cuBLAS product in the emulator's launch log (as "cublas_gemm").
     log_external: unsafe extern "C" fn(*const std::ffi::c_char),
+    /// The same with the bytes the product read and wrote.
+    log_external_bytes: unsafe extern "C" fn(*const std::ffi::c_char, u64, u64),
+    /// Tells the emulator which memory is device memory (the kernels' byte counts).
+    device_memory: unsafe extern "C" fn(u64, u64, i32),
     /// Live allocations (address -> layout), for `free` and the memory report.
     allocs: Mutex<std::collections::HashMap<u64, std::alloc::Layout>>,
     /// The pinned ones among them (address -> bytes): the only host memory a captured copy
@@ -269,11 +273,26 @@ impl Driver {
             }
             .map(|s| *s)
             .map_err(|e| dev_err("sg_emu_log_external in the emulator", e))?;
+            // SAFETY: as above.
+            let log_external_bytes = unsafe {
+                lib.get::<unsafe extern "C" fn(*const std::ffi::c_char, u64, u64)>(
+                    b"sg_emu_log_external_bytes",
+                )
+            }
+            .map(|s| *s)
+            .map_err(|e| dev_err("sg_emu_log_external_bytes in the emulator", e))?;
+            // SAFETY: as above.
+            let device_memory =
+                unsafe { lib.get::<unsafe extern "C" fn(u64, u64, i32)>(b"sg_emu_device_memory") }
+                    .map(|s| *s)
+                    .map_err(|e| dev_err("sg_emu_device_memory in the emulator", e))?;
             let d = Emulated {
                 _lib: lib,
                 launch,
                 last_error,
                 log_external,
+                log_external_bytes,
+                device_memory,
                 allocs: Mutex::new(Default::default()),
                 pinned: Mutex::new(Default::default()),
                 capture: Mutex::new(None),
@@ -396,6 +415,8 @@ impl Driver {
                 // SAFETY: `p` holds layout.size() bytes.
                 unsafe { std::ptr::write_bytes(p, 0xff, layout.size()) };
                 e.allocs.lock().insert(p as u64, layout);
+                // SAFETY: a plain call into the library (it records the range).
+                unsafe { (e.device_memory)(p as u64, layout.size() as u64, 1) };
                 Ok(p as u64)
             }
         }
@@ -418,8 +439,12 @@ impl Driver {
                     e.host_effects.lock().retain(|h| h.at < ptr || h.at >= end);
                 }
                 if let Some(layout) = e.allocs.lock().remove(&ptr) {
-                    // SAFETY: allocated by `alloc` with this layout, freed once.
-                    unsafe { std::alloc::dealloc(ptr as *mut u8, layout) };
+                    // SAFETY: a plain call into the library; then allocated by `alloc` with
+                    // this layout, freed once.
+                    unsafe {
+                        (e.device_memory)(ptr, 0, 0);
+                        std::alloc::dealloc(ptr as *mut u8, layout)
+                    };
                 }
             }
         }
@@ -1001,7 +1026,12 @@ impl Emulated {
 /// # Safety
 /// The addresses are live buffers of those shapes.
 unsafe fn emulated_gemm(e: &Emulated, [m, n, k, a, lda, b, ldb, c, ldc]: [usize; 9]) {
-    (e.log_external)(c"cublas_gemm".as_ptr());
+    let bytes = |n: usize, size: usize| (n * size) as u64;
+    (e.log_external_bytes)(
+        c"cublas_gemm".as_ptr(),
+        bytes(m * k + k * n, 2),
+        bytes(m * n, 4),
+    );
     let bf = |p: usize, i: usize| half::bf16::from_bits(*(p as *const u16).add(i)).to_f32();
     let cp = c as *mut f32;
     // B's columns (one per output column) in f32 once, then each row of op(A)

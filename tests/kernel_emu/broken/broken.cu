@@ -44,3 +44,23 @@ extern "C" __global__ void dynamic_shared(float* out, int n) {
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = s[n - 1 - i];
 }
+
+// A tensor-core product (mma.sync) in divergent code: half the warp calls it. The instruction
+// is warp-wide (a GPU's result is undefined); the emulator fails the launch. Its twin below
+// has every lane call it: all-ones operands give 16 in every element of d.
+__device__ __forceinline__ void mma_ones(float* d) {
+    const unsigned one2 = 0x3f803f80u;  // two bf16 ones
+    const unsigned a[4] = {one2, one2, one2, one2};
+    const unsigned b[2] = {one2, one2};
+    mma_bf16_16816(d, a, b);
+}
+extern "C" __global__ void mma_in_divergent_code(float* out) {
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (threadIdx.x % WARP < 16) mma_ones(d);
+    for (int j = 0; j < 4; j++) out[threadIdx.x * 4 + j] = d[j];
+}
+extern "C" __global__ void mma_whole_warp(float* out) {
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_ones(d);
+    for (int j = 0; j < 4; j++) out[threadIdx.x * 4 + j] = d[j];
+}
