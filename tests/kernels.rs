@@ -1464,41 +1464,48 @@ fn put_bf16_tiled(d: &mut dyn Dev, r: &mut Rand, n: usize) -> u64 {
     p
 }
 
-/// Decode attention of the Llama-3-8B shape (32 query heads, 8 KV heads, head_dim 128, pages
-/// of 16): `batch` sequences of `ctx` positions each, one new token each, distinct pages; the
-/// split (and its merge) the backend picks for this GPU.
-fn time_attention(
+/// Llama-3-8B's KV heads.
+const ANCHOR_KV_HEADS: usize = 8;
+
+/// Attention at Llama-3-8B's heads (32 query heads, 8 KV heads, head_dim 128, pages of 16)
+/// over `seqs` sequences of `ctx` positions each on distinct pages, the last `new` positions
+/// of each the step's tokens; a random bf16 cache, queries in [-8, 8), `splits` splits with
+/// their partial results' buffers.
+fn anchor_attention(
     d: &mut dyn Dev,
     r: &mut Rand,
-    batch: usize,
+    seqs: usize,
     ctx: usize,
-    reps: u32,
-) -> Vec<Timing> {
-    let (qh, kvh, dim, ps) = (32usize, 8usize, 128usize, 16usize);
-    let group = qh / kvh;
+    new: usize,
+    splits: usize,
+) -> k::Attention {
+    let (qh, kvh, dim, ps) = (32usize, ANCHOR_KV_HEADS, 128usize, 16usize);
     let pages_per_seq = ctx.div_ceil(ps);
-    let slots = batch * pages_per_seq * ps;
+    let slots = seqs * pages_per_seq * ps;
     let kp = put_bf16_tiled(d, r, slots * kvh * dim);
     let vp = put_bf16_tiled(d, r, slots * kvh * dim);
-    let positions: Vec<u32> = vec![ctx as u32 - 1; batch];
-    let token_seq: Vec<u32> = (0..batch as u32).collect();
-    let table_start: Vec<u32> = (0..batch).map(|s| (s * pages_per_seq) as u32).collect();
-    let block_tables: Vec<u32> = (0..(batch * pages_per_seq) as u32).collect();
+    let tokens = seqs * new;
+    let positions: Vec<u32> = (0..seqs)
+        .flat_map(|_| (ctx - new..ctx).map(|p| p as u32))
+        .collect();
+    let token_seq: Vec<u32> = (0..seqs)
+        .flat_map(|s| std::iter::repeat_n(s as u32, new))
+        .collect();
+    let table_start: Vec<u32> = (0..seqs).map(|s| (s * pages_per_seq) as u32).collect();
+    let block_tables: Vec<u32> = (0..(seqs * pages_per_seq) as u32).collect();
     let q_stride = (qh + 2 * kvh) * dim;
-    let op = out::<u16>(d, batch * qh * dim);
-    let splits = sglang::backend::split::attention_splits(batch, kvh, d.sms());
-    let (ml, acc) = split_partials(d, batch * qh, dim, splits);
-    let a = k::Attention {
-        q: put(d, &r.vec(batch * q_stride, 8.0)),
+    let (ml, acc) = split_partials(d, tokens * qh, dim, splits);
+    k::Attention {
+        q: put(d, &r.vec(tokens * q_stride, 8.0)),
         q_stride,
         k_cache: kp,
         v_cache: vp,
-        out: op,
+        out: out::<u16>(d, tokens * qh * dim),
         positions: put(d, &positions),
         token_seq: put(d, &token_seq),
         seq_table_start: put(d, &table_start),
         block_tables: put(d, &block_tables),
-        tokens: batch,
+        tokens,
         page_size: ps,
         q_heads: qh,
         kv_heads: kvh,
@@ -1507,7 +1514,31 @@ fn time_attention(
         min_split_len: sglang::backend::split::MIN_SPLIT_LEN,
         ml,
         acc,
-    };
+    }
+}
+
+/// `kernel`'s output of `a`, attention over values in [-1, 1), stayed in that range.
+fn assert_attention_in_range(d: &mut dyn Dev, a: &k::Attention, kernel: &str) {
+    let got = from_bf16(&get::<u16>(d, a.out, a.tokens * a.q_heads * a.head_dim));
+    assert!(
+        got.iter().all(|v| v.is_finite() && v.abs() <= 1.0),
+        "{kernel}: attention of values in [-1, 1) left that range"
+    );
+}
+
+/// Decode attention of the Llama-3-8B shape: `batch` sequences of `ctx` positions each, one
+/// new token each; the split (and its merge) the backend picks for this GPU.
+fn time_attention(
+    d: &mut dyn Dev,
+    r: &mut Rand,
+    batch: usize,
+    ctx: usize,
+    reps: u32,
+) -> Vec<Timing> {
+    let splits = sglang::backend::split::attention_splits(batch, ANCHOR_KV_HEADS, d.sms());
+    let a = anchor_attention(d, r, batch, ctx, 1, splits);
+    let (qh, kvh, dim) = (a.q_heads, a.kv_heads, a.head_dim);
+    let group = qh / kvh;
     let kernel = k::attention_kernel_name(dim, group);
     let us = run_attention(d, &a, kernel, reps);
     let (us, merge_us) = (us[0], us.get(1).copied().flatten());
@@ -1535,11 +1566,7 @@ fn time_attention(
             goal: "",
         });
     }
-    let got = from_bf16(&get::<u16>(d, op, batch * qh * dim));
-    assert!(
-        got.iter().all(|v| v.is_finite() && v.abs() <= 1.0),
-        "{kernel}: attention of values in [-1, 1) left that range"
-    );
+    assert_attention_in_range(d, &a, kernel);
     t
 }
 
@@ -1629,41 +1656,12 @@ fn time_sampling(d: &mut dyn Dev, r: &mut Rand, reps: u32) -> Vec<Timing> {
 /// and V, the queries and the output; the shape names its multiply-adds (it is bound by the
 /// tensor cores, not by memory).
 fn time_prefill_attention(d: &mut dyn Dev, r: &mut Rand, tokens: usize, reps: u32) -> Timing {
-    let (qh, kvh, dim, ps) = (32usize, 8usize, 128usize, 16usize);
-    let pages = tokens.div_ceil(ps);
-    let kp = put_bf16_tiled(d, r, pages * ps * kvh * dim);
-    let vp = put_bf16_tiled(d, r, pages * ps * kvh * dim);
-    let positions: Vec<u32> = (0..tokens as u32).collect();
-    let q_stride = (qh + 2 * kvh) * dim;
-    let op = out::<u16>(d, tokens * qh * dim);
-    let a = k::Attention {
-        q: put(d, &r.vec(tokens * q_stride, 8.0)),
-        q_stride,
-        k_cache: kp,
-        v_cache: vp,
-        out: op,
-        positions: put(d, &positions),
-        token_seq: put(d, &vec![0u32; tokens]),
-        seq_table_start: put(d, &[0u32]),
-        block_tables: put(d, &(0..pages as u32).collect::<Vec<u32>>()),
-        tokens,
-        page_size: ps,
-        q_heads: qh,
-        kv_heads: kvh,
-        head_dim: dim,
-        splits: 1,
-        min_split_len: sglang::backend::split::MIN_SPLIT_LEN,
-        ml: 0,
-        acc: 0,
-    };
+    let a = anchor_attention(d, r, 1, tokens, tokens, 1);
+    let (qh, kvh, dim) = (a.q_heads, a.kv_heads, a.head_dim);
     let l = a.prefill_launch(0).expect("d128");
     let kernel = l.kernel;
     let us = time(d, l, reps);
-    let got = from_bf16(&get::<u16>(d, op, tokens * qh * dim));
-    assert!(
-        got.iter().all(|v| v.is_finite() && v.abs() <= 1.0),
-        "{kernel}: attention of values in [-1, 1) left that range"
-    );
+    assert_attention_in_range(d, &a, kernel);
     // Q·Kᵀ and P·V over the causal triangle, twice each (value and remainder terms)
     let macs = 2 * 2 * qh * dim * tokens * (tokens + 1) / 2;
     Timing {
