@@ -304,7 +304,7 @@ impl EngineLoop {
             if self.overlap {
                 // queued; its tokens are read by the next call, after the step after it is
                 // queued when it can be
-                self.queue(plan);
+                self.in_flight = self.queue(plan);
                 return;
             }
         }
@@ -405,21 +405,21 @@ impl EngineLoop {
         self.publish_stats();
     }
 
-    /// Queues `plan` (its batch filled, its sampling rows built) without waiting for it.
-    fn queue(&mut self, plan: Plan) -> bool {
+    /// Queues `plan` (its batch filled, its sampling rows built) without waiting for it; the
+    /// step in flight, or None when it could not be queued (its requests have failed).
+    fn queue(&mut self, plan: Plan) -> Option<InFlight> {
         let runner = &mut self.runner;
         let (batch, samples) = (&self.batch, &self.samples);
         let queued = Instant::now();
         let error = match catch_unwind(AssertUnwindSafe(|| runner.launch_sampled(batch, samples))) {
             Ok(Ok(())) => {
                 let spare = self.spare_samples.pop().unwrap_or_default();
-                self.in_flight = Some(InFlight {
+                return Some(InFlight {
                     plan,
                     samples: std::mem::replace(&mut self.samples, spare),
                     queued,
                     done: false,
                 });
-                return true;
             }
             Ok(Err(e)) => {
                 tracing::error!("forward step failed: {e}");
@@ -431,7 +431,7 @@ impl EngineLoop {
             }
         };
         self.fail_items(&plan, error);
-        false
+        None
     }
 
     /// While step `f` runs, plans and queues the step after it when that step is the decode
@@ -478,11 +478,7 @@ impl EngineLoop {
         );
         self.sched.fill_batch(&plan, &mut self.batch);
         self.build_samples(&plan);
-        if self.queue(plan) {
-            self.in_flight.take()
-        } else {
-            None
-        }
+        self.queue(plan)
     }
 
     /// Reads the tokens of the queued step `f` (waiting for it) and hands them out; `next`
