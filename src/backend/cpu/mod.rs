@@ -84,16 +84,7 @@ pub struct CpuBackend {
 /// benchmarks): the float products' instruction set, and the quantized products'.
 pub fn kernel_set() -> String {
     let isa = Isa::detect();
-    let quant = match isa {
-        // Q5_0 and the k-quants have AVX2 kernels only
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => format!(
-            "{} (Q8_0/Q4_0/Q4_1), {} (Q5_0/Q4_K/Q6_K)",
-            isa.quant_name(),
-            Isa::Avx2.quant_name()
-        ),
-        _ => format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name()),
-    };
+    let quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
     format!("{} (f32/bf16/f16), {quant}", isa.name())
 }
 

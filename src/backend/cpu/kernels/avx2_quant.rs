@@ -190,16 +190,18 @@ pub(super) unsafe fn tile<const T: u8, const NR: usize, const MR: usize>(
     xs: &[XRow; MR],
 ) -> [[f32; MR]; NR] {
     let bb = block_bytes(T);
+    // the same place in the rows of the next tile (rows are consecutive in memory)
+    let ahead = NR * nb * bb;
     if T == Q8_0 {
         accumulate::<true, NR, MR>(nb, xs, |b, r| {
             let blk = w[r].add(b * bb);
-            _mm_prefetch(blk.wrapping_add(8 * bb) as *const i8, _MM_HINT_T0);
+            _mm_prefetch(blk.wrapping_add(ahead) as *const i8, _MM_HINT_T0);
             unpack::<T>(blk)
         })
     } else {
         accumulate::<false, NR, MR>(nb, xs, |b, r| {
             let blk = w[r].add(b * bb);
-            _mm_prefetch(blk.wrapping_add(8 * bb) as *const i8, _MM_HINT_T0);
+            _mm_prefetch(blk.wrapping_add(ahead) as *const i8, _MM_HINT_T0);
             unpack::<T>(blk)
         })
     }
@@ -262,6 +264,21 @@ pub(super) unsafe fn tile_unpacked<const NR: usize, const MR: usize>(
     })
 }
 
+/// The eight pieces' coefficients `(d · sc, −dmin · m)` of the Q4_K super-block at `blk`, as
+/// [`k4_piece`] computes them one by one.
+#[inline(always)]
+pub(super) unsafe fn k4_scales(blk: *const u8) -> ([f32; 8], [f32; 8]) {
+    let (d, dmin) = (f16_scalar(blk), f16_scalar(blk.add(2)));
+    let scales = &*(blk.add(4) as *const [u8; 12]);
+    let (mut a, mut c) = ([0.0f32; 8], [0.0f32; 8]);
+    for j in 0..8 {
+        let (sc, m) = crate::quant::k4_scale_min(scales, j);
+        a[j] = d * sc as f32;
+        c[j] = -dmin * m as f32;
+    }
+    (a, c)
+}
+
 /// Piece `s` (0..8) of the Q4_K super-block at `blk`: its 32 weights and `(d · sc, −dmin · m)`.
 #[inline(always)]
 unsafe fn k4_piece(blk: *const u8, s: usize) -> (__m256i, f32, f32) {
@@ -299,6 +316,8 @@ pub(super) unsafe fn tile_k<const T: u8, const NR: usize, const MR: usize>(
     let m32 = _mm256_set1_epi8(32);
     let mut acc = [[_mm256_setzero_ps(); MR]; NR];
     let mut offset = [[0.0f32; MR]; NR];
+    // the same place in the rows of the next tile (rows are consecutive in memory)
+    let ahead = NR * nb / SUBS * bb;
     for sb in 0..nb / SUBS {
         // per row: the pieces' scales (Q4_K: d·sc and −dmin·m; Q6_K: d and the i8 scales)
         let mut a = [[0.0f32; SUBS]; NR];
@@ -307,13 +326,7 @@ pub(super) unsafe fn tile_k<const T: u8, const NR: usize, const MR: usize>(
         for r in 0..NR {
             let blk = w[r].add(sb * bb);
             if T == Q4_K {
-                let (d, dmin) = (f16_scalar(blk), f16_scalar(blk.add(2)));
-                let scales = &*(blk.add(4) as *const [u8; 12]);
-                for j in 0..SUBS {
-                    let (sc, m) = crate::quant::k4_scale_min(scales, j);
-                    a[r][j] = d * sc as f32;
-                    c[r][j] = -dmin * m as f32;
-                }
+                (a[r], c[r]) = k4_scales(blk);
             } else {
                 a[r] = [f16_scalar(blk.add(208)); SUBS];
                 for (o, &v) in sc6[r].iter_mut().zip(&*(blk.add(192) as *const [i8; 16])) {
@@ -327,7 +340,7 @@ pub(super) unsafe fn tile_k<const T: u8, const NR: usize, const MR: usize>(
             let mut scv = [_mm256_setzero_si256(); NR];
             for r in 0..NR {
                 let blk = w[r].add(sb * bb);
-                _mm_prefetch(blk.wrapping_add(2 * bb + 32 * s) as *const i8, _MM_HINT_T0);
+                _mm_prefetch(blk.wrapping_add(ahead + 32 * s) as *const i8, _MM_HINT_T0);
                 if T == Q4_K {
                     wv[r] = k4_nibbles(blk, s);
                 } else {

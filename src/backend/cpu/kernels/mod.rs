@@ -287,14 +287,14 @@ struct Unpacked {
 
 impl Unpacked {
     fn new(isa: Isa, t: QuantType, m: usize, nb: usize) -> Self {
-        // AVX-512 machines keep their own Q4_0/Q4_1 kernels (other sums), so only the
-        // formats that run in AVX2 there unpack
         #[cfg(target_arch = "x86_64")]
-        let on = m >= UNPACK_MIN_TOKENS
+        let on = avx2_quant::unpacks(avx2_quant::code(t))
             && match isa {
                 Isa::Scalar => false,
-                Isa::Avx2 => avx2_quant::unpacks(avx2_quant::code(t)),
-                Isa::Avx512 => matches!(t, QuantType::Q5_0 | QuantType::Q4_K),
+                Isa::Avx2 => m >= UNPACK_MIN_TOKENS,
+                // the 512-bit kernels unpack nibbles at less cost: two tiles of four tokens
+                // do not pay for the pass (measured on Zen 4)
+                Isa::Avx512 => m >= 2 * UNPACK_MIN_TOKENS,
             };
         #[cfg(not(target_arch = "x86_64"))]
         let on = {
@@ -360,7 +360,7 @@ impl Unpacked {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            use avx2_quant::{tile_unpacked, Unpacked as U, XRow};
+            use avx2_quant::{Unpacked as U, XRow, Q4_0, Q4_1, Q4_K, Q5_0};
             let x = |j: usize| XRow::of(xq, i + j);
             let u = |rr: usize| U {
                 q: self.q[rr * nb * BLOCK..].as_ptr(),
@@ -370,7 +370,16 @@ impl Unpacked {
             macro_rules! run {
                 ($nr:literal, $mr:literal, $rows:expr, $xs:expr) => {
                     // SAFETY: as quant_tile's; the unpacked rows hold nb pieces each.
-                    unsafe { tile_unpacked::<$nr, $mr>($rows, nb, $xs) }
+                    unsafe {
+                        use avx512_quant::tile_unpacked as u5;
+                        match (isa, avx2_quant::code(t)) {
+                            (Isa::Avx512, Q4_0) => u5::<Q4_0, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q4_1) => u5::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q5_0) => u5::<Q5_0, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, _) => u5::<Q4_K, $nr, $mr>($rows, nb, $xs),
+                            _ => avx2_quant::tile_unpacked::<$nr, $mr>($rows, nb, $xs),
+                        }
+                    }
                 };
             }
             by_tiles!(out, nr, n, u, x, run);
@@ -415,15 +424,17 @@ fn quant_tile(
                     // SAFETY: Avx2 is chosen only when the CPU has AVX2, FMA and F16C, Avx512
                     // only when it also has AVX-512 F/BW/VL/DQ/VNNI; each weight row holds nb
                     // blocks and each activation row nb blocks of values, scales and
-                    // scale-sums (checked by matmul_rows_quant and QuantizedRows). Q5_0 and
-                    // the k-quants run their AVX2 kernels on AVX-512 machines too.
+                    // scale-sums (checked by matmul_rows_quant and QuantizedRows).
                     unsafe {
                         use avx2_quant::{tile as t2, tile_k as k2};
-                        use avx512_quant::tile as t5;
+                        use avx512_quant::{tile as t5, tile_k as k5};
                         match (isa, avx2_quant::code(t)) {
                             (Isa::Avx512, Q8_0) => t5::<Q8_0, $nr, $mr>($rows, nb, $xs),
                             (Isa::Avx512, Q4_0) => t5::<Q4_0, $nr, $mr>($rows, nb, $xs),
                             (Isa::Avx512, Q4_1) => t5::<Q4_1, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q5_0) => t5::<Q5_0, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q4_K) => k5::<Q4_K, $nr, $mr>($rows, nb, $xs),
+                            (Isa::Avx512, Q6_K) => k5::<Q6_K, $nr, $mr>($rows, nb, $xs),
                             (_, Q8_0) => t2::<Q8_0, $nr, $mr>($rows, nb, $xs),
                             (_, Q4_0) => t2::<Q4_0, $nr, $mr>($rows, nb, $xs),
                             (_, Q4_1) => t2::<Q4_1, $nr, $mr>($rows, nb, $xs),
