@@ -52,6 +52,7 @@ struct Pair {
     c: __m512,
 }
 
+/// A pair of zeros (all-zero bits are 0 in every lane type; the intrinsics are not `const`).
 const EMPTY: Pair = Pair {
     w: unsafe { std::mem::transmute::<[u8; 64], __m512i>([0; 64]) },
     a: unsafe { std::mem::transmute::<[f32; 16], __m512>([0.0; 16]) },
@@ -183,7 +184,7 @@ unsafe fn block_pair<const T: u8>(row: *const u8, b: usize, two: bool, ahead: us
         // the signed weights as unsigned bytes: q + 128
         let w = two_halves(b0.add(qs_at), b1.add(qs_at), two);
         let w = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
-        return Pair { a, ..EMPTY }.with(w);
+        return Pair { w, a, ..EMPTY };
     }
     let n0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(b0.add(qs_at) as *const _));
     let n1 = if two {
@@ -207,13 +208,6 @@ unsafe fn block_pair<const T: u8>(row: *const u8, b: usize, two: bool, ahead: us
         _mm512_setzero_ps()
     };
     Pair { w, a, c }
-}
-
-impl Pair {
-    #[inline(always)]
-    fn with(self, w: __m512i) -> Pair {
-        Pair { w, ..self }
-    }
 }
 
 /// Dot products of `NR` Q8_0/Q4_0/Q4_1/Q5_0 weight rows (`nb` blocks of format `T` each) with
