@@ -1,6 +1,9 @@
 //! CPU kernel microbenchmarks: the matrix products of a decode step (one token) and of
 //! prefill (many tokens) at the default model's shapes, as bytes of weights read per second
-//! beside the streaming read bandwidth measured in the same run.
+//! beside the streaming read bandwidth measured in the same run. All but the output layer fit
+//! in cache, so those rows measure the kernel's arithmetic; "1, from memory" is one token with the
+//! weights streamed from memory, as a decode step reads them (the row to hold against the
+//! bandwidth).
 //!
 //! Run: `cargo bench --bench cpu_kernels [-- WORD...]` (only the products whose name, such as
 //! `gate 1536x576 Q5_0`, holds one of the words).
@@ -33,6 +36,10 @@ fn bandwidth(backend_threads: usize) -> f64 {
     }
     best
 }
+
+/// Bytes of weight copies the "from memory" row cycles through: larger than any CPU's
+/// last-level cache that this project's machines have (32 MB on its EPYCs).
+const MEMORY_BYTES: f64 = 256e6;
 
 fn main() {
     let backend = CpuBackend::new(None);
@@ -72,25 +79,41 @@ fn main() {
             if !wanted || format.is_some_and(|q| !k.is_multiple_of(q.block_values())) {
                 continue;
             }
-            let t = match format {
-                None => Tensor::from_bf16(wf.iter().map(|&v| f32_to_bf16(v)).collect(), vec![n, k]),
-                Some(q) => Tensor::from_quant(q, quant::quantize(q, &wf), vec![n, k]),
+            let bf16: Vec<u16> = match format {
+                None => wf.iter().map(|&v| f32_to_bf16(v)).collect(),
+                Some(_) => Vec::new(),
             };
-            let wt = backend.weight(name, &t).unwrap();
-            for m in [1usize, 8, 16, 32, 512] {
+            let packed = format.map(|q| quant::quantize(q, &wf));
+            // a tensor of its own memory each time (a clone would share the bytes)
+            let tensor = || match (format, &packed) {
+                (Some(q), Some(p)) => Tensor::from_quant(q, p.clone(), vec![n, k]),
+                _ => Tensor::from_bf16(bf16.clone(), vec![n, k]),
+            };
+            // Decode reads weights from memory, not from cache: the "1, from memory" row
+            // cycles through copies of the matrix that together exceed any last-level cache.
+            let bytes = tensor().size_bytes() as f64;
+            let copies = (MEMORY_BYTES / bytes).ceil() as usize;
+            let wts: Vec<_> = (0..copies)
+                .map(|_| backend.weight(name, &tensor()).unwrap())
+                .collect();
+            for (m, label) in [(1usize, "1"), (1, "1, from memory"), (8, "8"), (16, "16")]
+                .into_iter()
+                .chain([(32, "32"), (512, "512")])
+            {
                 let x = vec![0.01f32; m * k];
                 let mut out = vec![0.0f32; m * n];
+                let from_memory = label.ends_with("memory");
+                let wt = |rep: usize| &wts[if from_memory { rep % copies } else { 0 }];
                 // enough repetitions to read ~2 GB of weights (or 0.5 s of work)
-                let bytes = t.size_bytes() as f64;
                 let reps = ((2e9 / bytes) as usize).clamp(3, 20000) / m.max(1) + 1;
-                let _ = backend.matmul(&x, m, &wt, &mut out);
+                let _ = backend.matmul(&x, m, wt(0), &mut out);
                 let start = Instant::now();
-                for _ in 0..reps {
-                    backend.matmul(&x, m, &wt, &mut out).unwrap();
+                for rep in 0..reps {
+                    backend.matmul(&x, m, wt(rep + 1), &mut out).unwrap();
                 }
                 let dt = start.elapsed().as_secs_f64() / reps as f64;
                 println!(
-                    "| {name} | {m} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |",
+                    "| {name} | {label} | {:.2} | {:.1} | {:.1} | {:.2} | {:.1} |",
                     bytes / 1e6,
                     dt * 1e6,
                     bytes / dt / 1e9,
