@@ -237,14 +237,14 @@ pub(super) unsafe fn matmul_rows_quant(
 }
 
 /// The tiles of a block of `nr` weight rows (<= QUANT_NR) and `n` tokens (<= QUANT_MR) into
-/// `out[row][token]`: 4×1 for one token and four rows, 2×4 and 1×4 for four tokens, 1×1
-/// otherwise. `$run!(NR, MR, rows, xs)` computes one tile from `$row(k)`, the block's k-th
-/// weight row, and `$x(j)`, its j-th activation row. Each (row, token) pair has its own
-/// accumulator in every kernel, so the shapes do not change the results.
+/// `out[row][token]`: 4×1 for one token and four rows (unless `$by_row`), 2×4 and 1×4 for four
+/// tokens, 1×1 otherwise. `$run!(NR, MR, rows, xs)` computes one tile from `$row(k)`, the
+/// block's k-th weight row, and `$x(j)`, its j-th activation row. Each (row, token) pair has
+/// its own accumulator in every kernel, so the shapes do not change the results.
 macro_rules! by_tiles {
-    ($out:expr, $nr:expr, $n:expr, $row:ident, $x:ident, $run:ident) => {{
+    ($out:expr, $nr:expr, $n:expr, $by_row:expr, $row:ident, $x:ident, $run:ident) => {{
         let (out, nr, n) = ($out, $nr, $n);
-        if n == 1 && nr == QUANT_NR {
+        if n == 1 && nr == QUANT_NR && !$by_row {
             let res = $run!(4, 1, &[$row(0), $row(1), $row(2), $row(3)], &[$x(0)]);
             for (o, v) in out.iter_mut().zip(res) {
                 o[0] = v[0];
@@ -269,6 +269,17 @@ macro_rules! by_tiles {
             }
         }
     }};
+}
+
+/// Whether one token's product with format `t` reads its weight rows one at a time rather
+/// than four side by side. From memory, four interleaved rows stream at about half the
+/// bandwidth of one (Zen 4, `benches/cpu_kernels.rs` "1, from memory": Q8_0 and Q6_K 1.5-1.6x
+/// faster row by row, AVX-512 and AVX2 alike); the 4- and 5-bit formats, whose kernels are
+/// bound by arithmetic rather than memory, keep the 4-row tile, which shares each token's
+/// setup among the rows (Q4_1 1.3x faster with it).
+fn by_row(t: QuantType) -> bool {
+    // more than 3/4 of a byte per weight: Q8_0, Q6_K
+    4 * t.block_bytes() > 3 * t.block_values()
 }
 
 /// Prefill with at least this many tokens unpacks the weight rows once per block of tokens.
@@ -382,7 +393,7 @@ impl Unpacked {
                     }
                 };
             }
-            by_tiles!(out, nr, n, u, x, run);
+            by_tiles!(out, nr, n, false, u, x, run);
         }
     }
 }
@@ -445,7 +456,7 @@ fn quant_tile(
                     }
                 };
             }
-            by_tiles!(out, nr, n, wp, x, run);
+            by_tiles!(out, nr, n, by_row(t), wp, x, run);
         }
     }
 }
