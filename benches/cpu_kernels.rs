@@ -96,10 +96,15 @@ fn main() {
             let wts: Vec<_> = (0..copies)
                 .map(|_| backend.weight(name, &tensor()).unwrap())
                 .collect();
-            for (m, label) in [(1usize, "1"), (1, "1, from memory"), (8, "8"), (16, "16")]
-                .into_iter()
-                .chain([(32, "32"), (512, "512")])
-            {
+            let runs = [
+                (1usize, "1"),
+                (1, "1, from memory"),
+                (8, "8"),
+                (16, "16"),
+                (32, "32"),
+                (512, "512"),
+            ];
+            for (m, label) in runs {
                 let x = vec![0.01f32; m * k];
                 let mut out = vec![0.0f32; m * n];
                 let from_memory = label.ends_with("memory");
