@@ -118,16 +118,27 @@ def round_bf16(x):
     return b.astype(np.uint32).view(np.float32).reshape(np.shape(x))
 
 
+def to_bf16_input(x):
+    """A product's input rounded to bf16 as an engine running bf16 products does (ties to
+    even; zero and denormals to a signed zero, as x86's vcvtneps2bf16), kept as f32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    tiny = np.abs(x) < np.float32(2.0 ** -126)
+    return np.where(tiny, np.copysign(np.float32(0.0), x), round_bf16(x))
+
+
 class Sequence:
     """Dense KV cache of one sequence: k, v per layer, [len, kv_heads, head_dim]; with
     `kv_bf16` the cached values are rounded to bf16 as they are stored (an engine's bf16 KV
-    cache), attention still computes in f32."""
+    cache), attention still computes in f32. With `act_bf16` every matrix product takes its
+    input rounded to bf16 (`--dtype bfloat16`); its output, the norms, attention and the
+    residual stay f32."""
 
-    def __init__(self, n_layers, kv_bf16=False):
+    def __init__(self, n_layers, kv_bf16=False, act_bf16=False):
         self.k = [None] * n_layers
         self.v = [None] * n_layers
         self.len = 0
         self.store = round_bf16 if kv_bf16 else (lambda x: x)
+        self.act = to_bf16_input if act_bf16 else (lambda x: x)
 
 
 def forward(w, seq, ids):
@@ -141,8 +152,9 @@ def forward(w, seq, ids):
     T = len(ids)
     pos = np.arange(seq.len, seq.len + T)
     x = w.embed[np.asarray(ids)].astype(np.float32)
+    act = seq.act
     for i in range(cfg["num_hidden_layers"]):
-        h = rms_norm(x, w.layer(i, "input_layernorm"), eps)
+        h = act(rms_norm(x, w.layer(i, "input_layernorm"), eps))
         q = (h @ w.layer(i, "self_attn.q_proj").T).reshape(T, nh, hd)
         k = (h @ w.layer(i, "self_attn.k_proj").T).reshape(T, nkv, hd)
         v = (h @ w.layer(i, "self_attn.v_proj").T).reshape(T, nkv, hd)
@@ -164,14 +176,14 @@ def forward(w, seq, ids):
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
         attn = np.einsum("hts,shd->thd", p, Vx).reshape(T, nh * hd)
-        x = x + attn @ w.layer(i, "self_attn.o_proj").T
-        h = rms_norm(x, w.layer(i, "post_attention_layernorm"), eps)
+        x = x + act(attn) @ w.layer(i, "self_attn.o_proj").T
+        h = act(rms_norm(x, w.layer(i, "post_attention_layernorm"), eps))
         g = h @ w.layer(i, "mlp.gate_proj").T
         u = h @ w.layer(i, "mlp.up_proj").T
-        x = x + ((g / (1.0 + np.exp(-g))) * u) @ w.layer(i, "mlp.down_proj").T
+        x = x + act((g / (1.0 + np.exp(-g))) * u) @ w.layer(i, "mlp.down_proj").T
     seq.len += T
     assert x.dtype == np.float32, x.dtype
-    x = rms_norm(x, w.t["model.norm.weight"], eps)
+    x = act(rms_norm(x, w.t["model.norm.weight"], eps))
     return (x @ w.lm_head.T).astype(np.float32)
 
 
@@ -184,9 +196,9 @@ def prompt_logprobs(logits, ids):
     return (x[np.arange(len(nxt)), nxt] - lse).tolist()
 
 
-def greedy(w, ids, steps, eos_ids, kv_bf16=False):
+def greedy(w, ids, steps, eos_ids, kv_bf16=False, act_bf16=False):
     """The first step's logits, the prompt's logprobs, and `steps` greedy tokens."""
-    seq = Sequence(w.cfg["num_hidden_layers"], kv_bf16)
+    seq = Sequence(w.cfg["num_hidden_layers"], kv_bf16, act_bf16)
     logits = forward(w, seq, ids)
     first = logits[-1].copy()
     lps = prompt_logprobs(logits, ids)
@@ -502,7 +514,8 @@ def cmd_golden(args):
     results = []
     for i, prompt in enumerate(prompts):
         text, ids = prompt_ids(tok, tok_cfg, prompt)
-        first, lps, tokens = greedy(w, ids, args.steps, eos_ids, args.kv_dtype == "bf16")
+        first, lps, tokens = greedy(w, ids, args.steps, eos_ids, args.kv_dtype == "bf16",
+                                    args.dtype == "bfloat16")
         logits_file = out_dir / f"logits_{i}.f32"
         first.astype("<f4").tofile(logits_file)
         results.append({"rendered": text, "input_ids": ids, "greedy_ids": tokens,
@@ -553,6 +566,8 @@ def main():
     g.add_argument("--out-dir", required=True)
     g.add_argument("--kv-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="the KV cache's element type (bf16: values rounded as they are stored)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the matrix products' inputs (bfloat16: rounded to bf16, as --dtype bfloat16)")
     g.add_argument("--gguf-weights", default=None,
                    help="run on this GGUF's weights (dequantized in numpy) instead of the safetensors")
     c = sub.add_parser("check-gguf")

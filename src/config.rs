@@ -433,6 +433,45 @@ impl std::str::FromStr for KvCacheDtype {
     }
 }
 
+/// The element type of the matrix products' inputs (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dtype {
+    /// The backend's own: f32 on the CPU (exact against the f32 reference), bf16 on CUDA.
+    #[default]
+    Auto,
+    /// f32 activations into every product (CPU only).
+    Float32,
+    /// The activations entering a product with bf16 weights are rounded to bf16, as SGLang,
+    /// vLLM and llama.cpp run bf16 models (on the CPU, AVX-512 BF16 `vdpbf16ps` where the CPU
+    /// has it); norms, attention and the residual stream stay f32.
+    Bfloat16,
+}
+
+impl Dtype {
+    /// The option's value that names this type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Float32 => "float32",
+            Self::Bfloat16 => "bfloat16",
+        }
+    }
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "float32" | "float" | "fp32" => Ok(Self::Float32),
+            "bfloat16" | "bf16" => Ok(Self::Bfloat16),
+            other => Err(format!(
+                "{other:?} is not a supported dtype (auto, float32, bfloat16)"
+            )),
+        }
+    }
+}
+
 /// Which backend runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -463,6 +502,8 @@ pub struct EngineConfig {
     pub quantization: Option<crate::quant::QuantType>,
     /// The KV cache's element type (`--kv-cache-dtype`).
     pub kv_cache_dtype: KvCacheDtype,
+    /// The matrix products' input type (`--dtype`).
+    pub dtype: Dtype,
     pub device: Device,
     /// Tokens per KV page.
     pub page_size: usize,
@@ -555,6 +596,7 @@ impl EngineConfig {
             load_format: LoadFormat::Safetensors,
             quantization: None,
             kv_cache_dtype: KvCacheDtype::Auto,
+            dtype: Dtype::Auto,
             device: Device::Auto,
             page_size: 16,
             max_total_tokens: None,

@@ -214,3 +214,85 @@ fn bf16_kv_cache_matches_the_reference_rounding_its_cache() {
         );
     }
 }
+
+/// The default model cut to its first `layers` layers (its own weights; the config says
+/// fewer layers, and both the engine and the reference read only those), in a temporary
+/// directory laid out as `models/` is (the reference finds the tokenizer's GGUF in `../.cache`).
+fn truncated_model(layers: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let src = common::model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(tmp.path().join(".cache")).unwrap();
+    let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let cache = src.parent().unwrap().join(".cache").join(gguf);
+    std::os::unix::fs::symlink(cache, tmp.path().join(".cache").join(gguf)).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        if src.join(f).exists() {
+            std::os::unix::fs::symlink(src.join(f), dir.join(f)).unwrap();
+        }
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = layers.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    (tmp, dir)
+}
+
+/// `--dtype bfloat16` against the reference that rounds every matrix product's input to bf16
+/// (as `vcvtneps2bf16` does) and multiplies in f32. On CPUs with AVX-512 BF16 the engine's
+/// products are `vdpbf16ps`, elsewhere f32 FMAs on the same rounded values (the same bits:
+/// the kernels' unit test).
+///
+/// Tolerance. An input whose f32 value lies near a bf16 rounding boundary rounds one way or
+/// the other depending on the last bit of the two sides' f32 sums, and a flipped input moves
+/// by a whole bf16 step; SmolLM2's first layers amplify such steps, so the reference itself
+/// moves by ~6e-3 (relative, first-step logits) when its products' inputs are perturbed by
+/// 1e-6 before rounding, about the distance from bf16 to f32 inputs (~1e-2). So the whole
+/// model is held to 2e-2 and the same first greedy token, and the discriminating check runs
+/// on the model cut to its first two layers, where the reference's own noise is ~4e-4 and
+/// bf16 inputs are ~5e-3 from f32: there the engine must be within 2e-3 of the rounding
+/// reference and four times closer to it than to our own f32 run.
+#[test]
+fn bf16_activations_match_the_reference_rounding_products_inputs() {
+    use sglang::config::Dtype;
+    let prompts: &[(&str, bool)] = &[
+        ("The capital of France is", false),
+        ("What are the three primary colors? Answer briefly.", true),
+    ];
+    let (_tmp, short) = truncated_model(2);
+    for (dir, layers) in [(short, 2), (common::model_dir(), 30)] {
+        let refs =
+            common::reference_with(&dir, prompts, 1, &["--dtype".as_ref(), "bfloat16".as_ref()]);
+        let mut cfg = EngineConfig::new(&dir);
+        cfg.max_total_tokens = Some(4096);
+        let mut f32_runner = runner::load(&cfg).unwrap();
+        cfg.dtype = Dtype::Bfloat16;
+        let mut runner = runner::load(&cfg).unwrap();
+        for ((text, _), r) in prompts.iter().zip(&refs) {
+            let logits = common::first_step_logits(runner.as_mut(), &r.input_ids);
+            let err = common::rel_err(&logits, &r.logits());
+            let exact = common::first_step_logits(f32_runner.as_mut(), &r.input_ids);
+            let f32_err = common::rel_err(&logits, &exact);
+            eprintln!("{layers} layers, {text:?}: bf16 inputs against the rounding reference {err:.2e}, against our f32 inputs {f32_err:.2e}");
+            assert_eq!(
+                common::argmax(&logits) as u32,
+                r.greedy_ids[0],
+                "{layers} layers, {text:?}"
+            );
+            if layers == 2 {
+                assert!(
+                    err < 2e-3 && err < f32_err / 4.0,
+                    "{text:?}: {err} (f32 inputs {f32_err})"
+                );
+            } else {
+                assert!(err < 2e-2, "{text:?}: logits rel err {err}");
+            }
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sglang::backend::BackendError;
 use sglang::batch::{LogitsWanted, StepBatch};
-use sglang::config::{EngineConfig, KvCacheDtype, ModelConfig};
+use sglang::config::{Dtype, EngineConfig, KvCacheDtype, ModelConfig};
 use sglang::engine::{EngineHandle, GenerateRequest, RequestError};
 use sglang::kv::PagePool;
 use sglang::loader::{self, WeightMap};
@@ -148,7 +148,15 @@ fn a_rank_that_fails_at_start_up_is_a_clear_error_not_a_hang() {
                 "cannot allocate the KV cache".into(),
             )));
         }
-        runner::build_rank(&model_cfg, &weights, shard, Some(comm), kv(64), Some(1))
+        runner::build_rank(
+            &model_cfg,
+            &weights,
+            shard,
+            Some(comm),
+            kv(64),
+            Some(1),
+            Dtype::Auto,
+        )
     });
     let e = result.err().expect("start must fail").to_string();
     assert!(
@@ -199,7 +207,15 @@ fn a_rank_that_fails_during_a_step_stops_the_engine_with_the_reason() {
     let model_cfg = cfg.clone();
     let group = tp::start(&cfg, 3, Duration::from_secs(60), move |shard, comm| {
         let rank = shard.rank;
-        let r = runner::build_rank(&model_cfg, &weights, shard, Some(comm), kv(128), Some(1))?;
+        let r = runner::build_rank(
+            &model_cfg,
+            &weights,
+            shard,
+            Some(comm),
+            kv(128),
+            Some(1),
+            Dtype::Auto,
+        )?;
         Ok(if rank == 2 {
             Box::new(FailingRank {
                 inner: r,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use sglang::config::{default_model_path, Device, EngineConfig, KvCacheDtype, LoadFormat};
+use sglang::config::{default_model_path, Device, Dtype, EngineConfig, KvCacheDtype, LoadFormat};
 use sglang::quant::QuantType;
 use sglang::sampling::SamplingParams;
 
@@ -42,6 +42,13 @@ pub struct EngineArgs {
     /// pool; attention widens it to f32 as it reads).
     #[arg(long, env = "SGLANG_KV_CACHE_DTYPE", default_value = "auto")]
     pub kv_cache_dtype: KvCacheDtype,
+
+    /// The matrix products' inputs: auto (the backend's own: f32 on the CPU, bf16 on CUDA),
+    /// float32 (CPU), or bfloat16 (CPU: the activations entering products with bf16 weights
+    /// are rounded to bf16, as SGLang, vLLM and llama.cpp do, and multiplied with AVX-512 BF16
+    /// `vdpbf16ps` where the CPU has it; norms, attention and the residual stay f32)
+    #[arg(long, env = "SGLANG_DTYPE", default_value = "auto")]
+    pub dtype: Dtype,
 
     /// Tokens per KV-cache page.
     #[arg(long, env = "SGLANG_PAGE_SIZE", default_value_t = 16)]
@@ -154,6 +161,7 @@ impl EngineArgs {
         c.load_format = self.load_format;
         c.quantization = self.quantization;
         c.kv_cache_dtype = self.kv_cache_dtype;
+        c.dtype = self.dtype;
         c.page_size = self.page_size;
         c.max_total_tokens = self.max_total_tokens;
         c.mem_fraction_static = self.mem_fraction_static;

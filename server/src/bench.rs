@@ -105,7 +105,7 @@ pub fn run(a: BenchArgs) -> Result<(), String> {
         "bandwidth_bytes_per_s": bw,
         "peak_rss_bytes": peak,
         "threads": threads,
-        "kernels": sglang::backend::cpu::kernel_set(),
+        "kernels": sglang::backend::cpu::kernel_set(cfg.dtype),
     });
     if a.json {
         println!("{out}");

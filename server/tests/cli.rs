@@ -104,6 +104,10 @@ fn bad_options_fail_with_a_message_naming_them() {
             vec!["--model-path", d, "--prompt", "x", "--device", "tpu"],
             "device",
         ),
+        (
+            vec!["--model-path", d, "--prompt", "x", "--dtype", "float16"],
+            "dtype",
+        ),
     ] {
         let out = generate(&args);
         assert!(!out.status.success());

@@ -9,7 +9,9 @@ use super::tp::{self, TpRunner};
 use super::{weight_bytes, ModelRunner, Runner};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::BackendError;
-use crate::config::{ConfigError, Device, EngineConfig, KvCacheDtype, LoadFormat, ModelConfig};
+use crate::config::{
+    ConfigError, Device, Dtype, EngineConfig, KvCacheDtype, LoadFormat, ModelConfig,
+};
 use crate::loader::{self, LoadError, WeightMap};
 use crate::model::llama::{self, LlamaModel};
 use crate::parallel::tcp::{GroupParams, TcpComm};
@@ -288,6 +290,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
             None,
             KvPool::new(num_pages, page_size, cfg.kv_cache_dtype),
             cfg.num_threads,
+            cfg.dtype,
         )?
     } else if cfg.world_size == 1 {
         let tp = p.group;
@@ -296,6 +299,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
         let model_cfg = p.model_cfg.clone();
         let weights = Arc::new(p.weights);
         let kv_dtype = cfg.kv_cache_dtype;
+        let dtype = cfg.dtype;
         Box::new(tp::start(
             &p.model_cfg,
             tp,
@@ -308,6 +312,7 @@ pub fn load(cfg: &EngineConfig) -> Result<Box<dyn ModelRunner>, LoadModelError> 
                     Some(comm),
                     KvPool::new(num_pages, page_size, kv_dtype),
                     Some(threads),
+                    dtype,
                 )
             },
         )?)
@@ -353,6 +358,7 @@ fn start_process_group(cfg: &EngineConfig, p: &Prepared) -> Result<TpRunner, Loa
         Some(comm.clone()),
         KvPool::new(p.num_pages, cfg.page_size, cfg.kv_cache_dtype),
         Some(threads_per_rank(cfg, 1)),
+        cfg.dtype,
     );
     let rank0 = match built {
         Ok(r) => r,
@@ -399,6 +405,7 @@ pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
             cfg.kv_cache_dtype,
         ),
         Some(threads_per_rank(cfg, 1)),
+        cfg.dtype,
     );
     let mut runner = match built {
         Ok(r) => r,
@@ -423,6 +430,11 @@ fn build_cuda(cfg: &EngineConfig, p: Prepared) -> Result<Box<dyn ModelRunner>, L
     if cfg.kv_cache_dtype == KvCacheDtype::Fp32 {
         return Err(LoadModelError::Unsupported(
             "--kv-cache-dtype fp32 is CPU only: the CUDA backend keeps its KV cache in bf16".into(),
+        ));
+    }
+    if cfg.dtype == Dtype::Float32 {
+        return Err(LoadModelError::Unsupported(
+            "--dtype float32 is CPU only: the CUDA backend's products take bf16 inputs".into(),
         ));
     }
     let backend = CudaBackend::new(0, cfg.cuda_emulator.as_deref())?;
@@ -511,14 +523,17 @@ pub fn build_rank(
     comm: Option<Arc<dyn Communicator>>,
     kv: KvPool,
     threads: Option<usize>,
+    dtype: Dtype,
 ) -> Result<Box<dyn ModelRunner>, LoadModelError> {
-    let backend = CpuBackend::new(threads).with_kv_dtype(kv.dtype);
+    let backend = CpuBackend::new(threads)
+        .with_kv_dtype(kv.dtype)
+        .with_dtype(dtype);
     let (num_pages, page_size) = (kv.num_pages, kv.page_size);
     if shard.rank == 0 {
         tracing::info!(
             "CPU backend: {} threads, kernels: {}",
             backend.num_threads(),
-            crate::backend::cpu::kernel_set()
+            crate::backend::cpu::kernel_set(dtype)
         );
     }
     let weight_bytes = weight_bytes(model_cfg, weights);

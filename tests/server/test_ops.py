@@ -272,6 +272,26 @@ def test_bf16_kv_cache_halves_the_pool_bytes_and_serves():
     assert size["auto"] == 2 * size["bf16"] > 0, size
 
 
+def test_bf16_activations_serve_and_are_reported():
+    """--dtype bfloat16: the setting in /config, the kernels that run it in /get_server_info,
+    and the golden prompt still answered through the official OpenAI client (the numpy
+    comparison is tests/golden.rs)."""
+    import openai
+
+    s = Server("--admin-api-key", "a", "--dtype", "bfloat16")
+    try:
+        _, _, cfg = s.request("GET", "/config", headers={"Authorization": "Bearer a"})
+        assert cfg["dtype"] == "bfloat16", cfg
+        _, _, info = s.request("GET", "/get_server_info", headers={"Authorization": "Bearer a"})
+        assert "bf16 x bf16 activations" in info["cpu_kernels"], info["cpu_kernels"]
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        r = client.completions.create(model="default", prompt="The capital of France is",
+                                      max_tokens=4, temperature=0)
+        assert "Paris" in r.choices[0].text, r
+    finally:
+        s.stop()
+
+
 def test_radix_cache_off_by_variable():
     s = Server("--admin-api-key", "a", env={"SGLANG_ENABLE_RADIX_CACHE": "false"})
     try:

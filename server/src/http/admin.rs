@@ -146,6 +146,7 @@ fn config_json(state: &AppState) -> Value {
         "load_format": e.load_format.name(),
         "quantization": e.quantization.map(|q| q.name().to_lowercase()),
         "kv_cache_dtype": e.kv_cache_dtype.name(),
+        "dtype": e.dtype.name(),
         "page_size": e.page_size,
         "max_total_tokens": e.max_total_tokens,
         "mem_fraction_static": e.mem_fraction_static,
@@ -195,7 +196,7 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
         v["backend"] = json!(info.backend);
         v["load_format"] = json!(info.engine_config.resolved_load_format().name());
         if info.backend == "cpu" {
-            v["cpu_kernels"] = json!(sglang::backend::cpu::kernel_set());
+            v["cpu_kernels"] = json!(sglang::backend::cpu::kernel_set(info.engine_config.dtype));
         }
         v["context_length_effective"] = json!(info.context_length);
         v["kv_cache"] = json!({

@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use parking_lot::Mutex;
 
 use self::attention::{AttnInput, KvElem, KvLayout};
-use self::kernels::{Isa, OutPtr};
+use self::kernels::{Bf16Dot, Isa, OutPtr};
 use self::pool::ThreadPool;
 use super::{Backend, BackendError, RopeTable};
 use crate::batch::StepBatch;
-use crate::config::{KvCacheDtype, ModelConfig};
+use crate::config::{Dtype, KvCacheDtype, ModelConfig};
 use crate::loader::{Elems, Tensor};
 use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
@@ -78,14 +78,27 @@ pub struct CpuBackend {
     /// The activations of a product with quantized weights, quantized once per product.
     xq: Mutex<QuantizedRows>,
     kv_dtype: KvCacheDtype,
+    /// `--dtype bfloat16`: products with bf16 weights take their activations rounded to bf16
+    /// (into `xb`, once per product) and run this implementation.
+    bf16: Option<Bf16Dot>,
+    xb: Mutex<Vec<u16>>,
 }
 
 /// The CPU kernel set this machine runs (logged at start-up, in `/get_server_info` and the
-/// benchmarks): the float products' instruction set, and the quantized products'.
-pub fn kernel_set() -> String {
+/// benchmarks): the float products' instruction set (under `--dtype`), and the quantized
+/// products'.
+pub fn kernel_set(dtype: Dtype) -> String {
     let isa = Isa::detect();
     let quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
-    format!("{} (f32/bf16/f16), {quant}", isa.name())
+    let float = match dtype {
+        Dtype::Bfloat16 => format!(
+            "{} (bf16 x bf16 activations), {} (f32/f16)",
+            Bf16Dot::for_isa(isa).name(),
+            isa.name()
+        ),
+        Dtype::Auto | Dtype::Float32 => format!("{} (f32/bf16/f16)", isa.name()),
+    };
+    format!("{float}, {quant}")
 }
 
 /// Bytes of one cached K or V value on the CPU for `--kv-cache-dtype` (auto: f32).
@@ -115,7 +128,15 @@ impl CpuBackend {
             sampler: Mutex::new(Sampler::new()),
             xq: Mutex::new(QuantizedRows::default()),
             kv_dtype: KvCacheDtype::Auto,
+            bf16: None,
+            xb: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The products' input type (`--dtype`; auto: f32).
+    pub fn with_dtype(mut self, dtype: Dtype) -> Self {
+        self.bf16 = (dtype == Dtype::Bfloat16).then(|| Bf16Dot::for_isa(self.isa));
+        self
     }
 
     /// The KV cache's element type (`--kv-cache-dtype`; auto: f32).
@@ -267,6 +288,16 @@ impl CpuBackend {
             xq.quantize(&x[..m * k], m, k);
         }
         let xq = &*xq;
+        // products with bf16 weights under --dtype bfloat16 take the activations in bf16, once
+        let mut xb = self.xb.lock();
+        let bf16 = self
+            .bf16
+            .filter(|_| parts.iter().any(|p| matches!(p.0.elems(), Elems::BF16(_))));
+        if let Some(d) = bf16 {
+            xb.resize(m * k, 0);
+            kernels::to_bf16_rows(d, &x[..m * k], &mut xb);
+        }
+        let xb = &*xb;
         let job = |range: std::ops::Range<usize>, tid: usize| {
             let mut panel = self.panels[tid].lock();
             let mut base = 0;
@@ -299,6 +330,30 @@ impl CpuBackend {
                                     t,
                                     w,
                                     Some((ut, u)),
+                                    lo - base..hi - base,
+                                    out,
+                                    ldo,
+                                )
+                            }
+                            (Elems::BF16(w), None) if bf16.is_some() => kernels::matmul_rows_bf16x(
+                                bf16.unwrap(),
+                                xb,
+                                m,
+                                k,
+                                w,
+                                None,
+                                lo - base..hi - base,
+                                out,
+                                ldo,
+                            ),
+                            (Elems::BF16(w), Some(Elems::BF16(u))) if bf16.is_some() => {
+                                kernels::matmul_rows_bf16x(
+                                    bf16.unwrap(),
+                                    xb,
+                                    m,
+                                    k,
+                                    w,
+                                    Some(u),
                                     lo - base..hi - base,
                                     out,
                                     ldo,

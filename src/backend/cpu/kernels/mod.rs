@@ -501,6 +501,171 @@ unsafe fn scalar_rows(
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod bf16x;
+
+/// Up to this many tokens, the bf16-activation products stream weight rows (decode).
+const BF16X_STREAM_TOKENS: usize = STREAM_BATCH_TOKENS;
+
+/// An activation rounded to bf16 for `--dtype bfloat16`, exactly as `vcvtneps2bf16` rounds:
+/// to nearest even, NaN stays NaN (quiet), zero and denormals become a signed zero.
+#[inline]
+pub fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7F80_0000 == 0 {
+        return ((b >> 16) & 0x8000) as u16;
+    }
+    crate::loader::f32_to_bf16(x)
+}
+
+/// How products of bf16 weights with bf16 activations run (`--dtype bfloat16`). Every
+/// implementation performs the same operations in the same order (`bf16x.rs`), so all give
+/// the same bits; they differ in speed only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Bf16Dot {
+    Scalar,
+    /// f32 FMAs on the widened values, 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// f32 FMAs on the widened values, 16 lanes (AVX-512 without BF16).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// `vdpbf16ps` (AVX-512 BF16: Cooper Lake, Sapphire Rapids, Zen 4 and later).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16,
+}
+
+impl Bf16Dot {
+    /// The fastest this CPU has within the float products' instruction set `isa`.
+    pub fn for_isa(isa: Isa) -> Self {
+        match isa {
+            Isa::Scalar => Self::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Self::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if is_x86_feature_detected!("avx512bf16") => Self::Avx512Bf16,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Self::Avx512,
+        }
+    }
+
+    /// Every implementation this CPU can run (the tests compare them all).
+    #[cfg(test)]
+    pub fn available() -> Vec<Self> {
+        let mut all: Vec<Self> = Isa::available().into_iter().map(Self::for_isa).collect();
+        #[cfg(target_arch = "x86_64")]
+        if all.contains(&Self::Avx512Bf16) {
+            all.push(Self::Avx512);
+        }
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => "avx2 fma",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => "avx512 fma",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Bf16 => "avx512_bf16 vdpbf16ps",
+        }
+    }
+}
+
+/// `dst[i] = to_bf16(src[i])`.
+pub fn to_bf16_rows(d: Bf16Dot, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    match d {
+        // SAFETY: chosen only where the CPU has AVX-512 BF16 (and VL).
+        #[cfg(target_arch = "x86_64")]
+        Bf16Dot::Avx512Bf16 => unsafe { bf16x::convert_native(src, dst) },
+        // SAFETY: chosen only where the CPU has AVX2.
+        #[cfg(target_arch = "x86_64")]
+        Bf16Dot::Avx2 | Bf16Dot::Avx512 => unsafe { bf16x::convert_avx2(src, dst) },
+        Bf16Dot::Scalar => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = to_bf16(s)),
+    }
+}
+
+/// The canonical dot product of bf16 `x` and `w` (see `bf16x.rs`), one value at a time.
+fn dot_bf16x(x: &[u16], w: &[u16]) -> f32 {
+    let f = bf16_to_f32;
+    let k = x.len();
+    let mut a = [[0.0f32; 16]; 2];
+    let mut kk = 0;
+    let step = |a: &mut [f32; 16], kk: usize| {
+        for (l, v) in a.iter_mut().enumerate() {
+            let p = kk + 2 * l;
+            *v += f(x[p + 1]) * f(w[p + 1]);
+            *v += f(x[p]) * f(w[p]);
+        }
+    };
+    while kk + 64 <= k {
+        step(&mut a[0], kk);
+        step(&mut a[1], kk + 32);
+        kk += 64;
+    }
+    if kk + 32 <= k {
+        step(&mut a[0], kk);
+        kk += 32;
+    }
+    let mut s: [f32; 16] = std::array::from_fn(|l| a[0][l] + a[1][l]);
+    for half in [8, 4, 2, 1] {
+        for l in 0..half {
+            s[l] += s[l + half];
+        }
+    }
+    let mut total = s[0];
+    for t in kk..k {
+        total += f(x[t]) * f(w[t]);
+    }
+    total
+}
+
+/// Rows `rows` of `out = x · wᵀ` for bf16 weights `w` and the activations rounded to bf16
+/// (`x`, m × k, from [`to_bf16_rows`]); `up` the second matrix of a SwiGLU pair.
+///
+/// # Safety
+/// As [`matmul_rows`]: `out` valid for writes at `out[i * ldo + r]`, those elements written by
+/// no other thread.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_rows_bf16x(
+    d: Bf16Dot,
+    x: &[u16],
+    m: usize,
+    k: usize,
+    w: &[u16],
+    up: Option<&[u16]>,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+    ldo: usize,
+) {
+    assert!(x.len() >= m * k && w.len() >= rows.end * k);
+    assert!(up.is_none_or(|u| u.len() >= rows.end * k));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (xp, wp, upp) = (x.as_ptr(), w.as_ptr(), up.map(|u| u.as_ptr()));
+        match d {
+            Bf16Dot::Avx512Bf16 => return bf16x::rows_native(xp, m, k, wp, upp, rows, out, ldo),
+            Bf16Dot::Avx512 => return bf16x::rows_emu512(xp, m, k, wp, upp, rows, out, ldo),
+            Bf16Dot::Avx2 => return bf16x::rows_emu256(xp, m, k, wp, upp, rows, out, ldo),
+            Bf16Dot::Scalar => {}
+        }
+    }
+    let _ = d;
+    for r in rows {
+        for i in 0..m {
+            let xi = &x[i * k..(i + 1) * k];
+            let g = dot_bf16x(xi, &w[r * k..(r + 1) * k]);
+            *out.get().add(i * ldo + r) = match up {
+                Some(u) => silu(g) * dot_bf16x(xi, &u[r * k..(r + 1) * k]),
+                None => g,
+            };
+        }
+    }
+}
 
 /// `Σ a[i] * b[i]`.
 #[inline]
@@ -718,6 +883,113 @@ pub(crate) mod tests {
                                 .all(|(a, b)| a.to_bits() == b.to_bits()),
                             "{isa:?} n={n} k={k} group={group} start={start}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `--dtype bfloat16`: every implementation gives the scalar twin's bits (same operations,
+    /// same order), each token's result is the same alone and batched, the rounding of the
+    /// activations matches `vcvtneps2bf16`'s, and the twin is a dot product of the rounded
+    /// values (against f64).
+    #[test]
+    fn bf16_activation_products_match_bitwise_and_are_batch_invariant() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1e-39,
+            -1e-39,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0x0080_0000),
+            -1.5,
+        ];
+        let want_specials = [
+            0x0000u16, 0x8000, 0x0000, 0x8000, 0x3f80, 0x3f82, 0x7f80, 0x7f80, 0x7fc0, 0x7fc0,
+            0x0080, 0xbfc0,
+        ];
+        let mut xs = rand_vec(1000, 21);
+        xs.extend(specials.iter().cycle().take(37));
+        let mut want = vec![0u16; xs.len()];
+        to_bf16_rows(Bf16Dot::Scalar, &xs, &mut want);
+        for (v, w) in specials.iter().zip(want_specials) {
+            assert_eq!(to_bf16(*v), w, "{v:e}");
+        }
+        let bf = |v: &[f32]| -> Vec<u16> { v.iter().map(|&x| to_bf16(x)).collect() };
+        for d in Bf16Dot::available() {
+            let mut got = vec![0u16; xs.len()];
+            to_bf16_rows(d, &xs, &mut got);
+            assert_eq!(got, want, "{d:?} rounding");
+            for &(m, n, k) in &[
+                (1, 9, 24),
+                (2, 13, 40),
+                (3, 8, 96),
+                (5, 11, 33),
+                (53, 7, 576),
+            ] {
+                let x = bf(&rand_vec(m * k, 1));
+                let w = bf(&rand_vec(n * k, 2));
+                let u = bf(&rand_vec(n * k, 3));
+                for up in [None, Some(&u[..])] {
+                    let run = |d: Bf16Dot, x: &[u16], m: usize| {
+                        let mut out = vec![0.0f32; m * n];
+                        for rows in [0..n / 2, n / 2..n] {
+                            // SAFETY: out holds m * n values; the two ranges are disjoint.
+                            unsafe {
+                                matmul_rows_bf16x(
+                                    d,
+                                    x,
+                                    m,
+                                    k,
+                                    &w,
+                                    up,
+                                    rows,
+                                    OutPtr(out.as_mut_ptr()),
+                                    n,
+                                )
+                            };
+                        }
+                        out
+                    };
+                    let all = run(d, &x, m);
+                    let twin = run(Bf16Dot::Scalar, &x, m);
+                    let same = |a: &[f32], b: &[f32]| {
+                        a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+                    };
+                    assert!(
+                        same(&all, &twin),
+                        "{d:?} m={m} n={n} k={k} up={}",
+                        up.is_some()
+                    );
+                    for group in [1usize, 2, 3, 4, 5, 17] {
+                        for start in (0..m.saturating_sub(group) + 1).step_by(11) {
+                            let part = run(
+                                d,
+                                &x[start * k..(start + group).min(m) * k],
+                                group.min(m - start),
+                            );
+                            let g = group.min(m - start);
+                            assert!(
+                                same(&part, &all[start * n..(start + g) * n]),
+                                "{d:?} k={k} group={group} start={start}"
+                            );
+                        }
+                    }
+                    if up.is_none() && d == Bf16Dot::Scalar {
+                        let f = |b: u16| bf16_to_f32(b) as f64;
+                        for i in 0..m {
+                            for r in 0..n {
+                                let exact: f64 =
+                                    (0..k).map(|j| f(x[i * k + j]) * f(w[r * k + j])).sum();
+                                let e = (all[i * n + r] as f64 - exact).abs();
+                                assert!(e < 1e-5 * (k as f64).sqrt(), "twin m={m} k={k}: {e}");
+                            }
+                        }
                     }
                 }
             }
