@@ -4,6 +4,9 @@
 //! One pass over the context with an online softmax (Milakov & Gimelshein; FlashAttention):
 //! keys are scored in chunks of up to 16 positions inside a page, the running maximum and sum
 //! are corrected once per chunk, and the value rows are accumulated with the chunk's weights.
+//! A page holds its keys dimension by dimension (`KvLayout`), so a chunk's scores are one
+//! vector of sixteen lanes built by multiply-adds of each query value with a row of keys: no
+//! sum across lanes per key.
 //! Every head of the group is handled inside the same chunk loop, so a page's keys and values
 //! are read from memory once for the whole group and then from L1.
 //!
@@ -91,8 +94,10 @@ impl KvElem for bf16 {
     }
 }
 
-/// Geometry of the CPU paged KV cache of one layer: `[page][kv_head][slot in page][head_dim]`,
-/// so one head's part of a page is contiguous.
+/// Geometry of the CPU paged KV cache of one layer. One head's part of a page is one block of
+/// `page_size * head_dim` values: values `[slot in page][head_dim]` (a row per token), keys
+/// `[head_dim][slot in page]` (a row per dimension, so the keys of a run of tokens are a
+/// vector per dimension).
 #[derive(Debug, Clone, Copy)]
 pub struct KvLayout {
     pub page_size: usize,
@@ -101,12 +106,25 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
-    /// Offset of (page, head, slot-in-page) in a layer's K or V array.
+    /// Offset of the block of (page, head) in a layer's K or V array.
     #[inline]
-    pub fn offset(&self, page: usize, head: usize, in_page: usize) -> usize {
-        ((page * self.num_kv_heads + head) * self.page_size + in_page) * self.head_dim
+    pub fn block(&self, page: usize, head: usize) -> usize {
+        (page * self.num_kv_heads + head) * self.page_size * self.head_dim
+    }
+    /// Offset of the value row of (page, head, slot-in-page) in a layer's V array.
+    #[inline]
+    pub fn v_offset(&self, page: usize, head: usize, in_page: usize) -> usize {
+        self.block(page, head) + in_page * self.head_dim
+    }
+    /// Offset of dimension `d` of the key of (page, head, slot-in-page) in a layer's K array.
+    #[inline]
+    pub fn k_offset(&self, page: usize, head: usize, in_page: usize, d: usize) -> usize {
+        self.block(page, head) + d * self.page_size + in_page
     }
 }
+
+/// Widest head the vector kernels stage a partial chunk of keys for.
+const MAX_STAGED_HEAD_DIM: usize = 256;
 
 /// Heads handled per chunk loop (running max and sum live on the stack).
 pub const MAX_HEADS_PER_PASS: usize = 8;
@@ -127,15 +145,55 @@ pub struct AttnInput<'a, E: KvElem = f32> {
 }
 
 impl<E: KvElem> AttnInput<'_, E> {
-    /// The run of keys that starts at position `pos`: the cache offset of its first key and
-    /// how many follow contiguously (at most KEY_CHUNK, never across a page or past `ctx`).
+    /// The run of keys that starts at position `pos`: the offset of its page's block, its
+    /// first slot in the page, and how many follow (at most KEY_CHUNK, never across a page or
+    /// past `ctx`).
     #[inline]
-    fn chunk_at(&self, pos: usize) -> (usize, usize) {
+    fn chunk_at(&self, pos: usize) -> Chunk {
         let ps = self.layout.page_size;
         let page = self.block_table[pos / ps] as usize;
         let in_page = pos % ps;
         let n = KEY_CHUNK.min(ps - in_page).min(self.ctx - pos);
-        (self.layout.offset(page, self.kv_head, in_page), n)
+        Chunk {
+            block: self.layout.block(page, self.kv_head),
+            in_page,
+            n,
+        }
+    }
+
+    /// The chunk's keys as `hd` rows of `KEY_CHUNK` (row stride returned): in place for a
+    /// whole chunk, else copied into `stage` with zeros after the last key, so every row can
+    /// be read as a full vector.
+    #[inline(always)]
+    fn keys<'s>(&'s self, c: &Chunk, stage: &'s mut [E]) -> (&'s [E], usize) {
+        let ps = self.layout.page_size;
+        let hd = self.layout.head_dim;
+        let start = c.block + c.in_page;
+        if c.n == KEY_CHUNK {
+            return (&self.k_cache[start..start + (hd - 1) * ps + KEY_CHUNK], ps);
+        }
+        for d in 0..hd {
+            let row = &mut stage[d * KEY_CHUNK..(d + 1) * KEY_CHUNK];
+            row[..c.n].copy_from_slice(&self.k_cache[start + d * ps..start + d * ps + c.n]);
+            row[c.n..].fill(E::default());
+        }
+        (&stage[..hd * KEY_CHUNK], KEY_CHUNK)
+    }
+}
+
+/// A run of keys inside one page (see `AttnInput::chunk_at`).
+#[derive(Clone, Copy)]
+struct Chunk {
+    block: usize,
+    in_page: usize,
+    n: usize,
+}
+
+impl Chunk {
+    /// Offset of the chunk's first value row.
+    #[inline(always)]
+    fn values(&self, hd: usize) -> usize {
+        self.block + self.in_page * hd
     }
 }
 
@@ -158,26 +216,30 @@ const EXP_POLY: [f32; 6] = [
 #[cfg(target_arch = "x86_64")]
 impl<E: KvElem> AttnInput<'_, E> {
     /// Pages are scattered: fetches the keys and values of the chunk after the one at `pos`
-    /// (cache offset `base`, `n` keys) while that one is computed, when it starts another page;
-    /// within a page the hardware prefetcher follows, but not across a block table.
+    /// while that one is computed, when it starts another page; within a page the hardware
+    /// prefetcher follows, but not across a block table.
     #[inline(always)]
-    fn prefetch_after(&self, pos: usize, base: usize, n: usize) {
+    fn prefetch_after(&self, pos: usize, c: &Chunk) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let hd = self.layout.head_dim;
-        let next = pos + n;
+        let (hd, ps) = (self.layout.head_dim, self.layout.page_size);
+        let next = pos + c.n;
         if next >= self.ctx {
             return;
         }
-        let (nbase, nn) = self.chunk_at(next);
-        if nbase == base + n * hd {
+        let nc = self.chunk_at(next);
+        if nc.block == c.block {
             return;
         }
-        let (k, v) = (&self.k_cache[nbase..], &self.v_cache[nbase..]);
-        for off in (0..nn * hd).step_by(64 / std::mem::size_of::<E>()) {
-            // SAFETY: prefetching is a hint and never faults; `off` is inside both slices.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().add(off) as *const i8);
+        let line = 64 / std::mem::size_of::<E>();
+        let v = &self.v_cache[nc.values(hd)..];
+        let k = &self.k_cache[nc.block + nc.in_page..];
+        // SAFETY: prefetching is a hint and never faults; the offsets are inside the slices.
+        unsafe {
+            for off in (0..nc.n * hd).step_by(line) {
                 _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(off) as *const i8);
+            }
+            for d in 0..hd {
+                _mm_prefetch::<_MM_HINT_T0>(k.as_ptr().add(d * ps) as *const i8);
             }
         }
     }
@@ -195,13 +257,15 @@ pub fn attend<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, q: &[f32], out: &mut [f
         let os = &mut out[h0 * hd..(h0 + nh) * hd];
         match isa {
             // SAFETY: Avx512 is chosen only when the CPU has AVX-512 F (and AVX2, FMA);
-            // head_dim % 16 == 0.
+            // head_dim % 16 == 0 and fits the staging buffer.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if hd.is_multiple_of(16) => unsafe { avx512::attend_heads(a, qs, os) },
+            Isa::Avx512 if hd.is_multiple_of(16) && hd <= MAX_STAGED_HEAD_DIM => unsafe {
+                avx512::attend_heads(a, qs, os)
+            },
             // SAFETY: Avx2 and Avx512 are chosen only when the CPU has AVX2 and FMA;
             // head_dim % 8 == 0.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
+            Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) && hd <= MAX_STAGED_HEAD_DIM => unsafe {
                 avx2::attend_heads(a, qs, os)
             },
             _ => attend_heads_portable(isa, a, qs, os),
@@ -221,13 +285,18 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
     let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
     let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
     let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
+    let ps = a.layout.page_size;
     let mut pos = 0;
     while pos < a.ctx {
-        let (base, n) = a.chunk_at(pos);
+        let c = a.chunk_at(pos);
+        let (base, n) = (c.values(hd), c.n);
         for j in 0..n {
-            let kr = E::as_f32(&a.k_cache[base + j * hd..base + (j + 1) * hd], &mut row);
+            let key = c.block + c.in_page + j;
+            row.iter_mut()
+                .enumerate()
+                .for_each(|(d, r)| *r = a.k_cache[key + d * ps].to_f32());
             for h in 0..nh {
-                scores[h][j] = dot(isa, &qs[h * hd..(h + 1) * hd], kr) * a.scale;
+                scores[h][j] = dot(isa, &qs[h * hd..(h + 1) * hd], &row) * a.scale;
             }
         }
         for h in 0..nh {
@@ -255,18 +324,29 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
     }
 }
 
+/// `$f::<NH, E>(args)` for the number of heads `$nh` (1..=MAX_HEADS_PER_PASS): the scoring
+/// loops keep every head's accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_heads {
+    ($nh:expr, $f:ident::<_, $e:ty>($($arg:expr),*)) => {
+        match $nh {
+            1 => $f::<1, $e>($($arg),*),
+            2 => $f::<2, $e>($($arg),*),
+            3 => $f::<3, $e>($($arg),*),
+            4 => $f::<4, $e>($($arg),*),
+            5 => $f::<5, $e>($($arg),*),
+            6 => $f::<6, $e>($($arg),*),
+            7 => $f::<7, $e>($($arg),*),
+            _ => $f::<8, $e>($($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
 
     /// e^x for x <= 0 (attention weights), Cephes-style: range reduction by ln 2 and a
     /// degree-5 polynomial; relative error about 2e-7. Very negative inputs give 0.
@@ -296,8 +376,46 @@ mod avx2 {
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
     }
 
-    /// `attend_heads_portable` with the dot products, exponentials and value updates in
-    /// registers. `head_dim` must be a multiple of 8.
+    /// The scaled scores of a chunk's keys (`hd` rows of 16 at stride `stride`) for NH heads:
+    /// each head's query values broadcast against the rows, two accumulators (even and odd
+    /// dimensions) per 8 keys.
+    #[inline(always)]
+    unsafe fn qk<const NH: usize, E: KvElem>(
+        q: *const f32,
+        hd: usize,
+        k: *const E,
+        stride: usize,
+        scale: f32,
+        out: &mut [[f32; KEY_CHUNK]; MAX_HEADS_PER_PASS],
+    ) {
+        let mut lo = [[_mm256_setzero_ps(); 2]; NH];
+        let mut hi = [[_mm256_setzero_ps(); 2]; NH];
+        let mut d = 0;
+        while d < hd {
+            for p in 0..2 {
+                let kr = k.add((d + p) * stride);
+                let (kl, kh) = (E::load8(kr), E::load8(kr.add(8)));
+                for h in 0..NH {
+                    let qv = _mm256_set1_ps(*q.add(h * hd + d + p));
+                    lo[h][p] = _mm256_fmadd_ps(qv, kl, lo[h][p]);
+                    hi[h][p] = _mm256_fmadd_ps(qv, kh, hi[h][p]);
+                }
+            }
+            d += 2;
+        }
+        let sc = _mm256_set1_ps(scale);
+        for h in 0..NH {
+            let o = out[h].as_mut_ptr();
+            _mm256_storeu_ps(o, _mm256_mul_ps(_mm256_add_ps(lo[h][0], lo[h][1]), sc));
+            _mm256_storeu_ps(
+                o.add(8),
+                _mm256_mul_ps(_mm256_add_ps(hi[h][0], hi[h][1]), sc),
+            );
+        }
+    }
+
+    /// `attend_heads_portable` with the scores, exponentials and value updates in
+    /// registers. `head_dim` must be a multiple of 8, at most MAX_STAGED_HEAD_DIM.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend_heads<E: KvElem>(a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
         let hd = a.layout.head_dim;
@@ -306,37 +424,20 @@ mod avx2 {
         os.fill(0.0);
         let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
         let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
-        let mut scores = [0.0f32; KEY_CHUNK];
+        let mut all_scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
         let mut weights = [0.0f32; KEY_CHUNK];
-        let kc = a.k_cache.as_ptr();
+        let mut stage = [E::default(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
         let vc = a.v_cache.as_ptr();
         let mut pos = 0;
         while pos < a.ctx {
-            let (base, n) = a.chunk_at(pos);
-            debug_assert!(base + n * hd <= a.k_cache.len());
-            a.prefetch_after(pos, base, n);
+            let c = a.chunk_at(pos);
+            let (base, n) = (c.values(hd), c.n);
+            a.prefetch_after(pos, &c);
+            let (keys, stride) = a.keys(&c, &mut stage);
+            let (q, k) = (qs.as_ptr(), keys.as_ptr());
+            by_heads!(nh, qk::<_, E>(q, hd, k, stride, a.scale, &mut all_scores));
             for h in 0..nh {
-                let q = qs.as_ptr().add(h * hd);
-                // scores of this chunk
-                for j in 0..n {
-                    let k = kc.add(base + j * hd);
-                    let mut s0 = _mm256_setzero_ps();
-                    let mut s1 = _mm256_setzero_ps();
-                    let mut d = 0;
-                    while d + 16 <= hd {
-                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(d)), E::load8(k.add(d)), s0);
-                        s1 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(q.add(d + 8)),
-                            E::load8(k.add(d + 8)),
-                            s1,
-                        );
-                        d += 16;
-                    }
-                    if d < hd {
-                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(d)), E::load8(k.add(d)), s0);
-                    }
-                    scores[j] = hsum(_mm256_add_ps(s0, s1)) * a.scale;
-                }
+                let scores = &all_scores[h];
                 let chunk_max = scores[..n].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let new_max = max[h].max(chunk_max);
                 let correction = (max[h] - new_max).exp();
@@ -385,9 +486,9 @@ mod avx2 {
     }
 }
 
-/// The AVX-512 kernel: sixteen keys' dot products reduced together (halving to 128 bits, then
-/// `hadd` across keys) into one vector of scores, one 16-wide exponential per chunk, and the
-/// value rows accumulated key by key into registers holding a whole head's output slice.
+/// The AVX-512 kernel: a chunk's sixteen scores as one vector (query values broadcast against
+/// the rows of keys), one 16-wide exponential per chunk, and the value rows accumulated key by
+/// key into registers holding a whole head's output slice.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
@@ -422,26 +523,6 @@ mod avx512 {
         _mm512_mul_ps(y, _mm512_castsi512_ps(pow2))
     }
 
-    /// Four partial sums whose total is the sum of the lanes of `v`.
-    #[inline(always)]
-    unsafe fn to128(v: __m512) -> __m128 {
-        let a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
-        _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a))
-    }
-
-    /// Lane `j` = the sum of the lanes of `x[j]`.
-    #[inline(always)]
-    unsafe fn sums16(x: &[__m128; KEY_CHUNK]) -> __m512 {
-        let quad = |g: usize| {
-            let a = _mm_hadd_ps(x[4 * g], x[4 * g + 1]);
-            let b = _mm_hadd_ps(x[4 * g + 2], x[4 * g + 3]);
-            _mm_hadd_ps(a, b)
-        };
-        let lo = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(quad(0)), quad(1));
-        let hi = _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(quad(2)), quad(3));
-        _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
-    }
-
     /// Output vectors of one head kept in registers at a time (64 values).
     const OUT_VECS: usize = 4;
 
@@ -470,7 +551,38 @@ mod avx512 {
         }
     }
 
-    /// `attend_heads_portable` in AVX-512. `head_dim` must be a multiple of 16.
+    /// The scaled scores of a chunk's keys (`hd` rows of 16 at stride `stride`) for NH heads,
+    /// one vector each: each head's query values broadcast against the rows, two accumulators
+    /// (even and odd dimensions).
+    #[inline(always)]
+    unsafe fn qk<const NH: usize, E: KvElem>(
+        q: *const f32,
+        hd: usize,
+        k: *const E,
+        stride: usize,
+        scale: f32,
+        out: &mut [__m512; MAX_HEADS_PER_PASS],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; NH];
+        let mut d = 0;
+        while d < hd {
+            for p in 0..2 {
+                let kr = E::load16(k.add((d + p) * stride));
+                for h in 0..NH {
+                    let qv = _mm512_set1_ps(*q.add(h * hd + d + p));
+                    acc[h][p] = _mm512_fmadd_ps(qv, kr, acc[h][p]);
+                }
+            }
+            d += 2;
+        }
+        let sc = _mm512_set1_ps(scale);
+        for h in 0..NH {
+            out[h] = _mm512_mul_ps(_mm512_add_ps(acc[h][0], acc[h][1]), sc);
+        }
+    }
+
+    /// `attend_heads_portable` in AVX-512. `head_dim` must be a multiple of 16, at most
+    /// MAX_STAGED_HEAD_DIM.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
     pub(super) unsafe fn attend_heads<E: KvElem>(a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
         let hd = a.layout.head_dim;
@@ -480,32 +592,20 @@ mod avx512 {
         let mut max = [f32::NEG_INFINITY; MAX_HEADS_PER_PASS];
         let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
         let mut weights = [0.0f32; KEY_CHUNK];
-        let kc = a.k_cache.as_ptr();
         let vc = a.v_cache.as_ptr();
-        let scale = _mm512_set1_ps(a.scale);
+        let mut all_scores = [_mm512_setzero_ps(); MAX_HEADS_PER_PASS];
+        let mut stage = [E::default(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
         let mut pos = 0;
         while pos < a.ctx {
-            let (base, n) = a.chunk_at(pos);
-            debug_assert!(base + n * hd <= a.k_cache.len());
-            a.prefetch_after(pos, base, n);
+            let c = a.chunk_at(pos);
+            let (base, n) = (c.values(hd), c.n);
+            a.prefetch_after(pos, &c);
+            let (keys, stride) = a.keys(&c, &mut stage);
+            let (q, k) = (qs.as_ptr(), keys.as_ptr());
+            by_heads!(nh, qk::<_, E>(q, hd, k, stride, a.scale, &mut all_scores));
             let live: __mmask16 = ((1u32 << n) - 1) as __mmask16;
             for h in 0..nh {
-                let q = qs.as_ptr().add(h * hd);
-                // scores of this chunk: one 16-wide partial sum per key, reduced together
-                let mut part = [_mm_setzero_ps(); KEY_CHUNK];
-                for j in 0..n {
-                    let k = kc.add(base + j * hd);
-                    let mut s = _mm512_setzero_ps();
-                    for c in 0..vecs {
-                        s = _mm512_fmadd_ps(
-                            _mm512_loadu_ps(q.add(16 * c)),
-                            E::load16(k.add(16 * c)),
-                            s,
-                        );
-                    }
-                    part[j] = to128(s);
-                }
-                let scores = _mm512_mul_ps(sums16(&part), scale);
+                let scores = all_scores[h];
                 let chunk_max = _mm512_mask_reduce_max_ps(live, scores);
                 let new_max = max[h].max(chunk_max);
                 let correction = (max[h] - new_max).exp();
@@ -565,14 +665,13 @@ mod tests {
             let qh = &q[h * hd..(h + 1) * hd];
             let mut s: Vec<f64> = (0..a.ctx)
                 .map(|p| {
-                    let off = a.layout.offset(
-                        a.block_table[p / a.layout.page_size] as usize,
-                        a.kv_head,
-                        p % a.layout.page_size,
-                    );
+                    let page = a.block_table[p / a.layout.page_size] as usize;
+                    let slot = p % a.layout.page_size;
                     qh.iter()
-                        .zip(&a.k_cache[off..off + hd])
-                        .map(|(x, y)| (x * y) as f64)
+                        .enumerate()
+                        .map(|(d, x)| {
+                            (x * a.k_cache[a.layout.k_offset(page, a.kv_head, slot, d)]) as f64
+                        })
                         .sum::<f64>()
                         * a.scale as f64
                 })
@@ -581,7 +680,7 @@ mod tests {
             s.iter_mut().for_each(|v| *v = (*v - mx).exp());
             let tot: f64 = s.iter().sum();
             for (p, w) in s.iter().enumerate() {
-                let off = a.layout.offset(
+                let off = a.layout.v_offset(
                     a.block_table[p / a.layout.page_size] as usize,
                     a.kv_head,
                     p % a.layout.page_size,

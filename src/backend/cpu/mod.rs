@@ -40,7 +40,8 @@ impl CpuWeight {
     }
 }
 
-/// K and V of every layer: `[page][kv_head][slot][head_dim]` (see `KvLayout`), f32 or bf16.
+/// K and V of every layer: per page and KV head, values `[slot][head_dim]` and keys
+/// `[head_dim][slot]` (see `KvLayout`), f32 or bf16.
 pub struct CpuKv {
     store: KvStore,
     layout: KvLayout,
@@ -241,13 +242,14 @@ impl CpuBackend {
                 let krow = std::slice::from_raw_parts_mut(kp.get().add(t * nkv * hd), nkv * hd);
                 for (g, h) in krow.chunks_exact_mut(hd).enumerate() {
                     kernels::rope_head(h, cos, sin);
-                    let off = layout.offset(page, g, in_page);
-                    let kdst = std::slice::from_raw_parts_mut(kc.get().add(off), hd);
+                    // keys dimension by dimension, values as a row (see KvLayout)
+                    let k0 = kc.get().add(layout.k_offset(page, g, in_page, 0));
+                    for (d, &x) in h.iter().enumerate() {
+                        *k0.add(d * layout.page_size) = E::from_f32(x);
+                    }
+                    let off = layout.v_offset(page, g, in_page);
                     let vdst = std::slice::from_raw_parts_mut(vc.get().add(off), hd);
                     let vsrc = &v[(t * nkv + g) * hd..(t * nkv + g + 1) * hd];
-                    kdst.iter_mut()
-                        .zip(h.iter())
-                        .for_each(|(d, &x)| *d = E::from_f32(x));
                     vdst.iter_mut()
                         .zip(vsrc)
                         .for_each(|(d, &x)| *d = E::from_f32(x));
