@@ -142,6 +142,10 @@ pub struct AttnInput<'a, E: KvElem = f32> {
     /// Positions `0..ctx` are visible (causal).
     pub ctx: usize,
     pub scale: f32,
+    /// Prefetch each page's keys and values ahead of the chunk that reads them: for a query
+    /// whose context is likely in memory rather than cache (decode; the first token of a
+    /// prompt chunk, after which its neighbours find the pages cached).
+    pub prefetch: bool,
 }
 
 impl<E: KvElem> AttnInput<'_, E> {
@@ -200,11 +204,11 @@ impl Chunk {
 /// The vector kernels' e^x (Cephes' expf): ln 2 split in a high part exact in few bits and
 /// the rest, and the degree-5 polynomial's coefficients, highest first.
 #[cfg(target_arch = "x86_64")]
-const EXP_LN2_HI: f32 = 0.693_359_4;
+pub(super) const EXP_LN2_HI: f32 = 0.693_359_4;
 #[cfg(target_arch = "x86_64")]
-const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
 #[cfg(target_arch = "x86_64")]
-const EXP_POLY: [f32; 6] = [
+pub(super) const EXP_POLY: [f32; 6] = [
     1.987_569_1e-4,
     1.398_199_9e-3,
     8.333_452e-3,
@@ -212,6 +216,40 @@ const EXP_POLY: [f32; 6] = [
     1.666_666_5e-1,
     0.5,
 ];
+
+/// e^x on eight lanes, Cephes-style: x clamped to [-87, 88], range reduction by ln 2 and a
+/// degree-5 polynomial; relative error about 2e-7 (attention weights, where x <= 0, and the
+/// SwiGLU of the products).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn exp8(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
+        _mm256_set1_ps(88.0),
+    );
+    let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(0.5),
+    ));
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
+    let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
+    let mut y = _mm256_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(*c));
+    }
+    y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(x, x),
+        _mm256_add_ps(x, _mm256_set1_ps(1.0)),
+    );
+    let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvttps_epi32(fx),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
+}
 
 #[cfg(target_arch = "x86_64")]
 impl<E: KvElem> AttnInput<'_, E> {
@@ -223,7 +261,7 @@ impl<E: KvElem> AttnInput<'_, E> {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let (hd, ps) = (self.layout.head_dim, self.layout.page_size);
         let next = pos + c.n;
-        if next >= self.ctx {
+        if !self.prefetch || next >= self.ctx {
             return;
         }
         let nc = self.chunk_at(next);
@@ -348,34 +386,6 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// e^x for x <= 0 (attention weights), Cephes-style: range reduction by ln 2 and a
-    /// degree-5 polynomial; relative error about 2e-7. Very negative inputs give 0.
-    #[inline(always)]
-    unsafe fn exp_neg(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let fx = _mm256_floor_ps(_mm256_fmadd_ps(
-            x,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-            _mm256_set1_ps(0.5),
-        ));
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_HI), x);
-        let x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2_LO), x);
-        let mut y = _mm256_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(*c));
-        }
-        y = _mm256_fmadd_ps(
-            y,
-            _mm256_mul_ps(x, x),
-            _mm256_add_ps(x, _mm256_set1_ps(1.0)),
-        );
-        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvttps_epi32(fx),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2))
-    }
-
     /// The scaled scores of a chunk's keys (`hd` rows of 16 at stride `stride`) for NH heads:
     /// each head's query values broadcast against the rows, two accumulators (even and odd
     /// dimensions) per 8 keys.
@@ -448,7 +458,7 @@ mod avx2 {
                     let s = _mm256_loadu_ps(scores.as_ptr().add(8 * half));
                     _mm256_storeu_ps(
                         weights.as_mut_ptr().add(8 * half),
-                        exp_neg(_mm256_sub_ps(s, shift)),
+                        exp8(_mm256_sub_ps(s, shift)),
                     );
                 }
                 let mut chunk_sum = 0.0f32;
@@ -495,7 +505,7 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// e^x for x <= 0, as `avx2::exp_neg` on sixteen lanes.
+    /// e^x for x <= 0, as `exp8` on sixteen lanes.
     #[inline(always)]
     unsafe fn exp_neg(x: __m512) -> __m512 {
         let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
@@ -718,6 +728,7 @@ mod tests {
                 kv_head: 1,
                 ctx,
                 scale: 0.3,
+                prefetch: true,
             };
             let q = rand_vec(heads * hd, 6);
             let want = dense(&a, &q);
@@ -748,6 +759,8 @@ mod tests {
                     kv_head: 1,
                     ctx,
                     scale: 0.3,
+                    // and without prefetching, which must not change a bit
+                    prefetch: false,
                 };
                 let with_f32 = AttnInput {
                     k_cache: &kw[..],

@@ -110,6 +110,11 @@ pub fn kv_elem_bytes(dtype: KvCacheDtype) -> usize {
     }
 }
 
+/// Products of at least this many tokens hand out their weight rows in blocks of
+/// `DYNAMIC_ROW_BLOCK` (a multiple of every kernel's row tile) to whichever thread is free.
+const DYNAMIC_ROWS_MIN_TOKENS: usize = 32;
+const DYNAMIC_ROW_BLOCK: usize = 64;
+
 /// Below this many rows the elementwise ops run on the calling thread alone.
 const PARALLEL_ROWS: usize = 32;
 
@@ -195,6 +200,7 @@ impl CpuBackend {
                 kv_head: g,
                 ctx,
                 scale,
+                prefetch: seq.num_tokens == 1 || t == seq.token_start,
             };
             attention::attend(isa, &input, qh, o);
         };
@@ -382,7 +388,20 @@ impl CpuBackend {
         let threads = self.pool.num_threads();
         if threads == 1 || total * m * k < 65536 {
             job(0..total, 0);
+        } else if m >= DYNAMIC_ROWS_MIN_TOKENS {
+            // many tokens: blocks of rows handed out as threads free up, so a thread slowed
+            // down (by the machine's other tenants, say) does not keep the others waiting
+            let next = AtomicUsize::new(0);
+            self.pool.run(|tid| loop {
+                let lo = next.fetch_add(DYNAMIC_ROW_BLOCK, Ordering::Relaxed);
+                if lo >= total {
+                    break;
+                }
+                job(lo..(lo + DYNAMIC_ROW_BLOCK).min(total), tid);
+            });
         } else {
+            // few tokens (decode): one contiguous half each, so each thread streams its own
+            // weights front to back (blocks on demand measured 10-20% slower here)
             self.pool
                 .run(|tid| job(pool::split_range(total, 4, threads, tid), tid));
         }
