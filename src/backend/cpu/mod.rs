@@ -110,10 +110,10 @@ pub fn kv_elem_bytes(dtype: KvCacheDtype) -> usize {
     }
 }
 
-/// Products of at least this many tokens hand out their weight rows in blocks of
-/// `DYNAMIC_ROW_BLOCK` (a multiple of every kernel's row tile) to whichever thread is free.
-const DYNAMIC_ROWS_MIN_TOKENS: usize = 32;
-const DYNAMIC_ROW_BLOCK: usize = 64;
+/// Weight rows a thread takes from its own share at a time, and from another's (multiples of
+/// every kernel's row tile; see `pool::Shares`).
+const OWN_ROWS: usize = 64;
+const STOLEN_ROWS: usize = 16;
 
 /// Below this many rows the elementwise ops run on the calling thread alone.
 const PARALLEL_ROWS: usize = 32;
@@ -388,22 +388,13 @@ impl CpuBackend {
         let threads = self.pool.num_threads();
         if threads == 1 || total * m * k < 65536 {
             job(0..total, 0);
-        } else if m >= DYNAMIC_ROWS_MIN_TOKENS {
-            // many tokens: blocks of rows handed out as threads free up, so a thread slowed
-            // down (by the machine's other tenants, say) does not keep the others waiting
-            let next = AtomicUsize::new(0);
-            self.pool.run(|tid| loop {
-                let lo = next.fetch_add(DYNAMIC_ROW_BLOCK, Ordering::Relaxed);
-                if lo >= total {
-                    break;
-                }
-                job(lo..(lo + DYNAMIC_ROW_BLOCK).min(total), tid);
-            });
         } else {
-            // few tokens (decode): one contiguous half each, so each thread streams its own
-            // weights front to back (blocks on demand measured 10-20% slower here)
+            // each thread streams its own share of the rows front to back, then helps with
+            // the others' from their back ends: a thread slowed down (by the machine's other
+            // tenants, say) does not keep the rest waiting at the end of the region
+            let shares = pool::Shares::new(total, 4, threads);
             self.pool
-                .run(|tid| job(pool::split_range(total, 4, threads, tid), tid));
+                .run(|tid| shares.work(tid, OWN_ROWS, STOLEN_ROWS, |r| job(r, tid)));
         }
     }
 

@@ -153,6 +153,78 @@ pub fn split_range(n: usize, align: usize, parts: usize, tid: usize) -> std::ops
     lo..hi
 }
 
+/// Rows `0..n` shared among `threads` threads: each thread owns a contiguous share
+/// ([`split_range`]) and takes it front to back in blocks of `own` rows; a thread done with its
+/// share takes blocks of `steal` rows from the back of the others'. Every thread thus streams
+/// its own rows in order, as a static split does, and none waits long at the end of the region
+/// for one that was slowed down. Block sizes are multiples of `align` (the kernels' row tiles).
+pub struct Shares {
+    /// Per share: `front << 32 | back`, the rows not yet taken.
+    cursors: Vec<AtomicU64>,
+    align: usize,
+}
+
+impl Shares {
+    pub fn new(n: usize, align: usize, threads: usize) -> Self {
+        assert!(n < 1 << 32, "{n} rows");
+        let cursors = (0..threads)
+            .map(|t| {
+                let r = split_range(n, align, threads, t);
+                AtomicU64::new((r.start as u64) << 32 | r.end as u64)
+            })
+            .collect();
+        Self {
+            cursors,
+            align: align.max(1),
+        }
+    }
+
+    /// Takes up to `rows` rows from the front (`front == true`) or the back of share `s`.
+    fn take(&self, s: usize, rows: usize, front: bool) -> Option<std::ops::Range<usize>> {
+        let rows = rows.div_ceil(self.align) * self.align;
+        let c = &self.cursors[s];
+        let mut cur = c.load(Ordering::Relaxed);
+        loop {
+            let (lo, hi) = ((cur >> 32) as usize, (cur & 0xFFFF_FFFF) as usize);
+            if lo >= hi {
+                return None;
+            }
+            let (next, got) = if front {
+                let m = (lo + rows).min(hi);
+                ((m as u64) << 32 | hi as u64, lo..m)
+            } else {
+                // shares start on multiples of `align`, and so does every block
+                let m = (hi.saturating_sub(rows) / self.align * self.align).max(lo);
+                ((lo as u64) << 32 | m as u64, m..hi)
+            };
+            match c.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(got),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Thread `tid`'s part: its own share in blocks of `own` rows, then blocks of `steal` rows
+    /// from the others, each passed to `f`.
+    pub fn work(
+        &self,
+        tid: usize,
+        own: usize,
+        steal: usize,
+        mut f: impl FnMut(std::ops::Range<usize>),
+    ) {
+        while let Some(r) = self.take(tid, own, true) {
+            f(r);
+        }
+        let n = self.cursors.len();
+        for other in (1..n).map(|d| (tid + d) % n) {
+            while let Some(r) = self.take(other, steal, false) {
+                f(r);
+            }
+        }
+    }
+}
+
 fn worker(sh: Arc<Shared>, tid: usize) {
     let mut seen = 0u64;
     loop {
@@ -209,6 +281,39 @@ impl Drop for ThreadPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every row is handed out exactly once, in aligned blocks, however the threads race.
+    #[test]
+    fn shares_hand_out_every_row_once() {
+        let pool = ThreadPool::with_spin(3, Duration::from_micros(50));
+        for &(n, align, own, steal) in &[
+            (1000usize, 4usize, 64usize, 16usize),
+            (13, 4, 4, 4),
+            (577, 2, 8, 2),
+            (5, 1, 64, 1),
+        ] {
+            for round in 0..20 {
+                let shares = Shares::new(n, align, pool.num_threads());
+                let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(|tid| {
+                    shares.work(tid, own, steal, |r| {
+                        assert!(r.start.is_multiple_of(align) || r.start == 0, "{r:?}");
+                        assert!(r.end.is_multiple_of(align) || r.end == n, "{r:?}");
+                        if tid == round % 3 {
+                            std::thread::sleep(Duration::from_micros(20));
+                        }
+                        r.for_each(|i| {
+                            seen[i].fetch_add(1, Ordering::Relaxed);
+                        });
+                    })
+                });
+                assert!(
+                    seen.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                    "n={n} round={round}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_thread_runs_once_per_region() {
