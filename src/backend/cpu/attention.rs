@@ -167,21 +167,31 @@ impl<E: KvElem> AttnInput<'_, E> {
 
     /// The chunk's keys as `hd` rows of `KEY_CHUNK` (row stride returned): in place for a
     /// whole chunk, else copied into `stage` with zeros after the last key, so every row can
-    /// be read as a full vector.
+    /// be read as a full vector. `stage` is left uninitialised by the callers (it is written
+    /// here before it is read, and only for a partial chunk), so a call does not clear it.
     #[inline(always)]
-    fn keys<'s>(&'s self, c: &Chunk, stage: &'s mut [E]) -> (&'s [E], usize) {
+    fn keys<'s>(
+        &'s self,
+        c: &Chunk,
+        stage: &'s mut [std::mem::MaybeUninit<E>],
+    ) -> (&'s [E], usize) {
         let ps = self.layout.page_size;
         let hd = self.layout.head_dim;
         let start = c.block + c.in_page;
         if c.n == KEY_CHUNK {
             return (&self.k_cache[start..start + (hd - 1) * ps + KEY_CHUNK], ps);
         }
-        for d in 0..hd {
-            let row = &mut stage[d * KEY_CHUNK..(d + 1) * KEY_CHUNK];
-            row[..c.n].copy_from_slice(&self.k_cache[start + d * ps..start + d * ps + c.n]);
-            row[c.n..].fill(E::default());
+        let staged = &mut stage[..hd * KEY_CHUNK];
+        for (d, row) in staged.chunks_exact_mut(KEY_CHUNK).enumerate() {
+            let keys = &self.k_cache[start + d * ps..start + d * ps + c.n];
+            for (j, v) in row.iter_mut().enumerate() {
+                v.write(keys.get(j).copied().unwrap_or_default());
+            }
         }
-        (&stage[..hd * KEY_CHUNK], KEY_CHUNK)
+        // SAFETY: every element of `staged` was written just above, and MaybeUninit<E> has the
+        // layout of E.
+        let keys = unsafe { std::slice::from_raw_parts(staged.as_ptr() as *const E, staged.len()) };
+        (keys, KEY_CHUNK)
     }
 }
 
@@ -436,7 +446,7 @@ mod avx2 {
         let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
         let mut all_scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
         let mut weights = [0.0f32; KEY_CHUNK];
-        let mut stage = [E::default(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
+        let mut stage = [std::mem::MaybeUninit::<E>::uninit(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
         let vc = a.v_cache.as_ptr();
         let mut pos = 0;
         while pos < a.ctx {
@@ -604,7 +614,7 @@ mod avx512 {
         let mut weights = [0.0f32; KEY_CHUNK];
         let vc = a.v_cache.as_ptr();
         let mut all_scores = [_mm512_setzero_ps(); MAX_HEADS_PER_PASS];
-        let mut stage = [E::default(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
+        let mut stage = [std::mem::MaybeUninit::<E>::uninit(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
         let mut pos = 0;
         while pos < a.ctx {
             let c = a.chunk_at(pos);

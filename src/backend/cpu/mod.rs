@@ -318,8 +318,8 @@ impl CpuBackend {
                     // SAFETY: each thread gets disjoint row ranges of each output, whose
                     // buffers hold m * n values (checked by the callers via ensure_len).
                     unsafe {
-                        match (part.0.elems(), part.1.map(|u| u.elems())) {
-                            (Elems::Quant(t, w), None) => kernels::matmul_rows_quant(
+                        match (bf16, part.0.elems(), part.1.map(|u| u.elems())) {
+                            (_, Elems::Quant(t, w), None) => kernels::matmul_rows_quant(
                                 isa,
                                 xq,
                                 m,
@@ -330,7 +330,7 @@ impl CpuBackend {
                                 out,
                                 ldo,
                             ),
-                            (Elems::Quant(t, w), Some(Elems::Quant(ut, u))) => {
+                            (_, Elems::Quant(t, w), Some(Elems::Quant(ut, u))) => {
                                 kernels::matmul_rows_quant(
                                     isa,
                                     xq,
@@ -343,8 +343,8 @@ impl CpuBackend {
                                     ldo,
                                 )
                             }
-                            (Elems::BF16(w), None) if bf16.is_some() => kernels::matmul_rows_bf16x(
-                                bf16.unwrap(),
+                            (Some(d), Elems::BF16(w), None) => kernels::matmul_rows_bf16x(
+                                d,
                                 xb,
                                 m,
                                 k,
@@ -354,9 +354,9 @@ impl CpuBackend {
                                 out,
                                 ldo,
                             ),
-                            (Elems::BF16(w), Some(Elems::BF16(u))) if bf16.is_some() => {
+                            (Some(d), Elems::BF16(w), Some(Elems::BF16(u))) => {
                                 kernels::matmul_rows_bf16x(
-                                    bf16.unwrap(),
+                                    d,
                                     xb,
                                     m,
                                     k,
@@ -367,7 +367,7 @@ impl CpuBackend {
                                     ldo,
                                 )
                             }
-                            (w, up) => kernels::matmul_rows(
+                            (_, w, up) => kernels::matmul_rows(
                                 isa,
                                 x,
                                 m,

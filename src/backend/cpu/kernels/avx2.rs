@@ -117,8 +117,10 @@ impl LoadW<Avx2> for f32 {
     }
 }
 
+/// The sum of eight lanes: halves 4, 2, 1 (every f32 kernel's and the bf16-activation
+/// kernels' canonical order).
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps::<1>(v);
     let s = _mm_add_ps(lo, hi);

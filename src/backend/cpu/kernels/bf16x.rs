@@ -12,7 +12,9 @@
 //! Then the sum of the two accumulators, lanes halved as 8, 4, 2, 1 (`l + 8`, `l + 4`, ...),
 //! then the values past the last whole block one by one.
 
-use super::{OutPtr, BF16X_STREAM_TOKENS, STREAM_MAX_TOKENS};
+// the canonical total of eight lanes (halves 4, 2, 1), as the f32 kernels take it
+use super::avx2::hsum as hsum8;
+use super::{OutPtr, STREAM_BATCH_TOKENS, STREAM_MAX_TOKENS};
 use std::arch::x86_64::*;
 
 /// One implementation of the 32-value step.
@@ -28,14 +30,6 @@ pub(super) trait Pairs {
     unsafe fn sum8(a0: &[Self::A; 8], a1: &[Self::A; 8]) -> [f32; 8] {
         std::array::from_fn(|j| Self::sum(a0[j], a1[j]))
     }
-}
-
-/// The canonical total of eight lanes: halves 4, 2, 1.
-#[inline(always)]
-unsafe fn hsum8(t: __m256) -> f32 {
-    let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-    let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
-    _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
 }
 
 /// AVX-512 BF16: `vdpbf16ps`.
@@ -229,8 +223,8 @@ unsafe fn stream_dispatch<P: Pairs>(
 /// Weight rows per tile of the many-token kernel, and tokens.
 const TILE_NR: usize = 2;
 const TILE_MR: usize = 4;
-// a tile's SwiGLU and totals take its eight values at once
-const _: () = assert!(TILE_NR * TILE_MR == 8);
+// a tile's SwiGLU and totals take its eight values at once, and `tile_dispatch` goes to 4
+const _: () = assert!(TILE_NR * TILE_MR == 8 && TILE_MR == 4);
 /// Tokens per block of the many-token kernel: 48 rows of bf16 x at k <= 4096 stay in L2
 /// while the thread's weight rows pass over them, each tile's rows from L1.
 const TOKEN_BLOCK: usize = 48;
@@ -296,9 +290,7 @@ unsafe fn tile_dispatch<P: Pairs, const NR: usize>(
         1 => tile::<P, 1, NR>(x, k, w, res),
         2 => tile::<P, 2, NR>(x, k, w, res),
         3 => tile::<P, 3, NR>(x, k, w, res),
-        4 => tile::<P, 4, NR>(x, k, w, res),
-        5 => tile::<P, 5, NR>(x, k, w, res),
-        _ => tile::<P, 6, NR>(x, k, w, res),
+        _ => tile::<P, 4, NR>(x, k, w, res),
     }
 }
 
@@ -325,7 +317,7 @@ unsafe fn rows_with<P: Pairs>(
 ) {
     let o = out.get();
     let swiglu = up.is_some();
-    if m <= BF16X_STREAM_TOKENS {
+    if m <= STREAM_BATCH_TOKENS {
         for r in rows {
             let mut i0 = 0;
             while i0 < m {

@@ -533,9 +533,6 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod bf16x;
 
-/// Up to this many tokens, the bf16-activation products stream weight rows (decode).
-const BF16X_STREAM_TOKENS: usize = STREAM_BATCH_TOKENS;
-
 /// An activation rounded to bf16 for `--dtype bfloat16`, exactly as `vcvtneps2bf16` rounds:
 /// to nearest even, NaN stays NaN (quiet), zero and denormals become a signed zero.
 #[inline]
