@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define SGLANG_VERSION_MAJOR 1
-#define SGLANG_VERSION_MINOR 3
+#define SGLANG_VERSION_MINOR 4
 #define SGLANG_VERSION_PATCH 0
 
 /* Checks at run time that the library can serve a caller compiled against this header:
@@ -112,6 +112,14 @@ typedef struct sglang_engine_params {
     const char *quantization;   /* NULL (default: weights as stored) or "q8_0", "q4_0",
                                    "q4_1", "q5_0", "q4_k", "q6_k": quantize bf16/f16/f32
                                    weights while loading (not with GGUF or tp_size > 1) */
+    /* Since ABI 1.4. A caller built against 1.3 passes a struct that ends before these:
+     * they take their defaults. */
+    const char *kv_cache_dtype; /* NULL or "auto" (default: f32 on the CPU, bf16 on CUDA),
+                                   "fp32" (CPU) or "bf16": the KV cache's element type */
+    const char *dtype;          /* NULL or "auto" (default: f32 on the CPU, bf16 on CUDA),
+                                   "float32" (CPU) or "bfloat16": the matrix products'
+                                   inputs (CPU: activations rounded to bf16 before products
+                                   with bf16 weights) */
 } sglang_engine_params;
 
 typedef struct sglang_request_params {

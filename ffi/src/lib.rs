@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bindings::*;
-use engine::config::{ConfigError, Device, EngineConfig, LoadFormat};
+use engine::config::{ConfigError, Device, Dtype, EngineConfig, KvCacheDtype, LoadFormat};
 use engine::engine::{
     EngineError, EngineHandle, Event, FinishReason, GenerateRequest, Matched, Output, RequestError,
     RequestStream, SubmitError,
@@ -166,7 +166,7 @@ fn field_size<T, F>(_: fn(&T) -> &F) -> usize {
 
 /// The byte offsets at which the named fields of a struct end: the `struct_size` values a
 /// caller of any header version can pass (1.0's `sglang_engine_params` ended at `reserved0`,
-/// then padding, 1.1's and 1.2's at `reserved1`; `sglang_request_params` at
+/// then padding, 1.1's and 1.2's at `reserved1`, 1.3's at `quantization`; `sglang_request_params` at
 /// `n_stop_token_ids`).
 macro_rules! field_ends {
     ($t:ty; $($f:ident),+ $(,)?) => {
@@ -174,10 +174,10 @@ macro_rules! field_ends {
     };
 }
 
-fn engine_params_ends() -> [usize; 14] {
+fn engine_params_ends() -> [usize; 16] {
     field_ends!(sglang_engine_params; struct_size, model_path, device, mem_fraction_static,
         max_running_requests, enable_radix_cache, page_size, max_total_tokens, num_threads,
-        reserved0, tp_size, reserved1, load_format, quantization)
+        reserved0, tp_size, reserved1, load_format, quantization, kv_cache_dtype, dtype)
 }
 
 fn request_params_ends() -> [usize; 23] {
@@ -313,6 +313,8 @@ pub extern "C" fn sglang_engine_default_params() -> sglang_engine_params {
         reserved1: 0,
         load_format: std::ptr::null(),
         quantization: std::ptr::null(),
+        kv_cache_dtype: std::ptr::null(),
+        dtype: std::ptr::null(),
     }
 }
 
@@ -394,6 +396,17 @@ pub unsafe extern "C" fn sglang_engine_create(
                 q.parse::<QuantType>()
                     .or_else(|e| invalid(format!("`params.quantization`: {e}")))?,
             );
+        }
+        // as the server's --kv-cache-dtype and --dtype (default auto)
+        if let Some(d) = opt_str_arg(p.kv_cache_dtype, "params.kv_cache_dtype")? {
+            cfg.kv_cache_dtype = d
+                .parse::<KvCacheDtype>()
+                .or_else(|e| invalid(format!("`params.kv_cache_dtype`: {e}")))?;
+        }
+        if let Some(d) = opt_str_arg(p.dtype, "params.dtype")? {
+            cfg.dtype = d
+                .parse::<Dtype>()
+                .or_else(|e| invalid(format!("`params.dtype`: {e}")))?;
         }
         cfg.validate().or_else(|e| invalid(e.to_string()))?;
         // a GGUF file's metadata stands in for a missing config.json

@@ -296,6 +296,15 @@ fn tokenizer_buffers_and_misuse() {
     }
 }
 
+/// An engine made with `p`, or the status and message of the refusal.
+fn try_create(p: &sglang_engine_params) -> Result<*mut sglang_engine, (sglang_status, String)> {
+    let mut e = std::ptr::null_mut();
+    match unsafe { sglang_engine_create(p, &mut e) } {
+        SGLANG_OK => Ok(e),
+        status => Err((status, last_error())),
+    }
+}
+
 fn greedy(text: &CString, n: i32) -> sglang_request_params {
     let mut p = sglang_request_default_params();
     p.text = text.as_ptr();
@@ -629,11 +638,7 @@ fn load_format_and_quantization() {
         p.max_total_tokens = 1024;
         p.load_format = format.map_or(std::ptr::null(), |f| f.as_ptr());
         p.quantization = quant.map_or(std::ptr::null(), |q| q.as_ptr());
-        let mut e = std::ptr::null_mut();
-        let status = sglang_engine_create(&p, &mut e);
-        if status != SGLANG_OK {
-            return Err((status, last_error()));
-        }
+        let e = try_create(&p)?;
         let mut r = std::ptr::null_mut();
         assert_eq!(sglang_generate(e, &greedy(&text, 8), &mut r), SGLANG_OK);
         let out = (
@@ -679,4 +684,63 @@ fn load_format_and_quantization() {
         );
         sglang_engine_free(e);
     }
+}
+
+/// ABI 1.4: `kv_cache_dtype` and `dtype`. A bf16 KV cache holds the same pool in half the
+/// bytes (`sglang_kv_cache_size_bytes`), and bf16 activations still answer; bad values are
+/// invalid arguments naming the field; a 1.3 struct (ending at `quantization`) takes the
+/// defaults whatever lies beyond it.
+#[test]
+fn kv_cache_dtype_and_dtype() {
+    let text = CString::new("The capital of France is").unwrap();
+    let dir = model_dir();
+    let c = |s: &str| CString::new(s).unwrap();
+    // (greedy text, KV cache bytes) of an engine made with these values, or the error
+    let run = |kv: Option<&CString>, dtype: Option<&CString>, struct_size: Option<usize>| unsafe {
+        let mut p = sglang_engine_default_params();
+        p.model_path = dir.as_ptr();
+        p.max_total_tokens = 1024;
+        p.kv_cache_dtype = kv.map_or(std::ptr::null(), |v| v.as_ptr());
+        p.dtype = dtype.map_or(std::ptr::null(), |v| v.as_ptr());
+        if let Some(n) = struct_size {
+            p.struct_size = n;
+        }
+        let e = try_create(&p)?;
+        let mut r = std::ptr::null_mut();
+        assert_eq!(sglang_generate(e, &greedy(&text, 8), &mut r), SGLANG_OK);
+        let answer = CStr::from_ptr((*r).text).to_string_lossy().into_owned();
+        sglang_result_free(r);
+        let mut m = std::ptr::null_mut();
+        assert_eq!(sglang_metrics_text(e, &mut m), SGLANG_OK);
+        let metrics = CStr::from_ptr(m).to_string_lossy().into_owned();
+        sglang_string_free(m);
+        sglang_engine_free(e);
+        let kv_bytes: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sglang_kv_cache_size_bytes "))
+            .unwrap_or_else(|| panic!("no sglang_kv_cache_size_bytes in {metrics}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Ok((answer, kv_bytes))
+    };
+    let (answer, f32_bytes) = run(None, None, None).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let (answer, bf16_bytes) = run(Some(&c("bf16")), Some(&c("bfloat16")), None).unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    assert_eq!(bf16_bytes * 2, f32_bytes);
+    for (kv, dtype, field) in [
+        (Some("fp8"), None, "kv_cache_dtype"),
+        (None, Some("float16"), "dtype"),
+    ] {
+        let (kv, dtype) = (kv.map(c), dtype.map(c));
+        let (status, err) = run(kv.as_ref(), dtype.as_ref(), None).unwrap_err();
+        assert_eq!(status, SGLANG_ERR_INVALID_ARGUMENT, "{err}");
+        assert!(err.contains(field), "{err}");
+    }
+    // a 1.3 caller: the struct ends at quantization; what lies beyond is not read
+    let junk = c("not a dtype");
+    let old = std::mem::offset_of!(sglang_engine_params, kv_cache_dtype);
+    let (_, bytes) = run(Some(&junk), Some(&junk), Some(old)).unwrap();
+    assert_eq!(bytes, f32_bytes);
 }

@@ -1,6 +1,6 @@
 /*
  * The C ABI's sharp edges, tried from C (ffi/tests/examples.rs builds and runs this):
- * struct sizes that end inside a field, an absurd max_total_tokens, a prompt given twice,
+ * struct sizes that end inside a field, an absurd max_total_tokens, an unknown dtype, a prompt given twice,
  * last_error after a success, and an engine used in a fork()ed child.
  * Usage: abi_edges MODEL_DIR. Prints "ok: ..." per check; exits non-zero at the first failure.
  */
@@ -47,6 +47,15 @@ int main(int argc, char **argv) {
     check(strstr(sglang_last_error(), "max-total-tokens") != NULL,
           "the message names max_total_tokens");
     ep.max_total_tokens = 1024;
+
+    /* ABI 1.4's dtype: a value the library does not know is refused by name */
+    ep.dtype = "float16";
+    check(sglang_engine_create(&ep, &engine) == SGLANG_ERR_INVALID_ARGUMENT && engine == NULL,
+          "dtype float16 is refused");
+    check(strstr(sglang_last_error(), "params.dtype") != NULL, "the message names dtype");
+    /* the engine below: bf16 activations and a bf16 KV cache, as --dtype and --kv-cache-dtype */
+    ep.dtype = "bfloat16";
+    ep.kv_cache_dtype = "bf16";
 
     if (sglang_engine_create(&ep, &engine) != SGLANG_OK) {
         printf("FAILED: engine: %s\n", sglang_last_error());

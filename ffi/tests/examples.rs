@@ -235,7 +235,7 @@ fn abi_edges_hold_from_c() {
     assert!(!out.contains("FAILED"), "{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("ok: ")).count(),
-        14,
+        16,
         "{out}"
     );
 }

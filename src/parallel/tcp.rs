@@ -174,7 +174,8 @@ impl TcpComm {
                 ))
             } else if fingerprint != params.model_fingerprint {
                 Some(format!(
-                    "rank {rank} at {addr} loaded a different model than rank 0"
+                    "rank {rank} at {addr} loaded a different model than rank 0, or runs it \
+                     with another --dtype or --kv-cache-dtype"
                 ))
             } else {
                 None

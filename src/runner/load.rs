@@ -160,11 +160,21 @@ fn threads_per_rank(cfg: &EngineConfig, ranks_here: usize) -> usize {
     (cores / ranks_here).max(1)
 }
 
-/// Identifies a model across processes: its shape and the size of every tensor.
-fn model_fingerprint(p: &Prepared) -> u64 {
+/// Identifies a model across processes: its shape, the size of every tensor, and the
+/// numerics that must match across ranks (`--dtype` and `--kv-cache-dtype`, as the CPU, where
+/// groups run, resolves `auto`).
+fn model_fingerprint(cfg: &EngineConfig, p: &Prepared) -> u64 {
     let c = &p.model_cfg;
+    let kv = match cfg.kv_cache_dtype {
+        KvCacheDtype::Bf16 => "bf16",
+        KvCacheDtype::Auto | KvCacheDtype::Fp32 => "fp32",
+    };
+    let dtype = match cfg.dtype {
+        Dtype::Bfloat16 => "bfloat16",
+        Dtype::Auto | Dtype::Float32 => "float32",
+    };
     let text = format!(
-        "{} {} {} {} {} {} {} {} {}",
+        "{} {} {} {} {} {} {} {} {} {kv} {dtype}",
         c.hidden_size,
         c.intermediate_size,
         c.num_layers,
@@ -345,7 +355,7 @@ fn start_process_group(cfg: &EngineConfig, p: &Prepared) -> Result<TpRunner, Loa
         p.group
     );
     let params = GroupParams {
-        model_fingerprint: model_fingerprint(p),
+        model_fingerprint: model_fingerprint(cfg, p),
         num_pages: p.num_pages as u64,
         page_size: cfg.page_size as u64,
     };
@@ -389,7 +399,7 @@ pub fn serve_rank(cfg: &EngineConfig) -> Result<(), LoadModelError> {
         &at,
         cfg.rank,
         cfg.world_size,
-        model_fingerprint(&p),
+        model_fingerprint(cfg, &p),
         dist_timeout(cfg),
     )?;
     let comm: Arc<dyn Communicator> = Arc::new(comm);

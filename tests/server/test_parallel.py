@@ -109,6 +109,24 @@ def test_a_rank_that_never_arrives_is_named_and_rank_0_exits():
     assert time.time() - started < 30
 
 
+def refused_rank_1(rank_1_args, reason):
+    """Starts rank 1 with `rank_1_args` and rank 0 with the default model: rank 0 must refuse
+    rank 1 naming it and `reason`, and both must exit 1."""
+    port = free_port()
+    worker = subprocess.Popen(
+        [str(BINARY), *rank_1_args, "--world-size", "2", "--rank", "1", "--master-addr", "127.0.0.1",
+         "--master-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(
+        [str(BINARY), "--model-path", str(MODEL), "--port", str(free_port()), "--world-size", "2",
+         "--rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port), "--dist-timeout", "20"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "rank 1" in out.stderr and reason in out.stderr, out.stderr
+    _, werr = worker.communicate(timeout=30)
+    assert worker.returncode == 1 and "refused" in werr, werr
+
+
 def test_a_rank_with_another_model_shape_is_refused(tmp_path):
     import json
     import shutil
@@ -119,16 +137,10 @@ def test_a_rank_with_another_model_shape_is_refused(tmp_path):
     cfg = json.loads((MODEL / "config.json").read_text())
     cfg["num_hidden_layers"] = 2
     (other / "config.json").write_text(json.dumps(cfg))
-    port = free_port()
-    worker = subprocess.Popen(
-        [str(BINARY), "--model-path", str(other), "--load-format", "dummy", "--world-size", "2",
-         "--rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = subprocess.run(
-        [str(BINARY), "--model-path", str(MODEL), "--port", str(free_port()), "--world-size", "2",
-         "--rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(port), "--dist-timeout", "20"],
-        capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1
-    assert "rank 1" in out.stderr and "different model" in out.stderr, out.stderr
-    _, werr = worker.communicate(timeout=30)
-    assert worker.returncode == 1 and "refused" in werr, werr
+    refused_rank_1(["--model-path", str(other), "--load-format", "dummy"], "different model")
+
+
+def test_a_rank_with_other_numerics_is_refused():
+    # the same model, but rank 1 rounds its activations to bf16: the ranks' partial sums would
+    # not add up to one model's, so rank 0 refuses it by name
+    refused_rank_1(["--model-path", str(MODEL), "--dtype", "bfloat16"], "--dtype")
