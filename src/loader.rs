@@ -243,6 +243,26 @@ impl Tensor {
     pub fn bytes(&self) -> &[u8] {
         &self.storage.bytes()[self.offset..self.offset + self.len_bytes]
     }
+    /// For a tensor in a file mapping: gives the pages wholly inside it back to the OS
+    /// (`MADV_DONTNEED`), for a tensor the backend copied and will not read again. Reading it
+    /// later still works (the pages come back from the file); owned tensors are untouched.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Storage::Mapped(m) = &*self.storage {
+            const PAGE: usize = 4096;
+            let start = (m.as_ptr() as usize + self.offset).next_multiple_of(PAGE);
+            let end = (m.as_ptr() as usize + self.offset + self.len_bytes) / PAGE * PAGE;
+            if end > start {
+                let at = start - m.as_ptr() as usize;
+                // SAFETY: a read-only shared file mapping: the dropped pages are read back
+                // from the file on the next access, with the same bytes, so no reference into
+                // the mapping sees its contents change. A failure only leaves the pages held.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, end - start)
+                };
+            }
+        }
+    }
     /// Typed elements. Alignment was checked (or fixed by a copy) when the tensor was built.
     pub fn elems(&self) -> Elems<'_> {
         let b = self.bytes();

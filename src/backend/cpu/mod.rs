@@ -23,20 +23,60 @@ use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
 use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
-/// A weight on the CPU: the loader's view (no copy).
-pub struct CpuWeight {
-    tensor: Tensor,
+/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1 matrices on an AVX-512
+/// CPU the same bytes repacked sixteen rows at a time (`kernels::q4x16`), which then stand in
+/// for the loader's (its file pages given back, its owned buffer dropped with the loader's
+/// map), so the weight is held once.
+pub enum CpuWeight {
+    View(Tensor),
+    Packed(kernels::q4x16::Packed),
 }
 
 impl CpuWeight {
+    /// The loader's elements of a weight that was not repacked (norms never are; products
+    /// check for `Packed` first).
     fn elems(&self) -> Elems<'_> {
-        self.tensor.elems()
+        match self {
+            CpuWeight::View(t) => t.elems(),
+            CpuWeight::Packed(_) => unreachable!("a repacked weight has no loader layout"),
+        }
+    }
+    fn packed(&self) -> Option<&kernels::q4x16::Packed> {
+        match self {
+            CpuWeight::Packed(p) => Some(p),
+            CpuWeight::View(_) => None,
+        }
+    }
+    fn is_quant(&self) -> bool {
+        match self {
+            CpuWeight::View(t) => t.dtype().quant().is_some(),
+            CpuWeight::Packed(_) => true,
+        }
+    }
+    fn is_bf16(&self) -> bool {
+        matches!(self, CpuWeight::View(t) if matches!(t.elems(), Elems::BF16(_)))
     }
     fn rows(&self) -> usize {
-        self.tensor.shape()[0]
+        match self {
+            CpuWeight::View(t) => t.shape()[0],
+            CpuWeight::Packed(p) => p.rows(),
+        }
     }
     fn cols(&self) -> usize {
-        self.tensor.shape().get(1).copied().unwrap_or(1)
+        match self {
+            CpuWeight::View(t) => t.shape().get(1).copied().unwrap_or(1),
+            CpuWeight::Packed(p) => p.blocks() * crate::quant::BLOCK,
+        }
+    }
+    /// Row `r` as f32 values (the embedding's lookup).
+    fn row_to_f32(&self, r: usize, dst: &mut [f32]) {
+        match self {
+            CpuWeight::View(t) => {
+                let h = self.cols();
+                t.elems().slice(r * h, h).to_f32(dst)
+            }
+            CpuWeight::Packed(p) => p.row_to_f32(r, dst),
+        }
     }
 }
 
@@ -90,7 +130,10 @@ pub struct CpuBackend {
 /// products'.
 pub fn kernel_set(dtype: Dtype) -> String {
     let isa = Isa::detect();
-    let quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
+    let mut quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
+    if isa.repacks_q4() {
+        quant.push_str(", Q4_0/Q4_1 repacked 16 rows per vector");
+    }
     let float = match dtype {
         Dtype::Bfloat16 => format!(
             "{} (bf16 x bf16 activations), {} (f32/f16)",
@@ -272,6 +315,22 @@ impl CpuBackend {
         self.isa
     }
 
+    /// `t` repacked for the AVX-512 Q4 kernels (`kernels::q4x16`), when it is a Q4_0/Q4_1
+    /// matrix of whole groups of rows. A file mapping's pages are then given back
+    /// (`Tensor::release_pages`), so the repacked copy is held instead of, not beside, them;
+    /// an owned buffer goes when the loader's map does.
+    fn repacked(&self, t: &Tensor) -> Option<kernels::q4x16::Packed> {
+        let (true, [rows, k]) = (self.isa.repacks_q4(), t.shape()) else {
+            return None;
+        };
+        let Elems::Quant(q, bytes) = t.elems() else {
+            return None;
+        };
+        let packed = kernels::q4x16::Packed::new(q, bytes, *rows, *k)?;
+        t.release_pages();
+        Some(packed)
+    }
+
     /// `out = x · wᵀ` (and the SwiGLU of a second matrix) over several weight matrices that
     /// share the input, split by weight rows across the pool in one parallel region.
     fn matmul_many(
@@ -292,15 +351,13 @@ impl CpuBackend {
         let isa = self.isa;
         // products with quantized weights take the activations quantized to 8 bits, once
         let mut xq = self.xq.lock();
-        if parts.iter().any(|p| p.0.tensor.dtype().quant().is_some()) {
+        if parts.iter().any(|p| p.0.is_quant()) {
             xq.quantize(&x[..m * k], m, k);
         }
         let xq = &*xq;
         // products with bf16 weights under --dtype bfloat16 take the activations in bf16, once
         let mut xb = self.xb.lock();
-        let bf16 = self
-            .bf16
-            .filter(|_| parts.iter().any(|p| matches!(p.0.elems(), Elems::BF16(_))));
+        let bf16 = self.bf16.filter(|_| parts.iter().any(|p| p.0.is_bf16()));
         if let Some(d) = bf16 {
             xb.resize(m * k, 0);
             kernels::to_bf16_rows(d, &x[..m * k], &mut xb);
@@ -318,6 +375,22 @@ impl CpuBackend {
                     // SAFETY: each thread gets disjoint row ranges of each output, whose
                     // buffers hold m * n values (checked by the callers via ensure_len).
                     unsafe {
+                        // a SwiGLU pair is repacked both or neither (`weights`)
+                        let up_packed = part.1.map(|u| u.packed());
+                        if let (Some(w), None | Some(Some(_))) = (part.0.packed(), up_packed) {
+                            kernels::matmul_rows_q4x16(
+                                isa,
+                                xq,
+                                m,
+                                w,
+                                up_packed.flatten(),
+                                lo - base..hi - base,
+                                out,
+                                ldo,
+                            );
+                            base += n;
+                            continue;
+                        }
                         match (bf16, part.0.elems(), part.1.map(|u| u.elems())) {
                             (_, Elems::Quant(t, w), None) => kernels::matmul_rows_quant(
                                 isa,
@@ -392,7 +465,19 @@ impl CpuBackend {
             // each thread streams its own share of the rows front to back, then helps with
             // the others' from their back ends: a thread slowed down (by the machine's other
             // tenants, say) does not keep the rest waiting at the end of the region
-            let shares = pool::Shares::new(total, 4, threads);
+            // row ranges in whole tiles: groups of sixteen rows for repacked weights (when
+            // every part has whole groups, so that the groups' boundaries line up)
+            let packed = parts.iter().any(|p| p.0.packed().is_some());
+            let align = if packed
+                && parts
+                    .iter()
+                    .all(|p| p.0.rows().is_multiple_of(kernels::q4x16::ROWS))
+            {
+                kernels::q4x16::ROWS
+            } else {
+                4
+            };
+            let shares = pool::Shares::new(total, align, threads);
             self.pool
                 .run(|tid| shares.work(tid, OWN_ROWS, STOLEN_ROWS, |r| job(r, tid)));
         }
@@ -453,7 +538,29 @@ impl Backend for CpuBackend {
 
     fn weight(&self, name: &str, t: &Tensor) -> Result<CpuWeight, BackendError> {
         super::weight_dims(name, t)?;
-        Ok(CpuWeight { tensor: t.clone() })
+        Ok(match self.repacked(t) {
+            Some(p) => CpuWeight::Packed(p),
+            None => CpuWeight::View(t.clone()),
+        })
+    }
+
+    /// As `weight` for each, except that the parts are repacked all or none: a SwiGLU pair's
+    /// kernel takes both matrices in one layout.
+    fn weights(&self, parts: &[(&str, &Tensor)]) -> Result<Vec<CpuWeight>, BackendError> {
+        for (name, t) in parts {
+            super::weight_dims(name, t)?;
+        }
+        let all = parts.iter().all(|(_, t)| {
+            let (rows, k) = (t.shape()[0], t.shape().get(1).copied().unwrap_or(1));
+            matches!(t.elems(), Elems::Quant(q, _) if kernels::q4x16::Packed::fits(q, rows, k))
+        });
+        Ok(parts
+            .iter()
+            .map(|(_, t)| match all.then(|| self.repacked(t)).flatten() {
+                Some(p) => CpuWeight::Packed(p),
+                None => CpuWeight::View((*t).clone()),
+            })
+            .collect())
     }
 
     fn buffer(&self, len: usize) -> Result<Vec<f32>, BackendError> {
@@ -543,11 +650,10 @@ impl Backend for CpuBackend {
         let h = table.cols();
         let rows = table.rows();
         check_len(out, batch.num_tokens() * h, "embedding");
-        let e = table.elems();
         for (t, &id) in batch.tokens.iter().enumerate() {
             let dst = &mut out[t * h..(t + 1) * h];
             match (id as usize).checked_sub(vocab_start) {
-                Some(row) if row < rows => e.slice(row * h, h).to_f32(dst),
+                Some(row) if row < rows => table.row_to_f32(row, dst),
                 _ => dst.fill(0.0),
             }
         }

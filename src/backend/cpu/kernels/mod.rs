@@ -22,6 +22,7 @@ use crate::quant::{self, QuantType, QuantizedRows, BLOCK};
 mod avx2_quant;
 #[cfg(target_arch = "x86_64")]
 mod avx512_quant;
+pub mod q4x16;
 
 /// Instruction set chosen at run time (ordered: each includes the one before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -92,6 +93,14 @@ impl Isa {
     }
 
     /// The integer dot product the quantized products use.
+    /// Whether Q4_0/Q4_1 weights are repacked for this ISA's kernels (`q4x16`).
+    pub fn repacks_q4(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return self == Isa::Avx512;
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     pub fn quant_name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar int8",
@@ -232,6 +241,105 @@ pub(super) unsafe fn matmul_rows_quant(
                 i += n;
             }
             r += nr;
+        }
+    }
+}
+
+/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1
+/// `w`, with `up` the second matrix of a SwiGLU pair (repacked alike), from the step's
+/// activations quantized once (`xq`, `m` rows). The vector kernel on AVX-512, its scalar
+/// twin otherwise: the same bits either way, and for a token alone or batched. A range that
+/// starts or ends inside a group of [`q4x16::ROWS`] rows computes the whole group and writes
+/// its rows in the range (the callers hand out whole groups).
+///
+/// # Safety
+/// As [`matmul_rows`]: `out` valid for writes at `out[i * ldo + r]`, those elements written by
+/// no other thread.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_rows_q4x16(
+    isa: Isa,
+    xq: &QuantizedRows,
+    m: usize,
+    w: &q4x16::Packed,
+    up: Option<&q4x16::Packed>,
+    rows: std::ops::Range<usize>,
+    out: OutPtr,
+    ldo: usize,
+) {
+    const R: usize = q4x16::ROWS;
+    assert!(xq.k == w.blocks() * BLOCK && xq.rows >= m && rows.end <= w.rows());
+    if let Some(u) = up {
+        assert!(u.blocks() == w.blocks() && u.rows() == w.rows());
+    }
+    // one matrix's products of group `g` with tokens `i..i + n` (n <= QUANT_MR)
+    let products = |p: &q4x16::Packed, g: usize, i: usize, n: usize| {
+        let mut res = [[0.0f32; R]; QUANT_MR];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                use q4x16::{tile, XRow};
+                let x = |j: usize| XRow::of(xq, i + j);
+                let (gp, nb) = (p.group(g), p.blocks());
+                macro_rules! run {
+                    ($q41:literal, $mr:literal) => {{
+                        let xs: [XRow; $mr] = std::array::from_fn(x);
+                        let mut o = [[0.0f32; R]; $mr];
+                        // SAFETY: Avx512 is chosen only where the CPU has AVX-512
+                        // F/BW/VL/DQ/VNNI, AVX2, FMA and F16C; the group holds nb blocks and
+                        // the activation rows i..i + n exist (asserted above).
+                        unsafe { tile::<$q41, $mr>(gp, nb, &xs, &mut o) };
+                        res[..$mr].copy_from_slice(&o);
+                    }};
+                }
+                match (p.is_q41(), n) {
+                    (false, 1) => run!(false, 1),
+                    (false, 2) => run!(false, 2),
+                    (false, 3) => run!(false, 3),
+                    (false, _) => run!(false, 4),
+                    (true, 1) => run!(true, 1),
+                    (true, 2) => run!(true, 2),
+                    (true, 3) => run!(true, 3),
+                    (true, _) => run!(true, 4),
+                }
+            }
+            _ => {
+                for (j, o) in res.iter_mut().enumerate().take(n) {
+                    let (q, d, s) = xq.row(i + j);
+                    let ds = xq.row_ds(i + j);
+                    for (r, v) in o.iter_mut().enumerate() {
+                        *v = q4x16::dot(p, g * R + r, q, d, s, ds);
+                    }
+                }
+            }
+        }
+        res
+    };
+    for i0 in (0..m).step_by(QUANT_TOKEN_BLOCK) {
+        let i1 = (i0 + QUANT_TOKEN_BLOCK).min(m);
+        for g in rows.start / R..rows.end.div_ceil(R) {
+            let (lo, hi) = (rows.start.max(g * R), rows.end.min(g * R + R));
+            let mut i = i0;
+            while i < i1 {
+                let n = (i1 - i).min(QUANT_MR);
+                let mut res = products(w, g, i, n);
+                if let Some(u) = up {
+                    let us = products(u, g, i, n);
+                    for j in 0..n {
+                        silu_mul16(isa, &mut res[j], &us[j]);
+                    }
+                }
+                for (j, r) in res.iter().enumerate().take(n) {
+                    // SAFETY: the caller's contract: rows lo..hi of token i + j are ours
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            r[lo - g * R..].as_ptr(),
+                            out.get().add((i + j) * ldo + lo),
+                            hi - lo,
+                        )
+                    };
+                }
+                i += n;
+            }
         }
     }
 }
@@ -1172,6 +1280,97 @@ pub(crate) mod tests {
                             got[i * n..(i + 1) * n],
                             "{isa:?} {t:?} m={m} token {i}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The repacked Q4_0/Q4_1 products (`q4x16`): the vector kernel gives its scalar twin's
+    /// bits, every token the same alone as batched, any row range (whole groups or not) the
+    /// same rows as the whole matrix; and they agree with the file-layout kernels to rounding.
+    #[test]
+    fn repacked_q4_products_match_their_twin_bitwise_and_are_batch_invariant() {
+        let (n, k) = (48, 160);
+        for t in [QuantType::Q4_0, QuantType::Q4_1] {
+            let w = rand_quant(t, n, k, 6);
+            let u = rand_quant(t, n, k, 7);
+            let (pw, pu) = (
+                q4x16::Packed::new(t, &w, n, k).unwrap(),
+                q4x16::Packed::new(t, &u, n, k).unwrap(),
+            );
+            assert!(q4x16::Packed::new(t, &w[..(n - 1) * t.row_bytes(k)], n - 1, k).is_none());
+            // rows read back (the embedding's lookup) as the file layout dequantizes them
+            let mut want = vec![0.0f32; n * k];
+            Elems::Quant(t, &w).to_f32(&mut want);
+            for (r, want) in want.chunks_exact(k).enumerate() {
+                let mut got = vec![0.0f32; k];
+                pw.row_to_f32(r, &mut got);
+                assert_eq!(got, want, "{t:?} row {r}");
+            }
+            for m in [1, 2, 3, 4, 5, 9, 70] {
+                let x = rand_vec(m * k, 8 + m as u64);
+                let mut xq = QuantizedRows::default();
+                xq.quantize(&x, m, k);
+                for up in [false, true] {
+                    let run =
+                        |isa: Isa, xq: &QuantizedRows, m: usize, rows: std::ops::Range<usize>| {
+                            let mut out = vec![0.0f32; m * n];
+                            // SAFETY: out holds m * n values; one thread writes them all.
+                            unsafe {
+                                matmul_rows_q4x16(
+                                    isa,
+                                    xq,
+                                    m,
+                                    &pw,
+                                    up.then_some(&pu),
+                                    rows,
+                                    OutPtr(out.as_mut_ptr()),
+                                    n,
+                                )
+                            };
+                            out
+                        };
+                    let want = run(Isa::Scalar, &xq, m, 0..n);
+                    let file = {
+                        let mut out = vec![0.0f32; m * n];
+                        // SAFETY: as above
+                        unsafe {
+                            matmul_rows_quant(
+                                Isa::Scalar,
+                                &xq,
+                                m,
+                                t,
+                                &w,
+                                up.then_some((t, &u[..])),
+                                0..n,
+                                OutPtr(out.as_mut_ptr()),
+                                n,
+                            )
+                        };
+                        out
+                    };
+                    assert!(rel_err(&want, &file) < 1e-5, "{t:?} m={m} up={up}");
+                    for isa in Isa::available() {
+                        let got = run(isa, &xq, m, 0..n);
+                        assert_eq!(got, want, "{isa:?} {t:?} m={m} up={up}");
+                        // rows 5..37: parts of the first and third groups, all of the second
+                        let part = run(isa, &xq, m, 5..37);
+                        for i in 0..m {
+                            let row = i * n;
+                            assert_eq!(part[row + 5..row + 37], got[row + 5..row + 37]);
+                            assert!(part[row..row + 5].iter().all(|&v| v == 0.0));
+                        }
+                        for i in [0, m - 1] {
+                            let mut one = QuantizedRows::default();
+                            one.quantize(&x[i * k..(i + 1) * k], 1, k);
+                            let alone = run(isa, &one, 1, 0..n);
+                            assert_eq!(
+                                alone[..],
+                                got[i * n..(i + 1) * n],
+                                "{isa:?} {t:?} token {i}"
+                            );
+                        }
                     }
                 }
             }
