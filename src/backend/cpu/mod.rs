@@ -23,13 +23,13 @@ use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
 use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
-/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1 matrices on an AVX-512
-/// CPU the same bytes repacked sixteen rows at a time (`kernels::q4x16`), which then stand in
+/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q8_0 matrices on an AVX-512
+/// CPU the same bytes repacked sixteen rows at a time (`kernels::rows16`), which then stand in
 /// for the loader's (its file pages given back, its owned buffer dropped with the loader's
 /// map), so the weight is held once.
 pub enum CpuWeight {
     View(Tensor),
-    Packed(kernels::q4x16::Packed),
+    Packed(kernels::rows16::Packed),
 }
 
 impl CpuWeight {
@@ -41,7 +41,7 @@ impl CpuWeight {
             CpuWeight::Packed(_) => unreachable!("a repacked weight has no loader layout"),
         }
     }
-    fn packed(&self) -> Option<&kernels::q4x16::Packed> {
+    fn packed(&self) -> Option<&kernels::rows16::Packed> {
         match self {
             CpuWeight::Packed(p) => Some(p),
             CpuWeight::View(_) => None,
@@ -131,8 +131,8 @@ pub struct CpuBackend {
 pub fn kernel_set(dtype: Dtype) -> String {
     let isa = Isa::detect();
     let mut quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
-    if isa.repacks_q4() {
-        quant.push_str(", Q4_0/Q4_1 repacked 16 rows per vector");
+    if isa.repacks_rows16() {
+        quant.push_str(", Q4_0/Q4_1/Q8_0 repacked 16 rows per vector");
     }
     let float = match dtype {
         Dtype::Bfloat16 => format!(
@@ -315,18 +315,18 @@ impl CpuBackend {
         self.isa
     }
 
-    /// `t` repacked for the AVX-512 Q4 kernels (`kernels::q4x16`), when it is a Q4_0/Q4_1
+    /// `t` repacked for the AVX-512 kernels of `kernels::rows16`, when it is a Q4_0/Q4_1/Q8_0
     /// matrix of whole groups of rows. A file mapping's pages are then given back
     /// (`Tensor::release_pages`), so the repacked copy is held instead of, not beside, them;
     /// an owned buffer goes when the loader's map does.
-    fn repacked(&self, t: &Tensor) -> Option<kernels::q4x16::Packed> {
-        let (true, [rows, k]) = (self.isa.repacks_q4(), t.shape()) else {
+    fn repacked(&self, t: &Tensor) -> Option<kernels::rows16::Packed> {
+        let (true, [rows, k]) = (self.isa.repacks_rows16(), t.shape()) else {
             return None;
         };
         let Elems::Quant(q, bytes) = t.elems() else {
             return None;
         };
-        let packed = kernels::q4x16::Packed::new(q, bytes, *rows, *k)?;
+        let packed = kernels::rows16::Packed::new(q, bytes, *rows, *k)?;
         t.release_pages();
         Some(packed)
     }
@@ -378,7 +378,7 @@ impl CpuBackend {
                         // a SwiGLU pair is repacked both or neither (`weights`)
                         let up_packed = part.1.map(|u| u.packed());
                         if let (Some(w), None | Some(Some(_))) = (part.0.packed(), up_packed) {
-                            kernels::matmul_rows_q4x16(
+                            kernels::matmul_rows_rows16(
                                 isa,
                                 xq,
                                 m,
@@ -471,9 +471,9 @@ impl CpuBackend {
             let align = if packed
                 && parts
                     .iter()
-                    .all(|p| p.0.rows().is_multiple_of(kernels::q4x16::ROWS))
+                    .all(|p| p.0.rows().is_multiple_of(kernels::rows16::ROWS))
             {
-                kernels::q4x16::ROWS
+                kernels::rows16::ROWS
             } else {
                 4
             };
@@ -552,7 +552,7 @@ impl Backend for CpuBackend {
         }
         let all = parts.iter().all(|(_, t)| {
             let (rows, k) = (t.shape()[0], t.shape().get(1).copied().unwrap_or(1));
-            matches!(t.elems(), Elems::Quant(q, _) if kernels::q4x16::Packed::fits(q, rows, k))
+            matches!(t.elems(), Elems::Quant(q, _) if kernels::rows16::Packed::fits(q, rows, k))
         });
         Ok(parts
             .iter()

@@ -22,7 +22,7 @@ use crate::quant::{self, QuantType, QuantizedRows, BLOCK};
 mod avx2_quant;
 #[cfg(target_arch = "x86_64")]
 mod avx512_quant;
-pub mod q4x16;
+pub mod rows16;
 
 /// Instruction set chosen at run time (ordered: each includes the one before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -93,8 +93,8 @@ impl Isa {
     }
 
     /// The integer dot product the quantized products use.
-    /// Whether Q4_0/Q4_1 weights are repacked for this ISA's kernels (`q4x16`).
-    pub fn repacks_q4(self) -> bool {
+    /// Whether Q4_0/Q4_1/Q8_0 weights are repacked for this ISA's kernels (`rows16`).
+    pub fn repacks_rows16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return self == Isa::Avx512;
         #[cfg(not(target_arch = "x86_64"))]
@@ -245,61 +245,66 @@ pub(super) unsafe fn matmul_rows_quant(
     }
 }
 
-/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1
+/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1/Q8_0
 /// `w`, with `up` the second matrix of a SwiGLU pair (repacked alike), from the step's
 /// activations quantized once (`xq`, `m` rows). The vector kernel on AVX-512, its scalar
 /// twin otherwise: the same bits either way, and for a token alone or batched. A range that
-/// starts or ends inside a group of [`q4x16::ROWS`] rows computes the whole group and writes
+/// starts or ends inside a group of [`rows16::ROWS`] rows computes the whole group and writes
 /// its rows in the range (the callers hand out whole groups).
 ///
 /// # Safety
 /// As [`matmul_rows`]: `out` valid for writes at `out[i * ldo + r]`, those elements written by
 /// no other thread.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn matmul_rows_q4x16(
+pub(super) unsafe fn matmul_rows_rows16(
     isa: Isa,
     xq: &QuantizedRows,
     m: usize,
-    w: &q4x16::Packed,
-    up: Option<&q4x16::Packed>,
+    w: &rows16::Packed,
+    up: Option<&rows16::Packed>,
     rows: std::ops::Range<usize>,
     out: OutPtr,
     ldo: usize,
 ) {
-    const R: usize = q4x16::ROWS;
+    const R: usize = rows16::ROWS;
     assert!(xq.k == w.blocks() * BLOCK && xq.rows >= m && rows.end <= w.rows());
     if let Some(u) = up {
         assert!(u.blocks() == w.blocks() && u.rows() == w.rows());
     }
     // one matrix's products of group `g` with tokens `i..i + n` (n <= QUANT_MR)
-    let products = |p: &q4x16::Packed, g: usize, i: usize, n: usize| {
+    let products = |p: &rows16::Packed, g: usize, i: usize, n: usize| {
         let mut res = [[0.0f32; R]; QUANT_MR];
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
-                use q4x16::{tile, XRow};
+                use rows16::{tile, XRow};
                 let x = |j: usize| XRow::of(xq, i + j);
                 let (gp, nb) = (p.group(g), p.blocks());
                 macro_rules! run {
-                    ($q41:literal, $mr:literal) => {{
+                    ($f:expr, $mr:literal) => {{
                         let xs: [XRow; $mr] = std::array::from_fn(x);
                         let mut o = [[0.0f32; R]; $mr];
                         // SAFETY: Avx512 is chosen only where the CPU has AVX-512
-                        // F/BW/VL/DQ/VNNI, AVX2, FMA and F16C; the group holds nb blocks and
-                        // the activation rows i..i + n exist (asserted above).
-                        unsafe { tile::<$q41, $mr>(gp, nb, &xs, &mut o) };
+                        // F/BW/VL/DQ/VNNI, AVX2, FMA and F16C; the group holds nb blocks of its
+                        // format and the activation rows i..i + n exist (asserted above).
+                        unsafe { tile::<{ $f }, $mr>(gp, nb, &xs, &mut o) };
                         res[..$mr].copy_from_slice(&o);
                     }};
                 }
-                match (p.is_q41(), n) {
-                    (false, 1) => run!(false, 1),
-                    (false, 2) => run!(false, 2),
-                    (false, 3) => run!(false, 3),
-                    (false, _) => run!(false, 4),
-                    (true, 1) => run!(true, 1),
-                    (true, 2) => run!(true, 2),
-                    (true, 3) => run!(true, 3),
-                    (true, _) => run!(true, 4),
+                macro_rules! by_tokens {
+                    ($f:expr) => {
+                        match n {
+                            1 => run!($f, 1),
+                            2 => run!($f, 2),
+                            3 => run!($f, 3),
+                            _ => run!($f, 4),
+                        }
+                    };
+                }
+                match p.format() {
+                    rows16::Q4_0 => by_tokens!(rows16::Q4_0),
+                    rows16::Q4_1 => by_tokens!(rows16::Q4_1),
+                    _ => by_tokens!(rows16::Q8_0),
                 }
             }
             _ => {
@@ -307,7 +312,7 @@ pub(super) unsafe fn matmul_rows_q4x16(
                     let (q, d, s) = xq.row(i + j);
                     let ds = xq.row_ds(i + j);
                     for (r, v) in o.iter_mut().enumerate() {
-                        *v = q4x16::dot(p, g * R + r, q, d, s, ds);
+                        *v = rows16::dot(p, g * R + r, q, d, s, ds);
                     }
                 }
             }
@@ -1286,20 +1291,20 @@ pub(crate) mod tests {
         }
     }
 
-    /// The repacked Q4_0/Q4_1 products (`q4x16`): the vector kernel gives its scalar twin's
+    /// The repacked Q4_0/Q4_1/Q8_0 products (`rows16`): the vector kernel gives its scalar twin's
     /// bits, every token the same alone as batched, any row range (whole groups or not) the
     /// same rows as the whole matrix; and they agree with the file-layout kernels to rounding.
     #[test]
-    fn repacked_q4_products_match_their_twin_bitwise_and_are_batch_invariant() {
+    fn repacked_products_match_their_twin_bitwise_and_are_batch_invariant() {
         let (n, k) = (48, 160);
-        for t in [QuantType::Q4_0, QuantType::Q4_1] {
+        for t in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
             let w = rand_quant(t, n, k, 6);
             let u = rand_quant(t, n, k, 7);
             let (pw, pu) = (
-                q4x16::Packed::new(t, &w, n, k).unwrap(),
-                q4x16::Packed::new(t, &u, n, k).unwrap(),
+                rows16::Packed::new(t, &w, n, k).unwrap(),
+                rows16::Packed::new(t, &u, n, k).unwrap(),
             );
-            assert!(q4x16::Packed::new(t, &w[..(n - 1) * t.row_bytes(k)], n - 1, k).is_none());
+            assert!(rows16::Packed::new(t, &w[..(n - 1) * t.row_bytes(k)], n - 1, k).is_none());
             // rows read back (the embedding's lookup) as the file layout dequantizes them
             let mut want = vec![0.0f32; n * k];
             Elems::Quant(t, &w).to_f32(&mut want);
@@ -1318,7 +1323,7 @@ pub(crate) mod tests {
                             let mut out = vec![0.0f32; m * n];
                             // SAFETY: out holds m * n values; one thread writes them all.
                             unsafe {
-                                matmul_rows_q4x16(
+                                matmul_rows_rows16(
                                     isa,
                                     xq,
                                     m,
