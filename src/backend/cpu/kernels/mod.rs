@@ -93,7 +93,7 @@ impl Isa {
     }
 
     /// The integer dot product the quantized products use.
-    /// Whether Q4_0/Q4_1/Q8_0 weights are repacked for this ISA's kernels (`rows16`).
+    /// Whether Q4_0/Q4_1/Q5_0/Q8_0 weights are repacked for this ISA's kernels (`rows16`).
     pub fn repacks_rows16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return self == Isa::Avx512;
@@ -245,7 +245,7 @@ pub(super) unsafe fn matmul_rows_quant(
     }
 }
 
-/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1/Q8_0
+/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1/Q5_0/Q8_0
 /// `w`, with `up` the second matrix of a SwiGLU pair (repacked alike), from the step's
 /// activations quantized once (`xq`, `m` rows). The vector kernel on AVX-512, its scalar
 /// twin otherwise: the same bits either way, and for a token alone or batched. A range that
@@ -304,6 +304,7 @@ pub(super) unsafe fn matmul_rows_rows16(
                 match p.format() {
                     rows16::Q4_0 => by_tokens!(rows16::Q4_0),
                     rows16::Q4_1 => by_tokens!(rows16::Q4_1),
+                    rows16::Q5_0 => by_tokens!(rows16::Q5_0),
                     _ => by_tokens!(rows16::Q8_0),
                 }
             }
@@ -1291,13 +1292,18 @@ pub(crate) mod tests {
         }
     }
 
-    /// The repacked Q4_0/Q4_1/Q8_0 products (`rows16`): the vector kernel gives its scalar twin's
+    /// The repacked Q4_0/Q4_1/Q5_0/Q8_0 products (`rows16`): the vector kernel gives its scalar twin's
     /// bits, every token the same alone as batched, any row range (whole groups or not) the
     /// same rows as the whole matrix; and they agree with the file-layout kernels to rounding.
     #[test]
     fn repacked_products_match_their_twin_bitwise_and_are_batch_invariant() {
         let (n, k) = (48, 160);
-        for t in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+        for t in [
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q8_0,
+        ] {
             let w = rand_quant(t, n, k, 6);
             let u = rand_quant(t, n, k, 7);
             let (pw, pu) = (

@@ -1,4 +1,4 @@
-//! Q4_0, Q4_1 and Q8_0 weights repacked sixteen rows at a time, for AVX-512 VNNI products
+//! Q4_0, Q4_1, Q5_0 and Q8_0 weights repacked sixteen rows at a time, for AVX-512 VNNI products
 //! whose vector lanes are weight rows (the layout llama.cpp's repacking kernels use, written
 //! here from that idea).
 //!
@@ -8,20 +8,26 @@
 //! bytes of block `b` of sixteen rows fill one 512-bit register (row `r` in lane `r`), and one
 //! `vpdpbusd` with the activation's matching 4 bytes broadcast adds four products to each
 //! row's integer sum. Q4: chunk `c` holds nibble bytes `4c..4c + 4`; masked to their low
-//! nibbles they are values `4c..4c + 4`, shifted, values `16 + 4c..`. Q8_0: chunk `c` holds
+//! nibbles they are values `4c..4c + 4`, shifted, values `16 + 4c..`. Q5_0 adds a 64-byte
+//! register of the rows' fifth bits, rearranged so that one shift and one mask put the bits
+//! of chunk half `h` (`h < 4` the low nibbles of chunk `h`, else the high ones of chunk
+//! `h − 4`) at bit 4 of their bytes: bit `h` of byte `j` is that of value `j` of half `h`.
+//! Q8_0: chunk `c` holds
 //! values `4c..4c + 4`, stored as unsigned bytes `q + 128` (`vpdpbusd` multiplies unsigned by
 //! signed). A block of sixteen rows is 8 products, one conversion and one or two
 //! multiply-adds with the rows' scales (sixteen f16 values, side by side): about 32
 //! operations per 512 weights for Q4, 20 for Q8_0.
 //!
 //! Group `g` (rows `16g..16g + 16`), block `b` is `group_block` bytes at `(g · nb + b) ·
-//! group_block`: the chunks of 64 bytes (four for Q4, eight for Q8_0), the sixteen rows' `d`
+//! group_block`: the chunks of 64 bytes (four for Q4 and Q5_0, eight for Q8_0), Q5_0's
+//! fifth bits (64 bytes), the sixteen rows' `d`
 //! (f16), and for Q4_1 their `m` (f16): the file's bytes, so a tensor repacks into a buffer
 //! of its own size.
 //!
 //! Each (row, token) result is, block by block in order, `acc = fma(isum, d_w · d_x, acc)`
 //! (Q4_1 then `acc = fma(m_w, d_x · Σ q_x, acc)`), with `isum` the block's exact integer
-//! product (Q4_0: `Σ q_w · q_x − 8 · Σ q_x`, Q8_0 `Σ (q_w + 128) · q_x − 128 · Σ q_x`).
+//! product (Q4_0: `Σ q_w · q_x − 8 · Σ q_x`, Q5_0 the same with 16, Q8_0
+//! `Σ (q_w + 128) · q_x − 128 · Σ q_x`).
 //! [`dot`] is that in scalar code; the vector kernel performs the same operations, so the two
 //! agree bit for bit, alone and batched.
 
@@ -34,8 +40,9 @@ pub const ROWS: usize = 16;
 pub const Q4_0: u8 = 0;
 pub const Q4_1: u8 = 1;
 pub const Q8_0: u8 = 2;
+pub const Q5_0: u8 = 3;
 
-/// A Q4_0, Q4_1 or Q8_0 matrix in groups of [`ROWS`] rows.
+/// A Q4_0, Q4_1, Q5_0 or Q8_0 matrix in groups of [`ROWS`] rows.
 pub struct Packed {
     format: u8,
     rows: usize,
@@ -52,9 +59,20 @@ const fn chunks(format: u8) -> usize {
     }
 }
 
+/// Where a group's block holds its rows' `d` (after the chunks, and Q5_0's fifth bits).
+const fn scales_at(format: u8) -> usize {
+    64 * chunks(format) + if format == Q5_0 { 64 } else { 0 }
+}
+
 /// Bytes of one block of one group.
 const fn group_block(format: u8) -> usize {
-    64 * chunks(format) + 2 * ROWS + if format == Q4_1 { 2 * ROWS } else { 0 }
+    scales_at(format) + 2 * ROWS + if format == Q4_1 { 2 * ROWS } else { 0 }
+}
+
+/// The value (0..32) of byte `j` of chunk half `h` (`h < 4`: low nibbles of chunk `h`, else
+/// high nibbles of chunk `h − 4`).
+const fn half_value(h: usize, j: usize) -> usize {
+    4 * (h % 4) + j + if h >= 4 { 16 } else { 0 }
 }
 
 /// The file's format of a repacked format.
@@ -62,16 +80,28 @@ fn quant_type(format: u8) -> QuantType {
     match format {
         Q4_0 => QuantType::Q4_0,
         Q4_1 => QuantType::Q4_1,
+        Q5_0 => QuantType::Q5_0,
         _ => QuantType::Q8_0,
     }
 }
 
+/// The file's offset of a block's value bytes (after `d`, and Q4_1's `m` or Q5_0's `qh`).
+fn qs_at(format: u8) -> usize {
+    match format {
+        Q4_1 => 4,
+        Q5_0 => 6,
+        _ => 2,
+    }
+}
+
 impl Packed {
-    /// Whether a matrix of `rows` rows of `k` values in format `t` repacks: Q4_0, Q4_1 or
-    /// Q8_0, whole groups of rows.
+    /// Whether a matrix of `rows` rows of `k` values in format `t` repacks: Q4_0, Q4_1, Q5_0
+    /// or Q8_0, whole groups of rows.
     pub fn fits(t: QuantType, rows: usize, k: usize) -> bool {
-        matches!(t, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0)
-            && rows > 0
+        matches!(
+            t,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0
+        ) && rows > 0
             && rows.is_multiple_of(ROWS)
             && k.is_multiple_of(BLOCK)
     }
@@ -85,18 +115,18 @@ impl Packed {
         let format = match t {
             QuantType::Q4_0 => Q4_0,
             QuantType::Q4_1 => Q4_1,
+            QuantType::Q5_0 => Q5_0,
             _ => Q8_0,
         };
         let nb = k / BLOCK;
         let bb = t.block_bytes();
-        // the values' bytes follow d (and Q4_1's m)
-        let qs_at = if format == Q4_1 { 4 } else { 2 };
+        let qs_at = qs_at(format);
         assert!(
             w.len() >= rows * nb * bb,
             "quantized matrix shorter than its shape"
         );
         let gb = group_block(format);
-        let scales = 64 * chunks(format);
+        let scales = scales_at(format);
         let mut bytes = vec![0u8; rows / ROWS * nb * gb];
         for (g, group) in bytes.chunks_exact_mut(nb * gb).enumerate() {
             for (b, dst) in group.chunks_exact_mut(gb).enumerate() {
@@ -108,6 +138,16 @@ impl Packed {
                         if format == Q8_0 {
                             to.iter_mut().for_each(|v| *v ^= 0x80);
                         }
+                    }
+                    if format == Q5_0 {
+                        let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+                        let mut word = 0u32;
+                        for h in 0..8 {
+                            for j in 0..4 {
+                                word |= ((qh >> half_value(h, j)) & 1) << (8 * j + h);
+                            }
+                        }
+                        dst[256 + 4 * r..][..4].copy_from_slice(&word.to_le_bytes());
                     }
                     dst[scales + 2 * r..][..2].copy_from_slice(&src[..2]);
                     if format == Q4_1 {
@@ -143,16 +183,23 @@ impl Packed {
     pub fn row_to_f32(&self, row: usize, dst: &mut [f32]) {
         let (g, r) = (row / ROWS, row % ROWS);
         let (t, gb) = (quant_type(self.format), group_block(self.format));
-        let (scales, qs_at) = (
-            64 * chunks(self.format),
-            if self.format == Q4_1 { 4 } else { 2 },
-        );
+        let (scales, qs_at) = (scales_at(self.format), qs_at(self.format));
         let mut block = [0u8; 34];
         for (b, out) in dst[..self.nb * BLOCK].chunks_exact_mut(BLOCK).enumerate() {
             let blk = &self.bytes[(g * self.nb + b) * gb..][..gb];
             block[..2].copy_from_slice(&blk[scales + 2 * r..][..2]);
             if self.format == Q4_1 {
                 block[2..4].copy_from_slice(&blk[scales + 2 * ROWS + 2 * r..][..2]);
+            }
+            if self.format == Q5_0 {
+                let word = u32::from_le_bytes(blk[256 + 4 * r..][..4].try_into().unwrap());
+                let mut qh = 0u32;
+                for h in 0..8 {
+                    for j in 0..4 {
+                        qh |= ((word >> (8 * j + h)) & 1) << half_value(h, j);
+                    }
+                }
+                block[2..6].copy_from_slice(&qh.to_le_bytes());
             }
             for c in 0..chunks(self.format) {
                 let to = &mut block[qs_at + 4 * c..][..4];
@@ -176,7 +223,7 @@ impl Packed {
 pub fn dot(w: &Packed, row: usize, q: &[i8], d: &[f32], s: &[i32], ds: &[f32]) -> f32 {
     let (g, r) = (row / ROWS, row % ROWS);
     let gb = group_block(w.format);
-    let scales = 64 * chunks(w.format);
+    let scales = scales_at(w.format);
     let mut acc = 0.0f32;
     for b in 0..w.nb {
         let blk = &w.bytes[(g * w.nb + b) * gb..][..gb];
@@ -184,7 +231,13 @@ pub fn dot(w: &Packed, row: usize, q: &[i8], d: &[f32], s: &[i32], ds: &[f32]) -
         let mut isum = match w.format {
             Q4_0 => -8 * s[b],
             Q4_1 => 0,
+            Q5_0 => -16 * s[b],
             _ => -128 * s[b],
+        };
+        // Q5_0's fifth bits (bit h of byte j: byte j of chunk half h)
+        let fifth = |h: usize, j: usize| match w.format {
+            Q5_0 => ((blk[256 + 4 * r + j] >> h) & 1) as i32 * 16,
+            _ => 0,
         };
         for c in 0..chunks(w.format) {
             for j in 0..4 {
@@ -192,8 +245,8 @@ pub fn dot(w: &Packed, row: usize, q: &[i8], d: &[f32], s: &[i32], ds: &[f32]) -
                 if w.format == Q8_0 {
                     isum += byte as i32 * x[4 * c + j] as i32;
                 } else {
-                    isum += (byte & 15) as i32 * x[4 * c + j] as i32;
-                    isum += (byte >> 4) as i32 * x[16 + 4 * c + j] as i32;
+                    isum += ((byte & 15) as i32 + fifth(c, j)) * x[4 * c + j] as i32;
+                    isum += ((byte >> 4) as i32 + fifth(4 + c, j)) * x[16 + 4 * c + j] as i32;
                 }
             }
         }
@@ -244,8 +297,9 @@ pub unsafe fn tile<const F: u8, const MR: usize>(
 ) {
     use std::arch::x86_64::*;
     let gb = group_block(F);
-    let scales = 64 * chunks(F);
+    let scales = scales_at(F);
     let low4 = _mm512_set1_epi8(15);
+    let bit4 = _mm512_set1_epi8(16);
     let mut acc = [_mm512_setzero_ps(); MR];
     for b in 0..nb {
         let blk = g.add(b * gb);
@@ -264,6 +318,27 @@ pub unsafe fn tile<const F: u8, const MR: usize>(
                 w[4 + c] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low4);
             }
         }
+        if F == Q5_0 {
+            // bit h of each byte to bit 4: a shift of the 32-bit lanes by 4 − h (no bit of
+            // another byte lands on bit 4), then the mask
+            let hb = _mm512_loadu_si512(blk.add(256) as *const _);
+            let fifth = |h: usize| {
+                let moved = match h {
+                    0 => _mm512_slli_epi32::<4>(hb),
+                    1 => _mm512_slli_epi32::<3>(hb),
+                    2 => _mm512_slli_epi32::<2>(hb),
+                    3 => _mm512_slli_epi32::<1>(hb),
+                    4 => hb,
+                    5 => _mm512_srli_epi32::<1>(hb),
+                    6 => _mm512_srli_epi32::<2>(hb),
+                    _ => _mm512_srli_epi32::<3>(hb),
+                };
+                _mm512_and_si512(moved, bit4)
+            };
+            for (h, wh) in w.iter_mut().enumerate() {
+                *wh = _mm512_or_si512(*wh, fifth(h));
+            }
+        }
         let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(scales) as *const __m256i));
         let mw = if F == Q4_1 {
             _mm512_cvtph_ps(_mm256_loadu_si256(
@@ -277,6 +352,7 @@ pub unsafe fn tile<const F: u8, const MR: usize>(
             let start = match F {
                 Q4_1 => _mm512_setzero_si512(),
                 Q4_0 => _mm512_set1_epi32(-8 * *xs[i].s.add(b)),
+                Q5_0 => _mm512_set1_epi32(-16 * *xs[i].s.add(b)),
                 _ => _mm512_set1_epi32(-128 * *xs[i].s.add(b)),
             };
             // two chains; integer sums, so the order does not matter
