@@ -23,7 +23,7 @@ use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
 use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
-/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q5_0/Q8_0 matrices on an AVX-512
+/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K matrices on an AVX-512
 /// CPU the same bytes repacked sixteen rows at a time (`kernels::rows16`), which then stand in
 /// for the loader's (its file pages given back, its owned buffer dropped with the loader's
 /// map), so the weight is held once.
@@ -132,7 +132,7 @@ pub fn kernel_set(dtype: Dtype) -> String {
     let isa = Isa::detect();
     let mut quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
     if isa.repacks_rows16() {
-        quant.push_str(", Q4_0/Q4_1/Q5_0/Q8_0 repacked 16 rows per vector");
+        quant.push_str(", Q4_0/Q4_1/Q5_0/Q8_0/Q4_K repacked 16 rows per vector");
     }
     let float = match dtype {
         Dtype::Bfloat16 => format!(
@@ -315,7 +315,7 @@ impl CpuBackend {
         self.isa
     }
 
-    /// `t` repacked for the AVX-512 kernels of `kernels::rows16`, when it is a Q4_0/Q4_1/Q5_0/Q8_0
+    /// `t` repacked for the AVX-512 kernels of `kernels::rows16`, when it is a Q4_0/Q4_1/Q5_0/Q8_0/Q4_K
     /// matrix of whole groups of rows. A file mapping's pages are then given back
     /// (`Tensor::release_pages`), so the repacked copy is held instead of, not beside, them;
     /// an owned buffer goes when the loader's map does.

@@ -93,7 +93,7 @@ impl Isa {
     }
 
     /// The integer dot product the quantized products use.
-    /// Whether Q4_0/Q4_1/Q5_0/Q8_0 weights are repacked for this ISA's kernels (`rows16`).
+    /// Whether Q4_0/Q4_1/Q5_0/Q8_0/Q4_K weights are repacked for this ISA's kernels (`rows16`).
     pub fn repacks_rows16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return self == Isa::Avx512;
@@ -245,7 +245,7 @@ pub(super) unsafe fn matmul_rows_quant(
     }
 }
 
-/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1/Q5_0/Q8_0
+/// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1/Q5_0/Q8_0/Q4_K
 /// `w`, with `up` the second matrix of a SwiGLU pair (repacked alike), from the step's
 /// activations quantized once (`xq`, `m` rows). The vector kernel on AVX-512, its scalar
 /// twin otherwise: the same bits either way, and for a token alone or batched. A range that
@@ -291,6 +291,15 @@ pub(super) unsafe fn matmul_rows_rows16(
                         res[..$mr].copy_from_slice(&o);
                     }};
                 }
+                macro_rules! run_k4 {
+                    ($mr:literal) => {{
+                        let xs: [XRow; $mr] = std::array::from_fn(x);
+                        let mut o = [[0.0f32; R]; $mr];
+                        // SAFETY: as run!'s, the group holding nb / 8 Q4_K super-blocks
+                        unsafe { rows16::tile_k4::<$mr>(gp, nb, &xs, &mut o) };
+                        res[..$mr].copy_from_slice(&o);
+                    }};
+                }
                 macro_rules! by_tokens {
                     ($f:expr) => {
                         match n {
@@ -305,6 +314,12 @@ pub(super) unsafe fn matmul_rows_rows16(
                     rows16::Q4_0 => by_tokens!(rows16::Q4_0),
                     rows16::Q4_1 => by_tokens!(rows16::Q4_1),
                     rows16::Q5_0 => by_tokens!(rows16::Q5_0),
+                    rows16::Q4_K => match n {
+                        1 => run_k4!(1),
+                        2 => run_k4!(2),
+                        3 => run_k4!(3),
+                        _ => run_k4!(4),
+                    },
                     _ => by_tokens!(rows16::Q8_0),
                 }
             }
@@ -1292,18 +1307,21 @@ pub(crate) mod tests {
         }
     }
 
-    /// The repacked Q4_0/Q4_1/Q5_0/Q8_0 products (`rows16`): the vector kernel gives its scalar twin's
+    /// The repacked Q4_0/Q4_1/Q5_0/Q8_0/Q4_K products (`rows16`): the vector kernel gives its scalar twin's
     /// bits, every token the same alone as batched, any row range (whole groups or not) the
     /// same rows as the whole matrix; and they agree with the file-layout kernels to rounding.
     #[test]
     fn repacked_products_match_their_twin_bitwise_and_are_batch_invariant() {
-        let (n, k) = (48, 160);
+        let n = 48;
         for t in [
             QuantType::Q4_0,
             QuantType::Q4_1,
             QuantType::Q5_0,
             QuantType::Q8_0,
+            QuantType::Q4_K,
         ] {
+            // an odd number of blocks (of super-blocks for Q4_K)
+            let k = if t == QuantType::Q4_K { 768 } else { 160 };
             let w = rand_quant(t, n, k, 6);
             let u = rand_quant(t, n, k, 7);
             let (pw, pu) = (

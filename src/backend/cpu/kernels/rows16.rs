@@ -41,8 +41,19 @@ pub const Q4_0: u8 = 0;
 pub const Q4_1: u8 = 1;
 pub const Q8_0: u8 = 2;
 pub const Q5_0: u8 = 3;
+pub const Q4_K: u8 = 4;
 
-/// A Q4_0, Q4_1, Q5_0 or Q8_0 matrix in groups of [`ROWS`] rows.
+/// Bytes of one Q4_K super-block (256 values) of a group: four pairs of pieces of eight
+/// chunks of 64 bytes (pair `j`, chunk `c`, lane `r`: row `r`'s nibble bytes `32j + 4c..`, low
+/// nibbles piece `2j`, high ones piece `2j + 1`), the rows' `d` and `dmin` (f16), and their
+/// 6-bit scales and mins unpacked to bytes (piece `s`, lane `r` at `16s + r`).
+const K4_UNIT: usize = 4 * 8 * 64 + 2 * 2 * ROWS + 2 * 8 * ROWS;
+const K4_D: usize = 2048;
+const K4_DMIN: usize = K4_D + 2 * ROWS;
+const K4_SC: usize = K4_DMIN + 2 * ROWS;
+const K4_M: usize = K4_SC + 8 * ROWS;
+
+/// A Q4_0, Q4_1, Q5_0, Q8_0 or Q4_K matrix in groups of [`ROWS`] rows.
 pub struct Packed {
     format: u8,
     rows: usize,
@@ -81,8 +92,21 @@ fn quant_type(format: u8) -> QuantType {
         Q4_0 => QuantType::Q4_0,
         Q4_1 => QuantType::Q4_1,
         Q5_0 => QuantType::Q5_0,
+        Q4_K => QuantType::Q4_K,
         _ => QuantType::Q8_0,
     }
+}
+
+/// Q4_K's 12 bytes of 6-bit scales and mins from the eight (scale, min) pairs: the inverse of
+/// `crate::quant::k4_scale_min`.
+fn k4_pack_scale_min(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    for j in 0..4 {
+        out[j] = (sc[j] & 63) | ((sc[j + 4] >> 4) << 6);
+        out[j + 4] = (m[j] & 63) | ((m[j + 4] >> 4) << 6);
+        out[j + 8] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+    }
+    out
 }
 
 /// The file's offset of a block's value bytes (after `d`, and Q4_1's `m` or Q5_0's `qh`).
@@ -95,15 +119,60 @@ fn qs_at(format: u8) -> usize {
 }
 
 impl Packed {
-    /// Whether a matrix of `rows` rows of `k` values in format `t` repacks: Q4_0, Q4_1, Q5_0
-    /// or Q8_0, whole groups of rows.
+    /// Whether a matrix of `rows` rows of `k` values in format `t` repacks: Q4_0, Q4_1, Q5_0,
+    /// Q8_0 or Q4_K, whole groups of rows.
     pub fn fits(t: QuantType, rows: usize, k: usize) -> bool {
         matches!(
             t,
-            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0 | QuantType::Q4_K
         ) && rows > 0
             && rows.is_multiple_of(ROWS)
-            && k.is_multiple_of(BLOCK)
+            && k.is_multiple_of(t.block_values())
+    }
+
+    /// Bytes of one group.
+    fn group_bytes(&self) -> usize {
+        match self.format {
+            Q4_K => self.nb / 8 * K4_UNIT,
+            f => self.nb * group_block(f),
+        }
+    }
+
+    /// Q4_K's repacking (see [`K4_UNIT`]).
+    fn new_k4(w: &[u8], rows: usize, k: usize) -> Packed {
+        let (nb, bb) = (k / BLOCK, QuantType::Q4_K.block_bytes());
+        let supers = k / crate::quant::SUPER;
+        assert!(
+            w.len() >= rows * supers * bb,
+            "quantized matrix shorter than its shape"
+        );
+        let mut bytes = vec![0u8; rows / ROWS * supers * K4_UNIT];
+        for (g, group) in bytes.chunks_exact_mut(supers * K4_UNIT).enumerate() {
+            for (sb, dst) in group.chunks_exact_mut(K4_UNIT).enumerate() {
+                for r in 0..ROWS {
+                    let src = &w[((g * ROWS + r) * supers + sb) * bb..][..bb];
+                    for j in 0..4 {
+                        for c in 0..8 {
+                            dst[512 * j + 64 * c + 4 * r..][..4]
+                                .copy_from_slice(&src[16 + 32 * j + 4 * c..][..4]);
+                        }
+                    }
+                    dst[K4_D + 2 * r..][..2].copy_from_slice(&src[..2]);
+                    dst[K4_DMIN + 2 * r..][..2].copy_from_slice(&src[2..4]);
+                    for p in 0..8 {
+                        let (sc, m) = crate::quant::k4_scale_min(&src[4..16], p);
+                        dst[K4_SC + ROWS * p + r] = sc;
+                        dst[K4_M + ROWS * p + r] = m;
+                    }
+                }
+            }
+        }
+        Packed {
+            format: Q4_K,
+            rows,
+            nb,
+            bytes,
+        }
     }
 
     /// `w`, `rows` rows of `k` values in format `t` as the file stores them, repacked; `None`
@@ -111,6 +180,9 @@ impl Packed {
     pub fn new(t: QuantType, w: &[u8], rows: usize, k: usize) -> Option<Packed> {
         if !Self::fits(t, rows, k) {
             return None;
+        }
+        if t == QuantType::Q4_K {
+            return Some(Self::new_k4(w, rows, k));
         }
         let format = match t {
             QuantType::Q4_0 => Q4_0,
@@ -182,6 +254,26 @@ impl Packed {
     /// (`QuantType::dequantize_block`) to the last bit.
     pub fn row_to_f32(&self, row: usize, dst: &mut [f32]) {
         let (g, r) = (row / ROWS, row % ROWS);
+        if self.format == Q4_K {
+            let mut block = [0u8; 144];
+            let units = dst[..self.nb * BLOCK].chunks_exact_mut(crate::quant::SUPER);
+            for (sb, out) in units.enumerate() {
+                let u = &self.bytes[g * self.group_bytes() + sb * K4_UNIT..][..K4_UNIT];
+                block[..2].copy_from_slice(&u[K4_D + 2 * r..][..2]);
+                block[2..4].copy_from_slice(&u[K4_DMIN + 2 * r..][..2]);
+                let sc: [u8; 8] = std::array::from_fn(|p| u[K4_SC + ROWS * p + r]);
+                let m: [u8; 8] = std::array::from_fn(|p| u[K4_M + ROWS * p + r]);
+                block[4..16].copy_from_slice(&k4_pack_scale_min(&sc, &m));
+                for j in 0..4 {
+                    for c in 0..8 {
+                        block[16 + 32 * j + 4 * c..][..4]
+                            .copy_from_slice(&u[512 * j + 64 * c + 4 * r..][..4]);
+                    }
+                }
+                QuantType::Q4_K.dequantize_block(&block, out);
+            }
+            return;
+        }
         let (t, gb) = (quant_type(self.format), group_block(self.format));
         let (scales, qs_at) = (scales_at(self.format), qs_at(self.format));
         let mut block = [0u8; 34];
@@ -214,7 +306,7 @@ impl Packed {
 
     /// The first byte of group `g`.
     pub fn group(&self, g: usize) -> *const u8 {
-        self.bytes[g * self.nb * group_block(self.format)..].as_ptr()
+        self.bytes[g * self.group_bytes()..].as_ptr()
     }
 }
 
@@ -222,6 +314,30 @@ impl Packed {
 /// 8-bit values, `d` its block scales, `s` its blocks' integer sums, `ds` their `d · s`).
 pub fn dot(w: &Packed, row: usize, q: &[i8], d: &[f32], s: &[i32], ds: &[f32]) -> f32 {
     let (g, r) = (row / ROWS, row % ROWS);
+    if w.format == Q4_K {
+        // piece by piece: acc = fma(isum, a · d_x, acc), then fma(c, d_x · Σ q_x, acc), with
+        // a = d · sc and c = −dmin · m (both exact in f32)
+        let mut acc = 0.0f32;
+        for b in 0..w.nb {
+            let (sb, p) = (b / 8, b % 8);
+            let u = &w.bytes[g * w.group_bytes() + sb * K4_UNIT..][..K4_UNIT];
+            let x = &q[b * BLOCK..][..BLOCK];
+            let mut isum = 0i32;
+            for c in 0..8 {
+                for j in 0..4 {
+                    let byte = u[512 * (p / 2) + 64 * c + 4 * r + j];
+                    let v = if p % 2 == 0 { byte & 15 } else { byte >> 4 };
+                    isum += v as i32 * x[4 * c + j] as i32;
+                }
+            }
+            let f16 = |at: usize| half::f16::from_le_bytes([u[at], u[at + 1]]).to_f32();
+            let a = f16(K4_D + 2 * r) * u[K4_SC + ROWS * p + r] as f32;
+            let c = -f16(K4_DMIN + 2 * r) * u[K4_M + ROWS * p + r] as f32;
+            acc = (isum as f32).mul_add(a * d[b], acc);
+            acc = c.mul_add(ds[b], acc);
+        }
+        return acc;
+    }
     let gb = group_block(w.format);
     let scales = scales_at(w.format);
     let mut acc = 0.0f32;
@@ -279,6 +395,28 @@ impl XRow {
             ds: xq.row_ds(i).as_ptr(),
         }
     }
+}
+
+/// One block's integer products, as floats: `start` plus the sixteen rows' weights `w[c]`
+/// times activation bytes `4c..4c + 4` of `x` and `w[4 + c]` times bytes `16 + 4c..`, in two
+/// chains (integer sums: the order does not change them).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_sum(
+    w: &[std::arch::x86_64::__m512i; 8],
+    x: *const i32,
+    start: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let mut s0 = start;
+    let mut s1 = _mm512_setzero_si512();
+    for c in 0..4 {
+        let x0 = _mm512_set1_epi32(x.add(c).read_unaligned());
+        let x1 = _mm512_set1_epi32(x.add(4 + c).read_unaligned());
+        s0 = _mm512_dpbusd_epi32(s0, w[c], x0);
+        s1 = _mm512_dpbusd_epi32(s1, w[4 + c], x1);
+    }
+    _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1))
 }
 
 /// The sixteen rows of group `g` (its first byte, `nb` blocks) with `MR` activation rows:
@@ -355,20 +493,70 @@ pub unsafe fn tile<const F: u8, const MR: usize>(
                 Q5_0 => _mm512_set1_epi32(-16 * *xs[i].s.add(b)),
                 _ => _mm512_set1_epi32(-128 * *xs[i].s.add(b)),
             };
-            // two chains; integer sums, so the order does not matter
-            let mut s0 = start;
-            let mut s1 = _mm512_setzero_si512();
-            for c in 0..4 {
-                let x0 = _mm512_set1_epi32(x.add(c).read_unaligned());
-                let x1 = _mm512_set1_epi32(x.add(4 + c).read_unaligned());
-                s0 = _mm512_dpbusd_epi32(s0, w[c], x0);
-                s1 = _mm512_dpbusd_epi32(s1, w[4 + c], x1);
-            }
-            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            let isum = block_sum(&w, x, start);
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*xs[i].d.add(b)));
             acc[i] = _mm512_fmadd_ps(isum, scale, acc[i]);
             if F == Q4_1 {
                 acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xs[i].ds.add(b)), acc[i]);
+            }
+        }
+    }
+    for i in 0..MR {
+        _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i]);
+    }
+}
+
+/// [`tile`] for a Q4_K group (see [`K4_UNIT`]), as [`dot`] computes it.
+///
+/// # Safety
+/// As [`tile`]'s, with `g` holding `nb / 8` Q4_K super-blocks of a group.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")]
+pub unsafe fn tile_k4<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    xs: &[XRow; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    use std::arch::x86_64::*;
+    let low4 = _mm512_set1_epi8(15);
+    let mut acc = [_mm512_setzero_ps(); MR];
+    let bytes16 = |p: *const u8| {
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    };
+    for sb in 0..nb / 8 {
+        let u = g.add(sb * K4_UNIT);
+        for line in 0..K4_UNIT.div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(K4_UNIT + 64 * line) as *const i8);
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(u.add(K4_D) as *const __m256i));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(u.add(K4_DMIN) as *const __m256i));
+        let neg_dmin = _mm512_sub_ps(_mm512_setzero_ps(), dmin);
+        for j in 0..4 {
+            let mut raw = [_mm512_setzero_si512(); 8];
+            for (c, v) in raw.iter_mut().enumerate() {
+                *v = _mm512_loadu_si512(u.add(512 * j + 64 * c) as *const _);
+            }
+            for half in 0..2 {
+                let p = 2 * j + half;
+                let b = sb * 8 + p;
+                let w: [__m512i; 8] = std::array::from_fn(|c| {
+                    let v = if half == 0 {
+                        raw[c]
+                    } else {
+                        _mm512_srli_epi16::<4>(raw[c])
+                    };
+                    _mm512_and_si512(v, low4)
+                });
+                let a = _mm512_mul_ps(d, bytes16(u.add(K4_SC + ROWS * p)));
+                let cm = _mm512_mul_ps(neg_dmin, bytes16(u.add(K4_M + ROWS * p)));
+                for i in 0..MR {
+                    let x = xs[i].q.add(b * BLOCK) as *const i32;
+                    let isum = block_sum(&w, x, _mm512_setzero_si512());
+                    let scale = _mm512_mul_ps(a, _mm512_set1_ps(*xs[i].d.add(b)));
+                    acc[i] = _mm512_fmadd_ps(isum, scale, acc[i]);
+                    acc[i] = _mm512_fmadd_ps(cm, _mm512_set1_ps(*xs[i].ds.add(b)), acc[i]);
+                }
             }
         }
     }
