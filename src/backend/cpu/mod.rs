@@ -23,7 +23,7 @@ use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
 use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
-/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K matrices on an AVX-512
+/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K matrices on an AVX2
 /// CPU the same bytes repacked sixteen rows at a time (`kernels::rows16`), which then stand in
 /// for the loader's (its file pages given back, its owned buffer dropped with the loader's
 /// map), so the weight is held once.
@@ -315,7 +315,7 @@ impl CpuBackend {
         self.isa
     }
 
-    /// `t` repacked for the AVX-512 kernels of `kernels::rows16`, when it is a Q4_0/Q4_1/Q5_0/Q8_0/Q4_K
+    /// `t` repacked for the AVX2/AVX-512 kernels of `kernels::rows16`, when it is a Q4_0/Q4_1/Q5_0/Q8_0/Q4_K
     /// matrix of whole groups of rows. A file mapping's pages are then given back
     /// (`Tensor::release_pages`), so the repacked copy is held instead of, not beside, them;
     /// an owned buffer goes when the loader's map does.

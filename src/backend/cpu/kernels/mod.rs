@@ -96,7 +96,7 @@ impl Isa {
     /// Whether Q4_0/Q4_1/Q5_0/Q8_0/Q4_K weights are repacked for this ISA's kernels (`rows16`).
     pub fn repacks_rows16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return self == Isa::Avx512;
+        return self != Isa::Scalar;
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -276,51 +276,45 @@ pub(super) unsafe fn matmul_rows_rows16(
         let mut res = [[0.0f32; R]; QUANT_MR];
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => {
-                use rows16::{tile, XRow};
+            isa @ (Isa::Avx2 | Isa::Avx512) => {
+                use rows16::{tile, tile_avx2, tile_k4, tile_k4_avx2, XRow};
                 let x = |j: usize| XRow::of(xq, i + j);
                 let (gp, nb) = (p.group(g), p.blocks());
+                let wide = isa == Isa::Avx512;
+                // $k: a kernel taking (group, blocks, activation rows, out)
                 macro_rules! run {
-                    ($f:expr, $mr:literal) => {{
+                    ($k:ident, $mr:literal $(, $f:expr)?) => {{
                         let xs: [XRow; $mr] = std::array::from_fn(x);
                         let mut o = [[0.0f32; R]; $mr];
-                        // SAFETY: Avx512 is chosen only where the CPU has AVX-512
-                        // F/BW/VL/DQ/VNNI, AVX2, FMA and F16C; the group holds nb blocks of its
-                        // format and the activation rows i..i + n exist (asserted above).
-                        unsafe { tile::<{ $f }, $mr>(gp, nb, &xs, &mut o) };
-                        res[..$mr].copy_from_slice(&o);
-                    }};
-                }
-                macro_rules! run_k4 {
-                    ($mr:literal) => {{
-                        let xs: [XRow; $mr] = std::array::from_fn(x);
-                        let mut o = [[0.0f32; R]; $mr];
-                        // SAFETY: as run!'s, the group holding nb / 8 Q4_K super-blocks
-                        unsafe { rows16::tile_k4::<$mr>(gp, nb, &xs, &mut o) };
+                        // SAFETY: Avx2 is chosen only where the CPU has AVX2, FMA and F16C,
+                        // Avx512 only where it also has AVX-512 F/BW/VL/DQ/VNNI; the group
+                        // holds nb blocks of its format (nb / 8 super-blocks for Q4_K) and the
+                        // activation rows i..i + n exist (asserted above).
+                        unsafe { $k::<$({ $f },)? $mr>(gp, nb, &xs, &mut o) };
                         res[..$mr].copy_from_slice(&o);
                     }};
                 }
                 macro_rules! by_tokens {
-                    ($f:expr) => {
+                    ($k:ident $(, $f:expr)?) => {
                         match n {
-                            1 => run!($f, 1),
-                            2 => run!($f, 2),
-                            3 => run!($f, 3),
-                            _ => run!($f, 4),
+                            1 => run!($k, 1 $(, $f)?),
+                            2 => run!($k, 2 $(, $f)?),
+                            3 => run!($k, 3 $(, $f)?),
+                            _ => run!($k, 4 $(, $f)?),
                         }
                     };
                 }
-                match p.format() {
-                    rows16::Q4_0 => by_tokens!(rows16::Q4_0),
-                    rows16::Q4_1 => by_tokens!(rows16::Q4_1),
-                    rows16::Q5_0 => by_tokens!(rows16::Q5_0),
-                    rows16::Q4_K => match n {
-                        1 => run_k4!(1),
-                        2 => run_k4!(2),
-                        3 => run_k4!(3),
-                        _ => run_k4!(4),
-                    },
-                    _ => by_tokens!(rows16::Q8_0),
+                match (wide, p.format()) {
+                    (true, rows16::Q4_0) => by_tokens!(tile, rows16::Q4_0),
+                    (true, rows16::Q4_1) => by_tokens!(tile, rows16::Q4_1),
+                    (true, rows16::Q5_0) => by_tokens!(tile, rows16::Q5_0),
+                    (true, rows16::Q4_K) => by_tokens!(tile_k4),
+                    (true, _) => by_tokens!(tile, rows16::Q8_0),
+                    (false, rows16::Q4_0) => by_tokens!(tile_avx2, rows16::Q4_0),
+                    (false, rows16::Q4_1) => by_tokens!(tile_avx2, rows16::Q4_1),
+                    (false, rows16::Q5_0) => by_tokens!(tile_avx2, rows16::Q5_0),
+                    (false, rows16::Q4_K) => by_tokens!(tile_k4_avx2),
+                    (false, _) => by_tokens!(tile_avx2, rows16::Q8_0),
                 }
             }
             _ => {

@@ -1,6 +1,8 @@
-//! Q4_0, Q4_1, Q5_0 and Q8_0 weights repacked sixteen rows at a time, for AVX-512 VNNI products
-//! whose vector lanes are weight rows (the layout llama.cpp's repacking kernels use, written
-//! here from that idea).
+//! Q4_0, Q4_1, Q5_0, Q8_0 and Q4_K weights repacked sixteen rows at a time, for products whose
+//! vector lanes are weight rows (the layout llama.cpp's repacking kernels use, written here
+//! from that idea): AVX-512 VNNI `vpdpbusd` on all sixteen, or AVX2 `maddubs` + `madd` on
+//! eight at a time (the same exact integer sums, the same float operations lane by lane, so
+//! the same bits).
 //!
 //! In the file's own layout a row's 32 values of a block sit side by side, so a 512-bit
 //! product covers one or two blocks of one row, and each block's partial sums must be scaled
@@ -562,5 +564,170 @@ pub unsafe fn tile_k4<const MR: usize>(
     }
     for i in 0..MR {
         _mm512_storeu_ps(out[i].as_mut_ptr(), acc[i]);
+    }
+}
+
+/// [`block_sum`] on eight rows with AVX2: `maddubs` and `madd` give each lane the same exact
+/// integer sum as `vpdpbusd`. Q8_0's bytes (`q + 128`) go back to signed and multiply by sign
+/// (`|q| · sign(q) x`), so that no pair of products saturates the 16-bit sums.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_sum8(
+    w: &[std::arch::x86_64::__m256i; 8],
+    x: *const i32,
+    start: std::arch::x86_64::__m256i,
+    q8: bool,
+) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut s0 = start;
+    let mut s1 = _mm256_setzero_si256();
+    for (c, &wc) in w.iter().enumerate() {
+        let xc = _mm256_set1_epi32(x.add(c).read_unaligned());
+        let pairs = if q8 {
+            let ws = _mm256_xor_si256(wc, _mm256_set1_epi8(-128));
+            _mm256_maddubs_epi16(_mm256_sign_epi8(ws, ws), _mm256_sign_epi8(xc, ws))
+        } else {
+            _mm256_maddubs_epi16(wc, xc)
+        };
+        let quads = _mm256_madd_epi16(pairs, ones);
+        if c % 2 == 0 {
+            s0 = _mm256_add_epi32(s0, quads);
+        } else {
+            s1 = _mm256_add_epi32(s1, quads);
+        }
+    }
+    _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1))
+}
+
+/// [`tile`] with AVX2, eight rows (half `h` of the group's lanes) at a time: the same
+/// operations lane by lane, so the same bits.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; otherwise as [`tile`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_avx2<const F: u8, const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    xs: &[XRow; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    use std::arch::x86_64::*;
+    let (gb, scales) = (group_block(F), scales_at(F));
+    let low4 = _mm256_set1_epi8(15);
+    let bit4 = _mm256_set1_epi8(16);
+    for h in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for b in 0..nb {
+            let blk = g.add(b * gb);
+            if h == 0 {
+                for line in 0..gb.div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(2 * gb + 64 * line) as *const i8);
+                }
+            }
+            let mut w = [_mm256_setzero_si256(); 8];
+            for c in 0..chunks(F) {
+                let v = _mm256_loadu_si256(blk.add(64 * c + 32 * h) as *const __m256i);
+                if F == Q8_0 {
+                    w[c] = v;
+                } else {
+                    w[c] = _mm256_and_si256(v, low4);
+                    w[4 + c] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4);
+                }
+            }
+            if F == Q5_0 {
+                let hb = _mm256_loadu_si256(blk.add(256 + 32 * h) as *const __m256i);
+                let moved = [
+                    _mm256_slli_epi32::<4>(hb),
+                    _mm256_slli_epi32::<3>(hb),
+                    _mm256_slli_epi32::<2>(hb),
+                    _mm256_slli_epi32::<1>(hb),
+                    hb,
+                    _mm256_srli_epi32::<1>(hb),
+                    _mm256_srli_epi32::<2>(hb),
+                    _mm256_srli_epi32::<3>(hb),
+                ];
+                for (wh, m) in w.iter_mut().zip(moved) {
+                    *wh = _mm256_or_si256(*wh, _mm256_and_si256(m, bit4));
+                }
+            }
+            let f16x8 = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(at) as *const __m128i));
+            let dw = f16x8(scales + 16 * h);
+            for i in 0..MR {
+                let x = xs[i].q.add(b * BLOCK) as *const i32;
+                let start = match F {
+                    Q4_1 => 0,
+                    Q4_0 => -8 * *xs[i].s.add(b),
+                    Q5_0 => -16 * *xs[i].s.add(b),
+                    _ => 0,
+                };
+                let isum = block_sum8(&w, x, _mm256_set1_epi32(start), F == Q8_0);
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[i].d.add(b)));
+                acc[i] = _mm256_fmadd_ps(isum, scale, acc[i]);
+                if F == Q4_1 {
+                    let mw = f16x8(scales + 2 * ROWS + 16 * h);
+                    acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[i].ds.add(b)), acc[i]);
+                }
+            }
+        }
+        for i in 0..MR {
+            _mm256_storeu_ps(out[i][8 * h..].as_mut_ptr(), acc[i]);
+        }
+    }
+}
+
+/// [`tile_k4`] with AVX2, eight rows at a time (see [`tile_avx2`]).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; otherwise as [`tile_k4`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn tile_k4_avx2<const MR: usize>(
+    g: *const u8,
+    nb: usize,
+    xs: &[XRow; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    use std::arch::x86_64::*;
+    let low4 = _mm256_set1_epi8(15);
+    let bytes8 = |p: *const u8| {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    };
+    for h in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for sb in 0..nb / 8 {
+            let u = g.add(sb * K4_UNIT);
+            let f16x8 = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(u.add(at) as *const __m128i));
+            let d = f16x8(K4_D + 16 * h);
+            let neg_dmin = _mm256_sub_ps(_mm256_setzero_ps(), f16x8(K4_DMIN + 16 * h));
+            for j in 0..4 {
+                for half in 0..2 {
+                    let p = 2 * j + half;
+                    let b = sb * 8 + p;
+                    let w: [__m256i; 8] = std::array::from_fn(|c| {
+                        let v = _mm256_loadu_si256(u.add(512 * j + 64 * c + 32 * h) as *const _);
+                        let v = if half == 0 {
+                            v
+                        } else {
+                            _mm256_srli_epi16::<4>(v)
+                        };
+                        _mm256_and_si256(v, low4)
+                    });
+                    let a = _mm256_mul_ps(d, bytes8(u.add(K4_SC + ROWS * p + 8 * h)));
+                    let cm = _mm256_mul_ps(neg_dmin, bytes8(u.add(K4_M + ROWS * p + 8 * h)));
+                    for i in 0..MR {
+                        let x = xs[i].q.add(b * BLOCK) as *const i32;
+                        let isum = block_sum8(&w, x, _mm256_setzero_si256(), false);
+                        let scale = _mm256_mul_ps(a, _mm256_set1_ps(*xs[i].d.add(b)));
+                        acc[i] = _mm256_fmadd_ps(isum, scale, acc[i]);
+                        acc[i] = _mm256_fmadd_ps(cm, _mm256_set1_ps(*xs[i].ds.add(b)), acc[i]);
+                    }
+                }
+            }
+        }
+        for i in 0..MR {
+            _mm256_storeu_ps(out[i][8 * h..].as_mut_ptr(), acc[i]);
+        }
     }
 }
