@@ -23,9 +23,9 @@ use crate::parallel::Communicator;
 use crate::quant::QuantizedRows;
 use crate::sampling::{SampleBatch, Sampler, TokenInfo};
 
-/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K matrices on an AVX2
-/// CPU the same bytes repacked sixteen rows at a time (`kernels::rows16`), which then stand in
-/// for the loader's (its file pages given back, its owned buffer dropped with the loader's
+/// A weight on the CPU: the loader's view (no copy), or for Q4_0/Q4_1/Q5_0/Q8_0/Q4_K matrices
+/// on an AVX2 or AVX-512 CPU the same bytes repacked sixteen rows at a time
+/// (`kernels::rows16`), which then stand in for the loader's (its file pages given back, its owned buffer dropped with the loader's
 /// map), so the weight is held once.
 pub enum CpuWeight {
     View(Tensor),
@@ -315,20 +315,25 @@ impl CpuBackend {
         self.isa
     }
 
-    /// `t` repacked for the AVX2/AVX-512 kernels of `kernels::rows16`, when it is a Q4_0/Q4_1/Q5_0/Q8_0/Q4_K
-    /// matrix of whole groups of rows. A file mapping's pages are then given back
-    /// (`Tensor::release_pages`), so the repacked copy is held instead of, not beside, them;
-    /// an owned buffer goes when the loader's map does.
-    fn repacked(&self, t: &Tensor) -> Option<kernels::rows16::Packed> {
-        let (true, [rows, k]) = (self.isa.repacks_rows16(), t.shape()) else {
-            return None;
+    /// The weight for `t`: repacked for the kernels of `kernels::rows16` when `repack` allows
+    /// it, this ISA has them and `t` is a Q4_0/Q4_1/Q5_0/Q8_0/Q4_K matrix of whole groups of
+    /// rows, else the loader's view. A repacked file mapping's pages are given back
+    /// (`Tensor::release_pages`), so the copy is held instead of, not beside, them; an owned
+    /// buffer goes when the loader's map does.
+    fn cpu_weight(&self, t: &Tensor, repack: bool) -> CpuWeight {
+        let packed = match (repack && self.isa.repacks_rows16(), t.shape(), t.elems()) {
+            (true, &[rows, k], Elems::Quant(q, bytes)) => {
+                kernels::rows16::Packed::new(q, bytes, rows, k)
+            }
+            _ => None,
         };
-        let Elems::Quant(q, bytes) = t.elems() else {
-            return None;
-        };
-        let packed = kernels::rows16::Packed::new(q, bytes, *rows, *k)?;
-        t.release_pages();
-        Some(packed)
+        match packed {
+            Some(p) => {
+                t.release_pages();
+                CpuWeight::Packed(p)
+            }
+            None => CpuWeight::View(t.clone()),
+        }
     }
 
     /// `out = x · wᵀ` (and the SwiGLU of a second matrix) over several weight matrices that
@@ -538,10 +543,7 @@ impl Backend for CpuBackend {
 
     fn weight(&self, name: &str, t: &Tensor) -> Result<CpuWeight, BackendError> {
         super::weight_dims(name, t)?;
-        Ok(match self.repacked(t) {
-            Some(p) => CpuWeight::Packed(p),
-            None => CpuWeight::View(t.clone()),
-        })
+        Ok(self.cpu_weight(t, true))
     }
 
     /// As `weight` for each, except that the parts are repacked all or none: a SwiGLU pair's
@@ -554,13 +556,7 @@ impl Backend for CpuBackend {
             let (rows, k) = (t.shape()[0], t.shape().get(1).copied().unwrap_or(1));
             matches!(t.elems(), Elems::Quant(q, _) if kernels::rows16::Packed::fits(q, rows, k))
         });
-        Ok(parts
-            .iter()
-            .map(|(_, t)| match all.then(|| self.repacked(t)).flatten() {
-                Some(p) => CpuWeight::Packed(p),
-                None => CpuWeight::View((*t).clone()),
-            })
-            .collect())
+        Ok(parts.iter().map(|(_, t)| self.cpu_weight(t, all)).collect())
     }
 
     fn buffer(&self, len: usize) -> Result<Vec<f32>, BackendError> {

@@ -92,7 +92,6 @@ impl Isa {
         }
     }
 
-    /// The integer dot product the quantized products use.
     /// Whether Q4_0/Q4_1/Q5_0/Q8_0/Q4_K weights are repacked for this ISA's kernels (`rows16`).
     pub fn repacks_rows16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -101,6 +100,7 @@ impl Isa {
         false
     }
 
+    /// The integer dot product the quantized products use.
     pub fn quant_name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar int8",
@@ -247,8 +247,8 @@ pub(super) unsafe fn matmul_rows_quant(
 
 /// Rows `rows` of `out = x · wᵀ` for a repacked Q4_0/Q4_1/Q5_0/Q8_0/Q4_K
 /// `w`, with `up` the second matrix of a SwiGLU pair (repacked alike), from the step's
-/// activations quantized once (`xq`, `m` rows). The vector kernel on AVX-512, its scalar
-/// twin otherwise: the same bits either way, and for a token alone or batched. A range that
+/// activations quantized once (`xq`, `m` rows). The AVX-512 or AVX2 kernels, or their scalar
+/// twin: the same bits on every path, and for a token alone or batched. A range that
 /// starts or ends inside a group of [`rows16::ROWS`] rows computes the whole group and writes
 /// its rows in the range (the callers hand out whole groups).
 ///

@@ -242,7 +242,7 @@ impl Packed {
         self.rows
     }
 
-    /// [`Q4_0`], [`Q4_1`] or [`Q8_0`].
+    /// [`Q4_0`], [`Q4_1`], [`Q5_0`], [`Q8_0`] or [`Q4_K`].
     pub fn format(&self) -> u8 {
         self.format
     }
@@ -654,10 +654,15 @@ pub unsafe fn tile_avx2<const F: u8, const MR: usize>(
             }
             let f16x8 = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(blk.add(at) as *const __m128i));
             let dw = f16x8(scales + 16 * h);
+            let mw = if F == Q4_1 {
+                f16x8(scales + 2 * ROWS + 16 * h)
+            } else {
+                _mm256_setzero_ps()
+            };
             for i in 0..MR {
                 let x = xs[i].q.add(b * BLOCK) as *const i32;
+                // Q8_0 multiplies signed weights here: no offset to take back
                 let start = match F {
-                    Q4_1 => 0,
                     Q4_0 => -8 * *xs[i].s.add(b),
                     Q5_0 => -16 * *xs[i].s.add(b),
                     _ => 0,
@@ -666,7 +671,6 @@ pub unsafe fn tile_avx2<const F: u8, const MR: usize>(
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*xs[i].d.add(b)));
                 acc[i] = _mm256_fmadd_ps(isum, scale, acc[i]);
                 if F == Q4_1 {
-                    let mw = f16x8(scales + 2 * ROWS + 16 * h);
                     acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xs[i].ds.add(b)), acc[i]);
                 }
             }
