@@ -6,7 +6,8 @@
 //! bandwidth).
 //!
 //! Run: `cargo bench --bench cpu_kernels [-- WORD...]` (only the products whose name, such as
-//! `gate 1536x576 Q5_0`, holds one of the words).
+//! `gate 1536x576 Q5_0`, holds one of the words); `BENCH_TOKENS=512` (or another label of the
+//! token column, such as `1, from memory`) runs only that row of each product, for profiling.
 
 use std::time::Instant;
 
@@ -114,6 +115,9 @@ fn main() {
                 (512, "512"),
             ];
             for (m, label) in runs {
+                if std::env::var("BENCH_TOKENS").is_ok_and(|v| v != label) {
+                    continue;
+                }
                 let x = vec![0.01f32; m * k];
                 let mut out = vec![0.0f32; m * n];
                 let from_memory = label.ends_with("memory");
