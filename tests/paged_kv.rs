@@ -99,3 +99,62 @@ fn page_sizes_and_mixed_batches_agree() {
         prompt_next = vec![common::argmax(lp) as u32];
     }
 }
+
+/// A token decoded alone over a long context (attention split into segments of the context
+/// across threads) gives the bits it gives decoded in a batch (each KV head's whole context
+/// on one thread), and its first decode step keeps to the logits of a dense prefill.
+#[test]
+fn long_context_decode_alone_and_batched_agree_bit_for_bit() {
+    let dir = common::model_dir();
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let mut cfg = EngineConfig::new(dir);
+    cfg.max_total_tokens = Some(4096);
+    cfg.num_threads = Some(2); // the split needs more than one thread
+    let mut r = runner::load(&cfg).expect("load the default model");
+    let text = "The quick brown fox jumps over the lazy dog because it is quick. ".repeat(40);
+    let long = tok.encode(&text, true).unwrap();
+    assert!(
+        long.len() > 2 * sglang::backend::cpu::ATTENTION_SEGMENT,
+        "{}",
+        long.len()
+    );
+    let short = tok.encode("Once upon a time", true).unwrap();
+    let (pages, page_size) = r.kv_pages();
+    let mut pool = PagePool::new(pages, page_size);
+    let (mut t_long, mut t_short) = (Vec::new(), Vec::new());
+    assert!(pool.alloc_into(&mut t_long, pool.pages_for(long.len() + 1)));
+    assert!(pool.alloc_into(&mut t_short, pool.pages_for(short.len() + 1)));
+    let mut batch = StepBatch {
+        page_size,
+        ..Default::default()
+    };
+    // prefill all but the last token of the long prompt, and the short one
+    let n = long.len() - 1;
+    batch.push_seq(&long[..n], 0, &t_long, LogitsWanted::Last);
+    batch.push_seq(&short, 0, &t_short, LogitsWanted::Last);
+    let l = r.forward(&batch).unwrap().to_vec();
+    let short_next = common::argmax(&l[l.len() / 2..]) as u32;
+    // the last token alone (split), then again in a batch with the short sequence
+    batch.clear();
+    batch.push_seq(&long[n..], n, &t_long, LogitsWanted::Last);
+    let alone = r.forward(&batch).unwrap().to_vec();
+    batch.clear();
+    batch.push_seq(&long[n..], n, &t_long, LogitsWanted::Last);
+    batch.push_seq(&[short_next], short.len(), &t_short, LogitsWanted::Last);
+    let both = r.forward(&batch).unwrap().to_vec();
+    let batched = &both[..alone.len()];
+    assert!(
+        alone
+            .iter()
+            .zip(batched)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "rel err {}",
+        common::rel_err(&alone, batched)
+    );
+    // and the whole prompt prefilled at once
+    batch.clear();
+    batch.push_seq(&long, 0, &t_long, LogitsWanted::Last);
+    let dense = r.forward(&batch).unwrap().to_vec();
+    let e = common::rel_err(&alone, &dense);
+    assert!(e < 1e-5, "decode after prefill vs one prefill: rel err {e}");
+}

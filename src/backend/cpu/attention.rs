@@ -10,9 +10,10 @@
 //! Every head of the group is handled inside the same chunk loop, so a page's keys and values
 //! are read from memory once for the whole group and then from L1.
 //!
-//! Each head's arithmetic is independent of the other heads in the call, so splitting a group
-//! across threads (when there are few tokens, as in decode) gives bit-identical results: the
-//! output never depends on how the work was divided.
+//! Each head's arithmetic is independent of the other heads in the call, and a context longer
+//! than [`SEGMENT`] positions is always computed as segments merged in order, so splitting the
+//! work across threads by head or by segment (when there are few tokens, as in decode) gives
+//! bit-identical results: the output never depends on how the work was divided.
 //!
 //! The cache holds f32 or bf16 (`--kv-cache-dtype`); every kernel widens a bf16 row to f32 as
 //! it loads it (a shift: bf16 is the top half of an f32), so the arithmetic is the same.
@@ -151,13 +152,13 @@ pub struct AttnInput<'a, E: KvElem = f32> {
 impl<E: KvElem> AttnInput<'_, E> {
     /// The run of keys that starts at position `pos`: the offset of its page's block, its
     /// first slot in the page, and how many follow (at most KEY_CHUNK, never across a page or
-    /// past `ctx`).
+    /// past `end`).
     #[inline]
-    fn chunk_at(&self, pos: usize) -> Chunk {
+    fn chunk_at(&self, pos: usize, end: usize) -> Chunk {
         let ps = self.layout.page_size;
         let page = self.block_table[pos / ps] as usize;
         let in_page = pos % ps;
-        let n = KEY_CHUNK.min(ps - in_page).min(self.ctx - pos);
+        let n = KEY_CHUNK.min(ps - in_page).min(end - pos);
         Chunk {
             block: self.layout.block(page, self.kv_head),
             in_page,
@@ -323,7 +324,7 @@ impl<E: KvElem> AttnInput<'_, E> {
             if !self.prefetch || target >= self.ctx {
                 return Ahead::NONE;
             }
-            let c = self.chunk_at(target);
+            let c = self.chunk_at(target, self.ctx);
             Ahead {
                 k: self.k_cache[c.block + c.in_page..].as_ptr() as *const i8,
                 k_stride: self.layout.page_size * es,
@@ -335,38 +336,131 @@ impl<E: KvElem> AttnInput<'_, E> {
     }
 }
 
-/// Attention of the query heads in `q` (`heads * head_dim`) over positions `0..ctx`, into
-/// `out` (same shape).
-pub fn attend<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, q: &[f32], out: &mut [f32]) {
+/// Positions per segment of the context. Attention over a longer context is computed segment
+/// by segment, each with its own running maximum and sum (a partial result, `partial_len`),
+/// and the partial results are merged in order (`merge`), then normalized (`finish`): the
+/// same operations whether one thread runs the segments in turn (`attend`) or several run
+/// them side by side (decode, where a token's few KV heads would leave threads idle), so a
+/// result never depends on how the work was divided. A multiple of `KEY_CHUNK`.
+pub const SEGMENT: usize = 256;
+
+/// Positions `start..end` of the context.
+type Span = std::ops::Range<usize>;
+
+/// Floats of the partial result of `heads` query heads over one segment: per head its
+/// maximum score, then per head the sum of its weights, then the weighted sums of values
+/// (`heads * head_dim`), not yet divided by the sum.
+pub fn partial_len(heads: usize, head_dim: usize) -> usize {
+    heads * (head_dim + 2)
+}
+
+/// The number of segments of a context of `ctx` positions.
+pub fn segments(ctx: usize) -> usize {
+    ctx.div_ceil(SEGMENT).max(1)
+}
+
+/// The partial result (see [`partial_len`]) of the query heads in `q` (`heads * head_dim`)
+/// over segment `seg` of positions `0..ctx`, into `part`.
+pub fn attend_segment<E: KvElem>(
+    isa: Isa,
+    a: &AttnInput<'_, E>,
+    seg: usize,
+    q: &[f32],
+    part: &mut [f32],
+) {
     let hd = a.layout.head_dim;
     let heads = q.len() / hd;
+    let span = seg * SEGMENT..((seg + 1) * SEGMENT).min(a.ctx);
+    let (ms, rest) = part[..partial_len(heads, hd)].split_at_mut(heads);
+    let (ss, acc) = rest.split_at_mut(heads);
     let mut h0 = 0;
     while h0 < heads {
         let nh = MAX_HEADS_PER_PASS.min(heads - h0);
         let qs = &q[h0 * hd..(h0 + nh) * hd];
-        let os = &mut out[h0 * hd..(h0 + nh) * hd];
+        let os = &mut acc[h0 * hd..(h0 + nh) * hd];
+        let (m, s) = (&mut ms[h0..h0 + nh], &mut ss[h0..h0 + nh]);
+        let span = span.clone();
         match isa {
             // SAFETY: Avx512 is chosen only when the CPU has AVX-512 F (and AVX2, FMA);
             // head_dim % 16 == 0 and fits the staging buffer.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if hd.is_multiple_of(16) && hd <= MAX_STAGED_HEAD_DIM => unsafe {
-                avx512::attend_heads(a, qs, os)
+                avx512::attend_heads(a, span, qs, os, m, s)
             },
             // SAFETY: Avx2 and Avx512 are chosen only when the CPU has AVX2 and FMA;
             // head_dim % 8 == 0.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) && hd <= MAX_STAGED_HEAD_DIM => unsafe {
-                avx2::attend_heads(a, qs, os)
+                avx2::attend_heads(a, span, qs, os, m, s)
             },
-            _ => attend_heads_portable(isa, a, qs, os),
+            _ => attend_heads_portable(isa, a, span, qs, os, m, s),
         }
         h0 += nh;
     }
 }
 
+/// Merges the partial result of the next segment, `next`, into `run` (the segments before
+/// it), both of `heads` heads: each rescaled to their common maximum.
+pub fn merge(run: &mut [f32], next: &[f32], heads: usize, head_dim: usize) {
+    let (rm, rest) = run[..partial_len(heads, head_dim)].split_at_mut(heads);
+    let (rs, racc) = rest.split_at_mut(heads);
+    let (nm, rest) = next[..partial_len(heads, head_dim)].split_at(heads);
+    let (ns, nacc) = rest.split_at(heads);
+    for h in 0..heads {
+        let m = rm[h].max(nm[h]);
+        let (a, b) = ((rm[h] - m).exp(), (nm[h] - m).exp());
+        rm[h] = m;
+        rs[h] = rs[h] * a + ns[h] * b;
+        let r = &mut racc[h * head_dim..(h + 1) * head_dim];
+        for (x, y) in r.iter_mut().zip(&nacc[h * head_dim..(h + 1) * head_dim]) {
+            *x = *x * a + y * b;
+        }
+    }
+}
+
+/// The attention output (`heads * head_dim`) of a merged partial result: the weighted sums
+/// of values times the inverse of the sum of weights.
+pub fn finish(part: &[f32], heads: usize, head_dim: usize, out: &mut [f32]) {
+    let (sums, acc) = part[heads..partial_len(heads, head_dim)].split_at(heads);
+    for (h, o) in out[..heads * head_dim]
+        .chunks_exact_mut(head_dim)
+        .enumerate()
+    {
+        let inv = 1.0 / sums[h];
+        for (o, x) in o.iter_mut().zip(&acc[h * head_dim..]) {
+            *o = x * inv;
+        }
+    }
+}
+
+/// Attention of the query heads in `q` (`heads * head_dim`) over positions `0..ctx`, into
+/// `out` (same shape): the segments in turn, merged.
+pub fn attend<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, q: &[f32], out: &mut [f32]) {
+    let hd = a.layout.head_dim;
+    let heads = q.len() / hd;
+    let len = partial_len(heads, hd);
+    let segs = segments(a.ctx);
+    let mut buf = vec![0.0f32; if segs > 1 { 2 * len } else { len }];
+    let (run, next) = buf.split_at_mut(len);
+    attend_segment(isa, a, 0, q, run);
+    for seg in 1..segs {
+        attend_segment(isa, a, seg, q, next);
+        merge(run, next, heads, hd);
+    }
+    finish(run, heads, hd, out);
+}
+
 /// The portable twin (also the reference in tests).
 #[allow(clippy::needless_range_loop)] // per-head arrays indexed in lockstep
-fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
+fn attend_heads_portable<E: KvElem>(
+    isa: Isa,
+    a: &AttnInput<'_, E>,
+    span: Span,
+    qs: &[f32],
+    os: &mut [f32],
+    ms: &mut [f32],
+    ss: &mut [f32],
+) {
     let hd = a.layout.head_dim;
     let nh = qs.len() / hd;
     os.fill(0.0);
@@ -376,9 +470,9 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
     let mut sum = [0.0f32; MAX_HEADS_PER_PASS];
     let mut scores = [[0.0f32; KEY_CHUNK]; MAX_HEADS_PER_PASS];
     let ps = a.layout.page_size;
-    let mut pos = 0;
-    while pos < a.ctx {
-        let c = a.chunk_at(pos);
+    let mut pos = span.start;
+    while pos < span.end {
+        let c = a.chunk_at(pos, span.end);
         let (base, n) = (c.values(hd), c.n);
         for j in 0..n {
             let key = c.block + c.in_page + j;
@@ -408,10 +502,8 @@ fn attend_heads_portable<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, qs: &[f32], 
         }
         pos += n;
     }
-    for h in 0..nh {
-        let inv = 1.0 / sum[h];
-        os[h * hd..(h + 1) * hd].iter_mut().for_each(|v| *v *= inv);
-    }
+    ms[..nh].copy_from_slice(&max[..nh]);
+    ss[..nh].copy_from_slice(&sum[..nh]);
 }
 
 /// `$f::<NH, E>(args)` for the number of heads `$nh` (1..=MAX_HEADS_PER_PASS): the scoring
@@ -484,7 +576,14 @@ mod avx2 {
     /// `attend_heads_portable` with the scores, exponentials and value updates in
     /// registers. `head_dim` must be a multiple of 8, at most MAX_STAGED_HEAD_DIM.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attend_heads<E: KvElem>(a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
+    pub(super) unsafe fn attend_heads<E: KvElem>(
+        a: &AttnInput<'_, E>,
+        span: Span,
+        qs: &[f32],
+        os: &mut [f32],
+        ms: &mut [f32],
+        ss: &mut [f32],
+    ) {
         let hd = a.layout.head_dim;
         let nh = qs.len() / hd;
         let vecs = hd / 8;
@@ -495,9 +594,9 @@ mod avx2 {
         let mut weights = [0.0f32; KEY_CHUNK];
         let mut stage = [std::mem::MaybeUninit::<E>::uninit(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
         let vc = a.v_cache.as_ptr();
-        let mut pos = 0;
-        while pos < a.ctx {
-            let c = a.chunk_at(pos);
+        let mut pos = span.start;
+        while pos < span.end {
+            let c = a.chunk_at(pos, span.end);
             let (base, n) = (c.values(hd), c.n);
             let ah = a.ahead(pos);
             let (keys, stride) = a.keys(&c, &mut stage);
@@ -545,16 +644,8 @@ mod avx2 {
             }
             pos += n;
         }
-        for h in 0..nh {
-            let inv = _mm256_set1_ps(1.0 / sum[h]);
-            let acc = os.as_mut_ptr().add(h * hd);
-            for c in 0..vecs {
-                _mm256_storeu_ps(
-                    acc.add(8 * c),
-                    _mm256_mul_ps(_mm256_loadu_ps(acc.add(8 * c)), inv),
-                );
-            }
-        }
+        ms[..nh].copy_from_slice(&max[..nh]);
+        ss[..nh].copy_from_slice(&sum[..nh]);
     }
 }
 
@@ -661,7 +752,14 @@ mod avx512 {
     /// `attend_heads_portable` in AVX-512. `head_dim` must be a multiple of 16, at most
     /// MAX_STAGED_HEAD_DIM.
     #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-    pub(super) unsafe fn attend_heads<E: KvElem>(a: &AttnInput<'_, E>, qs: &[f32], os: &mut [f32]) {
+    pub(super) unsafe fn attend_heads<E: KvElem>(
+        a: &AttnInput<'_, E>,
+        span: Span,
+        qs: &[f32],
+        os: &mut [f32],
+        ms: &mut [f32],
+        ss: &mut [f32],
+    ) {
         let hd = a.layout.head_dim;
         let nh = qs.len() / hd;
         let vecs = hd / 16;
@@ -672,9 +770,9 @@ mod avx512 {
         let vc = a.v_cache.as_ptr();
         let mut all_scores = [_mm512_setzero_ps(); MAX_HEADS_PER_PASS];
         let mut stage = [std::mem::MaybeUninit::<E>::uninit(); MAX_STAGED_HEAD_DIM * KEY_CHUNK];
-        let mut pos = 0;
-        while pos < a.ctx {
-            let c = a.chunk_at(pos);
+        let mut pos = span.start;
+        while pos < span.end {
+            let c = a.chunk_at(pos, span.end);
             let (base, n) = (c.values(hd), c.n);
             let ah = a.ahead(pos);
             let (keys, stride) = a.keys(&c, &mut stage);
@@ -721,16 +819,8 @@ mod avx512 {
             }
             pos += n;
         }
-        for h in 0..nh {
-            let inv = _mm512_set1_ps(1.0 / sum[h]);
-            let acc = os.as_mut_ptr().add(h * hd);
-            for c in 0..vecs {
-                _mm512_storeu_ps(
-                    acc.add(16 * c),
-                    _mm512_mul_ps(_mm512_loadu_ps(acc.add(16 * c)), inv),
-                );
-            }
-        }
+        ms[..nh].copy_from_slice(&max[..nh]);
+        ss[..nh].copy_from_slice(&sum[..nh]);
     }
 }
 
@@ -782,6 +872,9 @@ mod tests {
             (16, 64, 3, 70),
             (1, 16, 9, 5),
             (64, 128, 4, 130),
+            // several segments, one of them cut inside a page
+            (16, 64, 3, 2 * SEGMENT + 70),
+            (5, 64, 2, SEGMENT + 3),
         ] {
             let layout = KvLayout {
                 page_size,
@@ -813,6 +906,26 @@ mod tests {
                     .map(|(x, y)| (x - y).abs())
                     .fold(0.0, f32::max);
                 assert!(err < 2e-5, "{isa:?} ps={page_size} hd={hd}: {err}");
+                // the segments computed apart, last first (as threads may in decode), then
+                // merged in order: the bits of `attend`
+                let (len, segs) = (partial_len(heads, hd), segments(ctx));
+                let mut parts = vec![0.0; segs * len];
+                for seg in (0..segs).rev() {
+                    attend_segment(isa, &a, seg, &q, &mut parts[seg * len..(seg + 1) * len]);
+                }
+                let (run, rest) = parts.split_at_mut(len);
+                for next in rest.chunks_exact(len) {
+                    merge(run, next, heads, hd);
+                }
+                let mut split = vec![0.0; heads * hd];
+                finish(run, heads, hd, &mut split);
+                assert!(
+                    split
+                        .iter()
+                        .zip(&out)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa:?} ps={page_size} hd={hd} ctx={ctx}: segments apart"
+                );
                 // a bf16 cache gives the bits of an f32 cache holding the same (widened) values
                 let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
                     k.iter().map(|&x| bf16::from_f32(x)).collect(),

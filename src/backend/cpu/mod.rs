@@ -4,6 +4,8 @@
 //! This is the embedded default and the reference the CUDA kernels are compared against.
 
 mod attention;
+/// Positions per segment of a context in CPU attention (see `attention::SEGMENT`).
+pub use attention::SEGMENT as ATTENTION_SEGMENT;
 mod kernels;
 pub mod pool;
 
@@ -213,12 +215,72 @@ impl CpuBackend {
         let scale = 1.0 / (hd as f32).sqrt();
         let op = OutPtr(out.as_mut_ptr());
         let isa = self.isa;
+        let ctx_of = |t: usize| {
+            let seq = &batch.seqs[step.seq_of_token[t] as usize];
+            // causal: this token sees positions 0..=its own
+            seq.context_len - seq.num_tokens + (t - seq.token_start) + 1
+        };
+        let input = |t: usize, g: usize| {
+            let seq = &batch.seqs[step.seq_of_token[t] as usize];
+            AttnInput {
+                k_cache: kc,
+                v_cache: vc,
+                layout,
+                block_table: batch.block_table(seq),
+                kv_head: g,
+                ctx: ctx_of(t),
+                scale,
+                prefetch: seq.num_tokens == 1 || t == seq.token_start,
+            }
+        };
+        let qh =
+            |t: usize, g: usize| &q[(t * nh + g * group) * hd..(t * nh + (g + 1) * group) * hd];
         // Work items: (token, kv head), handed out dynamically (their cost grows with the
         // context). A whole group per item reads each KV page once for all its query heads;
         // splitting groups across threads balances better at batch 1 but reads the cache once
         // per head, and measured slower (KV reads are what attention waits on).
         let total = batch.num_tokens() * nkv;
         let threads = self.pool.num_threads();
+        let long = (0..batch.num_tokens()).any(|t| ctx_of(t) > attention::SEGMENT);
+        if threads > 1 && total < 2 * threads && long {
+            // Too few items to keep the threads busy (decode at batch 1: one per KV head):
+            // the items are (token, kv head, segment of the context), their partial results
+            // merged in order afterwards, the same operations `attention::attend` performs.
+            let plen = attention::partial_len(group, hd);
+            let mut items = Vec::new();
+            for t in 0..batch.num_tokens() {
+                for g in 0..nkv {
+                    for s in 0..attention::segments(ctx_of(t)) {
+                        items.push((t, g, s));
+                    }
+                }
+            }
+            let mut parts = vec![0.0f32; items.len() * plen];
+            let pp = OutPtr(parts.as_mut_ptr());
+            let next = AtomicUsize::new(0);
+            self.pool.run(|_tid| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(t, g, s)) = items.get(i) else {
+                    break;
+                };
+                // SAFETY: item i owns part i of `parts`.
+                let part = unsafe { std::slice::from_raw_parts_mut(pp.get().add(i * plen), plen) };
+                attention::attend_segment(isa, &input(t, g), s, qh(t, g), part);
+            });
+            let mut i = 0;
+            while i < items.len() {
+                let (t, g, _) = items[i];
+                let segs = attention::segments(ctx_of(t));
+                let (run, rest) = parts[i * plen..(i + segs) * plen].split_at_mut(plen);
+                for next in rest.chunks_exact(plen) {
+                    attention::merge(run, next, group, hd);
+                }
+                let o = &mut out[(t * nh + g * group) * hd..(t * nh + (g + 1) * group) * hd];
+                attention::finish(run, group, hd, o);
+                i += segs;
+            }
+            return;
+        }
         let next = AtomicUsize::new(0);
         let work = |_tid: usize| loop {
             let item = next.fetch_add(1, Ordering::Relaxed);
@@ -226,26 +288,11 @@ impl CpuBackend {
                 break;
             }
             let (t, g) = (item / nkv, item % nkv);
-            let seq = &batch.seqs[step.seq_of_token[t] as usize];
-            // causal: this token sees positions 0..=its own
-            let ctx = seq.context_len - seq.num_tokens + (t - seq.token_start) + 1;
-            let (h0, h1) = (g * group, (g + 1) * group);
-            let qh = &q[(t * nh + h0) * hd..(t * nh + h1) * hd];
             // SAFETY: items own disjoint head ranges of `out`.
             let o = unsafe {
-                std::slice::from_raw_parts_mut(op.get().add((t * nh + h0) * hd), (h1 - h0) * hd)
+                std::slice::from_raw_parts_mut(op.get().add((t * nh + g * group) * hd), group * hd)
             };
-            let input = AttnInput {
-                k_cache: kc,
-                v_cache: vc,
-                layout,
-                block_table: batch.block_table(seq),
-                kv_head: g,
-                ctx,
-                scale,
-                prefetch: seq.num_tokens == 1 || t == seq.token_start,
-            };
-            attention::attend(isa, &input, qh, o);
+            attention::attend(isa, &input(t, g), qh(t, g), o);
         };
         if total < 2 || threads == 1 {
             work(0);
