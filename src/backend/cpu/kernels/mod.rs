@@ -271,27 +271,30 @@ pub(super) unsafe fn matmul_rows_rows16(
     if let Some(u) = up {
         assert!(u.blocks() == w.blocks() && u.rows() == w.rows());
     }
-    // one matrix's products of group `g` with tokens `i..i + n` (n <= QUANT_MR)
-    let products = |p: &rows16::Packed, g: usize, i: usize, n: usize| {
-        let mut res = [[0.0f32; R]; QUANT_MR];
+    // one matrix's products of group `g` with the tokens of `xs` (at most QUANT_MR; their
+    // indices in `xq` from `i`), into `res`
+    let products = |p: &rows16::Packed,
+                    g: usize,
+                    xs: &[rows16::XRow],
+                    i: usize,
+                    res: &mut [[f32; R]; QUANT_MR]| {
+        let n = xs.len();
         match isa {
             #[cfg(target_arch = "x86_64")]
             isa @ (Isa::Avx2 | Isa::Avx512) => {
-                use rows16::{tile, tile_avx2, tile_k4, tile_k4_avx2, XRow};
-                let x = |j: usize| XRow::of(xq, i + j);
+                use rows16::{tile, tile_avx2, tile_k4, tile_k4_avx2};
                 let (gp, nb) = (p.group(g), p.blocks());
                 let wide = isa == Isa::Avx512;
                 // $k: a kernel taking (group, blocks, activation rows, out)
                 macro_rules! run {
                     ($k:ident, $mr:literal $(, $f:expr)?) => {{
-                        let xs: [XRow; $mr] = std::array::from_fn(x);
-                        let mut o = [[0.0f32; R]; $mr];
+                        let xs: &[rows16::XRow; $mr] = xs.try_into().unwrap();
+                        let o: &mut [[f32; R]; $mr] = (&mut res[..$mr]).try_into().unwrap();
                         // SAFETY: Avx2 is chosen only where the CPU has AVX2, FMA and F16C,
                         // Avx512 only where it also has AVX-512 F/BW/VL/DQ/VNNI; the group
                         // holds nb blocks of its format (nb / 8 super-blocks for Q4_K) and the
-                        // activation rows i..i + n exist (asserted above).
-                        unsafe { $k::<$({ $f },)? $mr>(gp, nb, &xs, &mut o) };
-                        res[..$mr].copy_from_slice(&o);
+                        // activation rows exist (asserted above).
+                        unsafe { $k::<$({ $f },)? $mr>(gp, nb, xs, o) };
                     }};
                 }
                 macro_rules! by_tokens {
@@ -327,18 +330,23 @@ pub(super) unsafe fn matmul_rows_rows16(
                 }
             }
         }
-        res
     };
+    // the activation rows of a block of tokens, found once for all the groups
+    let mut xrows = Vec::with_capacity(QUANT_TOKEN_BLOCK.min(m));
+    let (mut res, mut us) = ([[0.0f32; R]; QUANT_MR], [[0.0f32; R]; QUANT_MR]);
     for i0 in (0..m).step_by(QUANT_TOKEN_BLOCK) {
         let i1 = (i0 + QUANT_TOKEN_BLOCK).min(m);
+        xrows.clear();
+        xrows.extend((i0..i1).map(|t| rows16::XRow::of(xq, t)));
         for g in rows.start / R..rows.end.div_ceil(R) {
             let (lo, hi) = (rows.start.max(g * R), rows.end.min(g * R + R));
             let mut i = i0;
             while i < i1 {
                 let n = (i1 - i).min(QUANT_MR);
-                let mut res = products(w, g, i, n);
+                let xs = &xrows[i - i0..i - i0 + n];
+                products(w, g, xs, i, &mut res);
                 if let Some(u) = up {
-                    let us = products(u, g, i, n);
+                    products(u, g, xs, i, &mut us);
                     for j in 0..n {
                         silu_mul16(isa, &mut res[j], &us[j]);
                     }
