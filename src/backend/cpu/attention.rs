@@ -450,6 +450,18 @@ pub fn attend<E: KvElem>(isa: Isa, a: &AttnInput<'_, E>, q: &[f32], out: &mut [f
     finish(run, heads, hd, out);
 }
 
+/// The factor that rescales sums taken under the running maximum `old` to the maximum `new`:
+/// e^(old - new), and exactly 1 without a call to `exp` when the maximum did not change (most
+/// chunks of a long context; e^0 is 1 exactly, so the result is the same).
+#[inline(always)]
+fn rescale(old: f32, new: f32) -> f32 {
+    if old == new {
+        1.0
+    } else {
+        (old - new).exp()
+    }
+}
+
 /// The portable twin (also the reference in tests).
 #[allow(clippy::needless_range_loop)] // per-head arrays indexed in lockstep
 fn attend_heads_portable<E: KvElem>(
@@ -488,7 +500,7 @@ fn attend_heads_portable<E: KvElem>(
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let new_max = max[h].max(chunk_max);
-            let correction = (max[h] - new_max).exp();
+            let correction = rescale(max[h], new_max);
             max[h] = new_max;
             let acc = &mut os[h * hd..(h + 1) * hd];
             let mut chunk_sum = 0.0f32;
@@ -611,7 +623,7 @@ mod avx2 {
                 let scores = &all_scores[h];
                 let chunk_max = scores[..n].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
                 let new_max = max[h].max(chunk_max);
-                let correction = (max[h] - new_max).exp();
+                let correction = rescale(max[h], new_max);
                 max[h] = new_max;
                 // weights of this chunk (exp of the shifted scores, two vectors of 8)
                 let shift = _mm256_set1_ps(new_max);
@@ -788,7 +800,7 @@ mod avx512 {
                 let scores = all_scores[h];
                 let chunk_max = _mm512_mask_reduce_max_ps(live, scores);
                 let new_max = max[h].max(chunk_max);
-                let correction = (max[h] - new_max).exp();
+                let correction = rescale(max[h], new_max);
                 max[h] = new_max;
                 let w = _mm512_maskz_mov_ps(
                     live,
