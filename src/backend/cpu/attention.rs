@@ -536,6 +536,21 @@ macro_rules! by_heads {
     };
 }
 
+/// The scoring kernel `$f` (a `qk`) of the chunk at `$pos` through [`by_heads!`]: while
+/// `$a.prefetch`, it requests the lines of the chunks ahead as it runs (`AttnInput::ahead`);
+/// otherwise its loop has no requests at all.
+#[cfg(target_arch = "x86_64")]
+macro_rules! score_chunk {
+    ($a:expr, $pos:expr, $nh:expr, $f:ident::<_, $e:ty>($($arg:expr),*)) => {
+        if $a.prefetch {
+            let ahead = $a.ahead($pos);
+            by_heads!($nh, $f::<_, $e, true>($($arg),*, ahead))
+        } else {
+            by_heads!($nh, $f::<_, $e, false>($($arg),*, (Ahead::NONE, Ahead::NONE)))
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx2 {
@@ -610,15 +625,10 @@ mod avx2 {
         while pos < span.end {
             let c = a.chunk_at(pos, span.end);
             let (base, n) = (c.values(hd), c.n);
-            let ah = a.ahead(pos);
             let (keys, stride) = a.keys(&c, &mut stage);
             let (q, k) = (qs.as_ptr(), keys.as_ptr());
             let sc = &mut all_scores;
-            if a.prefetch {
-                by_heads!(nh, qk::<_, E, true>(q, hd, k, stride, a.scale, sc, ah));
-            } else {
-                by_heads!(nh, qk::<_, E, false>(q, hd, k, stride, a.scale, sc, ah));
-            }
+            score_chunk!(a, pos, nh, qk::<_, E>(q, hd, k, stride, a.scale, sc));
             for h in 0..nh {
                 let scores = &all_scores[h];
                 let chunk_max = scores[..n].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
@@ -786,15 +796,10 @@ mod avx512 {
         while pos < span.end {
             let c = a.chunk_at(pos, span.end);
             let (base, n) = (c.values(hd), c.n);
-            let ah = a.ahead(pos);
             let (keys, stride) = a.keys(&c, &mut stage);
             let (q, k) = (qs.as_ptr(), keys.as_ptr());
             let sc = &mut all_scores;
-            if a.prefetch {
-                by_heads!(nh, qk::<_, E, true>(q, hd, k, stride, a.scale, sc, ah));
-            } else {
-                by_heads!(nh, qk::<_, E, false>(q, hd, k, stride, a.scale, sc, ah));
-            }
+            score_chunk!(a, pos, nh, qk::<_, E>(q, hd, k, stride, a.scale, sc));
             let live: __mmask16 = ((1u32 << n) - 1) as __mmask16;
             for h in 0..nh {
                 let scores = all_scores[h];

@@ -241,8 +241,8 @@ impl CpuBackend {
         // per head, and measured slower (KV reads are what attention waits on).
         let total = batch.num_tokens() * nkv;
         let threads = self.pool.num_threads();
-        let long = (0..batch.num_tokens()).any(|t| ctx_of(t) > attention::SEGMENT);
-        if threads > 1 && total < 2 * threads && long {
+        let long = || (0..batch.num_tokens()).any(|t| ctx_of(t) > attention::SEGMENT);
+        if threads > 1 && total < 2 * threads && long() {
             // Too few items to keep the threads busy (decode at batch 1: one per KV head):
             // the items are (token, kv head, segment of the context), their partial results
             // merged in order afterwards, the same operations `attention::attend` performs.
