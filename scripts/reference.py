@@ -196,20 +196,31 @@ def prompt_logprobs(logits, ids):
     return (x[np.arange(len(nxt)), nxt] - lse).tolist()
 
 
+def step_stats(row):
+    """(logprob of the greedy token, its logit's lead over the runner-up) of one logits row."""
+    x = row.astype(np.float64)
+    top2 = np.partition(x, -2)[-2:]
+    m = top2[1]
+    return float(-np.log(np.exp(x - m).sum())), float(top2[1] - top2[0])
+
+
 def greedy(w, ids, steps, eos_ids, kv_bf16=False, act_bf16=False):
-    """The first step's logits, the prompt's logprobs, and `steps` greedy tokens."""
+    """The first step's logits, the prompt's logprobs, `steps` greedy tokens, and for each
+    token its logprob and lead over the runner-up (how near a tie the choice was)."""
     seq = Sequence(w.cfg["num_hidden_layers"], kv_bf16, act_bf16)
     logits = forward(w, seq, ids)
     first = logits[-1].copy()
     lps = prompt_logprobs(logits, ids)
-    out = []
-    nxt = int(np.argmax(logits[-1]))
+    out, stats = [], []
+    row = logits[-1]
     for _ in range(steps):
+        nxt = int(np.argmax(row))
         out.append(nxt)
+        stats.append(step_stats(row))
         if nxt in eos_ids:
             break
-        nxt = int(np.argmax(forward(w, seq, [nxt])[-1]))
-    return first, lps, out
+        row = forward(w, seq, [nxt])[-1]
+    return first, lps, out, stats
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -514,13 +525,15 @@ def cmd_golden(args):
     results = []
     for i, prompt in enumerate(prompts):
         text, ids = prompt_ids(tok, tok_cfg, prompt)
-        first, lps, tokens = greedy(w, ids, args.steps, eos_ids, args.kv_dtype == "bf16",
-                                    args.dtype == "bfloat16")
+        first, lps, tokens, stats = greedy(w, ids, args.steps, eos_ids,
+                                           args.kv_dtype == "bf16", args.dtype == "bfloat16")
         logits_file = out_dir / f"logits_{i}.f32"
         first.astype("<f4").tofile(logits_file)
         results.append({"rendered": text, "input_ids": ids, "greedy_ids": tokens,
                         "greedy_text": tok.decode(tokens), "logits_file": str(logits_file),
-                        "prompt_logprobs": lps})
+                        "prompt_logprobs": lps,
+                        "greedy_logprobs": [lp for lp, _ in stats],
+                        "greedy_leads": [lead for _, lead in stats]})
     print(json.dumps({"results": results}))
 
 

@@ -40,6 +40,9 @@ pub struct RefResult {
     pub logits_file: PathBuf,
     /// logprob of each prompt token after the first (float64 log-softmax of the reference).
     pub prompt_logprobs: Vec<f64>,
+    /// Each greedy token's logprob, and its logit's lead over the runner-up's.
+    pub greedy_logprobs: Vec<f64>,
+    pub greedy_leads: Vec<f64>,
 }
 
 impl RefResult {
