@@ -80,7 +80,7 @@ fn main() {
             let fname = match format {
                 Some(q) => q.name(),
                 None if bf16x => "bf16 (--dtype bfloat16)",
-                None => "bf16",
+                None => "bf16 (--dtype float32)",
             };
             let backend = if bf16x { &backend_bf16 } else { &backend };
             let name = &format!("{name} {fname}");

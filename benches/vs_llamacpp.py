@@ -2,17 +2,18 @@
 """This engine beside llama.cpp on the same machine, model and file (CPU, 2 threads).
 
 llama.cpp comes from PyPI's llama-cpp-python (which builds llama.cpp from source, natively
-tuned) in ./.venv-bench. Formats (--formats): bf16 (ours from the safetensors, llama.cpp from
-a BF16 GGUF of the same values written by scripts/make_gguf.py), bf16x (the same, ours with
-`--dtype bfloat16`: the activations entering each product rounded to bf16, as llama.cpp's own
-bf16 products do), and q8_0, q4_0 (GGUF files
+tuned) in ./.venv-bench. Formats (--formats): bf16 (ours from the safetensors with the default
+`--dtype auto`, llama.cpp from a BF16 GGUF of the same values written by scripts/make_gguf.py;
+on CPUs with AVX-512 BF16 both round the activations entering each product to bf16), bf16f32
+(the same, ours with `--dtype float32`: f32 activations, exact against the f32 reference),
+and q8_0, q4_0 (GGUF files
 written by scripts/make_gguf.py), q4_1 (the shipped file) and q4_k_m (made by llama.cpp's own
 quantizer from the BF16 GGUF, as users make it), which both programs read from the very same
 GGUF file. Each round runs both programs, in alternating order, each in a fresh process; the table shows medians of
 decode tokens/s at batch 1, prompt processing at 128 and 512 tokens, peak resident memory,
 the ratios ours / llama.cpp, and the memory-bandwidth floor measured in the same run.
 
-  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2] [--formats bf16,bf16x,q8_0,q4_1,q4_0,q4_k_m]
+  .venv/bin/python benches/vs_llamacpp.py [--rounds 3] [--threads 2] [--formats bf16,bf16f32,q8_0,q4_1,q4_0,q4_k_m]
 
 The first run builds llama-cpp-python (about 15 minutes on 2 cores).
 """
@@ -148,7 +149,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-steps", type=int, default=128)
     ap.add_argument("--decode-context", type=int, default=32)
-    ap.add_argument("--formats", default="bf16,bf16x,q8_0,q4_1,q4_0,q4_k_m")
+    ap.add_argument("--formats", default="bf16,bf16f32,q8_0,q4_1,q4_0,q4_k_m")
     args = ap.parse_args()
     py = ensure_llama_cpp()
     ours_bin = ROOT / "target" / "release" / "sglang-server"
@@ -167,14 +168,14 @@ def cpu_name():
 
 
 def compare(fmt, py, ours_bin, args):
-    bf16 = fmt in ("BF16", "BF16X")
+    bf16 = fmt in ("BF16", "BF16F32")
     gguf_path = ensure_q4_k_m(py, args.threads) if fmt == "Q4_K_M" else ensure_gguf("BF16" if bf16 else fmt)
     model = ROOT / "models" / "SmolLM2-135M-Instruct" if bf16 else gguf_model_dir(gguf_path)
     ours_cmd = [str(ours_bin), "bench", "--json", "--threads", str(args.threads), "--prompt-lens", "128,512",
                 "--batch", "1", "--decode-steps", str(args.decode_steps), "--decode-context", str(args.decode_context),
                 "--bandwidth", "--model-path", str(model)]
-    if fmt == "BF16X":
-        ours_cmd += ["--dtype", "bfloat16"]
+    if fmt == "BF16F32":
+        ours_cmd += ["--dtype", "float32"]
     llama_cmd = [str(py), "-c", LLAMA_WORKER, str(gguf_path), str(args.threads), str(args.decode_context),
                  str(args.decode_steps), "1"]
     # llama.cpp repacks weights for its wide kernels where it can; on some CPUs that crashes
@@ -208,8 +209,8 @@ def compare(fmt, py, ours_bin, args):
     mem_ours = statistics.median(r["peak_rss_bytes"] for r in runs["ours"]) / 1e6
     mem_llama = statistics.median(r["peak_rss_bytes"] for r in runs["llama.cpp"]) / 1e6
     source = 'ours: safetensors; llama.cpp: ' + gguf_path.name if bf16 else gguf_path.name
-    if fmt == "BF16X":
-        source += "; ours with --dtype bfloat16"
+    if fmt == "BF16F32":
+        source += "; ours with --dtype float32"
     print(f"\n### {fmt} ({source})")
     print(f"our kernels: {kernels}; weights {weights / 1e6:.1f} MB per decode step; streaming read bandwidth "
           f"{bw / 1e9:.1f} GB/s -> decode floor {floor:.1f} tokens/s.{repack_note}\n")

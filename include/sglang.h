@@ -116,7 +116,8 @@ typedef struct sglang_engine_params {
      * they take their defaults. */
     const char *kv_cache_dtype; /* NULL or "auto" (default: f32 on the CPU, bf16 on CUDA),
                                    "fp32" (CPU) or "bf16": the KV cache's element type */
-    const char *dtype;          /* NULL or "auto" (default: f32 on the CPU, bf16 on CUDA),
+    const char *dtype;          /* NULL or "auto" (default: bf16 on CUDA and on CPUs with
+                                   AVX-512 BF16, else f32),
                                    "float32" (CPU) or "bfloat16": the matrix products'
                                    inputs (CPU: activations rounded to bf16 before products
                                    with bf16 weights) */

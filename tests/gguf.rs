@@ -26,7 +26,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sglang::config::{EngineConfig, LoadFormat};
+use sglang::config::{Dtype, EngineConfig, LoadFormat};
 use sglang::engine::EngineHandle;
 use sglang::runner;
 
@@ -101,6 +101,8 @@ fn check_format(ty: &str) {
     let mut cfg = EngineConfig::new(dir.path());
     cfg.load_format = LoadFormat::Auto;
     cfg.max_total_tokens = Some(4096);
+    // f32 inputs, as the reference: the BF16 file is held to the exact tolerance
+    cfg.dtype = Dtype::Float32;
     assert_eq!(cfg.resolved_load_format(), LoadFormat::Gguf);
     let engine = EngineHandle::start(cfg.clone()).unwrap();
     let tok = engine.tokenizer().clone();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use sglang::batch::{LogitsWanted, StepBatch};
-use sglang::config::{EngineConfig, LoadFormat, ModelConfig};
+use sglang::config::{Dtype, EngineConfig, LoadFormat, ModelConfig};
 use sglang::kv::PagePool;
 use sglang::loader;
 use sglang::model::llama;
@@ -207,6 +207,8 @@ fn logits(dir: &Path, format: LoadFormat) -> Vec<f32> {
     let mut cfg = EngineConfig::new(dir);
     cfg.max_total_tokens = Some(256);
     cfg.load_format = format;
+    // f32 inputs: bf16 inputs would round only the products with bf16 weights
+    cfg.dtype = Dtype::Float32;
     let mut r = runner::load(&cfg).unwrap();
     let (pages, ps) = r.kv_pages();
     let mut pool = PagePool::new(pages, ps);

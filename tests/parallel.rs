@@ -34,6 +34,9 @@ fn config(tp: usize) -> EngineConfig {
     let mut cfg = EngineConfig::new(common::model_dir());
     cfg.max_total_tokens = Some(2048);
     cfg.tp_size = tp;
+    // f32 inputs: ranks sum the row-parallel products in parts (~1e-6 from one rank), which
+    // bf16 inputs would round into ~1e-2
+    cfg.dtype = Dtype::Float32;
     cfg
 }
 

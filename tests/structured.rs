@@ -278,8 +278,10 @@ fn constrained_requests_survive_retraction() {
     cfg.max_total_tokens = Some(160);
     cfg.page_size = 4;
     cfg.chunked_prefill_size = 64;
-    let tight = EngineHandle::start(cfg).unwrap();
-    let roomy = engine(1);
+    let tight = EngineHandle::start(cfg.clone()).unwrap();
+    // the same page size (pages bound attention's chunks, so their summation order)
+    cfg.max_total_tokens = Some(8192);
+    let roomy = EngineHandle::start(cfg).unwrap();
     let reqs: Vec<_> = (0..8)
         .map(|i| request(&roomy, "Describe a person as JSON.", json_params(0.7, i)))
         .collect();

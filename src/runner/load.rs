@@ -169,10 +169,7 @@ fn model_fingerprint(cfg: &EngineConfig, p: &Prepared) -> u64 {
         KvCacheDtype::Bf16 => "bf16",
         KvCacheDtype::Auto | KvCacheDtype::Fp32 => "fp32",
     };
-    let dtype = match cfg.dtype {
-        Dtype::Bfloat16 => "bfloat16",
-        Dtype::Auto | Dtype::Float32 => "float32",
-    };
+    let dtype = crate::backend::cpu::resolve_dtype(cfg.dtype).name();
     let text = format!(
         "{} {} {} {} {} {} {} {} {} {kv} {dtype}",
         c.hidden_size,

@@ -19,6 +19,14 @@ ROUTER_BINARY = Path(os.environ.get("SGLANG_ROUTER_BIN", ROOT / "target" / "rele
 MODEL = Path(os.environ.get("SGLANG_TEST_MODEL", ROOT / "models" / "SmolLM2-135M-Instruct"))
 
 
+def auto_dtype():
+    """What `--dtype auto` is on this CPU: bfloat16 where the server's kernels multiply bf16
+    natively (AVX-512 BF16, unless SGLANG_CPU_ISA caps them lower), else float32."""
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native = "avx512_bf16" in flags and os.environ.get("SGLANG_CPU_ISA", "") in ("", "avx512")
+    return "bfloat16" if native else "float32"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

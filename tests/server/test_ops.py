@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_testing import Server
+from sglang_testing import Server, auto_dtype
 
 BAD = [
     # (path, raw body, status, field named in the error)
@@ -273,23 +273,36 @@ def test_bf16_kv_cache_halves_the_pool_bytes_and_serves():
 
 
 def test_bf16_activations_serve_and_are_reported():
-    """--dtype bfloat16: the setting in /config, the kernels that run it in /get_server_info,
-    and the golden prompt still answered through the official OpenAI client (the numpy
-    comparison is tests/golden.rs)."""
+    """--dtype bfloat16 and float32: the setting in /config and /get_server_info, the kernels
+    that run it, and the golden prompt still answered through the official OpenAI client (the
+    numpy comparison is tests/golden.rs)."""
     import openai
 
-    s = Server("--admin-api-key", "a", "--dtype", "bfloat16")
-    try:
-        _, _, cfg = s.request("GET", "/config", headers={"Authorization": "Bearer a"})
-        assert cfg["dtype"] == "bfloat16", cfg
-        _, _, info = s.request("GET", "/get_server_info", headers={"Authorization": "Bearer a"})
-        assert "bf16 x bf16 activations" in info["cpu_kernels"], info["cpu_kernels"]
-        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
-        r = client.completions.create(model="default", prompt="The capital of France is",
-                                      max_tokens=4, temperature=0)
-        assert "Paris" in r.choices[0].text, r
-    finally:
-        s.stop()
+    for dtype, kernels in (("bfloat16", "bf16 x bf16 activations"), ("float32", "(f32/bf16/f16)")):
+        s = Server("--admin-api-key", "a", "--dtype", dtype)
+        try:
+            _, _, cfg = s.request("GET", "/config", headers={"Authorization": "Bearer a"})
+            assert cfg["dtype"] == dtype, cfg
+            _, _, info = s.request("GET", "/get_server_info", headers={"Authorization": "Bearer a"})
+            assert info["dtype"] == dtype, info
+            assert kernels in info["cpu_kernels"] and ("bf16 x bf16" in info["cpu_kernels"]) == (dtype == "bfloat16"), info["cpu_kernels"]
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+            r = client.completions.create(model="default", prompt="The capital of France is",
+                                          max_tokens=4, temperature=0)
+            assert "Paris" in r.choices[0].text, r
+        finally:
+            s.stop()
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_multiplies_bf16(server):
+    """--dtype auto (the default): /config says auto, /get_server_info says what it stands for
+    here: bfloat16 where the kernels have AVX-512 BF16 (`vdpbf16ps`), else float32."""
+    auth = {"Authorization": "Bearer admin-secret"}
+    _, _, cfg = server.request("GET", "/config", headers=auth)
+    assert cfg["dtype"] == "auto", cfg
+    _, _, info = server.request("GET", "/get_server_info", headers=auth)
+    assert info["dtype"] == auto_dtype(), (info["dtype"], info["cpu_kernels"])
+    assert ("vdpbf16ps" in info["cpu_kernels"]) == (auto_dtype() == "bfloat16"), info["cpu_kernels"]
 
 
 def test_radix_cache_off_by_variable():

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 
-from sglang_testing import BINARY, MODEL, Server, free_port
+from sglang_testing import BINARY, MODEL, Server, auto_dtype, free_port
 
 BODY = {"text": "The three primary colors are", "sampling_params": {"max_new_tokens": 24, "temperature": 0}}
 
@@ -141,6 +141,8 @@ def test_a_rank_with_another_model_shape_is_refused(tmp_path):
 
 
 def test_a_rank_with_other_numerics_is_refused():
-    # the same model, but rank 1 rounds its activations to bf16: the ranks' partial sums would
-    # not add up to one model's, so rank 0 refuses it by name
-    refused_rank_1(["--model-path", str(MODEL), "--dtype", "bfloat16"], "--dtype")
+    # the same model, but rank 1's products take other inputs than rank 0's `auto` (bf16 where
+    # f32, or f32 where bf16): the ranks' partial sums would not add up to one model's, so
+    # rank 0 refuses it by name
+    other = "float32" if auto_dtype() == "bfloat16" else "bfloat16"
+    refused_rank_1(["--model-path", str(MODEL), "--dtype", other], "--dtype")

@@ -132,6 +132,7 @@ pub struct CpuBackend {
 /// products'.
 pub fn kernel_set(dtype: Dtype) -> String {
     let isa = Isa::detect();
+    let dtype = resolve_dtype_for(dtype, isa);
     let mut quant = format!("{} (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K)", isa.quant_name());
     if isa.repacks_rows16() {
         quant.push_str(", Q4_0/Q4_1/Q5_0/Q8_0/Q4_K repacked 16 rows per vector");
@@ -145,6 +146,22 @@ pub fn kernel_set(dtype: Dtype) -> String {
         Dtype::Auto | Dtype::Float32 => format!("{} (f32/bf16/f16)", isa.name()),
     };
     format!("{float}, {quant}")
+}
+
+/// What `--dtype auto` is on this CPU (other values stand for themselves): bfloat16 where the
+/// float products' instruction set multiplies bf16 natively (AVX-512 BF16 `vdpbf16ps`), as
+/// llama.cpp, vLLM and SGLang run bf16 weights; float32 elsewhere, where rounding the inputs
+/// to bf16 saves no work (AVX2 widens them back to f32 for its FMAs).
+pub fn resolve_dtype(dtype: Dtype) -> Dtype {
+    resolve_dtype_for(dtype, Isa::detect())
+}
+
+fn resolve_dtype_for(dtype: Dtype, isa: Isa) -> Dtype {
+    match dtype {
+        Dtype::Auto if Bf16Dot::for_isa(isa).is_native() => Dtype::Bfloat16,
+        Dtype::Auto => Dtype::Float32,
+        other => other,
+    }
 }
 
 /// Bytes of one cached K or V value on the CPU for `--kv-cache-dtype` (auto: f32).
@@ -184,9 +201,10 @@ impl CpuBackend {
         }
     }
 
-    /// The products' input type (`--dtype`; auto: f32).
+    /// The products' input type (`--dtype`; auto: see [`resolve_dtype`]).
     pub fn with_dtype(mut self, dtype: Dtype) -> Self {
-        self.bf16 = (dtype == Dtype::Bfloat16).then(|| Bf16Dot::for_isa(self.isa));
+        self.bf16 = (resolve_dtype_for(dtype, self.isa) == Dtype::Bfloat16)
+            .then(|| Bf16Dot::for_isa(self.isa));
         self
     }
 
@@ -922,5 +940,45 @@ impl Backend for CpuBackend {
             .enumerate()
             .map(|(i, row)| sampler.sample_row(row, samples, i))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--dtype auto` takes bf16 inputs exactly where the CPU multiplies bf16 natively, and
+    /// says so in the kernel set; explicit values stand on every instruction set.
+    #[test]
+    fn auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16() {
+        for isa in Isa::available() {
+            let native = Bf16Dot::for_isa(isa).is_native();
+            let want = if native {
+                Dtype::Bfloat16
+            } else {
+                Dtype::Float32
+            };
+            assert_eq!(resolve_dtype_for(Dtype::Auto, isa), want, "{isa:?}");
+            for d in [Dtype::Float32, Dtype::Bfloat16] {
+                assert_eq!(resolve_dtype_for(d, isa), d, "{isa:?}");
+            }
+        }
+        assert!(!Bf16Dot::for_isa(Isa::Scalar).is_native());
+        #[cfg(target_arch = "x86_64")]
+        assert!(!Bf16Dot::for_isa(Isa::Avx2).is_native());
+        let auto_bf16 = resolve_dtype(Dtype::Auto) == Dtype::Bfloat16;
+        assert_eq!(
+            kernel_set(Dtype::Auto).contains("bf16 x bf16"),
+            auto_bf16,
+            "{}",
+            kernel_set(Dtype::Auto)
+        );
+        assert_eq!(
+            CpuBackend::new(Some(1))
+                .with_dtype(Dtype::Auto)
+                .bf16
+                .is_some(),
+            auto_bf16
+        );
     }
 }

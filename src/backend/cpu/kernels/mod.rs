@@ -719,6 +719,15 @@ impl Bf16Dot {
         all
     }
 
+    /// Whether this multiplies bf16 values as bf16 (rather than widening them to f32 first).
+    pub fn is_native(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Self::Avx512Bf16 {
+            return true;
+        }
+        false
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Scalar => "scalar",
