@@ -168,7 +168,9 @@ fn long_prompt_logprobs_match_the_reference() {
 /// the layers, so the logits agree to ~1e-3 relative (measured 1.1e-3 on the first prompt),
 /// where our own f32 cache is ~2e-2 away (the rounding itself); we allow 5e-3, require the
 /// distance to the rounding reference to be well under the distance to the f32 cache, and
-/// ask for the same 32 greedy tokens. The pool holds twice the tokens in the same bytes.
+/// ask for the reference's 32 greedy tokens up to a near tie (a lead under 0.1 in logits:
+/// with the AVX2 kernels the colors prompt parts at token 19, where the reference led by
+/// 0.009; with AVX-512 all 32 agree). The pool holds twice the tokens in the same bytes.
 #[test]
 fn bf16_kv_cache_matches_the_reference_rounding_its_cache() {
     use sglang::config::KvCacheDtype;
@@ -215,12 +217,40 @@ fn bf16_kv_cache_matches_the_reference_rounding_its_cache() {
             // closer to the reference that rounds its cache than to our own f32 cache
             assert!(err < cache_err / 4.0, "{err} against {cache_err}");
         }
-        let out = common::greedy(&engine, &ids, STEPS);
-        assert_eq!(
-            out.token_ids, r.greedy_ids,
-            "{text:?}: greedy tokens differ"
+        let same = follows_until_a_near_tie(&engine, &ids, r, 0.1, text);
+        eprintln!(
+            "{text:?}: greedy run follows the bf16-cache reference for {same} of {}",
+            r.greedy_ids.len()
         );
     }
+}
+
+/// How many of the reference's greedy tokens the engine's own greedy run of `ids` repeats;
+/// it may part from them only where the reference chose by a lead under `near_tie` in logits
+/// (rounding to bf16 makes either choice right there).
+fn follows_until_a_near_tie(
+    engine: &EngineHandle,
+    ids: &[u32],
+    r: &common::RefResult,
+    near_tie: f64,
+    text: &str,
+) -> usize {
+    let run = common::greedy(engine, ids, STEPS);
+    let same = run
+        .token_ids
+        .iter()
+        .zip(&r.greedy_ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    if same < r.greedy_ids.len() {
+        let lead = r.greedy_leads[same];
+        eprintln!("{text:?}: the greedy run parts from the reference at token {same}, where it led by {lead:.4}");
+        assert!(
+            lead < near_tie,
+            "{text:?}: greedy run parts from the reference at token {same}, led by {lead}"
+        );
+    }
+    same
 }
 
 /// The default model cut to its first `layers` layers (its own weights; the config says
@@ -370,20 +400,7 @@ fn bf16_activations_follow_the_reference_over_many_tokens() {
             }
         }
         positions += out.prompt_logprobs.len();
-        let run = common::greedy(&engine, &ids, STEPS);
-        let same = run
-            .token_ids
-            .iter()
-            .zip(&r.greedy_ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        if same < r.greedy_ids.len() {
-            assert!(
-                r.greedy_leads[same] < NEAR_TIE,
-                "{text:?}: greedy run parts from the reference at token {same}, led by {}",
-                r.greedy_leads[same]
-            );
-        }
+        let same = follows_until_a_near_tie(&engine, &ids, r, NEAR_TIE, text);
         eprintln!(
             "{text:?}: logprobs max abs err {worst:.3}, best token differs at {differ:?}, greedy run follows for {same} of {}",
             r.greedy_ids.len()
