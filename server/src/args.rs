@@ -44,9 +44,10 @@ pub struct EngineArgs {
     pub kv_cache_dtype: KvCacheDtype,
 
     /// The matrix products' inputs: auto (the backend's own: bf16 on CUDA; on the CPU bf16
-    /// where it multiplies bf16 natively, AVX-512 BF16, else f32), float32 (CPU), or bfloat16 (CPU: the activations entering products with bf16 weights
-    /// are rounded to bf16, as SGLang, vLLM and llama.cpp do, and multiplied with AVX-512 BF16
-    /// `vdpbf16ps` where the CPU has it; norms, attention and the residual stay f32)
+    /// where it multiplies bf16 natively, AVX-512 BF16, else f32), float32 (CPU), or bfloat16
+    /// (CPU: the activations entering products with bf16 weights are rounded to bf16, as
+    /// SGLang, vLLM and llama.cpp do, and multiplied with AVX-512 BF16 `vdpbf16ps` where the
+    /// CPU has it; norms, attention and the residual stay f32)
     #[arg(long, env = "SGLANG_DTYPE", default_value = "auto")]
     pub dtype: Dtype,
 

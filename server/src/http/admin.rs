@@ -195,14 +195,14 @@ pub fn server_info(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
         let s = engine.stats();
         v["backend"] = json!(info.backend);
         v["load_format"] = json!(info.engine_config.resolved_load_format().name());
-        // what `auto` stands for on this backend
-        v["dtype"] = json!(if info.backend == "cpu" {
+        let dtype = if info.backend == "cpu" {
             v["cpu_kernels"] = json!(sglang::backend::cpu::kernel_set(info.engine_config.dtype));
             sglang::backend::cpu::resolve_dtype(info.engine_config.dtype)
         } else {
             sglang::config::Dtype::Bfloat16
-        }
-        .name());
+        };
+        // what `auto` stands for on this backend (/config shows the option as given)
+        v["dtype"] = json!(dtype.name());
         v["context_length_effective"] = json!(info.context_length);
         v["kv_cache"] = json!({
             "capacity_tokens": info.kv_capacity_tokens,
