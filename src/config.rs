@@ -399,8 +399,7 @@ impl std::str::FromStr for LoadFormat {
 /// The KV cache's element type (`--kv-cache-dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvCacheDtype {
-    /// The backend's own: on the CPU bf16 where it multiplies bf16 natively (AVX-512 BF16),
-    /// else f32 (`backend::cpu::resolve_dtype`); bf16 on CUDA.
+    /// The backend's own: f32 on the CPU (exact against the f32 reference), bf16 on CUDA.
     #[default]
     Auto,
     /// f32: the CPU's default.
